@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs tracefl_jax, runs the default demo (embedded dataset)
+#   make test   creates .venv, installs tracefl_jax with its test extras, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m tracefl_jax --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_round.py --out=benchmarks/results/round_cpu.jsonl
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: timing with warm-up, environment description, JSONL rows."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def environment() -> dict[str, Any]:
+  """Device and versions, recorded in every row."""
+  dev = jax.devices()[0]
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      pass
+  return {
+      "backend": jax.default_backend(),
+      "device": getattr(dev, "device_kind", str(dev)),
+      "num_devices": jax.device_count(),
+      "host": platform.node(),
+      "cpu_count": __import__("os").cpu_count(),
+      "python": platform.python_version(),
+      "versions": versions,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def block(tree: Any) -> Any:
+  return jax.block_until_ready(tree)
+
+
+def time_fn(fn: Callable[[], Any], repeats: int = 3) -> dict[str, float]:
+  """First call (compile + run) apart from the median of `repeats` steady-state calls."""
+  t0 = time.perf_counter()
+  block(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - t0)
+  steady = statistics.median(times)
+  return {"first_call_s": first, "compile_s": max(first - steady, 0.0), "steady_s": steady,
+          "steady_min_s": min(times)}
+
+
+class JsonlSink:
+  """Appends rows to a JSONL file and echoes a short line per row."""
+
+  def __init__(self, path: str | Path | None):
+    self.path = Path(path) if path else None
+    if self.path:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.env = environment()
+
+  def write(self, row: dict[str, Any]) -> None:
+    row = {**row, **self.env}
+    if self.path:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+             if k not in self.env}
+    print(json.dumps(short), flush=True)

@@ -1,0 +1,150 @@
+"""Datasets and partitions: shapes, determinism, exact Dirichlet semantics, clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tracefl_jax.data import (DatasetNotFoundError, available_datasets, fixup_partition,
+                              load_dataset, make_partition, partition_dirichlet,
+                              partition_iid, partition_pathological, partition_shards)
+
+
+@pytest.fixture(scope="module")
+def labels():
+  return np.random.default_rng(0).integers(0, 10, size=2000)
+
+
+def _assigned_once(part, n):
+  allix = np.concatenate(part.client_indices)
+  assert len(allix) == len(np.unique(allix)), "an example is assigned twice"
+  return allix
+
+
+@pytest.mark.parametrize("make", [
+    lambda y: partition_iid(y, 20, seed=1),
+    lambda y: partition_dirichlet(y, 20, 0.3, seed=1),
+    lambda y: partition_dirichlet(y, 20, 0.3, seed=1, self_balancing=False),
+    lambda y: partition_shards(y, 20, 2, seed=1),
+    lambda y: partition_pathological(y, 20, 2, seed=1),
+])
+def test_every_example_assigned_exactly_once_and_counts_add_up(labels, make):
+  part = make(labels)
+  allix = _assigned_once(part, len(labels))
+  assert sorted(allix.tolist()) == list(range(len(labels)))
+  recount = np.stack([np.bincount(labels[ix], minlength=10) for ix in part.client_indices])
+  np.testing.assert_array_equal(part.label_counts, recount)
+  assert part.label_counts.sum() == len(labels)
+
+
+def test_seeded_reproducibility(labels):
+  a = partition_dirichlet(labels, 30, 0.5, seed=7)
+  b = partition_dirichlet(labels, 30, 0.5, seed=7)
+  c = partition_dirichlet(labels, 30, 0.5, seed=8)
+  assert all(np.array_equal(x, y) for x, y in zip(a.client_indices, b.client_indices))
+  assert not np.array_equal(a.label_counts, c.label_counts)
+
+
+def test_alpha_controls_skew(labels):
+  global_dist = np.bincount(labels, minlength=10) / len(labels)
+
+  def mean_tv(alpha):
+    part = partition_dirichlet(labels, 10, alpha, seed=0)
+    dist = part.label_counts / part.label_counts.sum(1, keepdims=True)
+    return 0.5 * np.abs(dist - global_dist).sum(1).mean()
+
+  assert mean_tv(1e4) < 0.05  # large alpha approaches IID
+  assert mean_tv(0.1) > 0.5   # small alpha: clients hold few labels
+
+
+def test_hand_checked_dirichlet_with_self_balancing():
+  # 8 examples, 2 classes, 2 clients; replay the generator by hand.
+  labels = np.array([1, 0, 0, 1, 1, 0, 1, 1])
+  rng = np.random.default_rng(3)
+  parts = [[], []]
+  average = 8 / 2
+  for k in (0, 1):  # sorted classes
+    members = np.nonzero(labels == k)[0]
+    p = rng.dirichlet([0.5, 0.5])
+    p = np.where([len(q) > average for q in parts], 0.0, p)
+    p = p / p.sum()
+    for q, chunk in zip(parts, np.split(members, (np.cumsum(p) * len(members)).astype(int)[:-1])):
+      q.extend(chunk.tolist())
+  for q in parts:
+    rng.shuffle(q)
+  got = partition_dirichlet(labels, 2, 0.5, seed=3)
+  assert [ix.tolist() for ix in got.client_indices] == parts
+
+  # Self-balancing: a client already above the average receives nothing of later classes.
+  labels = np.array([0] * 90 + [1] * 10)
+  for seed in range(20):
+    part = partition_dirichlet(labels, 2, 1.0, seed=seed, shuffle=False)
+    for c in range(2):
+      if part.label_counts[c, 0] > 50:
+        assert part.label_counts[c, 1] == 0
+
+
+def test_min_partition_size_error_is_clear(labels):
+  with pytest.raises(ValueError, match="min_partition_size=500.*Lower min_partition_size"):
+    partition_dirichlet(labels, 20, 0.1, seed=0, min_partition_size=500)
+  with pytest.raises(ValueError, match="alpha=0 must be > 0"):
+    partition_dirichlet(labels, 5, 0, seed=0)
+  with pytest.raises(ValueError, match="unknown partition method 'zipf'; valid: iid"):
+    make_partition(labels, "zipf", 5, 0)
+
+
+def test_pathological_gives_k_classes_per_client(labels):
+  part = partition_pathological(labels, 10, 3, seed=0)
+  np.testing.assert_array_equal((part.label_counts > 0).sum(1), 3)
+
+
+def test_fixup_drops_rare_labels_caps_and_renumbers():
+  labels = np.array([0] * 15 + [1] * 5 + [2] * 40 + [3] * 3)
+  parts = (np.arange(0, 20), np.arange(20, 60), np.arange(60, 63))
+  from tracefl_jax.data.partition import _make  # pylint: disable=import-outside-toplevel
+  part = _make(parts, labels, 4)
+  fixed = fixup_partition(part, labels, min_label_count=10, max_per_client=30,
+                          min_client_size=12)
+  assert fixed.num_clients == 2  # client 2 (3 examples) dropped, others renumbered
+  np.testing.assert_array_equal(fixed.client_indices[0], np.arange(0, 15))  # label 1 dropped
+  np.testing.assert_array_equal(fixed.client_indices[1], np.arange(20, 50))  # capped at 30
+  np.testing.assert_array_equal(fixed.label_counts[:, :3], [[15, 0, 0], [0, 0, 30]])
+
+
+def test_digits_loads_through_tfds_and_is_reused(tmp_path):
+  t0 = time.perf_counter()
+  ds = load_dataset("digits", data_dir=tmp_path)
+  assert ds.x_train.shape == (1437, 8, 8, 1) and ds.x_test.shape == (360, 8, 8, 1)
+  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert set(np.unique(ds.y_train)) == set(range(10)) and ds.num_classes == 10
+  assert abs(ds.x_train.mean()) < 0.05 and 0.9 < ds.x_train.std() < 1.1
+  records = sorted((tmp_path / "tracefl_digits").rglob("*.array_record*"))
+  assert records, "digits must be served from prepared array_record files"
+  mtimes = [r.stat().st_mtime_ns for r in records]
+  again = load_dataset("digits", data_dir=tmp_path)
+  assert [r.stat().st_mtime_ns for r in records] == mtimes  # reused, not re-prepared
+  np.testing.assert_array_equal(again.x_train, ds.x_train)
+  np.testing.assert_array_equal(again.y_test, ds.y_test)
+  assert time.perf_counter() - t0 < 30
+
+
+def test_missing_real_dataset_fails_fast_without_network(tmp_path):
+  t0 = time.perf_counter()
+  with pytest.raises(DatasetNotFoundError, match="'mnist' is not prepared.*tfds build mnist"):
+    load_dataset("mnist", data_dir=tmp_path)
+  assert time.perf_counter() - t0 < 5
+
+
+def test_synthetic_and_unknown_names():
+  a = load_dataset("synthetic", num_train=300, num_test=50, image_shape=(4, 4, 2),
+                   num_classes=3, seed=1)
+  b = load_dataset("synthetic", num_train=300, num_test=50, image_shape=(4, 4, 2),
+                   num_classes=3, seed=1)
+  assert a.x_train.shape == (300, 4, 4, 2) and a.y_test.shape == (50,)
+  np.testing.assert_array_equal(a.x_train, b.x_train)
+  assert set(np.unique(a.y_train)) == {0, 1, 2}
+  assert "digits" in available_datasets()
+  with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid datasets: cifar10"):
+    load_dataset("imagenet")

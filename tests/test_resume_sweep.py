@@ -1,0 +1,128 @@
+"""Checkpoint/resume after a real SIGKILL, clear checkpoint errors, and sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tracefl_jax import experiment, sweep
+from tracefl_jax.checkpointing import CheckpointError
+from tracefl_jax.config import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.num_clients=20", "--config.clients_per_round=5",
+         "--config.client.local_epochs=1", "--config.checkpoint.every=1"]
+# Timings differ between runs; everything else must be identical.
+_TIMING = {"train_seconds", "provenance_seconds"}
+
+
+def _cli(workdir: Path, *extra: str) -> subprocess.Popen:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir.parent / f"{workdir.name}.stderr", "a", encoding="utf-8") as log:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tracefl_jax", "--config=configs/demo.py",
+         f"--workdir={workdir}", "--quiet", "--config.rounds=8", *SMALL, *extra],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _stderr(workdir: Path) -> str:
+  return (workdir.parent / f"{workdir.name}.stderr").read_text()[-3000:]
+
+
+def _rows(workdir: Path, name: str) -> list[dict]:
+  path = workdir / name
+  if not path.exists():
+    return []
+  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  proc = _cli(full)
+  assert proc.wait(timeout=300) == 0, _stderr(full)
+
+  proc = _cli(killed)
+  deadline = time.time() + 240
+  while len(_rows(killed, "metrics.jsonl")) < 3 and proc.poll() is None:
+    assert time.time() < deadline, "the run never reached round 3"
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGKILL)
+  assert proc.wait(timeout=30) == -signal.SIGKILL
+  done_at_kill = len(_rows(killed, "metrics.jsonl"))
+  assert 3 <= done_at_kill < 8, "the run must be killed mid-way"
+
+  proc = _cli(killed)
+  assert proc.wait(timeout=300) == 0, _stderr(killed)
+  assert _rows(killed, "metrics.jsonl") == _rows(full, "metrics.jsonl")
+  assert _rows(killed, "provenance.jsonl") == _rows(full, "provenance.jsonl")
+  s_full = json.loads((full / "summary.json").read_text())
+  s_killed = json.loads((killed / "summary.json").read_text())
+  for s in (s_full, s_killed):
+    s.pop("seconds")
+  assert s_killed == s_full
+
+
+def _small_config(rounds=2):
+  c = base_config()
+  c.rounds = rounds
+  c.num_clients = 20
+  c.clients_per_round = 5
+  c.client.local_epochs = 1
+  c.checkpoint.every = 1
+  return c
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error_and_kept(tmp_path):
+  experiment.run(_small_config(), tmp_path, progress=False)
+  step_dir = tmp_path / "checkpoints" / "2"
+  other = _small_config()
+  other.partition.alpha = 0.9
+  with pytest.raises(CheckpointError, match=r"different experiment .*partition"):
+    experiment.run(other, tmp_path, progress=False)
+  # Corrupt the array data: the error names the checkpoint, and nothing is overwritten.
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
+      f.write_bytes(b"\0garbage")
+  shutil.rmtree(step_dir / "meta")
+  before = sorted(p.name for p in step_dir.rglob("*"))
+  with pytest.raises(CheckpointError, match="corrupt"):
+    experiment.run(_small_config(), tmp_path, progress=False)
+  assert sorted(p.name for p in step_dir.rglob("*")) == before
+
+
+def test_longer_run_resumes_from_a_finished_one(tmp_path):
+  first = experiment.run(_small_config(rounds=2), tmp_path, progress=False)
+  assert first["rounds"] == 2
+  longer = experiment.run(_small_config(rounds=3), tmp_path, progress=False)
+  assert longer["rounds"] == 3
+  rows = _rows(tmp_path, "metrics.jsonl")
+  assert [r["round"] for r in rows] == [1, 2, 3]
+
+
+def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
+  grid = {"partition.alpha": [0.3, 1.0], "seed": [1, 2]}
+  config = _small_config()
+  rows = sweep.run_sweep(config, grid, tmp_path, progress=False)
+  assert [r["run"] for r in rows] == ["partition.alpha=0.3,seed=1", "partition.alpha=0.3,seed=2",
+                                      "partition.alpha=1.0,seed=1", "partition.alpha=1.0,seed=2"]
+  assert not any(r["skipped_existing"] for r in rows)
+  table = (tmp_path / "results.md").read_text()
+  assert "localization_acc" in table and table.count("\n") == 6
+  assert (tmp_path / "results.csv").read_text().count("\n") == 5
+  png = tmp_path / "accuracy_vs_partition.alpha.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  again = sweep.run_sweep(config, grid, tmp_path, progress=False)
+  assert all(r["skipped_existing"] for r in again)
+  assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
+  with pytest.raises(ValueError, match="not a config field"):
+    sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)

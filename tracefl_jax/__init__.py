@@ -1,0 +1,1 @@
+"""tracefl_jax: TraceFL neuron provenance for federated learning, in JAX."""

@@ -1,0 +1,3 @@
+from tracefl_jax.cli import main
+
+main()

@@ -1,0 +1,181 @@
+"""The experiment configuration: `base_config()` and `validate(config)`.
+
+Configs are ml_collections `ConfigDict`s, locked so that a misspelt override
+(`--config.clinets_per_round=5`) fails instead of being silently added. Experiment files under
+`configs/` start from `base_config()` and set what differs (big_vision style).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tracefl_jax.aggregation import WEIGHTINGS
+from tracefl_jax.simulation import STRATEGIES
+
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shards")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PROVENANCE_MODES = ("correct", "faulty")
+PROVENANCE_KERNELS = ("auto", "jvp", "grad", "reference")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's protocol (spec sections 3-4) at the embedded dataset's size."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.rounds = 10
+  c.num_clients = 100
+  c.clients_per_round = 10
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  c.dataset.num_train = 0  # 0: all; >0 keeps the first num_train training examples
+  c.dataset.num_test = 0
+
+  c.partition = ml_collections.ConfigDict()
+  c.partition.method = "dirichlet"
+  c.partition.alpha = 0.3
+  c.partition.self_balancing = True
+  c.partition.min_partition_size = 0
+  c.partition.classes_per_client = 2   # pathological
+  c.partition.shards_per_client = 2    # shards
+  c.partition.fixup = False            # the original's per-client fix-up (spec section 4)
+  c.partition.min_label_count = 10
+  c.partition.max_per_client = 2048
+  c.partition.min_client_size = 32
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+
+  c.client = ml_collections.ConfigDict()
+  c.client.optimizer = "adam"
+  c.client.learning_rate = 1e-3
+  c.client.weight_decay = 0.0
+  c.client.momentum = 0.0
+  c.client.batch_size = 32
+  c.client.local_epochs = 2
+
+  c.aggregation = ml_collections.ConfigDict()
+  c.aggregation.weighting = "examples"
+
+  c.simulation = ml_collections.ConfigDict()
+  c.simulation.strategy = "auto"
+  c.simulation.clients_per_chunk = 0
+  c.simulation.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 master weights
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 512
+  c.eval.max_test_inputs = 2048  # the server test set: the first 2048 test examples
+
+  c.provenance = ml_collections.ConfigDict()
+  c.provenance.enabled = True
+  c.provenance.rounds = ""          # "" = every round; else comma-separated round numbers
+  c.provenance.mode = "correct"     # "faulty": label-flipping clients (Table I)
+  c.provenance.kernel = "auto"
+  c.provenance.decay = 0.9
+  c.provenance.use_decay = True
+  c.provenance.use_size_factor = False
+  c.provenance.per_label = 2
+  c.provenance.max_faulty_inputs = 10
+  c.provenance.clients_per_chunk = 0
+  c.provenance.top_k = 3            # top clients written per input to provenance.jsonl
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.enabled = False
+  c.dp.noise_multiplier = 0.0       # z
+  c.dp.clip_norm = 1.0              # C
+  c.dp.delta = 1e-5                 # for the reported epsilon
+  c.dp.parity = False               # the original's defects: noise BatchNorm stats too, and
+                                    # trace the pre-noise aggregate
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5            # rounds between checkpoints (0: only at the end)
+  c.checkpoint.resume = True        # resume from workdir/checkpoints when present
+
+  c.faulty = ml_collections.ConfigDict()
+  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"
+  c.faulty.flip = ""                # "src:dst,..." e.g. "1:0,2:0"
+
+  c.lock()
+  return c
+
+
+def parse_int_list(text: str) -> list[int]:
+  return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+
+
+def parse_flip(text: str) -> dict[int, int]:
+  flip = {}
+  for item in str(text).replace(" ", "").split(","):
+    if not item:
+      continue
+    src, sep, dst = item.partition(":")
+    if not sep:
+      raise ValueError(f"faulty.flip entry {item!r} is not 'src:dst'")
+    flip[int(src)] = int(dst)
+  return flip
+
+
+def _one_of(errors: list[str], name: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    errors.append(f"{name}={value!r} is not one of {', '.join(valid)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises `ValueError` listing every problem of the config at once."""
+  errors: list[str] = []
+  if c.rounds < 1:
+    errors.append(f"rounds={c.rounds} must be >= 1")
+  if c.num_clients < 1:
+    errors.append(f"num_clients={c.num_clients} must be >= 1")
+  if not 1 <= c.clients_per_round <= c.num_clients:
+    errors.append(f"clients_per_round={c.clients_per_round} must be in [1, num_clients="
+                  f"{c.num_clients}]")
+  _one_of(errors, "partition.method", c.partition.method, PARTITION_METHODS)
+  if c.partition.method == "dirichlet" and not c.partition.alpha > 0:
+    errors.append(f"partition.alpha={c.partition.alpha} must be > 0")
+  if c.client.batch_size < 1:
+    errors.append(f"client.batch_size={c.client.batch_size} must be >= 1")
+  if c.client.local_epochs < 1:
+    errors.append(f"client.local_epochs={c.client.local_epochs} must be >= 1")
+  if not c.client.learning_rate > 0:
+    errors.append(f"client.learning_rate={c.client.learning_rate} must be > 0")
+  _one_of(errors, "client.optimizer", c.client.optimizer, OPTIMIZERS)
+  _one_of(errors, "aggregation.weighting", c.aggregation.weighting, WEIGHTINGS)
+  _one_of(errors, "simulation.strategy", c.simulation.strategy, STRATEGIES)
+  _one_of(errors, "simulation.compute_dtype", c.simulation.compute_dtype,
+          ("float32", "bfloat16"))
+  if c.simulation.clients_per_chunk < 0:
+    errors.append("simulation.clients_per_chunk must be >= 0 (0: one chunk)")
+  _one_of(errors, "provenance.mode", c.provenance.mode, PROVENANCE_MODES)
+  _one_of(errors, "provenance.kernel", c.provenance.kernel, PROVENANCE_KERNELS)
+  if not 0 < c.provenance.decay <= 1:
+    errors.append(f"provenance.decay={c.provenance.decay} must be in (0, 1]")
+  if c.dp.enabled:
+    if not c.dp.clip_norm > 0:
+      errors.append(f"dp.clip_norm={c.dp.clip_norm} must be > 0")
+    if c.dp.noise_multiplier < 0:
+      errors.append(f"dp.noise_multiplier={c.dp.noise_multiplier} must be >= 0")
+    if not 0 < c.dp.delta < 1:
+      errors.append(f"dp.delta={c.dp.delta} must be in (0, 1)")
+  if c.checkpoint.every < 0:
+    errors.append(f"checkpoint.every={c.checkpoint.every} must be >= 0")
+  try:
+    rounds = parse_int_list(c.provenance.rounds)
+    bad = [r for r in rounds if not 1 <= r <= c.rounds]
+    if bad:
+      errors.append(f"provenance.rounds {bad} outside 1..{c.rounds}")
+  except ValueError:
+    errors.append(f"provenance.rounds={c.provenance.rounds!r} is not a list of integers")
+  try:
+    faulty = parse_int_list(c.faulty.clients)
+    flip = parse_flip(c.faulty.flip)
+    if c.provenance.mode == "faulty" and not (faulty and flip):
+      errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")
+    bad = [k for k in faulty if not 0 <= k < c.num_clients]
+    if bad:
+      errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
+  except ValueError as e:
+    errors.append(f"faulty settings: {e}")
+  if errors:
+    raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,173 @@
+"""Datasets behind one interface: `load_dataset(name) -> Dataset` of in-memory NumPy arrays.
+
+Image datasets are served through tensorflow-datasets' random-access `data_source` over the
+array_record format, which works without TensorFlow installed (`tfds.load` does not):
+  digits     the embedded default: scikit-learn's handwritten digits (1,797 real 8x8 images,
+             10 classes, bundled inside scikit-learn, BSD licence), prepared once by a local
+             tfds builder into the data directory (about a second) and read back from it;
+  mnist,     tfds' own builders, read from PREPARED data only: this never downloads (with no
+  cifar10    network tfds retries for minutes before failing); a missing dataset fails fast
+             with a message saying how to prepare it.
+and `synthetic` generates a learnable dataset of any size in memory, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# digits: pixel values 0..16 scaled to [0, 1], then standardised with the mean and std of all
+# 1,797 images' pixels (computed once: 0.30526 and 0.37605), as MNIST uses 0.1307 / 0.3081.
+DIGITS_MEAN, DIGITS_STD = 0.30526, 0.37605
+DIGITS_NUM_TRAIN = 1437  # a seeded permutation: 1,437 train / 360 test (80 / 20)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset whose prepared files are not in the data directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A labelled train/test split in memory.
+
+  Attributes:
+    x_train, x_test: `[N, ...]` float32 normalised images NHWC (int32 token ids for text).
+    y_train, y_test: `[N]` int32 labels in `[0, num_classes)`.
+  """
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.x_train.shape[1:])
+
+
+def default_data_dir() -> Path:
+  return Path(os.environ.get("TRACEFL_DATA_DIR", Path.home() / ".cache" / "tracefl_jax" / "tfds"))
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds prints progress bars and warns about optional TensorFlow; keep both out."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tfds.disable_progress_bar()
+    absl_logger.setLevel(logging.ERROR)
+    try:
+      yield tfds
+    finally:
+      absl_logger.setLevel(level)
+
+
+def _read_split(source: Any) -> tuple[np.ndarray, np.ndarray]:
+  records = source.__getitems__(list(range(len(source))))
+  x = np.stack([r["image"] for r in records])
+  y = np.array([r["label"] for r in records], np.int32)
+  return x, y
+
+
+def _load_digits(data_dir: Path) -> Dataset:
+  from tracefl_jax.data.digits_builder import TraceflDigits  # pylint: disable=g-import-not-at-top
+  with _quiet_tfds() as tfds:
+    builder = TraceflDigits(data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+      # Parallel runs (test workers, sweeps) may prepare at once: one prepares, others wait.
+      data_dir.mkdir(parents=True, exist_ok=True)
+      with open(data_dir / ".tracefl_digits.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = TraceflDigits(data_dir=str(data_dir), file_format="array_record")
+        if not builder.is_prepared():
+          with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and ..."
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    source = builder.as_data_source()
+    (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
+
+  def norm(x):
+    return ((x.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
+  return Dataset("digits", norm(x_tr), y_tr, norm(x_te), y_te, 10)
+
+
+def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> float32 `[N, size, size, 3]` in [0, 1] (bilinear)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  x = x.astype(np.float32) / 255.0
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  if x.shape[1:3] != (size, size):
+    x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear"))
+  return x
+
+
+def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any) -> Dataset:
+  with _quiet_tfds() as tfds:
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    if not builder.is_prepared():
+      raise DatasetNotFoundError(
+          f"dataset {name!r} is not prepared under {data_dir} (tracefl_jax never downloads "
+          f"at run time). Prepare it on a machine with network access, e.g. "
+          f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy "
+          f"the directory here, or point --config.dataset.data_dir (or TRACEFL_DATA_DIR) at "
+          f"an existing tfds data directory.")
+    source = builder.as_data_source()
+    (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
+    num_classes = builder.info.features["label"].num_classes
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  prep = lambda x: ((_resize_rgb(x, 32) - mean) / std).astype(np.float32)  # noqa: E731
+  return Dataset(name, prep(x_tr), y_tr, prep(x_te), y_te, num_classes)
+
+
+def make_synthetic(num_train: int = 1000, num_test: int = 200,
+                   image_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10,
+                   seed: int = 0, noise: float = 1.0) -> Dataset:
+  """Class prototypes plus Gaussian noise: learnable, any size, deterministic by seed."""
+  if num_train < 1 or num_test < 1 or num_classes < 2:
+    raise ValueError("synthetic data needs num_train >= 1, num_test >= 1, num_classes >= 2")
+  rng = np.random.default_rng(seed)
+  prototypes = rng.normal(size=(num_classes, *image_shape)).astype(np.float32)
+  n = num_train + num_test
+  y = rng.integers(0, num_classes, size=n).astype(np.int32)
+  x = prototypes[y] + noise * rng.standard_normal(size=(n, *image_shape), dtype=np.float32)
+  return Dataset("synthetic", x[:num_train], y[:num_train], x[num_train:], y[num_train:],
+                 num_classes)
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": lambda data_dir, **_: _load_digits(data_dir),
+    "mnist": lambda data_dir, **_: _load_tfds_images("mnist", data_dir, MNIST_MEAN, MNIST_STD),
+    "cifar10": lambda data_dir, **_: _load_tfds_images("cifar10", data_dir, CIFAR10_MEAN,
+                                                       CIFAR10_STD),
+    "synthetic": lambda data_dir, **options: make_synthetic(**options),
+}
+
+
+def available_datasets() -> list[str]:
+  return sorted(_LOADERS)
+
+
+def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: Any) -> Dataset:
+  """Loads dataset `name` (see `available_datasets()`); `options` go to `synthetic`."""
+  if name not in _LOADERS:
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: "
+                     f"{', '.join(available_datasets())}")
+  return _LOADERS[name](Path(data_dir) if data_dir else default_data_dir(), **options)

@@ -1,0 +1,39 @@
+"""Model registry: `get_model(name, input_shape, num_classes)` returns a `ModelDef`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from tracefl_jax.models.base import ModelDef, discover_traced_layers, get_layer, make_model
+from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
+
+# name -> factory(num_classes) returning a linen module.
+_REGISTRY: dict[str, Callable[[int], nn.Module]] = {
+    "cnn": lambda k: FedAvgCNN(num_classes=k),
+    "lenet": lambda k: LeNet(num_classes=k),
+    "mlp": lambda k: MLP(num_classes=k),
+}
+
+
+def available_models() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
+  """Adds a model factory `factory(num_classes) -> nn.Module` under `name`."""
+  if name in _REGISTRY:
+    raise ValueError(f"model {name!r} is already registered")
+  _REGISTRY[name] = factory
+
+
+def get_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
+  """The registered model `name` for examples of `input_shape` and `num_classes` labels."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())}")
+  return make_model(name, _REGISTRY[name](num_classes), tuple(input_shape), num_classes)
+
+
+__all__ = ["ModelDef", "available_models", "discover_traced_layers", "get_layer", "get_model",
+           "make_model", "register_model"]

@@ -1,0 +1,140 @@
+"""`trace_clients`: TraceFL's answer for a batch of inputs (spec section 2, steps 1-6).
+
+T[n, k] = sum_l beta_l c[l, n, k], beta_l = decay ** (L - 1 - l); P = softmax_k T (float32,
+temperature 1); the traced client is argmax_k P, the first in the round's order on ties.
+Optional data-size factor p_k = n_k / sum_j n_j multiplies every client parameter (paper
+Eq. 5); for affine units that scales client k's scores by p_k.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.provenance import kernels
+from tracefl_jax.provenance.capture import unit_modules
+
+KERNELS = ("auto", "grad", "jvp", "reference")
+AFFINE_UNITS: tuple[type[nn.Module], ...] = (nn.Dense, nn.Conv, nn.LayerNorm)
+
+
+class ProvenanceResult(NamedTuple):
+  scores: jax.Array               # T [N, K] float32
+  probs: jax.Array                # P [N, K] softmax over clients
+  traced_client: jax.Array        # [N] int32, position in the round's client order
+  predicted: jax.Array            # [N] int32, G's eval-mode argmax
+  layer_scores: jax.Array | None  # c [L, N, K] with beta applied, when requested
+
+
+def layer_betas(num_layers: int, decay: float = 0.9, use_decay: bool = True) -> jax.Array:
+  """beta_l = decay ** (L - 1 - l): the last traced layer weighs 1 (spec step 4)."""
+  if not use_decay:
+    return jnp.ones(num_layers, jnp.float32)
+  return jnp.asarray(decay, jnp.float32) ** jnp.arange(num_layers - 1, -1, -1, dtype=jnp.float32)
+
+
+def is_affine(model: ModelDef) -> bool:
+  """Whether every traced unit is linear in its own parameters (grad and jvp are exact)."""
+  return all(isinstance(u, AFFINE_UNITS) for u in unit_modules(model).values())
+
+
+def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
+  """The fastest exact kernel for the shapes.
+
+  Non-affine units need "reference". Otherwise "grad": its cost is one forward/backward of G
+  plus a contraction with 2 N P K flops, whereas "jvp" costs K linearised forward passes over
+  N inputs, which is more as soon as a forward pass costs more flops per input than the
+  parameter count (any convolution) or K exceeds a few clients.
+  """
+  del num_inputs, num_clients  # measured: grad wins at every shape tried on CPU
+  return "grad" if is_affine(model) else "reference"
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
+                                             "use_size_factor", "return_layers",
+                                             "clients_per_chunk"))
+def _trace(model, global_vars, client_vars, x, target, client_sizes, *, kernel, decay,
+           use_decay, use_size_factor, return_layers, clients_per_chunk):
+  num_layers = len(model.traced_layers)
+  betas = layer_betas(num_layers, decay, use_decay)
+  if use_size_factor:
+    p = client_sizes.astype(jnp.float32) / jnp.sum(client_sizes)
+    if kernel == "reference":  # a non-affine unit: scale the parameters themselves
+      client_vars = {**client_vars, "params": jax.tree.map(
+          lambda a: a * p.reshape(-1, *([1] * (a.ndim - 1))).astype(a.dtype),
+          client_vars["params"])}
+  if kernel == "jvp" and not return_layers:
+    totals, predicted = kernels.jvp_scores(model, global_vars, client_vars, x, target,
+                                           clients_per_chunk, per_layer=False, betas=betas)
+    layer_scores, scores = None, totals[0]
+  else:
+    fn = {"grad": kernels.grad_scores, "jvp": kernels.jvp_scores,
+          "reference": kernels.reference_scores}[kernel]
+    c, predicted = fn(model, global_vars, client_vars, x, target, clients_per_chunk)
+    layer_scores = c * betas[:, None, None]
+    scores = jnp.sum(layer_scores, axis=0)
+  if use_size_factor and kernel != "reference":
+    scores = scores * p[None, :]
+    layer_scores = None if layer_scores is None else layer_scores * p[None, None, :]
+  scores = scores.astype(jnp.float32)
+  probs = jax.nn.softmax(scores, axis=-1)
+  traced = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # argmax takes the first on ties
+  return ProvenanceResult(scores, probs, traced, predicted,
+                          layer_scores if return_layers else None)
+
+
+def trace_clients(
+    model: ModelDef,
+    global_vars: Variables,
+    client_vars: Variables,
+    x: jax.Array,
+    *,
+    target: jax.Array | None = None,
+    kernel: str = "auto",
+    decay: float = 0.9,
+    use_decay: bool = True,
+    client_sizes: jax.Array | None = None,
+    use_size_factor: bool = False,
+    return_layers: bool = False,
+    clients_per_chunk: int | None = None,
+) -> ProvenanceResult:
+  """Scores every client for every input: which client is responsible for G's prediction?
+
+  Args:
+    model: the `ModelDef` of G and the clients.
+    global_vars: G's variables (eval mode: BatchNorm running statistics are used).
+    client_vars: the round's client variables, every leaf stacked `[K, ...]`.
+    x: `[N, ...]` inputs.
+    target: optional `[N]` classes whose logit is explained (faulty-client mode explains the
+      predicted wrong class, which is the default anyway); default G's prediction.
+    kernel: "grad", "jvp", "reference" or "auto" (see `choose_kernel`).
+    decay, use_decay: beta_l = decay ** (L - 1 - l), or all 1.
+    client_sizes: `[K]` n_k for the data-size factor (the original counts batches).
+    use_size_factor: multiply client parameters by p_k = n_k / sum n (off in the paper).
+    return_layers: also return beta-weighted per-layer scores `[L, N, K]`.
+    clients_per_chunk: bound memory by processing this many clients at a time.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown provenance kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+  num_clients = jax.tree.leaves(client_vars["params"])[0].shape[0]
+  if kernel == "auto":
+    kernel = choose_kernel(model, x.shape[0], num_clients)
+  elif kernel in ("grad", "jvp") and not is_affine(model):
+    raise ValueError(f"kernel {kernel!r} is exact only for affine traced units; this model "
+                     f"has whole-block units: use kernel='reference' or 'auto'")
+  if use_size_factor and client_sizes is None:
+    raise ValueError("use_size_factor=True needs client_sizes")
+  if client_sizes is None:
+    client_sizes = jnp.ones(num_clients, jnp.float32)
+  if not 0 < decay <= 1:
+    raise ValueError(f"decay={decay} must be in (0, 1]")
+  return _trace(model, global_vars, client_vars, x, target,
+                jnp.asarray(client_sizes), kernel=kernel, decay=float(decay),
+                use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
+                return_layers=bool(return_layers),
+                clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None)

@@ -1,0 +1,109 @@
+"""G's internal view of a batch: each traced unit's input a_l and output gradient g_l.
+
+One eval-mode forward of the global model runs under `nn.intercept_methods`; every traced
+unit's output gets a zero perturbation added, so ONE batched backward of sum_n s_n (s_n the
+target logit of input n) w.r.t. the perturbations yields every input's layer-output gradient
+at once: in eval mode the inputs are independent, so d(sum_m s_m)/d out_l[n] = d s_n /
+d out_l[n]. The same pass records each unit's input and an unbound copy of the unit, so a
+client's own layer can later be evaluated on G's input (spec section 2, step 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tracefl_jax.models.base import LayerPath, ModelDef, Variables
+
+
+class LayerView(NamedTuple):
+  """Per traced unit, in forward order (lists of length L)."""
+  units: tuple[nn.Module, ...]          # unbound copies of the traced modules
+  inputs: tuple[Any, ...]               # a_l: the unit's positional args, leading axis N
+  kwargs: tuple[dict[str, Any], ...]    # the unit's keyword args (e.g. an attention mask)
+  grads: tuple[jax.Array, ...]          # g_l = d s_n / d out_l[n], shape of out_l
+
+
+def unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
+  """Unbound copies of the traced units, keyed by module path (from an abstract forward)."""
+  traced = set(model.traced_layers)
+  found: dict[LayerPath, nn.Module] = {}
+
+  def record(next_fun, args, kwargs, context):
+    path = tuple(context.module.path)
+    if context.method_name == "__call__" and path in traced and path not in found:
+      found[path] = context.module.clone(parent=None)
+    return next_fun(*args, **kwargs)
+
+  def forward():
+    variables = model.init(jax.random.key(0))
+    x = jnp.zeros((1, *model.input_shape), model.input_dtype)
+    with nn.intercept_methods(record):
+      model.logits(variables, x)
+
+  jax.eval_shape(forward)
+  missing = traced - set(found)
+  if missing:
+    raise ValueError(f"traced layers {sorted(missing)} never ran in {model.name}'s forward pass")
+  return found
+
+
+def target_logits(logits: jax.Array, target: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(s [N], predicted [N]): the target class's pre-softmax logit, default the argmax."""
+  predicted = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
+  target = predicted if target is None else target.astype(jnp.int32)
+  s = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+  return s, predicted
+
+
+def capture(model: ModelDef, global_vars: Variables, x: jax.Array,
+            target: jax.Array | None = None) -> tuple[LayerView, jax.Array]:
+  """Runs G once forward and once backward; returns (LayerView, predicted labels [N])."""
+  order = model.traced_layers
+  index = {path: l for l, path in enumerate(order)}
+  units = unit_modules(model)
+
+  def forward(perturb):
+    inputs: dict[int, Any] = {}
+    kwargs: dict[int, Any] = {}
+
+    def intercept(next_fun, args, kw, context):
+      path = tuple(context.module.path)
+      if context.method_name != "__call__" or path not in index:
+        return next_fun(*args, **kw)
+      l = index[path]
+      inputs[l], kwargs[l] = args, kw
+      return next_fun(*args, **kw) + perturb[l]
+
+    with nn.intercept_methods(intercept):
+      logits = model.logits(global_vars, x)
+    s, predicted = target_logits(logits, target)
+    return jnp.sum(s), (predicted, inputs, kwargs)
+
+  shapes = _output_shapes(model, global_vars, x, index)
+  zeros = [jnp.zeros(sh.shape, sh.dtype) for sh in shapes]
+  grads, (predicted, inputs, kwargs) = jax.grad(forward, has_aux=True)(zeros)
+  view = LayerView(tuple(units[p] for p in order), tuple(inputs[l] for l in range(len(order))),
+                   tuple(kwargs[l] for l in range(len(order))), tuple(grads))
+  return view, predicted
+
+
+def _output_shapes(model, global_vars, x, index) -> list[jax.ShapeDtypeStruct]:
+  shapes: dict[int, jax.ShapeDtypeStruct] = {}
+
+  def intercept(next_fun, args, kw, context):
+    out = next_fun(*args, **kw)
+    path = tuple(context.module.path)
+    if context.method_name == "__call__" and path in index:
+      shapes[index[path]] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    return out
+
+  def forward():
+    with nn.intercept_methods(intercept):
+      return model.logits(global_vars, x)
+
+  jax.eval_shape(forward)
+  return [shapes[l] for l in range(len(index))]

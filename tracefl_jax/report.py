@@ -1,0 +1,50 @@
+"""Readable console summaries of a run (rich tables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_summary(summary: dict[str, Any], workdir: str | None = None,
+                  console: Console | None = None) -> None:
+  """Prints the run's headline numbers and, when traced, localization beside its baselines."""
+  console = console or Console()
+  table = Table(title="tracefl_jax run", show_header=False)
+  table.add_row("rounds", str(summary["rounds"]))
+  table.add_row("global accuracy (final / best)",
+                f"{_pct(summary['final_accuracy'])} / {_pct(summary['best_accuracy'])}")
+  table.add_row("client strategy", summary["client_strategy"])
+  table.add_row("wall time", f"{summary['seconds']:.1f} s")
+  prov = summary.get("provenance")
+  if prov:
+    table.add_row("rounds traced / skipped", f"{prov['rounds_traced']} / {prov['rounds_skipped']}")
+    table.add_row("inputs traced", str(prov["inputs"]))
+    table.add_row("TraceFL localization accuracy", _pct(prov["accuracy"]))
+    table.add_row("  random participant (expected)", _pct(prov["random_baseline"]))
+    table.add_row("  largest client baseline", _pct(prov["largest_client_baseline"]))
+    table.add_row("  TraceFL vs max-label-count oracle", _pct(prov["oracle_accuracy"]))
+  if workdir:
+    table.add_row("results", str(workdir))
+  console.print(table)
+
+
+def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | None = None) -> None:
+  """Prints one line per run of a sweep and where its table and plots are."""
+  console = console or Console()
+  table = Table(title=f"sweep: {len(rows)} runs")
+  for col in ("run", "localization", "random", "global best", "skipped rounds", "time"):
+    table.add_column(col)
+  for r in rows:
+    prov = r.get("provenance") or {}
+    table.add_row(r["run"], _pct(prov.get("accuracy")), _pct(prov.get("random_baseline")),
+                  _pct(r["best_accuracy"]), str(prov.get("rounds_skipped", "-")),
+                  "reused" if r["skipped_existing"] else f"{r['seconds']:.1f} s")
+  console.print(table)
+  console.print(f"table: {workdir}/results.csv, {workdir}/results.md; plots: {workdir}/*.png")

@@ -1,0 +1,167 @@
+"""Publication-ready results: sweep tables (CSV, Markdown) and plots like the paper's figures.
+
+Plots (PNG, matplotlib with the Agg backend):
+  accuracy_vs_<field>.png    localization and global accuracy (mean +- std over the other
+                             grid fields, e.g. seeds) versus a swept field (alpha, DP noise,
+                             number of clients), with the random-participant baseline;
+  client_probs.png           heatmap of TraceFL's client probabilities per traced input;
+  label_distribution.png     the per-client label counts of a run's partition.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (column, summary path) pairs of the sweep table.
+_COLUMNS = (
+    ("localization_acc", ("provenance", "accuracy")),
+    ("random_baseline", ("provenance", "random_baseline")),
+    ("largest_client_baseline", ("provenance", "largest_client_baseline")),
+    ("oracle_acc", ("provenance", "oracle_accuracy")),
+    ("best_global_acc", ("best_accuracy",)),
+    ("final_global_acc", ("final_accuracy",)),
+    ("rounds_traced", ("provenance", "rounds_traced")),
+    ("rounds_skipped", ("provenance", "rounds_skipped")),
+    ("epsilon", ("dp", "epsilon")),
+    ("seconds", ("seconds",)),
+)
+
+
+def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
+  for key in path:
+    if not isinstance(row, dict) or key not in row:
+      return None
+    row = row[key]
+  return row
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
+  """Flat rows: the swept fields, then the headline numbers of each run."""
+  return [{"run": r["run"], **{f: r[f] for f in fields},
+           **{name: _get(r, path) for name, path in _COLUMNS}} for r in rows]
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def write_sweep_results(rows: Sequence[dict[str, Any]], fields: Sequence[str],
+                        workdir: str | Path) -> dict[str, Path]:
+  """Writes results.csv, results.md and the accuracy plots; returns their paths."""
+  from tabulate import tabulate  # pylint: disable=g-import-not-at-top
+
+  workdir = Path(workdir)
+  table = sweep_table(rows, fields)
+  out = {"csv": workdir / "results.csv", "md": workdir / "results.md"}
+  with open(out["csv"], "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+  out["md"].write_text(tabulate([[_fmt(v) for v in t.values()] for t in table],
+                                headers=list(table[0]), tablefmt="github") + "\n")
+  for field in fields:
+    values = [t[field] for t in table]
+    if len(set(values)) > 1 and all(isinstance(v, (int, float)) for v in values):
+      out[f"plot_{field}"] = plot_accuracy_vs(table, field, workdir / f"accuracy_vs_{field}.png")
+  return out
+
+
+def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) -> Path:
+  """Localization, global and random-baseline accuracy versus `field` (mean +- std)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  series = {"TraceFL localization": "localization_acc", "global model (best)": "best_global_acc",
+            "random participant": "random_baseline"}
+  fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=150)
+  for label, column in series.items():
+    groups: dict[float, list[float]] = defaultdict(list)
+    for t in table:
+      if t[column] is not None:
+        groups[t[field]].append(100 * t[column])
+    if not groups:
+      continue
+    xs = sorted(groups)
+    ax.errorbar(xs, [np.mean(groups[x]) for x in xs], yerr=[np.std(groups[x]) for x in xs],
+                marker="o", capsize=3, label=label,
+                linestyle="--" if column == "random_baseline" else "-")
+  ax.set_xlabel(field)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, 105)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_client_probs(run_dir: str | Path, path: str | Path | None = None,
+                      round_idx: int | None = None) -> Path:
+  """Heatmap of client probabilities per traced input of one round (default: the last)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  run_dir = Path(run_dir)
+  rows = [json.loads(l) for l in (run_dir / "provenance.jsonl").read_text().splitlines() if l]
+  rows = [r for r in rows if "probs" in r]
+  if not rows:
+    raise ValueError(f"{run_dir} has no traced inputs with full client probabilities")
+  round_idx = round_idx or max(r["round"] for r in rows)
+  rows = [r for r in rows if r["round"] == round_idx]
+  probs = np.array([r["probs"] for r in rows])
+  clients = rows[0]["participants"]
+  fig, ax = plt.subplots(figsize=(1 + 0.45 * len(clients), 1 + 0.3 * len(rows)), dpi=150)
+  im = ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+  ax.set_xticks(range(len(clients)), [str(c) for c in clients], fontsize=7)
+  ax.set_yticks(range(len(rows)),
+                [f"#{r['input']} y={r['label']}{'' if r['correct'] else ' x'}" for r in rows],
+                fontsize=7)
+  ax.set_xlabel("client")
+  ax.set_title(f"TraceFL client probabilities, round {round_idx}", fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.05)
+  fig.tight_layout()
+  path = Path(path) if path else run_dir / "client_probs.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_label_distribution(run_dir: str | Path, path: str | Path | None = None,
+                            max_clients: int = 50) -> Path:
+  """Stacked bars of each client's label counts (the provenance ground truth)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  run_dir = Path(run_dir)
+  counts = np.array(json.loads((run_dir / "partition.json").read_text())["label_counts"])
+  counts = counts[:max_clients]
+  fig, ax = plt.subplots(figsize=(max(5, 0.18 * len(counts)), 3.5), dpi=150)
+  bottom = np.zeros(len(counts))
+  cmap = plt.get_cmap("tab20")
+  for label in range(counts.shape[1]):
+    ax.bar(range(len(counts)), counts[:, label], bottom=bottom, color=cmap(label % 20),
+           label=str(label), width=0.85)
+    bottom += counts[:, label]
+  ax.set_xlabel("client")
+  ax.set_ylabel("examples")
+  ax.legend(title="label", fontsize=6, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+  fig.tight_layout()
+  path = Path(path) if path else run_dir / "label_distribution.png"
+  fig.savefig(path)
+  plt.close(fig)
+  return path
