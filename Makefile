@@ -21,7 +21,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_round.py --out=benchmarks/results/round_cpu.jsonl
+	$(PY) benchmarks/bench_round.py --image=16 --repeats=2 --out=benchmarks/results/round_cpu.jsonl
+	$(PY) benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,103 @@
+"""Traced (input x client) pairs per second: each JAX kernel versus the original procedure.
+
+The original procedure is the PyTorch reference from the tests (tests/torch_reference.py): a
+batch-1 forward/backward per input with hooks, then a Python loop over layers x clients
+evaluating each client's layer on the global layer input. Same model (the FedAvg-paper CNN),
+same weights, same inputs, same machine. JAX rows time the jitted `trace_clients` after a
+warm-up (compile time reported apart); the PyTorch loop is linear in inputs, so it runs on
+`--torch-pairs` pairs at most and reports its rate.
+
+  python benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import JsonlSink, time_fn  # noqa: E402
+
+from tracefl_jax.models import get_model  # noqa: E402
+from tracefl_jax.provenance import trace_clients  # noqa: E402
+
+
+def _clients(g, k, seed=1):
+  leaves, treedef = jax.tree.flatten(g)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      l[None] + 0.05 * jnp.std(l) * jax.random.normal(kk, (k, *l.shape))
+      for l, kk in zip(leaves, keys)])
+
+
+def torch_rate(model, g, clients, x, max_pairs):
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(max(1, torch.get_num_threads()))
+  side = model.input_shape[0] // 4
+  net = tr.TorchFedAvgCNN(model.input_shape[-1], model.num_classes, flat=side * side * 64)
+  tr.load_flax(net, g["params"], model.traced_layers)
+  k = jax.tree.leaves(clients)[0].shape[0]
+  layers = [[tr.torch_layer_params(jax.tree.map(lambda a: np.asarray(a[c]),
+                                                g_l(clients["params"], p)))
+             for p in model.traced_layers] for c in range(k)]
+  n = max(1, min(len(x), max_pairs // k))
+  tr.original_scores(net, layers, x[:1])  # warm-up
+  t0 = time.perf_counter()
+  tr.original_scores(net, layers, x[:n])
+  dt = time.perf_counter() - t0
+  return n, dt
+
+
+def g_l(params, path):
+  for key in path:
+    params = params[key]
+  return params
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--image", type=int, default=16)
+  p.add_argument("--inputs", type=int, default=20)
+  p.add_argument("--clients", default="10,100,1000")
+  p.add_argument("--kernels", default="grad,jvp,reference")
+  p.add_argument("--torch-pairs", type=int, default=2000,
+                 help="at most this many pairs through the PyTorch loop (0: skip it)")
+  p.add_argument("--chunk", type=int, default=0, help="clients_per_chunk for JAX kernels")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+
+  sink = JsonlSink(args.out)
+  model = get_model("cnn", (args.image, args.image, 1), 10)
+  g = model.init(jax.random.key(0))
+  x = np.random.default_rng(0).normal(size=(args.inputs, args.image, args.image, 1)).astype(
+      np.float32)
+  base = {"bench": "provenance", "model": "cnn", "image": args.image, "inputs": args.inputs}
+  for k in [int(v) for v in args.clients.split(",")]:
+    clients = _clients(g, k)
+    torch_pairs_per_s = None
+    if args.torch_pairs:
+      n, dt = torch_rate(model, g, clients, x, args.torch_pairs)
+      torch_pairs_per_s = n * k / dt
+      sink.write({**base, "K": k, "kernel": "original_pytorch_loop", "inputs": n,
+                  "steady_s": dt, "pairs_per_s": torch_pairs_per_s})
+    for kernel in args.kernels.split(","):
+      fn = lambda: trace_clients(model, g, clients, jnp.asarray(x), kernel=kernel,  # noqa: E731
+                                 clients_per_chunk=args.chunk or None).scores
+      t = time_fn(fn, args.repeats)
+      rate = args.inputs * k / t["steady_s"]
+      sink.write({**base, "K": k, "kernel": kernel, **t, "pairs_per_s": rate,
+                  "speedup_vs_original": rate / torch_pairs_per_s if torch_pairs_per_s else None})
+
+
+if __name__ == "__main__":
+  main()
