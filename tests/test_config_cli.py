@@ -82,5 +82,7 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
   assert "clients_per_round=500 must be in [1, num_clients=100]" in proc.stderr
   proc = _cli(tmp_path, "--config.model.name=vgg")
   assert proc.returncode == 2 and "unknown model 'vgg'; valid models" in proc.stderr
+  proc = _cli(tmp_path, "--config.clinets_per_round=5")  # a typo is an error, not a new field
+  assert proc.returncode != 0 and "clinets_per_round" in proc.stderr
   proc = _cli(tmp_path, "--config.dataset.name=imagenet")
   assert proc.returncode == 2 and "imagenet" in proc.stderr and "digits" in proc.stderr

@@ -119,8 +119,10 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert "localization_acc" in table and table.count("\n") == 6
   assert (tmp_path / "results.csv").read_text().count("\n") == 5
-  png = tmp_path / "accuracy_vs_partition.alpha.png"
-  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for png in (tmp_path / "accuracy_vs_partition.alpha.png",
+              tmp_path / rows[0]["run"] / "client_probs.png",
+              tmp_path / rows[0]["run"] / "label_distribution.png"):
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
   again = sweep.run_sweep(config, grid, tmp_path, progress=False)
   assert all(r["skipped_existing"] for r in again)
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]

@@ -41,6 +41,8 @@ def _main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError, CheckpointError, experiment.TrainingDivergedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  from tracefl_jax import results  # pylint: disable=g-import-not-at-top
+  results.plot_run(_WORKDIR.value)
   report.print_summary(summary, _WORKDIR.value)
 
 

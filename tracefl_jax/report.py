@@ -39,7 +39,8 @@ def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | Non
   """Prints one line per run of a sweep and where its table and plots are."""
   console = console or Console()
   table = Table(title=f"sweep: {len(rows)} runs")
-  for col in ("run", "localization", "random", "global best", "skipped rounds", "time"):
+  table.add_column("run", overflow="fold")
+  for col in ("localization", "random", "global best", "skipped rounds", "time"):
     table.add_column(col)
   for r in rows:
     prov = r.get("provenance") or {}

@@ -42,6 +42,14 @@ def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
   return row
 
 
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display needed), imported lazily."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def sweep_table(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
   """Flat rows: the swept fields, then the headline numbers of each run."""
   return [{"run": r["run"], **{f: r[f] for f in fields},
@@ -71,6 +79,8 @@ def write_sweep_results(rows: Sequence[dict[str, Any]], fields: Sequence[str],
   out["md"].write_text(tabulate([[_fmt(v) for v in t.values()] for t in table],
                                 headers=list(table[0]), tablefmt="github") + "\n")
   for field in fields:
+    if field == "seed":  # seeds are repetitions, averaged in the other plots
+      continue
     values = [t[field] for t in table]
     if len(set(values)) > 1 and all(isinstance(v, (int, float)) for v in values):
       out[f"plot_{field}"] = plot_accuracy_vs(table, field, workdir / f"accuracy_vs_{field}.png")
@@ -79,9 +89,7 @@ def write_sweep_results(rows: Sequence[dict[str, Any]], fields: Sequence[str],
 
 def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) -> Path:
   """Localization, global and random-baseline accuracy versus `field` (mean +- std)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   series = {"TraceFL localization": "localization_acc", "global model (best)": "best_global_acc",
             "random participant": "random_baseline"}
@@ -111,9 +119,7 @@ def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) ->
 def plot_client_probs(run_dir: str | Path, path: str | Path | None = None,
                       round_idx: int | None = None) -> Path:
   """Heatmap of client probabilities per traced input of one round (default: the last)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   run_dir = Path(run_dir)
   rows = [json.loads(l) for l in (run_dir / "provenance.jsonl").read_text().splitlines() if l]
@@ -143,9 +149,7 @@ def plot_client_probs(run_dir: str | Path, path: str | Path | None = None,
 def plot_label_distribution(run_dir: str | Path, path: str | Path | None = None,
                             max_clients: int = 50) -> Path:
   """Stacked bars of each client's label counts (the provenance ground truth)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   run_dir = Path(run_dir)
   counts = np.array(json.loads((run_dir / "partition.json").read_text())["label_counts"])
@@ -165,3 +169,15 @@ def plot_label_distribution(run_dir: str | Path, path: str | Path | None = None,
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+  """The per-run figures that its files support: label distribution, client probabilities."""
+  run_dir = Path(run_dir)
+  paths = []
+  if (run_dir / "partition.json").exists():
+    paths.append(plot_label_distribution(run_dir))
+  prov = run_dir / "provenance.jsonl"
+  if prov.exists() and '"probs"' in prov.read_text():
+    paths.append(plot_client_probs(run_dir))
+  return paths

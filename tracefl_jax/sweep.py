@@ -103,4 +103,5 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid, workdir: str | Path
       summary = experiment.run(run_config, run_dir, progress=False)
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": skipped, **summary})
   results.write_sweep_results(rows, list(grid), workdir)
+  results.plot_run(workdir / rows[0]["run"])
   return rows
