@@ -128,3 +128,14 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
   with pytest.raises(ValueError, match="not a config field"):
     sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+  c = _small_config(rounds=3)
+  c.client.optimizer = "sgd"
+  c.client.learning_rate = 1e30
+  with pytest.raises(experiment.TrainingDivergedError,
+                     match=r"round 1: non-finite training loss on clients \[.*learning_rate"):
+    experiment.run(c, tmp_path, progress=False)
+  assert (tmp_path / "config.json").exists() and (tmp_path / "partition.json").exists()
+  assert _rows(tmp_path, "metrics.jsonl") == []  # no row for the diverged round

@@ -181,8 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
       if not np.all(np.isfinite(losses)):
         bad = clients[~np.isfinite(losses)].tolist()
         raise TrainingDivergedError(
-            f"round {r}: non-finite training loss on clients {bad}. Metrics of rounds "
-            f"1..{r - 1} are in {workdir / 'metrics.jsonl'} and the last checkpoint in "
+            f"round {r}: non-finite training loss on clients {bad}. Metrics of the rounds "
+            f"before are in {workdir / 'metrics.jsonl'}, checkpoints in "
             f"{checkpointer.directory}. Lower client.learning_rate (now "
             f"{c.client.learning_rate}) or check the data for NaN/inf values.")
       variables = out.variables
