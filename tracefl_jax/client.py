@@ -88,7 +88,8 @@ def make_client_update(
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         if jnp.issubdtype(xb.dtype, jnp.floating):
           xb = xb.astype(compute_dtype)
-      logits, new_state = model.apply({"params": params, **state}, xb, train=True, rng=rng)
+      logits, new_state = model.apply({"params": params, **state}, xb, train=True, rng=rng,
+                                      mask=mb if state else None)
       return masked_cross_entropy(logits.astype(jnp.float32), yb, mb), new_state
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

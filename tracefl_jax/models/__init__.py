@@ -8,12 +8,20 @@ import flax.linen as nn
 
 from tracefl_jax.models.base import ModelDef, discover_traced_layers, get_layer, make_model
 from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
+from tracefl_jax.models.resnet import DenseNet, ResNet18
 
 # name -> factory(num_classes) returning a linen module.
 _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
     "cnn": lambda k: FedAvgCNN(num_classes=k),
     "lenet": lambda k: LeNet(num_classes=k),
     "mlp": lambda k: MLP(num_classes=k),
+    "resnet18": lambda k: ResNet18(num_classes=k),
+    "resnet18_gn": lambda k: ResNet18(num_classes=k, norm="group"),
+    "densenet121": lambda k: DenseNet(num_classes=k),
+    # CPU-sized variants of the same architectures, for tests and CPU presets.
+    "resnet18_tiny": lambda k: ResNet18(num_classes=k, width=8),
+    "densenet_tiny": lambda k: DenseNet(num_classes=k, growth_rate=4, block_config=(2, 2),
+                                        num_init_features=8, bn_size=2),
 }
 
 

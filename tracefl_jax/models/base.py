@@ -59,17 +59,21 @@ class ModelDef:
       *,
       train: bool = False,
       rng: jax.Array | None = None,
+      mask: jax.Array | None = None,
   ) -> tuple[jax.Array, Variables]:
     """Logits `[B, num_classes]` and the updated non-parameter state.
 
     In train mode mutable collections (BatchNorm statistics) are updated and returned; in
-    eval mode the state comes back unchanged. `rng` feeds dropout in train mode.
+    eval mode the state comes back unchanged. `rng` feeds dropout in train mode. `mask` `[B]`
+    marks the real examples of a padded batch for models with batch statistics (their modules
+    take a `mask` argument); padded examples then stay out of the statistics.
     """
     state = {k: v for k, v in variables.items() if k != "params"}
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     if train and state:
+      extra = {} if mask is None else {"mask": mask}
       logits, new_state = self.module.apply(
-          variables, x, train=True, rngs=rngs, mutable=list(state))
+          variables, x, train=True, rngs=rngs, mutable=list(state), **extra)
       return logits, dict(new_state)
     logits = self.module.apply(variables, x, train=train, rngs=rngs)
     return logits, state

@@ -1,0 +1,99 @@
+"""ResNet18 / DenseNet: torchvision architecture and names, weight import, BN in training."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from tests import torch_cnn_reference as ref
+from tracefl_jax.client import make_client_update
+from tracefl_jax.data.federated import stack_client_indices
+from tracefl_jax.models import get_model, make_model
+from tracefl_jax.models.resnet import DenseNet, ResNet18
+from tracefl_jax.models.torchvision_import import import_torchvision
+from tracefl_jax.provenance import trace_clients
+
+
+def test_full_size_architectures_match_torchvision_counts():
+  for name, params, traced in (("resnet18", 11_689_512, 21), ("densenet121", 7_978_856, 121)):
+    model = get_model(name, (32, 32, 3), 1000)
+    variables = jax.eval_shape(model.init, jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == params, name
+    assert len(model.traced_layers) == traced, name
+  resnet = get_model("resnet18", (32, 32, 3), 10).traced_layers
+  # The original's order: a block's downsample conv comes after its conv2.
+  assert resnet[5:8] == (("layer2_0", "conv1"), ("layer2_0", "conv2"),
+                         ("layer2_0", "downsample_0"))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "densenet"])
+def test_imported_weights_give_torch_logits(kind, tmp_path):
+  torch.manual_seed(0)
+  if kind == "resnet":
+    tmodel, ours = ref.ResNet18(7, width=8), ResNet18(num_classes=7, width=8)
+  else:
+    kw = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2)
+    tmodel, ours = ref.DenseNet(7, **kw), DenseNet(num_classes=7, **kw)
+  ref.randomize_bn(tmodel)
+  tmodel.eval()
+  path = tmp_path / "weights.pt"
+  torch.save(tmodel.state_dict(), path)
+  model = make_model(kind, ours, (32, 32, 3), 7)
+  variables = import_torchvision(model.init(jax.random.key(0)), path)
+  x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(model.logits(variables, jnp.asarray(x)), expected, atol=1e-4,
+                             rtol=1e-4)
+
+
+def test_import_is_strict_and_can_skip_the_head(tmp_path):
+  tmodel = ref.ResNet18(5, width=8)
+  state = tmodel.state_dict()
+  model = make_model("r", ResNet18(num_classes=3, width=8), (32, 32, 3), 3)
+  variables = model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"shape mismatch: fc.bias: \(5,\).*fc.weight: \(5, 64\)"):
+    import_torchvision(variables, dict(state))
+  out = import_torchvision(variables, dict(state), skip_head=True)
+  np.testing.assert_array_equal(out["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+  del state["layer1.0.conv1.weight"]
+  state["extra.weight"] = torch.zeros(1)
+  with pytest.raises(ValueError, match=r"(?s)missing: layer1.0.conv1.weight.*unexpected: extra.weight"):
+    import_torchvision(variables, dict(state), skip_head=True)
+  with pytest.raises(FileNotFoundError):
+    import_torchvision(variables, tmp_path / "nope.pt")
+
+
+def test_batchnorm_statistics_ignore_padding_and_models_train_and_trace():
+  model = get_model("resnet18_tiny", (16, 16, 3), 4)
+  variables = model.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(12, 16, 16, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 12), jnp.int32)
+  update = jax.jit(make_client_update(model, optax.sgd(0.05), 8, 1))
+  outs = []
+  for length in (8, 16):  # 5 real examples, padded with 3 or 11 junk slots
+    data = stack_client_indices([np.arange(5)], [0], 8, length=length)
+    outs.append(update(variables, x, y, data.indices[0], data.counts[0], jax.random.key(1)))
+  for a, b in zip(jax.tree.leaves(outs[0].variables), jax.tree.leaves(outs[1].variables)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  stats0 = jax.tree.leaves(variables["batch_stats"])
+  stats1 = jax.tree.leaves(outs[0].variables["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(stats0, stats1))  # running stats moved
+  # The trained clients trace in eval mode; BatchNorm is not a traced unit.
+  clients = jax.tree.map(lambda a, b: jnp.stack([a, b]), outs[0].variables, variables)
+  res = {k: trace_clients(model, variables, clients, x[:3], kernel=k)
+         for k in ("grad", "reference")}
+  np.testing.assert_allclose(res["grad"].scores, res["reference"].scores, rtol=1e-4, atol=1e-5)
+  assert len(model.traced_layers) == 21
+
+
+def test_group_norm_variant_runs():
+  model = get_model("resnet18_gn", (32, 32, 3), 10)
+  variables = model.init(jax.random.key(0))
+  assert "batch_stats" not in variables
+  assert model.logits(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
