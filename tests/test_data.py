@@ -148,3 +148,22 @@ def test_synthetic_and_unknown_names():
   assert "digits" in available_datasets()
   with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid datasets: cifar10"):
     load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("name,channels,classes", [("pathmnist", 3, 9), ("organamnist", 1, 11)])
+def test_medmnist_npz_loader(tmp_path, name, channels, classes):
+  rng = np.random.default_rng(0)
+  shape = (28, 28, channels) if channels == 3 else (28, 28)
+  np.savez(tmp_path / f"{name}.npz",
+           train_images=rng.integers(0, 256, (6, *shape), dtype=np.uint8),
+           train_labels=rng.integers(0, classes, (6, 1)),
+           val_images=rng.integers(0, 256, (2, *shape), dtype=np.uint8),
+           val_labels=rng.integers(0, classes, (2, 1)),
+           test_images=np.full((3, *shape), 255, np.uint8),
+           test_labels=np.array([[0], [1], [2]]))
+  ds = load_dataset(name, data_dir=tmp_path)
+  assert ds.x_train.shape == (6, 32, 32, 3) and ds.num_classes == classes
+  assert ds.y_test.tolist() == [0, 1, 2] and ds.y_train.dtype == np.int32
+  np.testing.assert_allclose(ds.x_test, 1.0, atol=1e-6)  # white: (1 - 0.5) / 0.5
+  with pytest.raises(DatasetNotFoundError, match=f"no {name}.npz in"):
+    load_dataset(name, data_dir=tmp_path / "empty")

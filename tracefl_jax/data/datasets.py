@@ -7,7 +7,9 @@ array_record format, which works without TensorFlow installed (`tfds.load` does 
              tfds builder into the data directory (about a second) and read back from it;
   mnist,     tfds' own builders, read from PREPARED data only: this never downloads (with no
   cifar10    network tfds retries for minutes before failing); a missing dataset fails fast
-             with a message saying how to prepare it.
+             with a message saying how to prepare it;
+  pathmnist, MedMNIST's official 28x28 .npz files from a local directory (never
+  organamnist  downloaded either), resized to 32x32 RGB;
 and `synthetic` generates a learnable dataset of any size in memory, for benchmarks.
 """
 
@@ -137,6 +139,38 @@ def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any) -> Dataset
   return Dataset(name, prep(x_tr), y_tr, prep(x_te), y_te, num_classes)
 
 
+MEDMNIST = {"pathmnist": 9, "organamnist": 11}
+MEDMNIST_MEAN, MEDMNIST_STD = 0.5, 0.5
+
+
+def _load_medmnist(name: str, data_dir: Path) -> Dataset:
+  """MedMNIST's official 28x28 `.npz` release (keys train_images, train_labels, test_images,
+  test_labels), read from `data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz`; images
+  resized to 32x32 RGB and normalised with 0.5 / 0.5 as in the paper."""
+  candidates = [data_dir / f"{name}.npz", data_dir / "medmnist" / f"{name}.npz"]
+  path = next((p for p in candidates if p.exists()), None)
+  if path is None:
+    raise DatasetNotFoundError(
+        f"dataset {name!r}: no {name}.npz in {data_dir} or {data_dir / 'medmnist'} "
+        f"(tracefl_jax never downloads at run time). Get the official 28x28 file from the "
+        f"MedMNIST v2 release (e.g. `pip install medmnist` then "
+        f"`python -m medmnist download --size=28` on a machine with network access) and "
+        f"copy {name}.npz there, or set --config.dataset.data_dir.")
+  try:
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+  except (KeyError, ValueError, OSError) as e:
+    raise ValueError(f"{path} is not a MedMNIST .npz file ({e})") from e
+
+  def prep(x):
+    x = x[..., None] if x.ndim == 3 else x
+    return ((_resize_rgb(x, 32) - MEDMNIST_MEAN) / MEDMNIST_STD).astype(np.float32)
+
+  labels = lambda y: np.asarray(y).reshape(-1).astype(np.int32)  # noqa: E731
+  return Dataset(name, prep(arrays["train_images"]), labels(arrays["train_labels"]),
+                 prep(arrays["test_images"]), labels(arrays["test_labels"]), MEDMNIST[name])
+
+
 def make_synthetic(num_train: int = 1000, num_test: int = 200,
                    image_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10,
                    seed: int = 0, noise: float = 1.0) -> Dataset:
@@ -158,6 +192,8 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar10": lambda data_dir, **_: _load_tfds_images("cifar10", data_dir, CIFAR10_MEAN,
                                                        CIFAR10_STD),
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
+    **{name: (lambda data_dir, name=name, **_: _load_medmnist(name, data_dir))
+       for name in MEDMNIST},
 }
 
 
