@@ -1,0 +1,90 @@
+"""Our Flax BERT / OpenAI GPT against Hugging Face's PyTorch models on imported weights."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from tracefl_jax.models.hf_import import load_hf_classifier  # noqa: E402
+from tracefl_jax.models.transformer import BertClassifier, GPTClassifier  # noqa: E402
+from tracefl_jax.models.base import make_model  # noqa: E402
+from tracefl_jax.provenance import trace_clients  # noqa: E402
+
+T = 12
+
+
+def _ids(pad=0):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 50, size=(3, T)).astype(np.int32)
+  ids[0, 8:] = pad   # padded tails of different lengths
+  ids[1, 5:] = pad
+  return ids
+
+
+def _save(hf_model, tmp_path):
+  hf_model.eval()
+  hf_model.save_pretrained(tmp_path, safe_serialization=True)
+  return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["bert", "openai-gpt"])
+def test_imported_logits_match_hugging_face(kind, tmp_path):
+  torch.manual_seed(0)
+  if kind == "bert":
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=16, num_labels=3, pad_token_id=0)
+    hf = transformers.BertForSequenceClassification(cfg)
+  else:
+    cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
+                                       n_head=4, num_labels=3, pad_token_id=0)
+    hf = transformers.OpenAIGPTForSequenceClassification(cfg)
+  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+  ids = _ids()
+  with torch.no_grad():
+    mask = torch.from_numpy(ids != 0).long()
+    expected = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=mask).logits.numpy()
+  np.testing.assert_allclose(model.logits(variables, jnp.asarray(ids)), expected, atol=1e-4,
+                             rtol=1e-4)
+  # Traced units as the original: GPT 6 per block + score; BERT emb LN + blocks + 2.
+  assert len(model.traced_layers) == (6 * 2 + 1 if kind == "openai-gpt" else 1 + 2 + 2)
+
+
+def test_full_size_traced_counts():
+  gpt = make_model("gpt", GPTClassifier(num_classes=14, vocab_size=40479, pad_token_id=0),
+                   (128,), 14, input_dtype=jnp.int32)
+  assert len(gpt.traced_layers) == 73
+  assert gpt.traced_layers[:6] == (("h_0", "attn_c_attn"), ("h_0", "attn_c_proj"),
+                                   ("h_0", "ln_1"), ("h_0", "mlp_c_fc"), ("h_0", "mlp_c_proj"),
+                                   ("h_0", "ln_2"))
+  assert len(BertClassifier(num_classes=14, vocab_size=28996).traced_layers()) == 15
+
+
+def test_text_models_trace_with_the_right_kernels(tmp_path):
+  cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32,
+                                max_position_embeddings=16, num_labels=3, pad_token_id=0)
+  model, g = load_hf_classifier(_save(transformers.BertForSequenceClassification(cfg),
+                                      tmp_path), seq_len=T)
+  clients = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a, 0.9 * a]), g)
+  res = trace_clients(model, g, clients, jnp.asarray(_ids()))  # auto -> reference (blocks)
+  assert res.scores.shape == (3, 3)
+  with pytest.raises(ValueError, match="exact only for affine"):
+    trace_clients(model, g, clients, jnp.asarray(_ids()), kernel="grad")
+  gpt_cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                         n_head=2, num_labels=3, pad_token_id=0)
+  gpt, gg = load_hf_classifier(_save(transformers.OpenAIGPTForSequenceClassification(gpt_cfg),
+                                     tmp_path / "gpt"), seq_len=T)
+  gclients = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a, 0.9 * a]), gg)
+  out = {k: trace_clients(gpt, gg, gclients, jnp.asarray(_ids()), kernel=k)
+         for k in ("grad", "jvp", "reference")}
+  for k in ("grad", "jvp"):
+    np.testing.assert_allclose(out[k].scores, out["reference"].scores, rtol=1e-4, atol=1e-5)

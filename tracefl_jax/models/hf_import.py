@@ -1,0 +1,120 @@
+"""Import Hugging Face BERT / OpenAI GPT checkpoints from a local directory.
+
+`load_hf_classifier(path, num_classes)` reads a directory written by `save_pretrained`
+(config.json plus model.safetensors) with transformers' config classes and safetensors, builds
+our Flax module from the config, and maps the weights by name: torch Linear weights
+[out, in] are transposed, GPT's Conv1D weights are already [in, out], LayerNorm weight ->
+scale, embeddings -> embedding. A base checkpoint without a classification head (the paper
+fine-tunes pretrained base models) keeps our freshly initialised head. Nothing is fetched
+from a hub: transformers runs with HF_HUB_OFFLINE=1 here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from tracefl_jax.models.base import ModelDef, make_model
+from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
+
+# Module-name pieces whose underscores are part of the Hugging Face name.
+_KEEP = ("word_embeddings", "position_embeddings", "token_type_embeddings", "tokens_embed",
+         "positions_embed", "c_attn", "c_proj", "c_fc", "ln_1", "ln_2")
+_CONV1D = ("c_attn", "c_proj", "c_fc")
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+
+
+def _hf_module(name: str) -> str:
+  for keep in _KEEP:
+    name = name.replace(keep, keep.replace("_", "\0"))
+  return name.replace("_", ".").replace("\0", "_")
+
+
+def _read(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"no Hugging Face checkpoint at {path} (config.json missing)")
+  weights = path / "model.safetensors"
+  if not weights.exists():
+    raise FileNotFoundError(f"{path} has no model.safetensors (save with "
+                            "save_pretrained(..., safe_serialization=True))")
+  return AutoConfig.from_pretrained(str(path), local_files_only=True), load_file(str(weights))
+
+
+def build_module(config: Any, num_classes: int):
+  """Our module for a transformers config (BertConfig or OpenAIGPTConfig)."""
+  kind = config.model_type
+  if kind == "bert":
+    return BertClassifier(
+        num_classes=num_classes, vocab_size=config.vocab_size, hidden=config.hidden_size,
+        layers=config.num_hidden_layers, heads=config.num_attention_heads,
+        intermediate=config.intermediate_size, max_positions=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size, pad_token_id=config.pad_token_id or 0,
+        eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob)
+  if kind == "openai-gpt":
+    if config.afn != "gelu":
+      raise ValueError(f"openai-gpt with afn={config.afn!r} is not supported (only 'gelu')")
+    return GPTClassifier(
+        num_classes=num_classes, vocab_size=config.vocab_size, hidden=config.n_embd,
+        layers=config.n_layer, heads=config.n_head, max_positions=config.n_positions,
+        pad_token_id=config.pad_token_id, eps=config.layer_norm_epsilon,
+        dropout=config.resid_pdrop)
+  raise ValueError(f"unsupported model_type {kind!r}; supported: bert, openai-gpt")
+
+
+def import_weights(variables: dict[str, Any], state: dict[str, np.ndarray], kind: str,
+                   ) -> dict[str, Any]:
+  """Our variables with every leaf replaced by its Hugging Face counterpart (strict)."""
+  prefix, head = ("bert.", "classifier") if kind == "bert" else ("transformer.", "score")
+  has_prefix = any(k.startswith(prefix) for k in state)
+  used, missing, mismatched, leaves = set(), [], [], []
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+  for keypath, leaf in flat:
+    *modules, leaf_name = (k.key for k in keypath)
+    name = ".".join(_hf_module(m) for m in modules) + "." + _LEAF[leaf_name]
+    if modules[0] != head and has_prefix:
+      name = prefix + name
+    if name not in state:
+      if modules[0] == head:  # a base checkpoint: keep our fresh classification head
+        leaves.append(leaf)
+        continue
+      missing.append(name)
+      leaves.append(leaf)
+      continue
+    used.add(name)
+    value = state[name]
+    if leaf_name == "kernel" and not any(c in modules[-1] for c in _CONV1D):
+      value = value.T
+    if value.shape != leaf.shape:
+      mismatched.append(f"{name}: {state[name].shape} does not fit ours {leaf.shape}")
+    leaves.append(np.asarray(value, leaf.dtype))
+  ignored = ("position_ids", "attn.bias", "masked_bias")  # buffers, not weights
+  unexpected = sorted(k for k in state if k not in used and not k.endswith(ignored)
+                      and (has_prefix and k.startswith(prefix) or k.split(".")[0] == head))
+  if missing or unexpected or mismatched:
+    raise ValueError("Hugging Face weights do not match the model:"
+                     + (f"\n  missing: {', '.join(missing[:20])}" if missing else "")
+                     + (f"\n  unexpected: {', '.join(unexpected[:20])}" if unexpected else "")
+                     + (f"\n  shape mismatch: {'; '.join(mismatched[:20])}" if mismatched
+                        else ""))
+  return {**variables, "params": jax.tree.unflatten(treedef, leaves)}
+
+
+def load_hf_classifier(path: str | Path, num_classes: int | None = None, *,
+                       seq_len: int = 128, seed: int = 0) -> tuple[ModelDef, dict[str, Any]]:
+  """(ModelDef, variables) for the checkpoint in `path`, inputs `[B, seq_len]` token ids."""
+  path = Path(path)
+  config, state = _read(path)
+  num_classes = num_classes or config.num_labels
+  module = build_module(config, num_classes)
+  traced = module.traced_layers() if isinstance(module, BertClassifier) else None
+  model = make_model(config.model_type, module, (seq_len,), num_classes,
+                     input_dtype=np.int32, traced_layers=traced)
+  variables = model.init(jax.random.key(seed))
+  return model, import_weights(variables, state, config.model_type)

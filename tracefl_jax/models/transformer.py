@@ -1,0 +1,149 @@
+"""BERT and OpenAI GPT sequence classifiers as Flax modules of our own.
+
+Inputs are int32 token ids `[B, T]`; the attention mask is `ids != pad_token_id` (the
+paper pads to max length 128), token types are all 0 (single-segment classification).
+Parameter names follow Hugging Face's state-dict names so `hf_import.py` is a rename.
+
+Traced units (spec section 2):
+  GPT   per block c_attn, attn c_proj, ln_1, c_fc, mlp c_proj, ln_2 (post-LayerNorm GPT-1),
+        then the score head: 12 * 6 + 1 = 73 for openai-gpt. All affine (Dense/LayerNorm).
+  BERT  the embedding LayerNorm, each WHOLE encoder block (`BertLayer`, not affine: traced
+        with the reference kernel), the pooler dense and the classifier: 15 for BERT-base.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def _gelu(x):
+  return nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
+
+
+def _attend(q, k, v, bias, heads):
+  b, t, d = q.shape
+  split = lambda a: a.reshape(b, -1, heads, d // heads).transpose(0, 2, 1, 3)  # noqa: E731
+  q, k, v = split(q), split(k), split(v)
+  w = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(jnp.float32(d // heads)) + bias
+  out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(w, axis=-1), v)
+  return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+class BertLayer(nn.Module):
+  """One BERT encoder block. `mask` `[B, T]` bool or None (attend everywhere: the original
+  TraceFL evaluates client blocks without the mask, a parity mode)."""
+  hidden: int
+  heads: int
+  intermediate: int
+  eps: float = 1e-12
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, mask=None, train: bool = False):
+    bias = 0.0 if mask is None else jnp.where(mask[:, None, None, :], 0.0, _NEG)
+    q = nn.Dense(self.hidden, name="attention_self_query")(x)
+    k = nn.Dense(self.hidden, name="attention_self_key")(x)
+    v = nn.Dense(self.hidden, name="attention_self_value")(x)
+    a = nn.Dense(self.hidden, name="attention_output_dense")(_attend(q, k, v, bias, self.heads))
+    a = nn.Dropout(self.dropout, deterministic=not train)(a)
+    x = nn.LayerNorm(self.eps, name="attention_output_LayerNorm")(x + a)
+    h = _gelu(nn.Dense(self.intermediate, name="intermediate_dense")(x))
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(self.hidden,
+                                                                   name="output_dense")(h))
+    return nn.LayerNorm(self.eps, name="output_LayerNorm")(x + h)
+
+
+class BertClassifier(nn.Module):
+  num_classes: int
+  vocab_size: int
+  hidden: int = 768
+  layers: int = 12
+  heads: int = 12
+  intermediate: int = 3072
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  pad_token_id: int = 0
+  eps: float = 1e-12
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, ids, train: bool = False):
+    mask = ids != self.pad_token_id
+    x = (nn.Embed(self.vocab_size, self.hidden, name="embeddings_word_embeddings")(ids)
+         + nn.Embed(self.max_positions, self.hidden, name="embeddings_position_embeddings")(
+             jnp.arange(ids.shape[1])[None])
+         + nn.Embed(self.type_vocab_size, self.hidden,
+                    name="embeddings_token_type_embeddings")(jnp.zeros_like(ids)))
+    x = nn.LayerNorm(self.eps, name="embeddings_LayerNorm")(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for i in range(self.layers):
+      x = BertLayer(self.hidden, self.heads, self.intermediate, self.eps, self.dropout,
+                    name=f"encoder_layer_{i}")(x, mask, train)
+    pooled = jnp.tanh(nn.Dense(self.hidden, name="pooler_dense")(x[:, 0]))
+    pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    return nn.Dense(self.num_classes, name="classifier")(pooled)
+
+  def traced_layers(self):
+    return ((("embeddings_LayerNorm",),) + tuple((f"encoder_layer_{i}",)
+                                                  for i in range(self.layers))
+            + (("pooler_dense",), ("classifier",)))
+
+
+class GPTBlock(nn.Module):
+  """A post-LayerNorm OpenAI GPT block (x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)))."""
+  hidden: int
+  heads: int
+  eps: float = 1e-5
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, bias, train: bool = False):
+    qkv = nn.Dense(3 * self.hidden, name="attn_c_attn")(x)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    a = nn.Dense(self.hidden, name="attn_c_proj")(_attend(q, k, v, bias, self.heads))
+    x = nn.LayerNorm(self.eps, name="ln_1")(x + nn.Dropout(self.dropout,
+                                                            deterministic=not train)(a))
+    m = nn.Dense(self.hidden, name="mlp_c_proj")(_gelu(nn.Dense(4 * self.hidden,
+                                                                name="mlp_c_fc")(x)))
+    return nn.LayerNorm(self.eps, name="ln_2")(x + nn.Dropout(self.dropout,
+                                                               deterministic=not train)(m))
+
+
+class GPTClassifier(nn.Module):
+  """OpenAIGPTForSequenceClassification: causal + padding mask, the score head (no bias) on
+  the last non-pad token (Hugging Face's pooling rule)."""
+  num_classes: int
+  vocab_size: int
+  hidden: int = 768
+  layers: int = 12
+  heads: int = 12
+  max_positions: int = 512
+  pad_token_id: int | None = None
+  eps: float = 1e-5
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, ids, train: bool = False):
+    t = ids.shape[1]
+    x = (nn.Embed(self.vocab_size, self.hidden, name="tokens_embed")(ids)
+         + nn.Embed(self.max_positions, self.hidden, name="positions_embed")(
+             jnp.arange(t)[None]))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if self.pad_token_id is None:
+      keep = causal
+    else:
+      keep = causal & (ids != self.pad_token_id)[:, None, None, :]
+    bias = jnp.where(keep, 0.0, _NEG)
+    for i in range(self.layers):
+      x = GPTBlock(self.hidden, self.heads, self.eps, self.dropout, name=f"h_{i}")(x, bias, train)
+    logits = nn.Dense(self.num_classes, use_bias=False, name="score")(x)  # [B, T, C]
+    if self.pad_token_id is None:
+      last = jnp.full((ids.shape[0],), t - 1)
+    else:
+      last = jnp.argmax(jnp.arange(t)[None] * (ids != self.pad_token_id), axis=-1)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
