@@ -88,3 +88,69 @@ def test_text_models_trace_with_the_right_kernels(tmp_path):
          for k in ("grad", "jvp", "reference")}
   for k in ("grad", "jvp"):
     np.testing.assert_allclose(out[k].scores, out["reference"].scores, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt_provenance_parity_with_the_original_hook_procedure(tmp_path):
+  from tests import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(1)
+  cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                     n_head=2, num_labels=3, pad_token_id=0)
+  hf = transformers.OpenAIGPTForSequenceClassification(cfg)
+  model, g = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+  keys = iter(jax.random.split(jax.random.key(0), 200))
+  clients = jax.tree.map(
+      lambda a: a[None] + 0.05 * jnp.std(a) * jax.random.normal(next(keys), (4, *a.shape)), g)
+  ids = _ids()
+  hf_layers = []
+  for i in range(2):
+    blk = hf.transformer.h[i]
+    hf_layers += [blk.attn.c_attn, blk.attn.c_proj, blk.ln_1, blk.mlp.c_fc, blk.mlp.c_proj,
+                  blk.ln_2]
+  hf_layers.append(hf.score)
+
+  def torch_params(layer, path):
+    for key in path:
+      layer = layer[key]
+    out = {}
+    for name, v in layer.items():
+      v = np.asarray(v, np.float32)
+      if name == "kernel" and path[-1] == "score":
+        v = v.T  # a torch Linear; GPT's Conv1D weights are already [in, out]
+      out["weight" if name in ("kernel", "scale") else name] = torch.from_numpy(v.copy())
+    return out
+
+  client_layers = [[torch_params(jax.tree.map(lambda a: np.asarray(a[k]), clients["params"]), p)
+                    for p in model.traced_layers] for k in range(4)]
+  mask = lambda xn: torch.from_numpy(xn != 0).long()[None]  # noqa: E731
+  ref, ref_pred = tr.original_scores(
+      hf, client_layers, ids, layers=hf_layers,
+      forward=lambda xn: hf(input_ids=torch.from_numpy(xn).long()[None],
+                            attention_mask=mask(xn)).logits)
+  for kernel in ("grad", "jvp", "reference"):
+    res = trace_clients(model, g, clients, jnp.asarray(ids), kernel=kernel)
+    np.testing.assert_array_equal(res.predicted, ref_pred)
+    err = np.abs(np.asarray(res.scores, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-5, (kernel, err)
+    np.testing.assert_array_equal(res.traced_client, np.argmax(ref, axis=1))
+
+
+def test_bert_block_mask_parity_and_fixed_modes(tmp_path):
+  torch.manual_seed(2)
+  cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=32,
+                                max_position_embeddings=16, num_labels=3, pad_token_id=0)
+  model, g = load_hf_classifier(_save(transformers.BertForSequenceClassification(cfg),
+                                      tmp_path), seq_len=T)
+  clients = jax.tree.map(lambda a: jnp.stack([a, 1.2 * a]), g)
+  ids = _ids()  # inputs 0 and 1 are padded, input 2 is not
+  fixed = trace_clients(model, g, clients, jnp.asarray(ids), return_layers=True)
+  parity = trace_clients(model, g, clients, jnp.asarray(ids), return_layers=True,
+                         block_mask="parity")
+  blocks = [l for l, p in enumerate(model.traced_layers) if p[0].startswith("encoder_layer")]
+  others = [l for l in range(len(model.traced_layers)) if l not in blocks]
+  f, p = np.asarray(fixed.layer_scores), np.asarray(parity.layer_scores)
+  np.testing.assert_allclose(f[others], p[others], rtol=1e-6)       # affine units: same
+  np.testing.assert_allclose(f[blocks][:, 2], p[blocks][:, 2], rtol=1e-5)  # unpadded input
+  assert not np.allclose(f[blocks][:, :2], p[blocks][:, :2], rtol=1e-3)    # padded: differs
+  with pytest.raises(ValueError, match="block_mask='none'; valid: fixed, parity"):
+    trace_clients(model, g, clients, jnp.asarray(ids), block_mask="none")

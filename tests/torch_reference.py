@@ -90,16 +90,21 @@ def load_flax(model: nn.Module, flax_params: dict, paths) -> None:
 
 
 def original_scores(model: nn.Module, client_layers: list[list[dict[str, torch.Tensor]]],
-                    x: np.ndarray, decay: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+                    x: np.ndarray, decay: float = 0.9, forward=None,
+                    layers: list[nn.Module] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """TraceFL as the original computes it: (T [N, K], predicted [N]).
 
   Args:
     model: the global model in eval mode, with `traced()` listing its traced modules.
     client_layers: per client, per traced layer, the layer's torch params.
     x: `[N, ...]` inputs.
+    forward: optional `forward(x_n_batch1) -> logits [1, C]` (default `model(...)` on a
+      float tensor); `layers`: the traced modules (default `model.traced()`).
   """
   model.eval()
-  layers = model.traced()
+  layers = layers if layers is not None else model.traced()
+  if forward is None:
+    forward = lambda xn: model(torch.from_numpy(np.asarray(xn, np.float32))[None])  # noqa: E731
   num_layers = len(layers)
   scores, predicted = [], []
   for xn in x:
@@ -111,7 +116,7 @@ def original_scores(model: nn.Module, client_layers: list[list[dict[str, torch.T
         out.retain_grad()
         outputs[l] = out
       hooks.append(layer.register_forward_hook(hook))
-    logits = model(torch.from_numpy(np.asarray(xn, np.float32))[None])
+    logits = forward(xn)
     for h in hooks:
       h.remove()
     y_hat = int(torch.argmax(logits[0]))

@@ -36,6 +36,7 @@ def _attend(q, k, v, bias, heads):
 class BertLayer(nn.Module):
   """One BERT encoder block. `mask` `[B, T]` bool or None (attend everywhere: the original
   TraceFL evaluates client blocks without the mask, a parity mode)."""
+  MASK_ARG = 1  # position of `mask` among the call's arguments (provenance parity mode)
   hidden: int
   heads: int
   intermediate: int

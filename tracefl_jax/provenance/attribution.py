@@ -66,9 +66,9 @@ def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
 
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
-                                             "clients_per_chunk"))
+                                             "clients_per_chunk", "block_mask"))
 def _trace(model, global_vars, client_vars, x, target, client_sizes, *, kernel, decay,
-           use_decay, use_size_factor, return_layers, clients_per_chunk):
+           use_decay, use_size_factor, return_layers, clients_per_chunk, block_mask):
   num_layers = len(model.traced_layers)
   betas = layer_betas(num_layers, decay, use_decay)
   if use_size_factor:
@@ -83,7 +83,8 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, *, kernel, 
     layer_scores, scores = None, totals[0]
   else:
     fn = {"grad": kernels.grad_scores, "jvp": kernels.jvp_scores,
-          "reference": kernels.reference_scores}[kernel]
+          "reference": functools.partial(kernels.reference_scores,
+                                         block_mask=block_mask)}[kernel]
     c, predicted = fn(model, global_vars, client_vars, x, target, clients_per_chunk)
     layer_scores = c * betas[:, None, None]
     scores = jnp.sum(layer_scores, axis=0)
@@ -111,6 +112,7 @@ def trace_clients(
     use_size_factor: bool = False,
     return_layers: bool = False,
     clients_per_chunk: int | None = None,
+    block_mask: str = "fixed",
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -127,7 +129,11 @@ def trace_clients(
     use_size_factor: multiply client parameters by p_k = n_k / sum n (off in the paper).
     return_layers: also return beta-weighted per-layer scores `[L, N, K]`.
     clients_per_chunk: bound memory by processing this many clients at a time.
+    block_mask: for whole-block units with an attention mask (BERT): "fixed" evaluates the
+      client's block with G's mask; "parity" without it, as the original did.
   """
+  if block_mask not in ("fixed", "parity"):
+    raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
   if kernel not in KERNELS:
     raise ValueError(f"unknown provenance kernel {kernel!r}; valid: {', '.join(KERNELS)}")
   num_clients = jax.tree.leaves(client_vars["params"])[0].shape[0]
@@ -146,4 +152,5 @@ def trace_clients(
                 jnp.asarray(client_sizes), kernel=kernel, decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
-                clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None)
+                clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,
+                block_mask=block_mask)

@@ -51,14 +51,22 @@ def _dot(out: jax.Array, g: jax.Array) -> jax.Array:
 def reference_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
                      x: jax.Array, target: jax.Array | None = None,
                      clients_per_chunk: int | None = None,
-                     view: tuple[LayerView, jax.Array] | None = None) -> tuple[jax.Array,
-                                                                                jax.Array]:
-  """(c [L, N, K], predicted [N]) by evaluating each client's units on G's inputs."""
+                     view: tuple[LayerView, jax.Array] | None = None,
+                     block_mask: str = "fixed") -> tuple[jax.Array, jax.Array]:
+  """(c [L, N, K], predicted [N]) by evaluating each client's units on G's inputs.
+
+  `block_mask="parity"` calls units that take an attention mask (a `MASK_ARG` attribute,
+  e.g. BERT blocks) WITHOUT it, as the original did (padded positions are attended);
+  "fixed" passes G's mask.
+  """
   layers, predicted = view if view is not None else capture(model, global_vars, x, target)
   client_layers = _layer_params(client_vars["params"], model)
   scores = []
   for unit, args, kwargs, g, theta in zip(layers.units, layers.inputs, layers.kwargs,
                                           layers.grads, client_layers):
+    mask_arg = getattr(unit, "MASK_ARG", None)
+    if block_mask == "parity" and mask_arg is not None and len(args) > mask_arg:
+      args = (*args[:mask_arg], None, *args[mask_arg + 1:])
     def one(theta_k, unit=unit, args=args, kwargs=kwargs, g=g):
       return _dot(unit.apply({"params": theta_k}, *args, **kwargs), g)
     scores.append(_map_clients(one, theta, clients_per_chunk).T)   # [N, K]
