@@ -167,3 +167,51 @@ def test_medmnist_npz_loader(tmp_path, name, channels, classes):
   np.testing.assert_allclose(ds.x_test, 1.0, atol=1e-6)  # white: (1 - 0.5) / 0.5
   with pytest.raises(DatasetNotFoundError, match=f"no {name}.npz in"):
     load_dataset(name, data_dir=tmp_path / "empty")
+
+
+def _local_tokenizer(tmp_path):
+  """A WordPiece tokenizer trained here on a few sentences, saved like a HF checkpoint."""
+  tokenizers = pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  trainer = tokenizers.trainers.WordPieceTrainer(
+      vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+  tok.train_from_iterator(["a small town in france", "an album by a rock band",
+                           "what is the best way to learn math", "a river in asia"] * 5,
+                          trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                              unk_token="[UNK]")
+  fast.save_pretrained(tmp_path / "tok")
+  return tmp_path / "tok"
+
+
+def test_text_datasets_from_local_csv(tmp_path):
+  import csv  # pylint: disable=import-outside-toplevel
+  tok = _local_tokenizer(tmp_path)
+  (tmp_path / "dbpedia").mkdir()
+  (tmp_path / "yahoo").mkdir()
+  for split, n in (("train", 4), ("test", 2)):
+    with open(tmp_path / "dbpedia" / f"{split}.csv", "w", newline="") as f:
+      csv.writer(f).writerows([[i % 14 + 1, "Title", "a small town in france " * 40]
+                               for i in range(n)])
+    with open(tmp_path / "yahoo" / f"{split}.csv", "w", newline="") as f:
+      csv.writer(f).writerows([[10, "what is math", "a river", "best answer"]] * n)
+  db = load_dataset("dbpedia", data_dir=tmp_path, tokenizer=str(tok), max_length=16)
+  assert db.x_train.shape == (4, 16) and db.x_train.dtype == np.int32
+  assert db.y_train.tolist() == [0, 1, 2, 3] and db.num_classes == 14   # labels from 1
+  assert (db.x_train != 0).all()                                         # truncated
+  ya = load_dataset("yahoo", data_dir=tmp_path, tokenizer=str(tok), max_length=16)
+  assert ya.y_test.tolist() == [9, 9] and ya.num_classes == 10
+  assert (ya.x_test[:, -1] == 0).all() and (ya.x_test[:, 0] != 0).all()  # padded at the end
+  with pytest.raises(ValueError, match="needs a tokenizer"):
+    load_dataset("dbpedia", data_dir=tmp_path)
+  with pytest.raises(DatasetNotFoundError, match="no train.csv or train.parquet"):
+    load_dataset("dbpedia", data_dir=tmp_path / "none", tokenizer=str(tok))
+
+
+def test_synthetic_text():
+  ds = load_dataset("synthetic_text", num_train=50, num_test=10, seq_len=12, vocab_size=30,
+                    num_classes=3)
+  assert ds.x_train.shape == (50, 12) and ds.x_train.dtype == np.int32
+  assert ds.x_train.max() < 30 and (ds.x_train[:, 0] != 0).all()

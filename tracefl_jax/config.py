@@ -31,6 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
   c.dataset.num_train = 0  # 0: all; >0 keeps the first num_train training examples
   c.dataset.num_test = 0
+  c.dataset.tokenizer = ml_collections.config_dict.placeholder(str)  # text: local HF tokenizer
+  c.dataset.max_length = 128
+  c.dataset.synthetic_size = 2000      # synthetic / synthetic_text: training examples
+  c.dataset.synthetic_shape = "32,32,3"  # image shape, or "seq_len" for synthetic_text
+  c.dataset.synthetic_classes = 10
+  c.dataset.vocab_size = 0             # text models without a tokenizer (synthetic_text)
 
   c.partition = ml_collections.ConfigDict()
   c.partition.method = "dirichlet"
@@ -46,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
+  c.model.hf_path = ml_collections.config_dict.placeholder(str)  # a local HF checkpoint
+  c.model.torchvision_weights = ml_collections.config_dict.placeholder(str)  # .pt/.safetensors
 
   c.client = ml_collections.ConfigDict()
   c.client.optimizer = "adam"

@@ -62,6 +62,37 @@ def _partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: in
   return part
 
 
+def _dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  d = c.dataset
+  shape = tuple(int(v) for v in str(d.synthetic_shape).split(",") if v)
+  if d.name == "synthetic":
+    return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
+                image_shape=shape, num_classes=d.synthetic_classes, seed=c.seed)
+  if d.name == "synthetic_text":
+    return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
+                seq_len=shape[0], vocab_size=d.vocab_size or 100,
+                num_classes=d.synthetic_classes, seed=c.seed)
+  if d.name in ("dbpedia", "yahoo"):
+    return dict(tokenizer=d.tokenizer, max_length=d.max_length)
+  return {}
+
+
+def _build_model(c: ml_collections.ConfigDict, ds, key: jax.Array):
+  """(ModelDef, initial variables): a registry model, or pretrained weights when given."""
+  if c.model.hf_path:
+    from tracefl_jax.models.hf_import import load_hf_classifier  # pylint: disable=g-import-not-at-top
+    return load_hf_classifier(c.model.hf_path, ds.num_classes, seq_len=ds.input_shape[0])
+  vocab = None
+  if jnp.issubdtype(ds.x_train.dtype, jnp.integer):
+    vocab = c.dataset.vocab_size or int(max(ds.x_train.max(), ds.x_test.max())) + 1
+  model = get_model(c.model.name, ds.input_shape, ds.num_classes, vocab_size=vocab)
+  variables = model.init(key)
+  if c.model.torchvision_weights:
+    from tracefl_jax.models.torchvision_import import import_torchvision  # pylint: disable=g-import-not-at-top
+    variables = import_torchvision(variables, c.model.torchvision_weights, skip_head=True)
+  return model, variables
+
+
 class _JsonlWriter:
   def __init__(self, path: Path):
     self._f = open(path, "a", encoding="utf-8")
@@ -104,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir.mkdir(parents=True, exist_ok=True)
   config_json = c.to_json_best_effort(indent=2)
 
-  ds = load_dataset(c.dataset.name, data_dir=c.dataset.data_dir)
+  ds = load_dataset(c.dataset.name, data_dir=c.dataset.data_dir, **_dataset_options(c))
   x_train, y_train = ds.x_train, ds.y_train
   if c.dataset.num_train:
     x_train, y_train = x_train[: c.dataset.num_train], y_train[: c.dataset.num_train]
@@ -122,11 +153,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   label_counts = np.stack([np.bincount(y_train[ix], minlength=ds.num_classes)
                            for ix in client_indices])
 
-  model = get_model(c.model.name, ds.input_shape, ds.num_classes)
+  root = jax.random.key(c.seed)
+  model, variables = _build_model(c, ds, jax.random.fold_in(root, 0))  # rounds count from 1
   optimizer = make_optimizer(c.client.optimizer, c.client.learning_rate,
                              c.client.weight_decay, c.client.momentum)
-  root = jax.random.key(c.seed)
-  variables = model.init(jax.random.fold_in(root, 0))  # rounds count from 1
   dp = None
   if c.dp.enabled:
     dp = DPSettings(clip_norm=c.dp.clip_norm, noise_multiplier=c.dp.noise_multiplier,

@@ -186,6 +186,25 @@ def make_synthetic(num_train: int = 1000, num_test: int = 200,
                  num_classes)
 
 
+def _load_text(name: str, data_dir: Path, tokenizer: str | None = None,
+               max_length: int = 128, **_: Any) -> Dataset:
+  from tracefl_jax.data import text  # pylint: disable=g-import-not-at-top
+  if not tokenizer:
+    raise ValueError(f"dataset {name!r} needs a tokenizer directory "
+                     "(--config.dataset.tokenizer=PATH, a Hugging Face tokenizer saved locally)")
+  tok = text.load_tokenizer(tokenizer)
+  (tr, y_tr), (te, y_te) = (text.read_split(name, data_dir, s) for s in ("train", "test"))
+  return Dataset(name, text.tokenize(tok, tr, max_length), y_tr,
+                 text.tokenize(tok, te, max_length), y_te, text.TEXT_DATASETS[name])
+
+
+def _synthetic_text(**options: Any) -> Dataset:
+  from tracefl_jax.data import text  # pylint: disable=g-import-not-at-top
+  classes = options.get("num_classes", 4)
+  x_tr, y_tr, x_te, y_te = text.make_synthetic_text(**options)
+  return Dataset("synthetic_text", x_tr, y_tr, x_te, y_te, classes)
+
+
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda data_dir, **_: _load_digits(data_dir),
     "mnist": lambda data_dir, **_: _load_tfds_images("mnist", data_dir, MNIST_MEAN, MNIST_STD),
@@ -194,6 +213,9 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
     **{name: (lambda data_dir, name=name, **_: _load_medmnist(name, data_dir))
        for name in MEDMNIST},
+    "dbpedia": lambda data_dir, **options: _load_text("dbpedia", data_dir, **options),
+    "yahoo": lambda data_dir, **options: _load_text("yahoo", data_dir, **options),
+    "synthetic_text": lambda data_dir, **options: _synthetic_text(**options),
 }
 
 
@@ -202,7 +224,11 @@ def available_datasets() -> list[str]:
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: Any) -> Dataset:
-  """Loads dataset `name` (see `available_datasets()`); `options` go to `synthetic`."""
+  """Loads dataset `name` (see `available_datasets()`).
+
+  `options`: for `synthetic`/`synthetic_text` their generator's arguments; for the text
+  datasets `tokenizer` (a local tokenizer directory) and `max_length` (default 128).
+  """
   if name not in _LOADERS:
     raise ValueError(f"unknown dataset {name!r}; valid datasets: "
                      f"{', '.join(available_datasets())}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from tracefl_jax.models.base import ModelDef, discover_traced_layers, get_layer, make_model
 from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
 from tracefl_jax.models.resnet import DenseNet, ResNet18
+from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
 
 # name -> factory(num_classes) returning a linen module.
 _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
@@ -25,8 +27,22 @@ _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+# name -> factory(num_classes, seq_len, vocab_size) for token-id inputs [B, seq_len].
+_TEXT_REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "bert_tiny": lambda k, t, v: BertClassifier(num_classes=k, vocab_size=v, hidden=32,
+                                                layers=2, heads=2, intermediate=64,
+                                                max_positions=t),
+    "gpt_tiny": lambda k, t, v: GPTClassifier(num_classes=k, vocab_size=v, hidden=32, layers=2,
+                                              heads=2, max_positions=t, pad_token_id=0),
+    "bert_base": lambda k, t, v: BertClassifier(num_classes=k, vocab_size=v,
+                                                max_positions=max(t, 512)),
+    "openai_gpt": lambda k, t, v: GPTClassifier(num_classes=k, vocab_size=v,
+                                                max_positions=max(t, 512), pad_token_id=0),
+}
+
+
 def available_models() -> list[str]:
-  return sorted(_REGISTRY)
+  return sorted([*_REGISTRY, *_TEXT_REGISTRY])
 
 
 def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
@@ -36,8 +52,21 @@ def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
   _REGISTRY[name] = factory
 
 
-def get_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
-  """The registered model `name` for examples of `input_shape` and `num_classes` labels."""
+def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+              vocab_size: int | None = None) -> ModelDef:
+  """The registered model `name` for examples of `input_shape` and `num_classes` labels.
+
+  Text models (`bert_tiny`, `gpt_tiny`, `bert_base`, `openai_gpt`; randomly initialised,
+  pad id 0; pretrained checkpoints load through `hf_import.load_hf_classifier`) take token
+  ids of shape `(seq_len,)` and need `vocab_size`.
+  """
+  if name in _TEXT_REGISTRY:
+    if not vocab_size:
+      raise ValueError(f"text model {name!r} needs vocab_size")
+    module = _TEXT_REGISTRY[name](num_classes, input_shape[0], vocab_size)
+    traced = module.traced_layers() if isinstance(module, BertClassifier) else None
+    return make_model(name, module, tuple(input_shape), num_classes, input_dtype=jnp.int32,
+                      traced_layers=traced)
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())}")
   return make_model(name, _REGISTRY[name](num_classes), tuple(input_shape), num_classes)

@@ -1,0 +1,101 @@
+"""Text classification data: DBpedia-14 and Yahoo Answers topics from local files, tokenised
+as the paper does (max length 128, truncation, padding to max length), and a synthetic
+token dataset for CPU presets and benchmarks.
+
+Files (never downloaded at run time), looked up under `data_dir/<name>/`:
+  dbpedia   the official CSV release (`train.csv`, `test.csv`: label 1..14, title, content;
+            no header) or Hugging Face's `dbpedia_14` Parquet (`train.parquet`, ...: label,
+            title, content). Text = "content", as in the paper.
+  yahoo     the official CSV release (label 1..10, question title, question content, best
+            answer) or `yahoo_answers_topics` Parquet (topic, question_title,
+            question_content, ...). Text = question title + " " + question content.
+The tokenizer is a local Hugging Face tokenizer directory (`dataset.tokenizer`); GPT's
+tokenizer gets a [PAD] token when it has none (the model's vocabulary must include it).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TEXT_DATASETS = {"dbpedia": 14, "yahoo": 10}
+MAX_LENGTH = 128
+
+
+def _read_csv(path: Path, name: str) -> tuple[list[str], np.ndarray]:
+  texts, labels = [], []
+  with open(path, newline="", encoding="utf-8") as f:
+    for row in csv.reader(f):
+      if not row:
+        continue
+      labels.append(int(row[0]) - 1)  # the CSV releases count classes from 1
+      texts.append(row[2] if name == "dbpedia" else f"{row[1]} {row[2]}".strip())
+  return texts, np.array(labels, np.int32)
+
+
+def _read_parquet(path: Path, name: str) -> tuple[list[str], np.ndarray]:
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or use the CSV "
+                      "release") from e
+  table = pq.read_table(path).to_pydict()
+  if name == "dbpedia":
+    return list(table["content"]), np.asarray(table["label"], np.int32)
+  texts = [f"{t} {c}".strip() for t, c in zip(table["question_title"],
+                                               table["question_content"])]
+  return texts, np.asarray(table["topic"], np.int32)
+
+
+def read_split(name: str, data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray]:
+  """(texts, labels) of one split, from `data_dir/<name>/<split>.csv` or `.parquet`."""
+  from tracefl_jax.data.datasets import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  folder = Path(data_dir) / name
+  for suffix, reader in ((".csv", _read_csv), (".parquet", _read_parquet)):
+    path = folder / f"{split}{suffix}"
+    if path.exists():
+      return reader(path, name)
+  raise DatasetNotFoundError(
+      f"dataset {name!r}: no {split}.csv or {split}.parquet in {folder} (tracefl_jax never "
+      f"downloads at run time). Put the official CSV release (or the Hugging Face Parquet "
+      f"files) there, or set --config.dataset.data_dir.")
+
+
+def load_tokenizer(path: str | Path, *, add_pad: bool = True) -> Any:
+  """A Hugging Face tokenizer from a local directory; a [PAD] token is added if missing."""
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  if not Path(path).exists():
+    raise FileNotFoundError(f"no tokenizer directory at {path}")
+  tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  if add_pad and tokenizer.pad_token is None:
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+  return tokenizer
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
+  """int32 ids `[N, max_length]`: truncated and padded to max length (paper section IV)."""
+  enc = tokenizer(texts, truncation=True, padding="max_length", max_length=max_length)
+  return np.asarray(enc["input_ids"], np.int32)
+
+
+def make_synthetic_text(num_train: int = 1000, num_test: int = 200, seq_len: int = 32,
+                        vocab_size: int = 100, num_classes: int = 4, seed: int = 0,
+                        pad_token_id: int = 0) -> tuple[np.ndarray, ...]:
+  """Token sequences whose words are drawn from class-specific vocabularies, padded with
+  `pad_token_id` after a random length: learnable, any size, deterministic by seed."""
+  rng = np.random.default_rng(seed)
+  n = num_train + num_test
+  y = rng.integers(0, num_classes, n).astype(np.int32)
+  words = rng.integers(1, vocab_size, size=(num_classes, max(vocab_size // 4, 2)))
+  picks = rng.integers(0, words.shape[1], size=(n, seq_len))
+  ids = words[y[:, None], picks].astype(np.int32)
+  noise = rng.random((n, seq_len)) < 0.3
+  ids = np.where(noise, rng.integers(1, vocab_size, size=(n, seq_len)), ids).astype(np.int32)
+  lengths = rng.integers(seq_len // 2, seq_len + 1, n)
+  ids[np.arange(seq_len)[None] >= lengths[:, None]] = pad_token_id
+  return ids[:num_train], y[:num_train], ids[num_train:], y[num_train:]
