@@ -35,7 +35,7 @@ def _save(hf_model, tmp_path):
   return tmp_path
 
 
-@pytest.mark.parametrize("kind", ["bert", "openai-gpt"])
+@pytest.mark.parametrize("kind", ["bert", "openai-gpt", "gpt2"])
 def test_imported_logits_match_hugging_face(kind, tmp_path):
   torch.manual_seed(0)
   if kind == "bert":
@@ -43,6 +43,10 @@ def test_imported_logits_match_hugging_face(kind, tmp_path):
                                   num_attention_heads=4, intermediate_size=64,
                                   max_position_embeddings=16, num_labels=3, pad_token_id=0)
     hf = transformers.BertForSequenceClassification(cfg)
+  elif kind == "gpt2":
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
+                                  n_head=4, num_labels=3, pad_token_id=0)
+    hf = transformers.GPT2ForSequenceClassification(cfg)
   else:
     cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
                                        n_head=4, num_labels=3, pad_token_id=0)
@@ -55,7 +59,10 @@ def test_imported_logits_match_hugging_face(kind, tmp_path):
   np.testing.assert_allclose(model.logits(variables, jnp.asarray(ids)), expected, atol=1e-4,
                              rtol=1e-4)
   # Traced units as the original: GPT 6 per block + score; BERT emb LN + blocks + 2.
-  assert len(model.traced_layers) == (6 * 2 + 1 if kind == "openai-gpt" else 1 + 2 + 2)
+  assert len(model.traced_layers) == {"openai-gpt": 6 * 2 + 1, "gpt2": 6 * 2 + 2,
+                                      "bert": 1 + 2 + 2}[kind]
+  if kind == "gpt2":  # pre-LayerNorm: execution order puts ln_1 first
+    assert model.traced_layers[:2] == (("h_0", "ln_1"), ("h_0", "attn_c_attn"))
 
 
 def test_full_size_traced_counts():

@@ -23,7 +23,7 @@ from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
 
 # Module-name pieces whose underscores are part of the Hugging Face name.
 _KEEP = ("word_embeddings", "position_embeddings", "token_type_embeddings", "tokens_embed",
-         "positions_embed", "c_attn", "c_proj", "c_fc", "ln_1", "ln_2")
+         "positions_embed", "c_attn", "c_proj", "c_fc", "ln_1", "ln_2", "ln_f")
 _CONV1D = ("c_attn", "c_proj", "c_fc")
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
 
@@ -65,7 +65,13 @@ def build_module(config: Any, num_classes: int):
         layers=config.n_layer, heads=config.n_head, max_positions=config.n_positions,
         pad_token_id=config.pad_token_id, eps=config.layer_norm_epsilon,
         dropout=config.resid_pdrop)
-  raise ValueError(f"unsupported model_type {kind!r}; supported: bert, openai-gpt")
+  if kind == "gpt2":
+    return GPTClassifier(
+        num_classes=num_classes, vocab_size=config.vocab_size, hidden=config.n_embd,
+        layers=config.n_layer, heads=config.n_head, max_positions=config.n_positions,
+        pad_token_id=config.pad_token_id, eps=config.layer_norm_epsilon,
+        dropout=config.resid_pdrop, gpt2=True)
+  raise ValueError(f"unsupported model_type {kind!r}; supported: bert, openai-gpt, gpt2")
 
 
 def import_weights(variables: dict[str, Any], state: dict[str, np.ndarray], kind: str,

@@ -95,28 +95,41 @@ class BertClassifier(nn.Module):
 
 
 class GPTBlock(nn.Module):
-  """A post-LayerNorm OpenAI GPT block (x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)))."""
+  """OpenAI GPT's post-LayerNorm block (x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))), or
+  GPT-2's pre-LayerNorm block (x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)))."""
   hidden: int
   heads: int
   eps: float = 1e-5
   dropout: float = 0.1
+  pre_ln: bool = False
 
   @nn.compact
   def __call__(self, x, bias, train: bool = False):
-    qkv = nn.Dense(3 * self.hidden, name="attn_c_attn")(x)
-    q, k, v = jnp.split(qkv, 3, axis=-1)
-    a = nn.Dense(self.hidden, name="attn_c_proj")(_attend(q, k, v, bias, self.heads))
-    x = nn.LayerNorm(self.eps, name="ln_1")(x + nn.Dropout(self.dropout,
-                                                            deterministic=not train)(a))
-    m = nn.Dense(self.hidden, name="mlp_c_proj")(_gelu(nn.Dense(4 * self.hidden,
-                                                                name="mlp_c_fc")(x)))
-    return nn.LayerNorm(self.eps, name="ln_2")(x + nn.Dropout(self.dropout,
-                                                               deterministic=not train)(m))
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    ln_1, ln_2 = nn.LayerNorm(self.eps, name="ln_1"), nn.LayerNorm(self.eps, name="ln_2")
+    act = (lambda h: nn.gelu(h, approximate=True)) if self.pre_ln else _gelu  # gelu_new
+
+    def attn(h):
+      q, k, v = jnp.split(nn.Dense(3 * self.hidden, name="attn_c_attn")(h), 3, axis=-1)
+      return drop(nn.Dense(self.hidden, name="attn_c_proj")(_attend(q, k, v, bias,
+                                                                    self.heads)))
+
+    def mlp(h):
+      return drop(nn.Dense(self.hidden, name="mlp_c_proj")(
+          act(nn.Dense(4 * self.hidden, name="mlp_c_fc")(h))))
+
+    if self.pre_ln:
+      x = x + attn(ln_1(x))
+      return x + mlp(ln_2(x))
+    x = ln_1(x + attn(x))
+    return ln_2(x + mlp(x))
 
 
 class GPTClassifier(nn.Module):
-  """OpenAIGPTForSequenceClassification: causal + padding mask, the score head (no bias) on
-  the last non-pad token (Hugging Face's pooling rule)."""
+  """OpenAIGPTForSequenceClassification (or, with `gpt2=True`, GPT2ForSequenceClassification:
+  pre-LayerNorm blocks and a final ln_f): causal + padding mask, the score head (no bias) on
+  the last non-pad token (Hugging Face's pooling rule). Traced order is execution order:
+  GPT-2's per block is ln_1, c_attn, c_proj, ln_2, c_fc, c_proj, then ln_f and score."""
   num_classes: int
   vocab_size: int
   hidden: int = 768
@@ -126,13 +139,14 @@ class GPTClassifier(nn.Module):
   pad_token_id: int | None = None
   eps: float = 1e-5
   dropout: float = 0.1
+  gpt2: bool = False
 
   @nn.compact
   def __call__(self, ids, train: bool = False):
     t = ids.shape[1]
-    x = (nn.Embed(self.vocab_size, self.hidden, name="tokens_embed")(ids)
-         + nn.Embed(self.max_positions, self.hidden, name="positions_embed")(
-             jnp.arange(t)[None]))
+    tok, pos = ("wte", "wpe") if self.gpt2 else ("tokens_embed", "positions_embed")
+    x = (nn.Embed(self.vocab_size, self.hidden, name=tok)(ids)
+         + nn.Embed(self.max_positions, self.hidden, name=pos)(jnp.arange(t)[None]))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
     if self.pad_token_id is None:
@@ -141,7 +155,10 @@ class GPTClassifier(nn.Module):
       keep = causal & (ids != self.pad_token_id)[:, None, None, :]
     bias = jnp.where(keep, 0.0, _NEG)
     for i in range(self.layers):
-      x = GPTBlock(self.hidden, self.heads, self.eps, self.dropout, name=f"h_{i}")(x, bias, train)
+      x = GPTBlock(self.hidden, self.heads, self.eps, self.dropout, self.gpt2,
+                   name=f"h_{i}")(x, bias, train)
+    if self.gpt2:
+      x = nn.LayerNorm(self.eps, name="ln_f")(x)
     logits = nn.Dense(self.num_classes, use_bias=False, name="score")(x)  # [B, T, C]
     if self.pad_token_id is None:
       last = jnp.full((ids.shape[0],), t - 1)
