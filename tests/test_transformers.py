@@ -161,3 +161,47 @@ def test_bert_block_mask_parity_and_fixed_modes(tmp_path):
   assert not np.allclose(f[blocks][:, :2], p[blocks][:, :2], rtol=1e-3)    # padded: differs
   with pytest.raises(ValueError, match="block_mask='none'; valid: fixed, parity"):
     trace_clients(model, g, clients, jnp.asarray(ids), block_mask="none")
+
+
+def test_bert_provenance_parity_with_the_original_hook_procedure(tmp_path):
+  """The original calls each client's BERT block on G's block input WITHOUT the attention
+  mask: our block_mask="parity" reproduces its scores."""
+  from tests import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.models.hf_import import _hf_module  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(3)
+  cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=32,
+                                max_position_embeddings=16, num_labels=3, pad_token_id=0)
+  hf = transformers.BertForSequenceClassification(cfg)
+  model, g = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+  keys = iter(jax.random.split(jax.random.key(0), 400))
+  clients = jax.tree.map(
+      lambda a: a[None] + 0.05 * jnp.std(a) * jax.random.normal(next(keys), (3, *a.shape)), g)
+  hf_layers = ([hf.bert.embeddings.LayerNorm] + list(hf.bert.encoder.layer)
+               + [hf.bert.pooler.dense, hf.classifier])
+
+  def torch_params(tree, path):
+    for key in path:
+      tree = tree[key]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for keypath, v in flat:
+      *mods, leaf = (k.key for k in keypath)
+      v = np.asarray(v, np.float32)
+      v = v.T if leaf == "kernel" else v
+      name = ".".join([_hf_module(m) for m in mods] + ["bias" if leaf == "bias" else "weight"])
+      out[name] = torch.from_numpy(v.copy())
+    return out
+
+  client_layers = [[torch_params(jax.tree.map(lambda a: np.asarray(a[k]), clients["params"]),
+                                 p) for p in model.traced_layers] for k in range(3)]
+  ids = _ids()
+  ref, ref_pred = tr.original_scores(
+      hf, client_layers, ids, layers=hf_layers,
+      forward=lambda xn: hf(input_ids=torch.from_numpy(xn).long()[None],
+                            attention_mask=torch.from_numpy(xn != 0).long()[None]).logits)
+  res = trace_clients(model, g, clients, jnp.asarray(ids), block_mask="parity")
+  np.testing.assert_array_equal(res.predicted, ref_pred)
+  err = np.abs(np.asarray(res.scores, np.float64) - ref).max() / np.abs(ref).max()
+  assert err <= 1e-5, err
+  np.testing.assert_array_equal(res.traced_client, np.argmax(ref, axis=1))
