@@ -215,3 +215,15 @@ def test_synthetic_text():
                     num_classes=3)
   assert ds.x_train.shape == (50, 12) and ds.x_train.dtype == np.int32
   assert ds.x_train.max() < 30 and (ds.x_train[:, 0] != 0).all()
+
+
+@pytest.mark.parametrize("name,mean", [("mnist", 0.1307), ("cifar10", None)])
+def test_tfds_image_loaders_on_mock_data(tmp_path, name, mean):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = load_dataset(name, data_dir=tmp_path)
+  assert ds.x_train.shape == (12, 32, 32, 3) and ds.x_test.shape == (12, 32, 32, 3)
+  assert ds.x_train.dtype == np.float32 and ds.num_classes == 10
+  assert ds.y_train.min() >= 0 and ds.y_train.max() < 10
+  if mean is not None:  # grayscale replicated to RGB: the three channels agree
+    np.testing.assert_array_equal(ds.x_train[..., 0], ds.x_train[..., 2])

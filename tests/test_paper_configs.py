@@ -50,3 +50,16 @@ def test_cpu_presets_run_end_to_end(name, tmp_path):
   assert summary["rounds"] == config.rounds
   assert summary["provenance"]["rounds_traced"] + summary["provenance"]["rounds_skipped"] \
       == config.rounds
+
+
+@pytest.mark.parametrize("model,dataset,shape", [("densenet_tiny", "synthetic", "32,32,3"),
+                                                 ("bert_tiny", "synthetic_text", "12")])
+def test_more_models_train_and_trace_in_the_federated_loop(tmp_path, model, dataset, shape):
+  config = _module("image_main").get_config("cpu")
+  config.model.name, config.dataset.name = model, dataset
+  config.dataset.synthetic_shape = shape
+  config.dataset.synthetic_size = 600
+  config.provenance.per_label = 1
+  summary = experiment.run(config, tmp_path, progress=False)
+  assert summary["rounds"] == 2 and 0.0 <= summary["final_accuracy"] <= 1.0
+  assert summary["provenance"]["inputs"] > 0

@@ -82,7 +82,10 @@ def _quiet_tfds():
 
 
 def _read_split(source: Any) -> tuple[np.ndarray, np.ndarray]:
-  records = source.__getitems__(list(range(len(source))))
+  try:
+    records = source.__getitems__(list(range(len(source))))
+  except TypeError:  # tfds.testing.mock_data's sources only index one record at a time
+    records = [source[i] for i in range(len(source))]
   x = np.stack([r["image"] for r in records])
   y = np.array([r["label"] for r in records], np.int32)
   return x, y
@@ -124,14 +127,18 @@ def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
 def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any) -> Dataset:
   with _quiet_tfds() as tfds:
     builder = tfds.builder(name, data_dir=str(data_dir))
-    if not builder.is_prepared():
+    try:
+      # Asked first, so that tfds.testing.mock_data (which patches it) also works here.
+      source = {split: builder.as_data_source(split=split) for split in ("train", "test")}
+    except Exception:  # pylint: disable=broad-except
+      source = None
+    if source is None:
       raise DatasetNotFoundError(
           f"dataset {name!r} is not prepared under {data_dir} (tracefl_jax never downloads "
           f"at run time). Prepare it on a machine with network access, e.g. "
           f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy "
           f"the directory here, or point --config.dataset.data_dir (or TRACEFL_DATA_DIR) at "
           f"an existing tfds data directory.")
-    source = builder.as_data_source()
     (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
     num_classes = builder.info.features["label"].num_classes
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
