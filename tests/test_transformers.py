@@ -205,3 +205,21 @@ def test_bert_provenance_parity_with_the_original_hook_procedure(tmp_path):
   err = np.abs(np.asarray(res.scores, np.float64) - ref).max() / np.abs(ref).max()
   assert err <= 1e-5, err
   np.testing.assert_array_equal(res.traced_client, np.argmax(ref, axis=1))
+
+
+def test_gpt_with_an_added_pad_token_grows_its_embeddings(tmp_path):
+  torch.manual_seed(4)
+  cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, num_labels=3)  # no pad token, like openai-gpt
+  hf = transformers.OpenAIGPTForSequenceClassification(cfg)
+  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=T, vocab_size=51,
+                                        pad_token_id=50)
+  emb = variables["params"]["tokens_embed"]["embedding"]
+  assert emb.shape == (51, 16)
+  np.testing.assert_allclose(emb[:50], hf.transformer.tokens_embed.weight.detach().numpy())
+  ids = _ids(pad=50)
+  with torch.no_grad():  # HF on the unpadded prefix == ours on the padded sequence
+    for n, length in enumerate((8, 5, T)):
+      expected = hf(input_ids=torch.from_numpy(ids[n:n + 1, :length]).long()).logits.numpy()
+      got = model.logits(variables, jnp.asarray(ids[n:n + 1]))
+      np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

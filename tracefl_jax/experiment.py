@@ -81,7 +81,13 @@ def _build_model(c: ml_collections.ConfigDict, ds, key: jax.Array):
   """(ModelDef, initial variables): a registry model, or pretrained weights when given."""
   if c.model.hf_path:
     from tracefl_jax.models.hf_import import load_hf_classifier  # pylint: disable=g-import-not-at-top
-    return load_hf_classifier(c.model.hf_path, ds.num_classes, seq_len=ds.input_shape[0])
+    vocab = pad = None
+    if c.dataset.tokenizer:  # the tokenizer may have gained GPT's [PAD] token
+      from tracefl_jax.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
+      tok = load_tokenizer(c.dataset.tokenizer)
+      vocab, pad = len(tok), tok.pad_token_id
+    return load_hf_classifier(c.model.hf_path, ds.num_classes, seq_len=ds.input_shape[0],
+                              vocab_size=vocab, pad_token_id=pad)
   vocab = None
   if jnp.issubdtype(ds.x_train.dtype, jnp.integer):
     vocab = c.dataset.vocab_size or int(max(ds.x_train.max(), ds.x_test.max())) + 1

@@ -112,11 +112,38 @@ def import_weights(variables: dict[str, Any], state: dict[str, np.ndarray], kind
   return {**variables, "params": jax.tree.unflatten(treedef, leaves)}
 
 
+def _grow_embeddings(state: dict[str, np.ndarray], vocab_size: int,
+                     seed: int) -> dict[str, np.ndarray]:
+  """Appends rows (N(0, 0.02), as HF initialises them) to token-embedding matrices that are
+  smaller than `vocab_size`: the tokenizer gained tokens (GPT's added [PAD])."""
+  rng = np.random.default_rng(seed)
+  out = dict(state)
+  for name in ("transformer.tokens_embed.weight", "tokens_embed.weight",
+               "transformer.wte.weight", "wte.weight",
+               "bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"):
+    if name in out and out[name].shape[0] < vocab_size:
+      w = out[name]
+      extra = rng.normal(0.0, 0.02, size=(vocab_size - w.shape[0], w.shape[1]))
+      out[name] = np.concatenate([w, extra.astype(w.dtype)])
+  return out
+
+
 def load_hf_classifier(path: str | Path, num_classes: int | None = None, *,
-                       seq_len: int = 128, seed: int = 0) -> tuple[ModelDef, dict[str, Any]]:
-  """(ModelDef, variables) for the checkpoint in `path`, inputs `[B, seq_len]` token ids."""
+                       seq_len: int = 128, seed: int = 0, vocab_size: int | None = None,
+                       pad_token_id: int | None = None) -> tuple[ModelDef, dict[str, Any]]:
+  """(ModelDef, variables) for the checkpoint in `path`, inputs `[B, seq_len]` token ids.
+
+  `vocab_size` (e.g. `len(tokenizer)` after `load_tokenizer` added GPT's [PAD]) grows the
+  token embeddings; `pad_token_id` overrides the checkpoint's (padding is masked out and
+  GPT pools the last non-pad token).
+  """
   path = Path(path)
   config, state = _read(path)
+  if vocab_size and vocab_size > config.vocab_size:
+    state = _grow_embeddings(state, vocab_size, seed)
+    config.vocab_size = vocab_size
+  if pad_token_id is not None:
+    config.pad_token_id = pad_token_id
   num_classes = num_classes or config.num_labels
   module = build_module(config, num_classes)
   traced = module.traced_layers() if isinstance(module, BertClassifier) else None
