@@ -11,7 +11,7 @@ import pytest
 from tracefl_jax import evaluation
 from tracefl_jax.models import get_model, make_model
 from tracefl_jax.provenance import layer_betas, trace_clients
-from tracefl_jax.provenance import attribution
+from tracefl_jax.provenance import attribution, kernels
 
 KERNELS = ("grad", "jvp", "reference")
 
@@ -151,6 +151,16 @@ def test_target_and_chunking_and_no_retrace(case):
   before = attribution._trace._cache_size()  # pylint: disable=protected-access
   trace_clients(model, g, jax.tree.map(lambda a: a * 1.1, clients), x + 1.0)
   assert attribution._trace._cache_size() == before  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("p", [100, 1000, 1024])
+def test_blocked_contraction_equals_numpy(p):
+  """The grad kernel's P-blocked [N, P] x [K, P] contraction, with and without a tail block."""
+  rng = np.random.default_rng(p)
+  grads, theta = rng.normal(size=(5, p)), rng.normal(size=(7, p))
+  out = kernels.contract_blocked(jnp.asarray(grads, jnp.float32), jnp.asarray(theta, jnp.float32),
+                                 block=64)
+  np.testing.assert_allclose(np.asarray(out), grads @ theta.T, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_kernel_name(case):

@@ -10,6 +10,7 @@ client's own layer can later be evaluated on G's input (spec section 2, step 3).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -29,6 +30,11 @@ class LayerView(NamedTuple):
 
 def unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
   """Unbound copies of the traced units, keyed by module path (from an abstract forward)."""
+  return dict(_unit_modules(model))
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
   traced = set(model.traced_layers)
   found: dict[LayerPath, nn.Module] = {}
 
