@@ -9,7 +9,8 @@ as ONE big batch stream through ONE model (same FLOPs, no per-client weights).
   python benchmarks/bench_round.py --clients=10,100,1000 --strategies=vmap,loop,chunked
 
 Each row: bench, model, K, samples_per_client, strategy, compile_s, steady_s,
-client_updates_per_s, samples_per_s, plus device and versions.
+client_updates_per_s, samples_per_s, temp_bytes (XLA's working memory of the compiled round;
+None for the host loop), peak_bytes (device peak where reported: GPU), device and versions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import JsonlSink, time_fn  # noqa: E402
+from common import JsonlSink, memory, time_fn  # noqa: E402
 
 from tracefl_jax import aggregation  # noqa: E402
 from tracefl_jax.client import make_client_update  # noqa: E402
@@ -84,7 +85,11 @@ def main() -> None:
       fn = lambda: run_round(variables, x, y, data.indices, data.counts, clients,  # noqa: E731
                              round_key(jax.random.key(0), 1), weights).variables
       t = time_fn(fn, args.repeats)
-      sink.write({**base, "K": k, "strategy": strategy,
+      jitted_args = (variables, x, y, jnp.asarray(data.indices), jnp.asarray(data.counts),
+                     jnp.asarray(clients), round_key(jax.random.key(0), 1),
+                     jnp.asarray(weights, jnp.float32))
+      mem = memory(run_round.jitted if strategy != "loop" else None, *jitted_args)
+      sink.write({**base, "K": k, "strategy": strategy, **mem,
                   "clients_per_chunk": args.chunk if strategy == "chunked" else None, **t,
                   "client_updates_per_s": k / t["steady_s"],
                   "samples_per_s": k * args.samples * args.epochs / t["steady_s"]})

@@ -55,6 +55,18 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3) -> dict[str, float]:
           "steady_min_s": min(times)}
 
 
+def memory(jitted: Any = None, *args: Any) -> dict[str, int | None]:
+  """XLA's temporary-buffer bytes of `jitted(*args)` as compiled (any backend), and the
+  device's peak bytes in use so far where the backend reports it (GPU; None on CPU)."""
+  out: dict[str, int | None] = {"temp_bytes": None, "peak_bytes": None}
+  if jitted is not None:
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    out["temp_bytes"] = getattr(analysis, "temp_size_in_bytes", None)
+  stats = jax.devices()[0].memory_stats() or {}
+  out["peak_bytes"] = stats.get("peak_bytes_in_use")
+  return out
+
+
 class JsonlSink:
   """Appends rows to a JSONL file and echoes a short line per row."""
 

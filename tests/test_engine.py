@@ -229,3 +229,23 @@ def test_bfloat16_compute_tracks_float32(setup):
   rel = np.linalg.norm(deltas[jnp.bfloat16] - ref) / np.linalg.norm(ref)
   # bfloat16 keeps 8 significant bits: the update direction agrees to a few percent.
   assert 0 < rel < 0.05, rel
+
+
+def _round_temp_bytes(model, variables, strategy, k, chunk):
+  """XLA's temporary-buffer size for the jitted round with K clients of 8 examples each."""
+  run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=1, strategy=strategy,
+                            clients_per_chunk=chunk, example_variables=variables)
+  data = stack_client_indices(np.split(np.arange(8 * k) % 60, k), np.arange(k), BATCH)
+  args = (variables, jnp.zeros((60, 8, 8, 1)), jnp.zeros(60, jnp.int32),
+          jnp.asarray(data.indices), jnp.asarray(data.counts), jnp.arange(k),
+          jax.random.key(0), jnp.full(k, 1.0 / k))
+  return run_round.jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_round_memory_is_flat_in_k(setup):
+  """At a fixed chunk size the round's working memory does not grow with K (vmap's does)."""
+  model, variables = setup[0], setup[1]
+  chunked = [_round_temp_bytes(model, variables, "chunked", k, 4) for k in (8, 64)]
+  vmapped = [_round_temp_bytes(model, variables, "vmap", k, 0) for k in (8, 64)]
+  assert chunked[1] <= 1.1 * chunked[0], chunked
+  assert vmapped[1] > 4 * vmapped[0], vmapped

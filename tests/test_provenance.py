@@ -163,6 +163,15 @@ def test_blocked_contraction_equals_numpy(p):
   np.testing.assert_allclose(np.asarray(out), grads @ theta.T, rtol=1e-5, atol=1e-4)
 
 
+def test_auto_kernel_is_grad_for_affine_units_and_reference_for_blocks():
+  cnn = get_model("cnn", (8, 8, 1), 10)
+  bert = get_model("bert_tiny", (16,), 4, vocab_size=50)
+  gpt = get_model("gpt_tiny", (16,), 4, vocab_size=50)
+  assert attribution.choose_kernel(cnn, 20, 10) == "grad"
+  assert attribution.choose_kernel(gpt, 20, 10) == "grad"
+  assert attribution.choose_kernel(bert, 20, 1000) == "reference"
+
+
 def test_bad_kernel_name(case):
   model, g, clients, x = case
   with pytest.raises(ValueError, match="unknown provenance kernel 'fast'; valid: auto"):

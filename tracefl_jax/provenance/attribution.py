@@ -43,25 +43,16 @@ def is_affine(model: ModelDef) -> bool:
   return all(isinstance(u, AFFINE_UNITS) for u in unit_modules(model).values())
 
 
-# Measured (benchmarks/bench_provenance.py, FedAvg CNN, 20 inputs, 2 CPU cores): reference
-# 11 ms vs grad 97 ms at K = 10; grad 113 ms vs reference 156 ms at K = 100; grad 0.66 s vs
-# reference 1.6 s and jvp 3.1 s at K = 1000.
-_REFERENCE_MAX_CLIENTS = 50
-
-
 def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
   """The fastest exact kernel for the shapes.
 
-  Non-affine units need "reference". Otherwise: "reference" costs K layer-wise forward passes
-  over N inputs and wins for few clients; "grad" costs one forward/backward of G, per-input
-  parameter gradients and a 2 N P K contraction, flat in K until the contraction dominates,
-  and wins beyond a few dozen clients. "jvp" (K linearised forward passes) was never fastest
-  on CPU.
+  Non-affine units need "reference". Otherwise "grad": one forward/backward of G plus a
+  2 N P K contraction, measured fastest at every K (benchmarks/bench_provenance.py, FedAvg
+  CNN, 20 inputs, 2 CPU cores: grad 8.2 ms vs reference 10.6 ms at K = 10, 19 ms vs 149 ms
+  at K = 100, 0.20 s vs 1.6 s at K = 1000; "jvp", K linearised forward passes, 3.0 s).
   """
-  del num_inputs
-  if not is_affine(model) or num_clients <= _REFERENCE_MAX_CLIENTS:
-    return "reference"
-  return "grad"
+  del num_inputs, num_clients
+  return "grad" if is_affine(model) else "reference"
 
 
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
