@@ -169,6 +169,43 @@ def test_medmnist_npz_loader(tmp_path, name, channels, classes):
     load_dataset(name, data_dir=tmp_path / "empty")
 
 
+def test_medmnist_download_switch(tmp_path, monkeypatch):
+  """download=True: unreachable host fails at once; a corrupt file (MD5) is not kept; a good
+  one is verified, renamed into place and loaded. The network is stubbed, never used."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  np.savez(buf, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros((4, 1)),
+           test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.ones((2, 1)))
+  payload = buf.getvalue()
+
+  def unreachable(address, timeout=None):
+    raise OSError(f"no route to {address[0]}")
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  with pytest.raises(DatasetNotFoundError, match="zenodo.org:443 is unreachable"):
+    load_dataset("organamnist", data_dir=tmp_path, download=True)
+  with pytest.raises(DatasetNotFoundError, match="www.cs.toronto.edu:443 is unreachable"):
+    load_dataset("cifar10", data_dir=tmp_path / "tfds", download=True)
+
+  class Response(io.BytesIO):
+    headers = {"Content-Length": str(len(payload))}
+  urls = []
+  monkeypatch.setattr(socket, "create_connection", lambda *a, **k: io.BytesIO())
+  monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                      lambda url, timeout=None: urls.append(url) or Response(payload))
+  with pytest.raises(ValueError, match="MD5 .* expected 866b832ed4eeba67bfb9edee1d5544e6"):
+    load_dataset("organamnist", data_dir=tmp_path, download=True)
+  assert list(tmp_path.iterdir()) == []  # nothing half-written kept
+  assert urls == ["https://zenodo.org/record/6496656/files/organamnist.npz?download=1"]
+  monkeypatch.setitem(datasets.MEDMNIST_MD5, "organamnist", hashlib.md5(payload).hexdigest())
+  ds = load_dataset("organamnist", data_dir=tmp_path, download=True)
+  assert (tmp_path / "organamnist.npz").exists() and ds.y_test.tolist() == [1, 1]
+  with pytest.raises(ValueError, match="'dbpedia' is not downloaded by tracefl_jax"):
+    load_dataset("dbpedia", data_dir=tmp_path, tokenizer="x", download=True)
+
+
 def _local_tokenizer(tmp_path):
   """A WordPiece tokenizer trained here on a few sentences, saved like a HF checkpoint."""
   tokenizers = pytest.importorskip("tokenizers")

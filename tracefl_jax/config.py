@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  c.dataset.download = False  # fetch missing mnist/cifar10/MedMNIST data into data_dir
   c.dataset.num_train = 0  # 0: all; >0 keeps the first num_train training examples
   c.dataset.num_test = 0
   c.dataset.tokenizer = ml_collections.config_dict.placeholder(str)  # text: local HF tokenizer

@@ -73,7 +73,9 @@ def _dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 seq_len=shape[0], vocab_size=d.vocab_size or 100,
                 num_classes=d.synthetic_classes, seed=c.seed)
   if d.name in ("dbpedia", "yahoo"):
-    return dict(tokenizer=d.tokenizer, max_length=d.max_length)
+    return dict(tokenizer=d.tokenizer, max_length=d.max_length, download=d.download)
+  if d.name in ("mnist", "cifar10", "pathmnist", "organamnist"):
+    return dict(download=d.download)
   return {}
 
 

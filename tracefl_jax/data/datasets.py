@@ -5,11 +5,12 @@ array_record format, which works without TensorFlow installed (`tfds.load` does 
   digits     the embedded default: scikit-learn's handwritten digits (1,797 real 8x8 images,
              10 classes, bundled inside scikit-learn, BSD licence), prepared once by a local
              tfds builder into the data directory (about a second) and read back from it;
-  mnist,     tfds' own builders, read from PREPARED data only: this never downloads (with no
-  cifar10    network tfds retries for minutes before failing); a missing dataset fails fast
-             with a message saying how to prepare it;
-  pathmnist, MedMNIST's official 28x28 .npz files from a local directory (never
-  organamnist  downloaded either), resized to 32x32 RGB;
+  mnist,     tfds' own builders, read from PREPARED data; downloaded only when asked
+  cifar10    (`download=True`, after a 5-second reachability check: with no network tfds
+             retries for minutes before failing); a missing dataset fails fast with a message
+             saying how to prepare it;
+  pathmnist, MedMNIST's official 28x28 .npz files from a local directory (downloaded from
+  organamnist  Zenodo with an MD5 check only when asked), resized to 32x32 RGB;
 and `synthetic` generates a learnable dataset of any size in memory, for benchmarks.
 """
 
@@ -18,15 +19,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import io
 import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tqdm
 
 # digits: pixel values 0..16 scaled to [0, 1], then standardised with the mean and std of all
 # 1,797 images' pixels (computed once: 0.30526 and 0.37605), as MNIST uses 0.1307 / 0.3081.
@@ -124,9 +130,28 @@ def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
   return x
 
 
-def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any) -> Dataset:
+def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
+  """Fails at once, naming the host, when it cannot be reached (rather than letting a
+  library retry for minutes)."""
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+  except OSError as e:
+    raise DatasetNotFoundError(
+        f"download asked for, but {host}:{port} is unreachable ({e}); prepare the data on a "
+        f"machine with network access and copy it into --config.dataset.data_dir") from e
+
+
+# Where tfds' builders fetch the raw files from (checked before a download starts).
+TFDS_SOURCE_HOST = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu"}
+
+
+def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any,
+                      download: bool = False) -> Dataset:
   with _quiet_tfds() as tfds:
     builder = tfds.builder(name, data_dir=str(data_dir))
+    if download and not builder.is_prepared():
+      check_network(TFDS_SOURCE_HOST[name])
+      builder.download_and_prepare(file_format="array_record")
     try:
       # Asked first, so that tfds.testing.mock_data (which patches it) also works here.
       source = {split: builder.as_data_source(split=split) for split in ("train", "test")}
@@ -137,8 +162,8 @@ def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any) -> Dataset
           f"dataset {name!r} is not prepared under {data_dir} (tracefl_jax never downloads "
           f"at run time). Prepare it on a machine with network access, e.g. "
           f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy "
-          f"the directory here, or point --config.dataset.data_dir (or TRACEFL_DATA_DIR) at "
-          f"an existing tfds data directory.")
+          f"the directory here, point --config.dataset.data_dir (or TRACEFL_DATA_DIR) at "
+          f"an existing tfds data directory, or pass --config.dataset.download=True.")
     (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
     num_classes = builder.info.features["label"].num_classes
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -150,19 +175,50 @@ MEDMNIST = {"pathmnist": 9, "organamnist": 11}
 MEDMNIST_MEAN, MEDMNIST_STD = 0.5, 0.5
 
 
-def _load_medmnist(name: str, data_dir: Path) -> Dataset:
+# MedMNIST v2's official 28x28 files (Zenodo record 6496656) and their MD5 sums.
+MEDMNIST_URL = "https://zenodo.org/record/6496656/files/{name}.npz?download=1"
+MEDMNIST_MD5 = {"pathmnist": "a8b06965200029087d5bd730944a56c1",
+                "organamnist": "866b832ed4eeba67bfb9edee1d5544e6"}
+
+
+def download_medmnist(name: str, data_dir: Path) -> Path:
+  """Fetches `<name>.npz` into `data_dir`, verifying its MD5; a partial or corrupt download
+  never takes the final name."""
+  url = MEDMNIST_URL.format(name=name)
+  check_network(urllib.parse.urlparse(url).hostname or "zenodo.org")
+  data_dir.mkdir(parents=True, exist_ok=True)
+  final, part = data_dir / f"{name}.npz", data_dir / f".{name}.npz.part"
+  digest = hashlib.md5()
+  with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+    total = int(response.headers.get("Content-Length") or 0) or None
+    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.npz") as bar:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+        digest.update(chunk)
+        bar.update(len(chunk))
+  if digest.hexdigest() != MEDMNIST_MD5[name]:
+    part.unlink()
+    raise ValueError(f"downloaded {name}.npz has MD5 {digest.hexdigest()}, expected "
+                     f"{MEDMNIST_MD5[name]}; nothing was kept, try again")
+  os.replace(part, final)
+  return final
+
+
+def _load_medmnist(name: str, data_dir: Path, download: bool = False) -> Dataset:
   """MedMNIST's official 28x28 `.npz` release (keys train_images, train_labels, test_images,
-  test_labels), read from `data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz`; images
-  resized to 32x32 RGB and normalised with 0.5 / 0.5 as in the paper."""
+  test_labels), read from `data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz` (fetched
+  from Zenodo first with `download=True`); images resized to 32x32 RGB and normalised with
+  0.5 / 0.5 as in the paper."""
   candidates = [data_dir / f"{name}.npz", data_dir / "medmnist" / f"{name}.npz"]
   path = next((p for p in candidates if p.exists()), None)
+  if path is None and download:
+    path = download_medmnist(name, data_dir)
   if path is None:
     raise DatasetNotFoundError(
         f"dataset {name!r}: no {name}.npz in {data_dir} or {data_dir / 'medmnist'} "
         f"(tracefl_jax never downloads at run time). Get the official 28x28 file from the "
-        f"MedMNIST v2 release (e.g. `pip install medmnist` then "
-        f"`python -m medmnist download --size=28` on a machine with network access) and "
-        f"copy {name}.npz there, or set --config.dataset.data_dir.")
+        f"MedMNIST v2 release ({MEDMNIST_URL.format(name=name)}) and copy {name}.npz "
+        f"there, set --config.dataset.data_dir, or pass --config.dataset.download=True.")
   try:
     with np.load(path) as f:
       arrays = {k: f[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
@@ -194,8 +250,13 @@ def make_synthetic(num_train: int = 1000, num_test: int = 200,
 
 
 def _load_text(name: str, data_dir: Path, tokenizer: str | None = None,
-               max_length: int = 128, **_: Any) -> Dataset:
+               max_length: int = 128, download: bool = False, **_: Any) -> Dataset:
   from tracefl_jax.data import text  # pylint: disable=g-import-not-at-top
+  if download:
+    raise ValueError(f"dataset {name!r} is not downloaded by tracefl_jax (its official "
+                     f"releases are archives behind Google Drive / the Hugging Face hub): put "
+                     f"its CSV or Parquet files in --config.dataset.data_dir and set "
+                     f"--config.dataset.download=False")
   if not tokenizer:
     raise ValueError(f"dataset {name!r} needs a tokenizer directory "
                      "(--config.dataset.tokenizer=PATH, a Hugging Face tokenizer saved locally)")
@@ -214,12 +275,13 @@ def _synthetic_text(**options: Any) -> Dataset:
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda data_dir, **_: _load_digits(data_dir),
-    "mnist": lambda data_dir, **_: _load_tfds_images("mnist", data_dir, MNIST_MEAN, MNIST_STD),
-    "cifar10": lambda data_dir, **_: _load_tfds_images("cifar10", data_dir, CIFAR10_MEAN,
-                                                       CIFAR10_STD),
+    "mnist": lambda data_dir, download=False, **_: _load_tfds_images(
+        "mnist", data_dir, MNIST_MEAN, MNIST_STD, download),
+    "cifar10": lambda data_dir, download=False, **_: _load_tfds_images(
+        "cifar10", data_dir, CIFAR10_MEAN, CIFAR10_STD, download),
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
-    **{name: (lambda data_dir, name=name, **_: _load_medmnist(name, data_dir))
-       for name in MEDMNIST},
+    **{name: (lambda data_dir, name=name, download=False, **_: _load_medmnist(
+        name, data_dir, download)) for name in MEDMNIST},
     "dbpedia": lambda data_dir, **options: _load_text("dbpedia", data_dir, **options),
     "yahoo": lambda data_dir, **options: _load_text("yahoo", data_dir, **options),
     "synthetic_text": lambda data_dir, **options: _synthetic_text(**options),
@@ -234,7 +296,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: An
   """Loads dataset `name` (see `available_datasets()`).
 
   `options`: for `synthetic`/`synthetic_text` their generator's arguments; for the text
-  datasets `tokenizer` (a local tokenizer directory) and `max_length` (default 128).
+  datasets `tokenizer` (a local tokenizer directory) and `max_length` (default 128); for
+  mnist, cifar10, pathmnist and organamnist `download=True` fetches missing data into
+  `data_dir` first (off by default: nothing is downloaded unless asked).
   """
   if name not in _LOADERS:
     raise ValueError(f"unknown dataset {name!r}; valid datasets: "
