@@ -2,12 +2,15 @@
 
 The original procedure is the PyTorch reference from the tests (tests/torch_reference.py): a
 batch-1 forward/backward per input with hooks, then a Python loop over layers x clients
-evaluating each client's layer on the global layer input. Same model (the FedAvg-paper CNN),
+evaluating each client's layer on the global layer input. Same model (the FedAvg-paper CNN or
+ResNet18, the torch twin loaded with the same weights),
 same weights, same inputs, same machine. JAX rows time the jitted `trace_clients` after a
 warm-up (compile time reported apart); the PyTorch loop is linear in inputs, so it runs on
 `--torch-pairs` pairs at most and reports its rate.
 
   python benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
+  python benchmarks/bench_provenance.py --model=resnet18 --image=32 --clients=10,100 \
+      --kernels=grad,reference --torch-pairs=200
 """
 
 from __future__ import annotations
@@ -40,23 +43,48 @@ def _clients(g, k, seed=1):
   return jax.tree.unflatten(treedef, [make(l, kk) for l, kk in zip(leaves, keys)])
 
 
-def torch_rate(model, g, clients, x, max_pairs, max_clients):
+def setup(name, image, seed=0):
+  """(model, G's variables, torch twin of G, traced torch modules, NHWC -> torch forward)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  if name == "cnn":
+    model = get_model("cnn", (image, image, 1), 10)
+    g = model.init(jax.random.key(seed))
+    side = image // 4
+    net = tr.TorchFedAvgCNN(1, 10, flat=side * side * 64)
+    tr.load_flax(net, g["params"], model.traced_layers)
+    return model, g, net, net.traced(), None
+  if name == "resnet18":
+    from tests import torch_cnn_reference as tcr  # pylint: disable=g-import-not-at-top
+    from tracefl_jax.models import torchvision_import as tvi  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(seed)
+    net = tcr.ResNet18(10).eval()
+    tcr.randomize_bn(net, seed)
+    model = get_model("resnet18", (image, image, 3), 10)
+    g = tvi.import_torchvision(model.init(jax.random.key(seed)), net.state_dict())
+    modules = dict(net.named_modules())
+    layers = [modules[tvi._torch_name("params", (*path, "kernel")).rsplit(".", 1)[0]]  # pylint: disable=protected-access
+              for path in model.traced_layers]
+    forward = lambda xn: net(torch.from_numpy(np.ascontiguousarray(  # noqa: E731
+        xn.transpose(2, 0, 1)))[None])
+    return model, g, net, layers, forward
+  raise ValueError(f"unknown benchmark model {name!r}; valid: cnn, resnet18")
+
+
+def torch_rate(model, clients, x, max_pairs, max_clients, net, layers, forward):
+  """(inputs, seconds) for the original procedure on the first `max_clients` clients."""
   import torch  # pylint: disable=g-import-not-at-top
   from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(max(1, torch.get_num_threads()))
-  side = model.input_shape[0] // 4
-  net = tr.TorchFedAvgCNN(model.input_shape[-1], model.num_classes, flat=side * side * 64)
-  tr.load_flax(net, g["params"], model.traced_layers)
   k = min(jax.tree.leaves(clients)[0].shape[0], max_clients)
   host = jax.tree.map(lambda a: np.asarray(a[:k]), clients["params"])
-  layers = [[tr.torch_layer_params(jax.tree.map(lambda a: a[c], g_l(host, p)))
-             for p in model.traced_layers] for c in range(k)]
+  client_layers = [[tr.torch_layer_params(jax.tree.map(lambda a: a[c], g_l(host, p)))
+                    for p in model.traced_layers] for c in range(k)]
   n = max(1, min(len(x), max_pairs // k))
-  tr.original_scores(net, layers, x[:1])  # warm-up
+  tr.original_scores(net, client_layers, x[:1], forward=forward, layers=layers)  # warm-up
   t0 = time.perf_counter()
-  tr.original_scores(net, layers, x[:n])
-  dt = time.perf_counter() - t0
-  return n, dt
+  scores, _ = tr.original_scores(net, client_layers, x[:n], forward=forward, layers=layers)
+  return n, time.perf_counter() - t0, scores
 
 
 def g_l(params, path):
@@ -67,6 +95,7 @@ def g_l(params, path):
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="cnn", help="cnn (FedAvg paper) or resnet18")
   p.add_argument("--image", type=int, default=16)
   p.add_argument("--inputs", type=int, default=20)
   p.add_argument("--clients", default="10,100,1000")
@@ -82,20 +111,28 @@ def main() -> None:
   args = p.parse_args()
 
   sink = JsonlSink(args.out)
-  model = get_model("cnn", (args.image, args.image, 1), 10)
-  g = model.init(jax.random.key(0))
-  x = np.random.default_rng(0).normal(size=(args.inputs, args.image, args.image, 1)).astype(
+  model, g, net, layers, forward = setup(args.model, args.image)
+  x = np.random.default_rng(0).normal(size=(args.inputs, *model.input_shape)).astype(
       np.float32)
-  base = {"bench": "provenance", "model": "cnn", "image": args.image, "inputs": args.inputs}
+  base = {"bench": "provenance", "model": args.model, "image": args.image,
+          "inputs": args.inputs,
+          "params": sum(l.size for l in jax.tree.leaves(g["params"]))}
   for k in [int(v) for v in args.clients.split(",")]:
-    clients = _clients(g, k)
+    clients = {"params": _clients(g["params"], k)}
     torch_pairs_per_s = None
     if args.torch_pairs:
       kt = min(k, args.torch_max_clients)
-      n, dt = torch_rate(model, g, clients, x, args.torch_pairs, kt)
+      n, dt, expected = torch_rate(model, clients, x, args.torch_pairs, kt, net, layers,
+                                   forward)
+      # Like for like: the JAX answer on the same inputs and clients equals the original's.
+      got = np.asarray(trace_clients(model, g, jax.tree.map(lambda a: a[:kt], clients),
+                                     jnp.asarray(x[:n])).scores, np.float64)
+      err = np.abs(got - expected).max() / np.abs(expected).max()
+      if err > 1e-4:
+        raise AssertionError(f"JAX and original scores differ (max rel {err:.1e})")
       torch_pairs_per_s = n * kt / dt
       sink.write({**base, "K": k, "kernel": "original_pytorch_loop", "inputs": n,
-                  "clients_scored": kt, "steady_s": dt, "pairs_per_s": torch_pairs_per_s})
+                  "clients_scored": kt, "max_rel_diff_jax": err, "steady_s": dt, "pairs_per_s": torch_pairs_per_s})
     for kernel in args.kernels.split(","):
       fn = lambda: trace_clients(model, g, clients, jnp.asarray(x), kernel=kernel,  # noqa: E731
                                  clients_per_chunk=args.chunk or None).scores

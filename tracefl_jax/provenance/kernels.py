@@ -146,12 +146,7 @@ def per_input_grads(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
   if not kwargs and len(args) == 1 and _plain_conv(unit, args[0]):
     a = args[0]
     window = tuple(unit.kernel_size)
-    patches = jax.lax.conv_general_dilated_patches(
-        a, window, _as_tuple(unit.strides, len(window)), _conv_padding(unit.padding, window),
-        lhs_dilation=_as_tuple(unit.input_dilation, len(window)),
-        rhs_dilation=_as_tuple(unit.kernel_dilation, len(window)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC") if len(window) == 2 else None,
-        precision=hi)  # [N, *out, C_in * prod(window)], channel-major features
+    patches = _patches(unit, a)  # [N, O, C_in * prod(window)], channel-major features
     cin, cout = a.shape[-1], g.shape[-1]
     kgrad = jnp.einsum("nop,noc->npc", patches.reshape(n, -1, patches.shape[-1]),
                        g.reshape(n, -1, cout), precision=hi)
@@ -167,6 +162,17 @@ def per_input_grads(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     _, vjp = jax.vjp(f, theta_g)
     return vjp(g_n[None])[0]
   return jax.vmap(one)(args, g)
+
+
+def _patches(unit: nn.Module, a: jax.Array) -> jax.Array:
+  """[N, O, C_in * prod(window)]: every output position's input patch, channel-major."""
+  window = tuple(unit.kernel_size)
+  patches = jax.lax.conv_general_dilated_patches(
+      a, window, _as_tuple(unit.strides, len(window)), _conv_padding(unit.padding, window),
+      lhs_dilation=_as_tuple(unit.input_dilation, len(window)),
+      rhs_dilation=_as_tuple(unit.kernel_dilation, len(window)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+  return patches.reshape(a.shape[0], -1, patches.shape[-1])
 
 
 def _as_tuple(value: Any, ndim: int) -> tuple[int, ...]:
