@@ -170,7 +170,7 @@ def test_round_does_not_retrace_and_trains(setup):
 
 def test_auto_strategy_per_backend(setup):
   _, variables, *_ = setup
-  assert resolve_strategy("auto", variables, "cpu") == "loop"  # lenet has convolutions
+  assert resolve_strategy("auto", variables, "cpu") == "scan"  # lenet has convolutions
   assert resolve_strategy("auto", variables, "gpu") == "vmap"
   dense = get_model("mlp", (8, 8, 1), 3).init(jax.random.key(0))
   assert resolve_strategy("auto", dense, "cpu") == "vmap"
@@ -249,3 +249,19 @@ def test_chunked_round_memory_is_flat_in_k(setup):
   vmapped = [_round_temp_bytes(model, variables, "vmap", k, 0) for k in (8, 64)]
   assert chunked[1] <= 1.1 * chunked[0], chunked
   assert vmapped[1] > 4 * vmapped[0], vmapped
+
+
+def test_donated_round_equals_plain_round_and_consumes_its_input(setup):
+  model, variables, x, y, client_indices = setup
+  clients = np.array([0, 1, 2])
+  data = stack_client_indices(client_indices, clients, BATCH, length=16)
+  w = aggregation.client_weights(data.counts)
+  outs = []
+  for donate in (False, True):
+    run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=1, strategy="vmap",
+                              example_variables=variables, donate=donate)
+    start = jax.tree.map(jnp.copy, variables)
+    outs.append(run_round(start, x, y, data.indices, data.counts, clients,
+                          round_key(jax.random.key(0), 1), w).variables)
+    assert all(leaf.is_deleted() == donate for leaf in jax.tree.leaves(start))
+  _tree_allclose(outs[0], outs[1], rtol=0, atol=0)

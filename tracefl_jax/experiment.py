@@ -174,7 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            local_epochs=c.client.local_epochs, strategy=c.simulation.strategy,
                            clients_per_chunk=c.simulation.clients_per_chunk,
                            example_variables=variables, dp=dp,
-                           compute_dtype=jnp.dtype(c.simulation.compute_dtype))
+                           compute_dtype=jnp.dtype(c.simulation.compute_dtype),
+                           donate=True)
   predict = make_predict_fn(model, c.eval.batch_size)
 
   checkpointer = Checkpointer(workdir, config_json, c.checkpoint.every)

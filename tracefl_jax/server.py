@@ -69,6 +69,7 @@ def make_round_fn(
     example_variables: Variables | None = None,
     dp: DPSettings | None = None,
     compute_dtype: Any = jnp.float32,
+    donate: bool = False,
 ) -> RoundFn:
   """Returns `run_round(variables, x, y, indices, counts, client_ids, key, weights)`.
 
@@ -81,6 +82,9 @@ def make_round_fn(
     weights: `[K]` FedAvg weights, validated on the host with `aggregation.check_weights`.
 
   With `dp`, aggregation is DP-FedAvg; its noise key is folded from the round key.
+  With `donate`, the in-program strategies donate `variables` (G_{t-1}) to the round, so
+  XLA may write G_t into its buffers: the caller must not use the passed variables after the
+  call (the experiment runner does not; it keeps G_t).
   """
   client_update = make_client_update(model, optimizer, batch_size, local_epochs,
                                      compute_dtype=compute_dtype)
@@ -107,7 +111,7 @@ def make_round_fn(
     return average(out, weights, variables, key)
 
   if strategy != "loop":
-    jitted = jax.jit(clients_and_average)
+    jitted = jax.jit(clients_and_average, donate_argnums=(0,) if donate else ())
   else:
     average_jit = jax.jit(average)
     keys_fn = jax.jit(fold_client_keys)
