@@ -1,0 +1,21 @@
+"""The README's Python example runs as written and answers with the documented shapes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+  assert blocks, "README has no ```python example"
+  scope: dict = {}
+  exec(compile(blocks[0], str(README), "exec"), scope)  # pylint: disable=exec-used
+  result = scope["result"]
+  assert result.scores.shape == result.probs.shape == (4, 8)
+  np.testing.assert_allclose(np.asarray(result.probs).sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(result.traced_client, np.argmax(result.probs, axis=1))
