@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from tests import torch_cnn_reference as ref
 from tracefl_jax.client import make_client_update
 from tracefl_jax.data.federated import stack_client_indices
 from tracefl_jax.models import get_model, make_model
+from tracefl_jax.models.cnn import PatchConv
 from tracefl_jax.models.resnet import DenseNet, ResNet18
 from tracefl_jax.models.torchvision_import import import_torchvision
 from tracefl_jax.provenance import trace_clients
@@ -97,3 +99,47 @@ def test_group_norm_variant_runs():
   variables = model.init(jax.random.key(0))
   assert "batch_stats" not in variables
   assert model.logits(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
+
+
+@pytest.mark.parametrize("strides,padding", [(1, "SAME"), (2, "SAME"), (1, "VALID"),
+                                             (2, ((1, 2), (0, 1)))])
+def test_patch_conv_equals_xla_conv(strides, padding):
+  x = jax.random.normal(jax.random.key(0), (3, 9, 9, 4))
+  ref = nn.Conv(5, (3, 3), strides=strides, padding=padding)
+  variables = ref.init(jax.random.key(1), x)
+  got = PatchConv(5, (3, 3), strides=strides, padding=padding).apply(variables, x)
+  np.testing.assert_allclose(got, ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_patches_models_train_and_trace_like_the_xla_ones():
+  """lenet_patches / cnn_patches: same parameter tree, same vmapped round, same provenance."""
+  from tracefl_jax import aggregation  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.server import make_round_fn, round_key  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(40, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 40), jnp.int32)
+  data = stack_client_indices(np.split(np.arange(40), 4), np.arange(4), 4)
+  w = aggregation.client_weights(data.counts)
+  outs = []
+  for name in ("lenet_xla", "lenet_patches"):
+    model = get_model(name, (8, 8, 1), 3)
+    variables = model.init(jax.random.key(0))
+    run = make_round_fn(model, optax.sgd(0.1), batch_size=4, local_epochs=1, strategy="vmap",
+                        example_variables=variables)
+    outs.append(run(variables, x, y, data.indices, data.counts, np.arange(4),
+                    round_key(jax.random.key(0), 1), w))
+  for a, b in zip(jax.tree.leaves(outs[0].clients.variables),
+                  jax.tree.leaves(outs[1].clients.variables), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  cnn, cnn_p = get_model("cnn_xla", (8, 8, 1), 3), get_model("cnn_patches", (8, 8, 1), 3)
+  g = cnn.init(jax.random.key(2))
+  assert cnn_p.traced_layers == cnn.traced_layers
+  clients = jax.tree.map(lambda a: a[None] * jnp.linspace(0.5, 1.5, 5).reshape(
+      -1, *([1] * a.ndim)), g)
+  ref = trace_clients(cnn, g, clients, x[:6])
+  for kernel in ("grad", "reference"):
+    got = trace_clients(cnn_p, g, clients, x[:6], kernel=kernel)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="unknown convolution implementation 'fft'; valid: auto"):
+    get_model("lenet", (8, 8, 1), 3).module.clone(conv="fft").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -50,7 +50,7 @@ def test_faulty_mode_needs_clients_and_flip():
 
 
 def test_unknown_model_lists_valid_names():
-  with pytest.raises(ValueError, match="unknown model .resnet99.; valid models: bert_base, bert_tiny, cnn, densenet121"):
+  with pytest.raises(ValueError, match="unknown model .resnet99.; valid models: bert_base, bert_tiny, cnn, cnn_patches, cnn_xla, densenet121"):
     get_model("resnet99", (8, 8, 1), 10)
 
 

@@ -17,6 +17,12 @@ _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
     "cnn": lambda k: FedAvgCNN(num_classes=k),
     "lenet": lambda k: LeNet(num_classes=k),
     "mlp": lambda k: MLP(num_classes=k),
+    # The same networks with the convolution implementation fixed (the plain names pick it
+    # per backend): XLA convolutions, or patches x matrix (batched matmuls under vmap).
+    "cnn_xla": lambda k: FedAvgCNN(num_classes=k, conv="xla"),
+    "cnn_patches": lambda k: FedAvgCNN(num_classes=k, conv="patches"),
+    "lenet_xla": lambda k: LeNet(num_classes=k, conv="xla"),
+    "lenet_patches": lambda k: LeNet(num_classes=k, conv="patches"),
     "resnet18": lambda k: ResNet18(num_classes=k),
     "resnet18_gn": lambda k: ResNet18(num_classes=k, norm="group"),
     "densenet121": lambda k: DenseNet(num_classes=k),

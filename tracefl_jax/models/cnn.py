@@ -4,25 +4,79 @@
 Networks from Decentralized Data": two 5x5 convolutions (32, 64 channels) each followed by
 ReLU and 2x2 max pooling, a 512-unit dense layer and the classifier. `LeNet` is LeNet-5 sized
 (6 and 16 channels, 120 and 84 hidden units) with average pooling. Both accept any image size
-whose sides survive two 2x2 poolings ("SAME" convolutions).
+whose sides survive two 2x2 poolings ("SAME" convolutions). Their convolutions run as XLA
+convolutions or as patches x matrix (`PatchConv`, the default on CPU); both have the same
+parameters and give the same numbers.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+
+class PatchConv(nn.Conv):
+  """`nn.Conv` (same parameters, same numbers) computed as image patches times a matrix.
+
+  Under `vmap` over clients, XLA lowers an `nn.Conv` with per-client kernels to a grouped
+  convolution (slow on CPU, reported slow in the backward pass on GPU: jax issue 13800);
+  this formulation becomes a batched matrix multiply over the client axis instead. Which one
+  wins is a per-backend measurement (benchmarks/bench_round.py, `lenet` vs `lenet_patches`).
+  Supports 2-D kernels without feature groups or masks.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:  # pylint: disable=arguments-differ
+    if len(self.kernel_size) != 2 or self.feature_group_count != 1 or self.mask is not None:
+      raise ValueError("PatchConv supports 2-D kernels without feature groups or masks")
+    window = tuple(self.kernel_size)
+    cin = inputs.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (*window, cin, self.features),
+                        self.param_dtype)
+    strides = self.strides or (1, 1)
+    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    padding = self.padding
+    if isinstance(padding, int):
+      padding = [(padding, padding)] * 2
+    patches = jax.lax.conv_general_dilated_patches(
+        inputs, window, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=self.precision)  # features channel-major: (C_in, kh, kw)
+    matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features)
+    y = jnp.einsum("...p,pf->...f", patches, matrix.astype(patches.dtype),
+                   precision=self.precision)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def _conv(impl: str):
+  """The convolution module for `impl`; "auto" is "patches" on CPU, where it measured
+  1.5-4x faster in the federated round (benchmarks/README.md), and "xla" elsewhere (GPU not
+  measured yet)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown convolution implementation {impl!r}; valid: "
+                     f"{', '.join(CONV_IMPLS)}")
+  if impl == "auto":
+    impl = "patches" if jax.default_backend() == "cpu" else "xla"
+  return nn.Conv if impl == "xla" else PatchConv
 
 
 class FedAvgCNN(nn.Module):
   num_classes: int
   features: tuple[int, int] = (32, 64)
   hidden: int = 512
+  conv: str = "auto"  # "xla" (nn.Conv) or "patches" (`PatchConv`): same parameters and numbers
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # no dropout or BatchNorm
-    for f in self.features:
-      x = nn.Conv(f, (5, 5), padding="SAME")(x)
+    for i, f in enumerate(self.features):
+      x = _conv(self.conv)(f, (5, 5), padding="SAME", name=f"Conv_{i}")(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
@@ -32,12 +86,13 @@ class FedAvgCNN(nn.Module):
 
 class LeNet(nn.Module):
   num_classes: int
+  conv: str = "auto"  # "xla" (nn.Conv) or "patches" (`PatchConv`): same parameters and numbers
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train
-    for f in (6, 16):
-      x = nn.Conv(f, (5, 5), padding="SAME")(x)
+    for i, f in enumerate((6, 16)):
+      x = _conv(self.conv)(f, (5, 5), padding="SAME", name=f"Conv_{i}")(x)
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)

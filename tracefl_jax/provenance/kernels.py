@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from tracefl_jax.models.base import ModelDef, Variables, get_layer
+from tracefl_jax.models.cnn import PatchConv
 from tracefl_jax.provenance.capture import LayerView, capture, target_logits
 
 
@@ -193,7 +194,7 @@ def _conv_padding(padding: Any, window: tuple[int, ...]) -> Any:
 
 def _plain_conv(unit: nn.Module, a: jax.Array) -> bool:
   """An nn.Conv whose weight gradient the patch formula covers (2-D, no groups, no mask)."""
-  return (type(unit) is nn.Conv and len(unit.kernel_size) == 2 and a.ndim == 4  # pylint: disable=unidiomatic-typecheck
+  return (type(unit) in (nn.Conv, PatchConv) and len(unit.kernel_size) == 2 and a.ndim == 4
           and unit.feature_group_count == 1 and unit.mask is None
           and (unit.padding in ("SAME", "VALID") or not isinstance(unit.padding, str)))
 
