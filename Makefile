@@ -24,7 +24,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_round.py --image=16 --repeats=2 --out=benchmarks/results/round_cpu.jsonl
+	$(PY) benchmarks/bench_round.py --model=lenet_xla --image=16 --repeats=2 --out=benchmarks/results/round_cpu.jsonl
+	$(PY) benchmarks/bench_round.py --model=lenet_patches --image=16 --repeats=2 --strategies=vmap,scan --out=benchmarks/results/round_cpu.jsonl
 	$(PY) benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
 
 clean:

@@ -107,8 +107,14 @@ def test_patch_conv_equals_xla_conv(strides, padding):
   x = jax.random.normal(jax.random.key(0), (3, 9, 9, 4))
   ref = nn.Conv(5, (3, 3), strides=strides, padding=padding)
   variables = ref.init(jax.random.key(1), x)
-  got = PatchConv(5, (3, 3), strides=strides, padding=padding).apply(variables, x)
-  np.testing.assert_allclose(got, ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+  patch = PatchConv(5, (3, 3), strides=strides, padding=padding)
+  np.testing.assert_allclose(patch.apply(variables, x), ref.apply(variables, x), rtol=1e-5,
+                             atol=1e-5)
+  # Its custom gradient (transposed convolution for the input, patches^T dy for the kernel).
+  loss = lambda m: lambda v, xx: jnp.sum(jnp.sin(m.apply(v, xx)))  # noqa: E731
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(patch), argnums=(0, 1))(variables, x)),
+                  jax.tree.leaves(jax.grad(loss(ref), argnums=(0, 1))(variables, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_patches_models_train_and_trace_like_the_xla_ones():

@@ -11,9 +11,12 @@ parameters and give the same numbers.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 class PatchConv(nn.Conv):
@@ -39,12 +42,9 @@ class PatchConv(nn.Conv):
     padding = self.padding
     if isinstance(padding, int):
       padding = [(padding, padding)] * 2
-    patches = jax.lax.conv_general_dilated_patches(
-        inputs, window, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=self.precision)  # features channel-major: (C_in, kh, kw)
-    matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features)
-    y = jnp.einsum("...p,pf->...f", patches, matrix.astype(patches.dtype),
-                   precision=self.precision)
+    if not isinstance(padding, str):
+      padding = tuple(tuple(p) for p in padding)
+    y = _patch_conv(inputs, kernel.astype(inputs.dtype), strides, padding)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
@@ -52,6 +52,47 @@ class PatchConv(nn.Conv):
 
 
 CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def _patches(x: jax.Array, window: tuple[int, ...], strides, padding) -> jax.Array:
+  """[B, H', W', C_in * kh * kw] input patches, features channel-major (C_in, kh, kw)."""
+  return jax.lax.conv_general_dilated_patches(
+      x, window, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def _matmul_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, kernel.shape[-1])
+  return jnp.einsum("...p,pf->...f", _patches(x, kernel.shape[:2], strides, padding), matrix,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _patch_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  return _matmul_conv(x, kernel, strides, padding)
+
+
+@functools.partial(_patch_conv.defjvp, symbolic_zeros=True)
+def _patch_conv_jvp(strides, padding, primals, tangents):
+  # Tangent (and, transposed, gradient) rules: the input term as an ordinary convolution,
+  # whose transpose is the usual transposed convolution (transposing the patch extraction
+  # instead costs a convolution with a kh*kw times larger identity kernel); the kernel term
+  # as patches x matrix, whose transpose is patches^T dy, one matmul.
+  x, kernel = primals
+  dx, dkernel = tangents
+  y = _patch_conv(x, kernel, strides, padding)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_xla_conv(dx, kernel, strides, padding))
+  if not isinstance(dkernel, SymbolicZero):
+    terms.append(_matmul_conv(x, dkernel, strides, padding))
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
 def _conv(impl: str):
