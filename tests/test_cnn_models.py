@@ -117,6 +117,16 @@ def test_patch_conv_equals_xla_conv(strides, padding):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_patch_conv_dilation_and_unsupported_padding():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  ref = nn.Conv(4, (3, 3), kernel_dilation=2, padding="SAME")
+  variables = ref.init(jax.random.key(1), x)
+  got = PatchConv(4, (3, 3), kernel_dilation=2, padding="SAME").apply(variables, x)
+  np.testing.assert_allclose(got, ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="padding='CIRCULAR'"):
+    PatchConv(4, (3, 3), padding="CIRCULAR").init(jax.random.key(1), x)
+
+
 def test_patches_models_train_and_trace_like_the_xla_ones():
   """lenet_patches / cnn_patches: same parameter tree, same vmapped round, same provenance."""
   from tracefl_jax import aggregation  # pylint: disable=import-outside-toplevel

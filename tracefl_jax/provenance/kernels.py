@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from tracefl_jax.models.base import ModelDef, Variables, get_layer
-from tracefl_jax.models.cnn import PatchConv
+from tracefl_jax.models.cnn import PatchConv, conv_geometry, image_patches
 from tracefl_jax.provenance.capture import LayerView, capture, target_logits
 
 
@@ -146,12 +146,12 @@ def per_input_grads(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return out
   if not kwargs and len(args) == 1 and _plain_conv(unit, args[0]):
     a = args[0]
-    window = tuple(unit.kernel_size)
-    patches = _patches(unit, a)  # [N, O, C_in * prod(window)], channel-major features
+    geo = conv_geometry(unit)
+    patches = image_patches(a, geo)  # [N, H', W', C_in * prod(window)], channel-major
     cin, cout = a.shape[-1], g.shape[-1]
     kgrad = jnp.einsum("nop,noc->npc", patches.reshape(n, -1, patches.shape[-1]),
                        g.reshape(n, -1, cout), precision=hi)
-    kgrad = kgrad.reshape(n, cin, *window, cout)
+    kgrad = kgrad.reshape(n, cin, *geo.window, cout)
     out = {"kernel": jnp.moveaxis(kgrad, 1, -2)}  # [N, *window, C_in, C_out]
     if unit.use_bias:
       out["bias"] = jnp.sum(g.reshape(n, -1, cout), axis=1)
@@ -165,38 +165,15 @@ def per_input_grads(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
   return jax.vmap(one)(args, g)
 
 
-def _patches(unit: nn.Module, a: jax.Array) -> jax.Array:
-  """[N, O, C_in * prod(window)]: every output position's input patch, channel-major."""
-  window = tuple(unit.kernel_size)
-  patches = jax.lax.conv_general_dilated_patches(
-      a, window, _as_tuple(unit.strides, len(window)), _conv_padding(unit.padding, window),
-      lhs_dilation=_as_tuple(unit.input_dilation, len(window)),
-      rhs_dilation=_as_tuple(unit.kernel_dilation, len(window)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
-  return patches.reshape(a.shape[0], -1, patches.shape[-1])
-
-
-def _as_tuple(value: Any, ndim: int) -> tuple[int, ...]:
-  if value is None:
-    return (1,) * ndim
-  if isinstance(value, int):
-    return (value,) * ndim
-  return tuple(value)
-
-
-def _conv_padding(padding: Any, window: tuple[int, ...]) -> Any:
-  if isinstance(padding, str):
-    return padding
-  if isinstance(padding, int):
-    return [(padding, padding)] * len(window)
-  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-
-
 def _plain_conv(unit: nn.Module, a: jax.Array) -> bool:
-  """An nn.Conv whose weight gradient the patch formula covers (2-D, no groups, no mask)."""
-  return (type(unit) in (nn.Conv, PatchConv) and len(unit.kernel_size) == 2 and a.ndim == 4
-          and unit.feature_group_count == 1 and unit.mask is None
-          and (unit.padding in ("SAME", "VALID") or not isinstance(unit.padding, str)))
+  """An nn.Conv whose weight gradient the patch formula covers (see `conv_geometry`)."""
+  if type(unit) not in (nn.Conv, PatchConv) or a.ndim != 4:  # pylint: disable=unidiomatic-typecheck
+    return False
+  try:
+    conv_geometry(unit)
+  except ValueError:
+    return False
+  return True
 
 
 def _unit_contraction(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
