@@ -27,12 +27,12 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import JsonlSink, memory, time_fn  # noqa: E402
 
-from tracefl_jax import aggregation  # noqa: E402
-from tracefl_jax.client import make_client_update  # noqa: E402
+from tracefl_jax.fl import aggregation  # noqa: E402
+from tracefl_jax.fl.client import make_client_update  # noqa: E402
 from tracefl_jax.data import load_dataset  # noqa: E402
 from tracefl_jax.data.federated import stack_client_indices  # noqa: E402
 from tracefl_jax.models import get_model  # noqa: E402
-from tracefl_jax.server import make_round_fn, round_key  # noqa: E402
+from tracefl_jax.fl.rounds import make_round_fn, round_key  # noqa: E402
 
 
 def big_batch_limit(model, optimizer, variables, x, y, k, samples, batch_size, epochs):

@@ -14,7 +14,7 @@ Presets (`--config=configs/demo.py:PRESET`):
 Measured on 2 CPU cores: see README.md ("Demo") for runtime and accuracies.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = ""):

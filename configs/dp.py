@@ -11,7 +11,7 @@ Presets:
   (none) z in {0.0, 0.003, 0.006, 0.012, 0.1, 0.3, 1.0} x C in {1, 10, 15}, 40 rounds.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = ""):

@@ -11,7 +11,7 @@ Runtime on one H100: not measured yet.
 Paper: TraceFL 94-100% in all 18 settings; the FedDebug baseline 0-86% on images.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = "cpu"):

@@ -15,7 +15,7 @@ Paper (TraceFL % / best global accuracy %): ResNet18 PathMNIST 99.67/71.97, Orga
 OrganAMNIST 99.80/82.42, MNIST 100/98.83, CIFAR-10 99.69/71.58.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 MODELS = ("resnet18", "densenet121")
 DATASETS = ("mnist", "cifar10", "pathmnist", "organamnist")

@@ -9,7 +9,7 @@ clients x 10 and 20 per round, 2 rounds each (about 1 minute on 2 CPU cores).
 Runtime on one H100: not measured yet.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = ""):

@@ -10,7 +10,7 @@ The paper reports TraceFL at 99% overall (ResNet18 75-91% at other alphas); the 
 participant baseline is reported beside every number.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = ""):

@@ -15,7 +15,7 @@ Paper (TraceFL % / best global accuracy %): GPT DBpedia 100/98.58, Yahoo 100/69.
 DBpedia 98.57/99.12, Yahoo 99.80/70.61.
 """
 
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment.config import base_config
 
 
 def get_config(preset: str = "gpt-dbpedia"):

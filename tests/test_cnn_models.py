@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests import torch_cnn_reference as ref
-from tracefl_jax.client import make_client_update
+from tracefl_jax.fl.client import make_client_update
 from tracefl_jax.data.federated import stack_client_indices
 from tracefl_jax.models import get_model, make_model
-from tracefl_jax.models.cnn import PatchConv
+from tracefl_jax.models.layers import PatchConv
 from tracefl_jax.models.resnet import DenseNet, ResNet18
 from tracefl_jax.models.torchvision_import import import_torchvision
 from tracefl_jax.provenance import trace_clients
@@ -129,8 +129,8 @@ def test_patch_conv_dilation_and_unsupported_padding():
 
 def test_patches_models_train_and_trace_like_the_xla_ones():
   """lenet_patches / cnn_patches: same parameter tree, same vmapped round, same provenance."""
-  from tracefl_jax import aggregation  # pylint: disable=import-outside-toplevel
-  from tracefl_jax.server import make_round_fn, round_key  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.fl import aggregation  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.fl.rounds import make_round_fn, round_key  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(40, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 40), jnp.int32)

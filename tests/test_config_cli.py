@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracefl_jax.config import base_config, validate
+from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import optax
 import pytest
 from scipy import optimize, stats
 
-from tracefl_jax import aggregation
+from tracefl_jax.fl import aggregation, privacy
 from tracefl_jax.data.federated import stack_client_indices
 from tracefl_jax.models import get_model
-from tracefl_jax.privacy import dp_epsilon
-from tracefl_jax.server import DPSettings, make_round_fn, round_key
+from tracefl_jax.fl.privacy import dp_epsilon
+from tracefl_jax.fl.rounds import DPSettings, make_round_fn, round_key
 
 
 def _stacked(rng, c=4, scale=1.0):
@@ -37,12 +37,12 @@ def _flat(tree):
 def test_clip_update_bounds_norm_and_keeps_small_updates():
   rng = np.random.default_rng(0)
   big = {"a": jnp.asarray(rng.normal(size=(10, 10)) * 5, jnp.float32)}
-  clipped, norm = aggregation.clip_update(big, 1.5)
+  clipped, norm = privacy.clip_update(big, 1.5)
   assert float(norm) > 1.5
   np.testing.assert_allclose(np.linalg.norm(_flat(clipped)), 1.5, rtol=1e-5)
   np.testing.assert_allclose(_flat(clipped), _flat(big) * 1.5 / float(norm), rtol=1e-5)
   small = {"a": jnp.full((3,), 0.1, jnp.float32)}
-  same, _ = aggregation.clip_update(small, 1.0)
+  same, _ = privacy.clip_update(small, 1.0)
   np.testing.assert_array_equal(same["a"], small["a"])
 
 
@@ -50,7 +50,7 @@ def test_dp_fedavg_equals_numpy_reference_without_noise():
   rng = np.random.default_rng(1)
   stacked, prev = _stacked(rng, scale=3.0), _prev(rng)
   w = jnp.array([1.0, 2.0, 0.0, 5.0])
-  agg = aggregation.dp_fedavg(stacked, w, prev, jax.random.key(0), clip_norm=2.0,
+  agg = privacy.dp_fedavg(stacked, w, prev, jax.random.key(0), clip_norm=2.0,
                               noise_multiplier=0.0, clients_per_round=4)
   wn = np.asarray(w) / np.sum(w)
   ups = [np.concatenate([np.ravel(stacked["params"][k][c] - prev["params"][k])
@@ -75,7 +75,7 @@ def test_noise_std_matches_sigma_on_trainable_leaves_only():
           "batch_stats": {"var": jnp.ones((300,), jnp.float32)}}
   stacked = jax.tree.map(lambda l: jnp.stack([l] * 10), prev)
   z, clip, k = 0.8, 2.5, 10
-  agg = aggregation.dp_fedavg(stacked, jnp.ones(10), prev, jax.random.key(3), clip_norm=clip,
+  agg = privacy.dp_fedavg(stacked, jnp.ones(10), prev, jax.random.key(3), clip_norm=clip,
                               noise_multiplier=z, clients_per_round=k)
   sigma = z * clip / k
   np.testing.assert_allclose(float(agg.noise_std), sigma, rtol=1e-6)
@@ -83,7 +83,7 @@ def test_noise_std_matches_sigma_on_trainable_leaves_only():
   assert abs(noise.mean()) < 5 * sigma / math.sqrt(noise.size)
   np.testing.assert_allclose(noise.std(), sigma, rtol=0.01)  # 200k samples: ~0.3% s.e.
   np.testing.assert_allclose(agg.noisy["batch_stats"]["var"], 1.0, rtol=1e-6)  # FedAvg only
-  parity = aggregation.dp_fedavg(stacked, jnp.ones(10), prev, jax.random.key(3),
+  parity = privacy.dp_fedavg(stacked, jnp.ones(10), prev, jax.random.key(3),
                                  clip_norm=clip, noise_multiplier=z, clients_per_round=k,
                                  collections=("params", "batch_stats"))
   assert not np.allclose(parity.noisy["batch_stats"]["var"], 1.0)
@@ -105,7 +105,7 @@ def test_parity_switch_changes_which_model_is_traced(trace_clean):
   out = run_round(variables, x, y, data.indices, data.counts, np.arange(4),
                   round_key(jax.random.key(1), 1), np.ones(4, np.float32))
   assert np.all(np.asarray(out.update_norms) > 0)
-  clean = aggregation.dp_fedavg(out.clients.variables, jnp.ones(4), variables,
+  clean = privacy.dp_fedavg(out.clients.variables, jnp.ones(4), variables,
                                 jax.random.key(0), clip_norm=0.5, noise_multiplier=0.0,
                                 clients_per_round=4).clean
   same_as_clean = np.allclose(_flat(out.traced), _flat(clean), atol=1e-6)

@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from tracefl_jax import aggregation
-from tracefl_jax.client import make_client_update, masked_cross_entropy, shuffle_order
+from tracefl_jax.fl import aggregation
+from tracefl_jax.fl.client import make_client_update, masked_cross_entropy, shuffle_order
 from tracefl_jax.data.federated import bucket_length, flip_labels, stack_client_indices
 from tracefl_jax.models import get_model
-from tracefl_jax.server import make_round_fn, round_key, sample_clients
-from tracefl_jax.simulation import fold_client_keys, resolve_strategy, simulate_clients
+from tracefl_jax.fl.rounds import make_round_fn, round_key, sample_clients
+from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
 
 BATCH, EPOCHS = 4, 2
 # SGD with momentum for exactness checks: Adam divides noise-level gradients (dead ReLU units)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tracefl_jax import experiment, sweep
-from tracefl_jax.config import validate
+from tracefl_jax.experiment import runner as experiment, sweep
+from tracefl_jax.experiment.config import validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracefl_jax import evaluation
+from tracefl_jax.provenance import protocol as evaluation
 from tracefl_jax.models import get_model, make_model
 from tracefl_jax.provenance import layer_betas, trace_clients
 from tracefl_jax.provenance import attribution, kernels

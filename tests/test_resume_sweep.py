@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tracefl_jax import experiment, sweep
-from tracefl_jax.checkpointing import CheckpointError
-from tracefl_jax.config import base_config
+from tracefl_jax.experiment import runner as experiment, sweep
+from tracefl_jax.experiment.checkpointing import CheckpointError
+from tracefl_jax.experiment.config import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.num_clients=20", "--config.clients_per_round=5",

@@ -1,3 +1,3 @@
-from tracefl_jax.cli import main
+from tracefl_jax.experiment.cli import main
 
 main()

@@ -24,9 +24,18 @@ AFFINE_UNITS: tuple[type[nn.Module], ...] = (nn.Dense, nn.Conv, nn.LayerNorm)
 
 
 class ProvenanceResult(NamedTuple):
+  """TraceFL's answer for N inputs over the round's K clients.
+
+  Columns of `scores`, `probs` and `layer_scores` are positions in the round's client order;
+  `client_ids[k]` is the global id of the client at position k. `traced_client` is a global
+  id (equal to the position when `trace_clients` got no `client_ids`), `traced_position` the
+  column it came from.
+  """
   scores: jax.Array               # T [N, K] float32
   probs: jax.Array                # P [N, K] softmax over clients
-  traced_client: jax.Array        # [N] int32, position in the round's client order
+  traced_client: jax.Array        # [N] int32, global id of the responsible client
+  traced_position: jax.Array      # [N] int32, its position (column) in the round
+  client_ids: jax.Array           # [K] int32, global id of each column
   predicted: jax.Array            # [N] int32, G's eval-mode argmax
   layer_scores: jax.Array | None  # c [L, N, K] with beta applied, when requested
 
@@ -58,7 +67,8 @@ def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
                                              "clients_per_chunk", "block_mask"))
-def _trace(model, global_vars, client_vars, x, target, client_sizes, *, kernel, decay,
+def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, *, kernel,
+           decay,
            use_decay, use_size_factor, return_layers, clients_per_chunk, block_mask):
   num_layers = len(model.traced_layers)
   betas = layer_betas(num_layers, decay, use_decay)
@@ -84,8 +94,8 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, *, kernel, 
     layer_scores = None if layer_scores is None else layer_scores * p[None, None, :]
   scores = scores.astype(jnp.float32)
   probs = jax.nn.softmax(scores, axis=-1)
-  traced = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # argmax takes the first on ties
-  return ProvenanceResult(scores, probs, traced, predicted,
+  position = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # argmax takes the first on ties
+  return ProvenanceResult(scores, probs, client_ids[position], position, client_ids, predicted,
                           layer_scores if return_layers else None)
 
 
@@ -104,6 +114,7 @@ def trace_clients(
     return_layers: bool = False,
     clients_per_chunk: int | None = None,
     block_mask: str = "fixed",
+    client_ids: jax.Array | None = None,
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -122,6 +133,8 @@ def trace_clients(
     clients_per_chunk: bound memory by processing this many clients at a time.
     block_mask: for whole-block units with an attention mask (BERT): "fixed" evaluates the
       client's block with G's mask; "parity" without it, as the original did.
+    client_ids: `[K]` global ids of the round's clients; `traced_client` then holds ids
+      (default: positions 0..K-1).
   """
   if block_mask not in ("fixed", "parity"):
     raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
@@ -137,10 +150,16 @@ def trace_clients(
     raise ValueError("use_size_factor=True needs client_sizes")
   if client_sizes is None:
     client_sizes = jnp.ones(num_clients, jnp.float32)
+  if client_ids is None:
+    client_ids = jnp.arange(num_clients, dtype=jnp.int32)
+  client_ids = jnp.asarray(client_ids, jnp.int32)
+  if client_ids.shape != (num_clients,):
+    raise ValueError(f"client_ids has shape {client_ids.shape}; the round has {num_clients} "
+                     f"clients (leading axis of client_vars), so it must be ({num_clients},)")
   if not 0 < decay <= 1:
     raise ValueError(f"decay={decay} must be in (0, 1]")
   return _trace(model, global_vars, client_vars, x, target,
-                jnp.asarray(client_sizes), kernel=kernel, decay=float(decay),
+                jnp.asarray(client_sizes), client_ids, kernel=kernel, decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from tracefl_jax.models.base import ModelDef, Variables, get_layer
-from tracefl_jax.models.cnn import PatchConv, conv_geometry, image_patches
+from tracefl_jax.models.layers import PatchConv, conv_geometry, image_patches
 from tracefl_jax.provenance.capture import LayerView, capture, target_logits
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tracefl_jax import evaluation
+from tracefl_jax.provenance import protocol as evaluation
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance import trace_clients
 

@@ -27,11 +27,11 @@ def _main(argv: list[str]) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from tracefl_jax import experiment, report  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.checkpointing import CheckpointError  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import runner as experiment, report  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.checkpointing import CheckpointError  # pylint: disable=g-import-not-at-top
   try:
     if _SWEEP.value:
-      from tracefl_jax import sweep  # pylint: disable=g-import-not-at-top
+      from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
       path, _, preset = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
       rows = sweep.run_sweep(_CONFIG.value, sweep.load_sweep(path, preset), _WORKDIR.value,
                              progress=not _QUIET.value)
@@ -41,7 +41,7 @@ def _main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError, CheckpointError, experiment.TrainingDivergedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  from tracefl_jax import results  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
   results.plot_run(_WORKDIR.value)
   report.print_summary(summary, _WORKDIR.value)
 

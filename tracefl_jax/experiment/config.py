@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from tracefl_jax.aggregation import WEIGHTINGS
-from tracefl_jax.simulation import STRATEGIES
+from tracefl_jax.fl.aggregation import WEIGHTINGS
+from tracefl_jax.fl.strategies import STRATEGIES
 
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shards")
 OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracefl_jax.client import ClientOutput, ClientUpdateFn
+from tracefl_jax.fl.client import ClientOutput, ClientUpdateFn
 from tracefl_jax.models.base import Variables
 
 STRATEGIES = ("auto", "vmap", "chunked", "scan", "loop", "sharded")

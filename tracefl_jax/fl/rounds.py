@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tracefl_jax import aggregation
-from tracefl_jax.client import ClientOutput, make_client_update
+from tracefl_jax.fl import aggregation, privacy
+from tracefl_jax.fl.client import ClientOutput, make_client_update
 from tracefl_jax.models.base import ModelDef, Variables
-from tracefl_jax.simulation import fold_client_keys, resolve_strategy, simulate_clients
+from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
 
 
 class RoundOutput(NamedTuple):
@@ -97,7 +97,7 @@ def make_round_fn(
       new = aggregation.fedavg(out.variables, weights)
       return RoundOutput(new, out, new, jnp.zeros(weights.shape, jnp.float32))
     collections = ("params", "batch_stats") if dp.noise_batch_stats else ("params",)
-    agg = aggregation.dp_fedavg(
+    agg = privacy.dp_fedavg(
         out.variables, weights, previous, jax.random.fold_in(key, _DP_NOISE_STREAM),
         clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
         clients_per_round=dp.clients_per_round, collections=collections)

@@ -86,8 +86,8 @@ def _finished(workdir: Path, config: ml_collections.ConfigDict) -> dict[str, Any
 def run_sweep(config: ml_collections.ConfigDict, grid: Grid, workdir: str | Path, *,
               progress: bool = True) -> list[dict[str, Any]]:
   """Runs every point of the grid; returns one row per run (overrides + summary)."""
-  from tracefl_jax import experiment  # pylint: disable=g-import-not-at-top
-  from tracefl_jax import results  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import runner as experiment  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
 
   workdir = Path(workdir)
   points = expand_grid(grid)

@@ -23,15 +23,15 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from tracefl_jax import aggregation
-from tracefl_jax.client import make_optimizer
-from tracefl_jax.config import parse_flip, parse_int_list, validate
+from tracefl_jax.fl import aggregation
+from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.experiment.config import parse_flip, parse_int_list, validate
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.federated import flip_labels, stack_client_indices
 from tracefl_jax.models import get_model
-from tracefl_jax.checkpointing import Checkpointer
-from tracefl_jax.privacy import dp_epsilon
-from tracefl_jax.server import (DPSettings, make_predict_fn, make_round_fn, round_key,
+from tracefl_jax.experiment.checkpointing import Checkpointer
+from tracefl_jax.fl.privacy import dp_epsilon
+from tracefl_jax.fl.rounds import (DPSettings, make_predict_fn, make_round_fn, round_key,
                                 sample_clients)
 
 
@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   x_test_dev = jnp.asarray(x_test)
   tracer = None
   if c.provenance.enabled:
-    from tracefl_jax.provenance_runner import RoundTracer  # pylint: disable=g-import-not-at-top
+    from tracefl_jax.experiment.tracing import RoundTracer  # pylint: disable=g-import-not-at-top
     tracer = RoundTracer(c, model, label_counts, x_test, y_test, faulty, flip,
                          _JsonlWriter(workdir / "provenance.jsonl"))
   trace_rounds = set(parse_int_list(c.provenance.rounds)) or set(range(1, c.rounds + 1))
@@ -283,6 +283,6 @@ def _summarize(history: list[dict[str, Any]], seconds: float, strategy: str) -> 
   }
   traced = [h["provenance"] for h in history if "provenance" in h]
   if traced:
-    from tracefl_jax.provenance_runner import summarize_rounds  # pylint: disable=g-import-not-at-top
+    from tracefl_jax.experiment.tracing import summarize_rounds  # pylint: disable=g-import-not-at-top
     summary["provenance"] = summarize_rounds(traced)
   return summary

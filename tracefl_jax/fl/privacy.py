@@ -1,83 +1,57 @@
-"""FedAvg as a pure function over stacked client variables `[C, ...]`.
+"""DP-FedAvg (server-side fixed clipping, spec section 4) and its privacy accounting.
 
-McMahan et al. (2017), Algorithm 1: the new global model is the average of the clients'
-models weighted by their example counts. TraceFL's original weights by local batch counts
-(`floor(n_k / batch_size)`, spec section 4); `client_weights` offers both.
+Aggregation: flwr's DifferentialPrivacyServerSideFixedClipping as a pure function over stacked
+client variables. Accounting: Google's dp-accounting library (imported when first used).
+
+Each round samples `clients_per_round` of `num_clients` clients and releases a Gaussian
+mechanism with noise multiplier z on updates clipped to C (user-level DP). Client sampling
+here is uniform without replacement, accounted as Poisson sampling with rate q = K / N, the
+usual approximation (as in DP-FedAvg, McMahan et al. 2018). With FedAvg weights that are not
+uniform the per-client sensitivity exceeds C / K; the epsilon reported is then the standard
+figure for the configured (z, q, rounds), not a bound for example-weighted averaging.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-WEIGHTINGS = ("examples", "batches", "uniform")
-
-
-def client_weights(num_examples: Any, weighting: str = "examples",
-                   batch_size: int | None = None) -> Any:
-  """FedAvg weights `[C]` from example counts `[C]` (NumPy or JAX)."""
-  xp = jnp if isinstance(num_examples, jax.Array) else np
-  n = xp.asarray(num_examples)
-  if weighting == "examples":
-    return n.astype(xp.float32)
-  if weighting == "batches":
-    if not batch_size:
-      raise ValueError('weighting="batches" needs a batch_size')
-    return (n // batch_size).astype(xp.float32)
-  if weighting == "uniform":
-    return xp.ones(n.shape, xp.float32)
-  raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+from tracefl_jax.fl.aggregation import fedavg
 
 
-def check_weights(weights: Any) -> None:
-  """Raises a clear error for a round whose aggregation weights are unusable.
+def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
+               delta: float = 1e-5) -> float:
+  """Epsilon of `rounds` Poisson-subsampled Gaussian mechanisms (RDP accountant).
 
-  Call it on host-side (concrete) weights before the jitted round; under a trace it cannot
-  inspect values and does nothing.
+  Returns `inf` when the noise is too small for any finite bound (e.g. the paper's z = 0.003).
   """
-  if isinstance(weights, jax.core.Tracer):
-    return
-  w = np.asarray(weights, np.float64)
-  if w.ndim != 1 or w.size == 0:
-    raise ValueError(f"aggregation weights must be a non-empty vector, got shape {w.shape}")
-  if not np.all(np.isfinite(w)) or np.any(w < 0):
-    raise ValueError(f"aggregation weights must be finite and >= 0, got {w}")
-  if w.sum() <= 0:
-    raise ValueError(
-        "every client of this round has aggregation weight 0 (weights by batches give 0 to "
-        "clients with fewer examples than the batch size); nothing to average. Use "
-        "weighting='examples', a smaller batch size, or drop small clients (partition fix-up).")
+  if not 0 < sampling_rate <= 1:
+    raise ValueError(f"sampling_rate={sampling_rate} must be in (0, 1]")
+  if rounds < 0 or not 0 < delta < 1:
+    raise ValueError(f"need rounds >= 0 and 0 < delta < 1, got {rounds}, {delta}")
+  if noise_multiplier <= 0:
+    return math.inf
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  from dp_accounting import rdp  # pylint: disable=g-import-not-at-top
 
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), rounds)
+  accountant = rdp.RdpAccountant()
+  accountant.compose(event)
+  # The accountant logs one warning per RDP order it drops for numerical reasons.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    return float(accountant.get_epsilon(delta))
+  finally:
+    absl_logger.setLevel(level)
 
-def fedavg(stacked: Any, weights: jax.Array) -> Any:
-  """Weighted mean over the leading client axis of every leaf.
-
-  Args:
-    stacked: a pytree whose leaves are `[C, ...]`.
-    weights: `[C]` non-negative weights, not all zero (see `check_weights`).
-
-  Returns:
-    The pytree of `[...]` weighted means, each leaf in its own dtype. Integer leaves (counters)
-    are averaged in float32 and rounded back.
-  """
-  check_weights(weights)
-  w = jnp.asarray(weights, jnp.float32)
-  w = w / jnp.sum(w)
-
-  def mean(leaf):
-    avg = jnp.tensordot(w, leaf.astype(jnp.float32), axes=1)
-    if jnp.issubdtype(leaf.dtype, jnp.integer):
-      return jnp.round(avg).astype(leaf.dtype)
-    return avg.astype(leaf.dtype)
-
-  return jax.tree.map(mean, stacked)
-
-
-# --- DP-FedAvg with server-side fixed clipping (spec section 4; flwr's
-# DifferentialPrivacyServerSideFixedClipping) -------------------------------------------------
 
 
 class DPAggregate(NamedTuple):
