@@ -30,9 +30,9 @@ from common import JsonlSink, memory, time_fn  # noqa: E402
 from tracefl_jax.fl import aggregation  # noqa: E402
 from tracefl_jax.fl.client import make_client_update  # noqa: E402
 from tracefl_jax.data import load_dataset  # noqa: E402
-from tracefl_jax.data.federated import stack_client_indices  # noqa: E402
+from tracefl_jax.data.federated import federate  # noqa: E402
 from tracefl_jax.models import get_model  # noqa: E402
-from tracefl_jax.fl.rounds import make_round_fn, round_key  # noqa: E402
+from tracefl_jax.fl.rounds import federated_averaging, round_key  # noqa: E402
 
 
 def big_batch_limit(model, optimizer, variables, x, y, k, samples, batch_size, epochs):
@@ -74,21 +74,23 @@ def main() -> None:
   for k in ks:
     parts = np.split(np.arange(k * args.samples), k)
     clients = np.arange(k)
-    data = stack_client_indices(parts, clients, args.batch)
-    weights = aggregation.client_weights(data.counts)
+    data = federate(x[: k * args.samples], y[: k * args.samples], parts)
+    round_data = data.round_data(clients, args.batch)
+    weights = aggregation.client_weights(round_data.counts)
     for strategy in args.strategies.split(","):
       if strategy == "chunked" and args.chunk >= k:
         continue
-      run_round = make_round_fn(model, optimizer, batch_size=args.batch,
-                                local_epochs=args.epochs, strategy=strategy,
-                                clients_per_chunk=args.chunk, example_variables=variables)
-      fn = lambda: run_round(variables, x, y, data.indices, data.counts, clients,  # noqa: E731
-                             round_key(jax.random.key(0), 1), weights).variables
+      algorithm = federated_averaging(model, optimizer, batch_size=args.batch,
+                                      local_epochs=args.epochs, strategy=strategy,
+                                      clients_per_chunk=args.chunk)
+      state = algorithm.init(variables)
+      fn = lambda: algorithm.round(state, clients=clients, data=data,  # noqa: E731
+                                   key=round_key(jax.random.key(0), 1))[0].variables
       t = time_fn(fn, args.repeats)
-      jitted_args = (variables, x, y, jnp.asarray(data.indices), jnp.asarray(data.counts),
-                     jnp.asarray(clients), round_key(jax.random.key(0), 1),
-                     jnp.asarray(weights, jnp.float32))
-      mem = memory(run_round.jitted if strategy != "loop" else None, *jitted_args)
+      jitted_args = (variables, data.x, data.y, jnp.asarray(round_data.indices),
+                     jnp.asarray(round_data.counts), jnp.asarray(clients),
+                     round_key(jax.random.key(0), 1), jnp.asarray(weights, jnp.float32))
+      mem = memory(algorithm.program, *jitted_args)
       sink.write({**base, "K": k, "strategy": strategy, **mem,
                   "clients_per_chunk": args.chunk if strategy == "chunked" else None, **t,
                   "client_updates_per_s": k / t["steady_s"],

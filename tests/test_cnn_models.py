@@ -129,21 +129,20 @@ def test_patch_conv_dilation_and_unsupported_padding():
 
 def test_patches_models_train_and_trace_like_the_xla_ones():
   """lenet_patches / cnn_patches: same parameter tree, same vmapped round, same provenance."""
-  from tracefl_jax.fl import aggregation  # pylint: disable=import-outside-toplevel
-  from tracefl_jax.fl.rounds import make_round_fn, round_key  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.data.federated import federate  # pylint: disable=import-outside-toplevel
+  from tracefl_jax.fl.rounds import federated_averaging, round_key  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(40, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 40), jnp.int32)
-  data = stack_client_indices(np.split(np.arange(40), 4), np.arange(4), 4)
-  w = aggregation.client_weights(data.counts)
+  data = federate(x, y, np.split(np.arange(40), 4))
   outs = []
   for name in ("lenet_xla", "lenet_patches"):
     model = get_model(name, (8, 8, 1), 3)
     variables = model.init(jax.random.key(0))
-    run = make_round_fn(model, optax.sgd(0.1), batch_size=4, local_epochs=1, strategy="vmap",
-                        example_variables=variables)
-    outs.append(run(variables, x, y, data.indices, data.counts, np.arange(4),
-                    round_key(jax.random.key(0), 1), w))
+    algorithm = federated_averaging(model, optax.sgd(0.1), batch_size=4, local_epochs=1,
+                                    strategy="vmap")
+    outs.append(algorithm.round(algorithm.init(variables), clients=np.arange(4), data=data,
+                                key=round_key(jax.random.key(0), 1))[1])
   for a, b in zip(jax.tree.leaves(outs[0].clients.variables),
                   jax.tree.leaves(outs[1].clients.variables), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -12,10 +12,11 @@ import pytest
 from scipy import optimize, stats
 
 from tracefl_jax.fl import aggregation, privacy
-from tracefl_jax.data.federated import stack_client_indices
 from tracefl_jax.models import get_model
 from tracefl_jax.fl.privacy import dp_epsilon
-from tracefl_jax.fl.rounds import DPSettings, make_round_fn, round_key
+from tracefl_jax.data.federated import federate
+from tracefl_jax.fl.privacy import DPSettings
+from tracefl_jax.fl.rounds import federated_averaging, round_key
 
 
 def _stacked(rng, c=4, scale=1.0):
@@ -98,12 +99,11 @@ def test_parity_switch_changes_which_model_is_traced(trace_clean):
   variables = model.init(jax.random.key(0))
   dp = DPSettings(clip_norm=0.5, noise_multiplier=1.0, clients_per_round=4,
                   trace_clean=trace_clean)
-  run_round = make_round_fn(model, optax.sgd(0.1), batch_size=5, local_epochs=1,
-                            strategy="vmap", example_variables=variables, dp=dp)
-  parts = np.split(np.arange(40), 4)
-  data = stack_client_indices(parts, range(4), 5)
-  out = run_round(variables, x, y, data.indices, data.counts, np.arange(4),
-                  round_key(jax.random.key(1), 1), np.ones(4, np.float32))
+  algorithm = federated_averaging(model, optax.sgd(0.1), batch_size=5, local_epochs=1,
+                                  strategy="vmap", dp=dp)
+  data = federate(x, y, np.split(np.arange(40), 4))
+  _, out = algorithm.round(algorithm.init(variables), clients=np.arange(4), data=data,
+                           key=round_key(jax.random.key(1), 1))
   assert np.all(np.asarray(out.update_norms) > 0)
   clean = privacy.dp_fedavg(out.clients.variables, jnp.ones(4), variables,
                                 jax.random.key(0), clip_norm=0.5, noise_multiplier=0.0,

@@ -10,9 +10,10 @@ import pytest
 
 from tracefl_jax.fl import aggregation
 from tracefl_jax.fl.client import make_client_update, masked_cross_entropy, shuffle_order
-from tracefl_jax.data.federated import bucket_length, flip_labels, stack_client_indices
+from tracefl_jax.data.federated import (bucket_length, federate, flip_labels,
+                                        stack_client_indices)
 from tracefl_jax.models import get_model
-from tracefl_jax.fl.rounds import make_round_fn, round_key, sample_clients
+from tracefl_jax.fl.rounds import federated_averaging, round_key, sample_clients
 from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
 
 BATCH, EPOCHS = 4, 2
@@ -154,18 +155,19 @@ def test_sampling_is_a_function_of_seed_and_round():
 
 def test_round_does_not_retrace_and_trains(setup):
   model, variables, x, y, client_indices = setup
-  run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=EPOCHS,
-                            strategy="vmap", example_variables=variables)
+  algorithm = federated_averaging(model, OPT, batch_size=BATCH, local_epochs=EPOCHS,
+                                  strategy="vmap")
+  data = federate(x, y, client_indices)
+  state = algorithm.init(variables)
   root = jax.random.key(0)
   for r in (1, 2, 3):
-    clients = np.array([0, 2, 4])
-    data = stack_client_indices(client_indices, clients, BATCH, length=16)
-    w = aggregation.client_weights(data.counts)
-    out = run_round(variables, x, y, data.indices, data.counts, clients, round_key(root, r), w)
-    expected = aggregation.fedavg(out.clients.variables, jnp.asarray(w))
+    state, out = algorithm.round(state, clients=[0, 2, 4], data=data, key=round_key(root, r))
+    np.testing.assert_array_equal(out.weights, [9, 13, 6])  # examples by default
+    np.testing.assert_array_equal(out.client_ids, [0, 2, 4])
+    expected = aggregation.fedavg(out.clients.variables, jnp.asarray(out.weights))
     _tree_allclose(out.variables, expected)
-    variables = out.variables
-  assert run_round.jitted._cache_size() == 1  # pylint: disable=protected-access
+    assert state.round == r and state.variables is out.variables
+  assert algorithm.program._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_auto_strategy_per_backend(setup):
@@ -201,14 +203,13 @@ def test_sharded_round_equals_unsharded_on_fake_devices(setup):
   assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
   model, variables, x, y, client_indices = setup
   clients = np.array([0, 1, 2, 4, 3])  # 5 clients: padded to 8 over 4 devices
-  data = stack_client_indices(client_indices, clients, BATCH)
-  w = aggregation.client_weights(data.counts)
+  data = federate(x, y, client_indices)
   outs = {}
   for strategy in ("vmap", "sharded"):
-    run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=EPOCHS,
-                              strategy=strategy, example_variables=variables)
-    outs[strategy] = run_round(variables, x, y, data.indices, data.counts, clients,
-                               round_key(jax.random.key(0), 1), w)
+    algorithm = federated_averaging(model, OPT, batch_size=BATCH, local_epochs=EPOCHS,
+                                    strategy=strategy)
+    _, outs[strategy] = algorithm.round(algorithm.init(variables), clients=clients, data=data,
+                                        key=round_key(jax.random.key(0), 1))
   _tree_allclose(outs["sharded"].variables, outs["vmap"].variables)
   _tree_allclose(outs["sharded"].clients, outs["vmap"].clients)
   leaf = jax.tree.leaves(outs["sharded"].clients.variables)[0]
@@ -233,13 +234,13 @@ def test_bfloat16_compute_tracks_float32(setup):
 
 def _round_temp_bytes(model, variables, strategy, k, chunk):
   """XLA's temporary-buffer size for the jitted round with K clients of 8 examples each."""
-  run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=1, strategy=strategy,
-                            clients_per_chunk=chunk, example_variables=variables)
+  algorithm = federated_averaging(model, OPT, batch_size=BATCH, local_epochs=1,
+                                  strategy=strategy, clients_per_chunk=chunk)
   data = stack_client_indices(np.split(np.arange(8 * k) % 60, k), np.arange(k), BATCH)
   args = (variables, jnp.zeros((60, 8, 8, 1)), jnp.zeros(60, jnp.int32),
           jnp.asarray(data.indices), jnp.asarray(data.counts), jnp.arange(k),
           jax.random.key(0), jnp.full(k, 1.0 / k))
-  return run_round.jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return algorithm.program.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_round_memory_is_flat_in_k(setup):
@@ -253,15 +254,13 @@ def test_chunked_round_memory_is_flat_in_k(setup):
 
 def test_donated_round_equals_plain_round_and_consumes_its_input(setup):
   model, variables, x, y, client_indices = setup
-  clients = np.array([0, 1, 2])
-  data = stack_client_indices(client_indices, clients, BATCH, length=16)
-  w = aggregation.client_weights(data.counts)
+  data = federate(x, y, client_indices)
   outs = []
   for donate in (False, True):
-    run_round = make_round_fn(model, OPT, batch_size=BATCH, local_epochs=1, strategy="vmap",
-                              example_variables=variables, donate=donate)
+    algorithm = federated_averaging(model, OPT, batch_size=BATCH, local_epochs=1,
+                                    strategy="vmap", donate=donate)
     start = jax.tree.map(jnp.copy, variables)
-    outs.append(run_round(start, x, y, data.indices, data.counts, clients,
-                          round_key(jax.random.key(0), 1), w).variables)
+    outs.append(algorithm.round(algorithm.init(start), clients=[0, 1, 2], data=data,
+                                key=round_key(jax.random.key(0), 1))[1].variables)
     assert all(leaf.is_deleted() == donate for leaf in jax.tree.leaves(start))
   _tree_allclose(outs[0], outs[1], rtol=0, atol=0)

@@ -1,25 +1,32 @@
 """tracefl_jax: TraceFL neuron provenance for federated learning, in JAX.
 
-The curated surface; everything else lives in the submodules named in README.md.
+The library surface: plain arrays, Flax modules and optax optimizers in, pytrees out; no
+config. The experiment runner that reads configs (`python -m tracefl_jax`) lives in
+`tracefl_jax.experiment` and is imported only when used.
 """
 
+from tracefl_jax.data.federated import FederatedData, federate
+from tracefl_jax.data.partition import Partition, fixup_partition, make_partition
 from tracefl_jax.fl.aggregation import client_weights, fedavg
-from tracefl_jax.fl.privacy import dp_fedavg
-from tracefl_jax.experiment.config import base_config, validate
-from tracefl_jax.data import load_dataset, make_partition
-from tracefl_jax.provenance.protocol import (localization_correct, round_baselines,
-                                    select_correct_inputs, select_faulty_inputs)
-from tracefl_jax.experiment.runner import TrainingDivergedError, run
-from tracefl_jax.models import ModelDef, available_models, get_model, make_model
-from tracefl_jax.fl.privacy import dp_epsilon
+from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.privacy import DPSettings, dp_fedavg
+from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInfo, RoundOutput,
+                                   ServerState, TrainingDivergedError, federated_averaging,
+                                   round_key, run_rounds, sample_clients)
+from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
-from tracefl_jax.fl.rounds import DPSettings, make_round_fn, sample_clients
-from tracefl_jax.fl.strategies import simulate_clients
+from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, localization_correct,
+                                             provenance_callback, round_baselines,
+                                             select_correct_inputs, select_faulty_inputs,
+                                             select_inputs, summarize_rounds, trace_round)
 
 __all__ = [
-    "DPSettings", "ModelDef", "ProvenanceResult", "TrainingDivergedError", "available_models",
-    "base_config", "client_weights", "dp_epsilon", "dp_fedavg", "fedavg", "get_model",
-    "load_dataset", "localization_correct", "make_model", "make_partition", "make_round_fn",
-    "round_baselines", "run", "sample_clients", "select_correct_inputs",
-    "select_faulty_inputs", "simulate_clients", "trace_clients", "validate",
+    "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
+    "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
+    "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "client_weights",
+    "dp_fedavg", "federate", "federated_averaging", "fedavg", "fixup_partition", "get_model",
+    "localization_correct", "make_model", "make_optimizer", "make_partition",
+    "provenance_callback", "register_model", "round_baselines", "round_key", "run_rounds",
+    "sample_clients", "select_correct_inputs", "select_faulty_inputs", "select_inputs",
+    "summarize_rounds", "trace_clients", "trace_round",
 ]

@@ -1,6 +1,7 @@
-"""Client data on device: per-client example indices padded to a common, bucketed length.
+"""Federated data: the training set on the device once, each client a list of indices into it.
 
-The training set lives on the device once (`x [N, ...]`, `y [N]`). A round's clients are an
+`federate(x, y, partition)` builds `FederatedData` from plain arrays and a partition (from
+`make_partition`, or a user's own list of index arrays). A round's clients are an
 index matrix `[K, M]` into it plus the true counts `[K]`; slots past a client's count are
 padding and are masked out of every loss. `M` is a multiple of the batch size rounded up to a
 power of two number of steps, so that rounds with similar client sizes share one compiled
@@ -9,10 +10,13 @@ program (shape bucketing: at most log2 distinct shapes over a run).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -55,6 +59,67 @@ def stack_client_indices(
   for row, ix in zip(indices, chosen):
     row[: len(ix)] = ix
   return RoundData(indices, counts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FederatedData:
+  """A federation's training data (build it with `federate`).
+
+  Attributes:
+    x: `[N, ...]` training examples, on the device.
+    y: `[N]` int32 labels, on the device.
+    client_indices: per client, int64 indices into `x` (host NumPy).
+    num_classes: number of labels.
+    label_counts: `[C, num_classes]` each client's label histogram (host NumPy): the ground
+      truth that the paper's localization rule scores provenance against.
+  """
+  x: jax.Array
+  y: jax.Array
+  client_indices: tuple[np.ndarray, ...]
+  num_classes: int
+  label_counts: np.ndarray
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.client_indices)
+
+  @property
+  def client_sizes(self) -> np.ndarray:
+    """`[C]` example counts."""
+    return np.array([len(ix) for ix in self.client_indices], np.int64)
+
+  def round_data(self, clients: Sequence[int], batch_size: int) -> "RoundData":
+    """The chosen clients' indices padded to one bucketed length (`stack_client_indices`)."""
+    return stack_client_indices(self.client_indices, clients, batch_size)
+
+
+def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None) -> FederatedData:
+  """`FederatedData` from plain arrays.
+
+  Args:
+    x: `[N, ...]` examples (NumPy or JAX; float images or int token ids).
+    y: `[N]` integer labels in `[0, num_classes)`.
+    clients: a `Partition` (from `make_partition`) or a sequence of per-client index arrays.
+    num_classes: default `max(y) + 1`.
+  """
+  y_host = np.asarray(y)
+  if y_host.ndim != 1 or not np.issubdtype(y_host.dtype, np.integer):
+    raise ValueError(f"y must be a vector of integer labels, got shape {y_host.shape} and "
+                     f"dtype {y_host.dtype}")
+  if len(x) != len(y_host):
+    raise ValueError(f"x has {len(x)} examples but y has {len(y_host)} labels")
+  k = int(num_classes if num_classes is not None else y_host.max(initial=-1) + 1)
+  if len(y_host) and not 0 <= y_host.min() <= y_host.max() < k:
+    raise ValueError(f"labels must lie in [0, {k}), got [{y_host.min()}, {y_host.max()}]")
+  parts = getattr(clients, "client_indices", clients)
+  indices = tuple(np.asarray(ix, np.int64).reshape(-1) for ix in parts)
+  if not indices:
+    raise ValueError("the partition has no clients")
+  for c, ix in enumerate(indices):
+    if len(ix) and not 0 <= ix.min() <= ix.max() < len(y_host):
+      raise ValueError(f"client {c} has indices outside [0, {len(y_host)})")
+  counts = np.stack([np.bincount(y_host[ix], minlength=k) for ix in indices]).astype(np.int64)
+  return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), indices, k, counts)
 
 
 def flip_labels(

@@ -1,4 +1,8 @@
-"""`run(config, workdir)`: the only place that reads a config and loops over rounds.
+"""`run(config, workdir)`: translates a config into library calls and owns the workdir.
+
+The round loop, evaluation and the provenance protocol are the library's (`fl.rounds`,
+`provenance.protocol`); this module builds them from the config and adds per-round callbacks
+that write files, save checkpoints and drive the progress bar.
 
 Writes into `workdir`:
   config.json       the resolved config;
@@ -23,20 +27,18 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from tracefl_jax.fl import aggregation
-from tracefl_jax.fl.client import make_optimizer
-from tracefl_jax.experiment.config import parse_flip, parse_int_list, validate
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
-from tracefl_jax.data.federated import flip_labels, stack_client_indices
-from tracefl_jax.models import get_model
+from tracefl_jax.data.federated import federate, flip_labels
 from tracefl_jax.experiment.checkpointing import Checkpointer
-from tracefl_jax.fl.privacy import dp_epsilon
-from tracefl_jax.fl.rounds import (DPSettings, make_predict_fn, make_round_fn, round_key,
-                                sample_clients)
-
-
-class TrainingDivergedError(FloatingPointError):
-  """Raised when a round produces non-finite client losses or global parameters."""
+from tracefl_jax.experiment.config import parse_flip, parse_int_list, validate
+from tracefl_jax.experiment.tracing import ProvenanceLog
+from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.privacy import DPSettings, dp_epsilon
+from tracefl_jax.fl.rounds import (GlobalEvaluator, RoundInfo, ServerState, TrainingDivergedError,
+                                   federated_averaging, run_rounds)
+from tracefl_jax.models import get_model
+from tracefl_jax.provenance.protocol import (ProtocolSettings, provenance_callback,
+                                             summarize_rounds)
 
 
 def _partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: int):
@@ -130,6 +132,18 @@ def _truncate_jsonl(path: Path, last_round: int) -> None:
   path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
 
+def protocol_settings(c: ml_collections.ConfigDict) -> ProtocolSettings:
+  """The config's provenance section as the library's `ProtocolSettings`."""
+  p = c.provenance
+  return ProtocolSettings(
+      mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
+      faulty_clients=tuple(parse_int_list(c.faulty.clients)), flip=parse_flip(c.faulty.flip),
+      kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
+      use_size_factor=p.use_size_factor,
+      size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
+      clients_per_chunk=p.clients_per_chunk)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
         progress: bool = True) -> dict[str, Any]:
   """Runs one federated experiment with online provenance; returns the summary dict.
@@ -158,8 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     x_train, y_train, client_indices = flip_labels(y_train, client_indices, faulty, flip,
                                                    x_train)
   # Ground truth for provenance is what each client really trained on (flips included).
-  label_counts = np.stack([np.bincount(y_train[ix], minlength=ds.num_classes)
-                           for ix in client_indices])
+  data = federate(x_train, y_train, client_indices, num_classes=ds.num_classes)
 
   root = jax.random.key(c.seed)
   model, variables = _build_model(c, ds, jax.random.fold_in(root, 0))  # rounds count from 1
@@ -170,20 +183,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     dp = DPSettings(clip_norm=c.dp.clip_norm, noise_multiplier=c.dp.noise_multiplier,
                     clients_per_round=c.clients_per_round, noise_batch_stats=c.dp.parity,
                     trace_clean=c.dp.parity)
-  round_fn = make_round_fn(model, optimizer, batch_size=c.client.batch_size,
-                           local_epochs=c.client.local_epochs, strategy=c.simulation.strategy,
-                           clients_per_chunk=c.simulation.clients_per_chunk,
-                           example_variables=variables, dp=dp,
-                           compute_dtype=jnp.dtype(c.simulation.compute_dtype),
-                           donate=True)
-  predict = make_predict_fn(model, c.eval.batch_size)
+  algorithm = federated_averaging(
+      model, optimizer, batch_size=c.client.batch_size, local_epochs=c.client.local_epochs,
+      weighting=c.aggregation.weighting, strategy=c.simulation.strategy,
+      clients_per_chunk=c.simulation.clients_per_chunk, dp=dp,
+      compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=True)
+  evaluator = GlobalEvaluator(model, x_test, y_test, c.eval.batch_size)
 
   checkpointer = Checkpointer(workdir, config_json, c.checkpoint.every)
+  state = algorithm.init(variables)
   history: list[dict[str, Any]] = []
-  start = 1
   if c.checkpoint.resume and checkpointer.latest_round() is not None:
     last, variables, history = checkpointer.restore(variables)
-    start = last + 1
+    state = ServerState(variables, last)
     for name in ("metrics.jsonl", "provenance.jsonl"):
       _truncate_jsonl(workdir / name, last)
   else:
@@ -191,76 +203,52 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
       (workdir / name).unlink(missing_ok=True)
   (workdir / "config.json").write_text(config_json + "\n")
   (workdir / "partition.json").write_text(json.dumps({
-      "label_counts": label_counts.tolist(), "faulty_clients": faulty,
+      "label_counts": data.label_counts.tolist(), "faulty_clients": faulty,
       "flip": {str(k): v for k, v in flip.items()}}) + "\n")
 
-  x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(y_train)
-  x_test_dev = jnp.asarray(x_test)
-  tracer = None
-  if c.provenance.enabled:
-    from tracefl_jax.experiment.tracing import RoundTracer  # pylint: disable=g-import-not-at-top
-    tracer = RoundTracer(c, model, label_counts, x_test, y_test, faulty, flip,
-                         _JsonlWriter(workdir / "provenance.jsonl"))
-  trace_rounds = set(parse_int_list(c.provenance.rounds)) or set(range(1, c.rounds + 1))
-
   metrics = _JsonlWriter(workdir / "metrics.jsonl")
-  t_start = time.perf_counter()
-  bar = tqdm(range(start, c.rounds + 1), desc="rounds", unit="round", disable=not progress,
-             initial=start - 1, total=c.rounds)
-  try:
-    for r in bar:
-      t0 = time.perf_counter()
-      clients = sample_clients(c.seed, r, len(client_indices), c.clients_per_round)
-      data = stack_client_indices(client_indices, clients, c.client.batch_size)
-      weights = aggregation.client_weights(data.counts, c.aggregation.weighting,
-                                           c.client.batch_size)
-      out = round_fn(variables, x_dev, y_dev, data.indices, data.counts, clients,
-                     round_key(root, r), weights)
-      losses = np.asarray(out.clients.loss)
-      if not np.all(np.isfinite(losses)):
-        bad = clients[~np.isfinite(losses)].tolist()
-        raise TrainingDivergedError(
-            f"round {r}: non-finite training loss on clients {bad}. Metrics of the rounds "
-            f"before are in {workdir / 'metrics.jsonl'}, checkpoints in "
-            f"{checkpointer.directory}. Lower client.learning_rate (now "
-            f"{c.client.learning_rate}) or check the data for NaN/inf values.")
-      variables = out.variables
-      preds = np.asarray(predict(variables, x_test_dev))
-      row: dict[str, Any] = {
-          "round": r,
-          "accuracy": float(np.mean(preds == y_test)),
-          "client_loss": float(np.average(losses, weights=np.maximum(data.counts, 1e-9))),
-          "clients": clients.tolist(),
-          "train_seconds": time.perf_counter() - t0,
-      }
-      if dp is not None:
-        row["dp_update_norm_mean"] = float(np.mean(np.asarray(out.update_norms)))
-        row["dp_epsilon"] = dp_epsilon(c.dp.noise_multiplier,
-                                       c.clients_per_round / len(client_indices), r,
-                                       c.dp.delta)
-      if tracer is not None and r in trace_rounds:
-        t1 = time.perf_counter()
-        traced_preds = (np.asarray(predict(out.traced, x_test_dev))
-                        if dp is not None and dp.trace_clean else preds)
-        row["provenance"] = tracer.trace_round(r, out.traced, out.clients.variables, clients,
-                                               data.counts, traced_preds)
-        row["provenance_seconds"] = time.perf_counter() - t1
-      metrics.write(row)
-      history.append(row)
-      checkpointer.maybe_save(r, variables, history)
-      bar.set_postfix(acc=f"{row['accuracy']:.3f}", **_postfix(row))
-    checkpointer.maybe_save(c.rounds, variables, history, force=True)
-  finally:
-    metrics.close()
-    checkpointer.close()
-    if tracer is not None:
-      tracer.close()
+  prov_log = ProvenanceLog(_JsonlWriter(workdir / "provenance.jsonl"), data.label_counts,
+                           top_k=c.provenance.top_k)
+  callbacks: list[Any] = [evaluator]
+  if c.provenance.enabled:
+    callbacks.append(provenance_callback(model, evaluator, protocol_settings(c),
+                                         rounds=parse_int_list(c.provenance.rounds),
+                                         on_trace=prov_log.write_round))
+  if dp is not None:
+    rate = c.clients_per_round / data.num_clients
+    callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,
+                                                            info.round, c.dp.delta)})
+  bar = tqdm(total=c.rounds, initial=state.round, desc="rounds", unit="round",
+             disable=not progress)
 
-  summary = _summarize(history, time.perf_counter() - t_start, round_fn.strategy)
+  def log(info: RoundInfo) -> None:
+    metrics.write(info.metrics)
+    history.append(info.metrics)
+    checkpointer.maybe_save(info.round, info.state.variables, history)
+    bar.update(1)
+    bar.set_postfix(acc=f"{info.metrics['accuracy']:.3f}", **_postfix(info.metrics))
+
+  t_start = time.perf_counter()
+  try:
+    state, _ = run_rounds(algorithm, state, data, rounds=c.rounds,
+                          clients_per_round=c.clients_per_round, seed=c.seed,
+                          callbacks=[*callbacks, log])
+    checkpointer.maybe_save(c.rounds, state.variables, history, force=True)
+  except TrainingDivergedError as e:
+    raise TrainingDivergedError(
+        f"{e} Metrics of the rounds before are in {workdir / 'metrics.jsonl'}, checkpoints in "
+        f"{checkpointer.directory} (client.learning_rate is {c.client.learning_rate}).") from e
+  finally:
+    bar.close()
+    metrics.close()
+    prov_log.close()
+    checkpointer.close()
+
+  summary = _summarize(history, time.perf_counter() - t_start, algorithm.strategy)
   if dp is not None:
     summary["dp"] = {"noise_multiplier": c.dp.noise_multiplier, "clip_norm": c.dp.clip_norm,
                      "delta": c.dp.delta, "epsilon": history[-1]["dp_epsilon"],
-                     "sampling_rate": c.clients_per_round / len(client_indices)}
+                     "sampling_rate": c.clients_per_round / data.num_clients}
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
@@ -283,6 +271,5 @@ def _summarize(history: list[dict[str, Any]], seconds: float, strategy: str) -> 
   }
   traced = [h["provenance"] for h in history if "provenance" in h]
   if traced:
-    from tracefl_jax.experiment.tracing import summarize_rounds  # pylint: disable=g-import-not-at-top
     summary["provenance"] = summarize_rounds(traced)
   return summary

@@ -23,6 +23,15 @@ import jax.numpy as jnp
 from tracefl_jax.fl.aggregation import fedavg
 
 
+class DPSettings(NamedTuple):
+  """DP-FedAvg with server-side fixed clipping (see `dp_fedavg`)."""
+  clip_norm: float
+  noise_multiplier: float
+  clients_per_round: int
+  noise_batch_stats: bool = False  # original's defect: clip and noise BatchNorm statistics
+  trace_clean: bool = False        # original's defect: trace the pre-noise aggregate
+
+
 def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
                delta: float = 1e-5) -> float:
   """Epsilon of `rounds` Poisson-subsampled Gaussian mechanisms (RDP accountant).

@@ -1,15 +1,23 @@
-"""One federated round: sample -> simulate the clients -> FedAvg; and global evaluation.
+"""Federated rounds without a config: FedAvg / DP-FedAvg as `init` + one jitted `round`, global
+evaluation, and a small loop helper with per-round callbacks.
 
-`make_round_fn` builds the round once per experiment. For the in-program strategies (vmap,
-chunked, scan) the whole round, local training of every client plus aggregation, is ONE jitted
-program; its shapes depend only on K and the bucketed client length, so round 2 reuses round
-1's compilation. Client sampling is a host-side function of (seed, round), so a resumed run
-draws exactly the clients an uninterrupted one would.
+In the style of optax and fedjax, `federated_averaging(...)` returns a `FederatedAlgorithm`, a
+NamedTuple of pure functions over explicit state:
+
+    algorithm = federated_averaging(model, optax.adam(1e-3), batch_size=32, local_epochs=2)
+    state = algorithm.init(model.init(key))
+    state, out = algorithm.round(state, clients=[3, 7, 9], data=data, key=key)
+
+For the in-program strategies (vmap, chunked, scan, sharded) a round, local training of every
+client plus aggregation, is ONE jitted program whose shapes depend only on K and the bucketed
+client length, so round 2 reuses round 1's compilation. Client sampling is a host-side function
+of (seed, round), so a resumed run draws exactly the clients an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,30 +25,48 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tracefl_jax.data.federated import FederatedData
 from tracefl_jax.fl import aggregation, privacy
 from tracefl_jax.fl.client import ClientOutput, make_client_update
-from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
+from tracefl_jax.models.base import ModelDef, Variables
+
+
+class TrainingDivergedError(FloatingPointError):
+  """Raised when a round produces non-finite client losses."""
+
+
+class ServerState(NamedTuple):
+  """What the server carries from round to round."""
+  variables: Variables  # the global model G_t
+  round: int            # rounds completed (t)
 
 
 class RoundOutput(NamedTuple):
+  """Everything one round produced (client-indexed fields stacked `[K, ...]`)."""
   variables: Variables     # the new global model G_t, which training continues from
-  clients: ClientOutput    # the round's client models and metrics, stacked `[K, ...]`
+  clients: ClientOutput    # the round's client models, losses, example and step counts
+  client_ids: np.ndarray   # [K] global ids of the round's clients, in the round's order
+  weights: np.ndarray      # [K] aggregation weights
   traced: Variables        # the model provenance explains (G_t, or DP's pre-noise aggregate
                            # in the original's parity mode)
-  update_norms: jax.Array  # [K] client update norms before clipping (DP), else zeros
+  update_norms: jax.Array | None  # [K] client update norms before clipping (DP only)
 
 
-class DPSettings(NamedTuple):
-  """DP-FedAvg with server-side fixed clipping (see `aggregation.dp_fedavg`)."""
-  clip_norm: float
-  noise_multiplier: float
-  clients_per_round: int
-  noise_batch_stats: bool = False  # original's defect: clip and noise BatchNorm statistics
-  trace_clean: bool = False        # original's defect: trace the pre-noise aggregate
+class FederatedAlgorithm(NamedTuple):
+  """`init(variables) -> ServerState`; `round(state, clients, data, key) -> (state, output)`.
+
+  `strategy` is the resolved client-axis strategy; `program` the jitted round program
+  `(variables, x, y, indices, counts, client_ids, key, weights) -> RoundOutput fields` for
+  inspection (compiled memory, cache size), None for the host-side "loop" strategy.
+  """
+  init: Callable[[Variables], ServerState]
+  round: Callable[..., tuple[ServerState, RoundOutput]]
+  strategy: str
+  program: Any
 
 
-RoundFn = Callable[..., RoundOutput]
 # Client keys fold in client ids (< 2**31 - 1); the DP noise key folds in a value no id takes.
 _DP_NOISE_STREAM = 2**31 - 1
 
@@ -55,54 +81,53 @@ def sample_clients(seed: int, round_idx: int, num_clients: int, k: int) -> np.nd
 
 
 def round_key(root_key: jax.Array, round_idx: int) -> jax.Array:
+  """The key of round `round_idx` (rounds count from 1; the model init uses fold_in 0)."""
   return jax.random.fold_in(root_key, round_idx)
 
 
-def make_round_fn(
+def federated_averaging(
     model: ModelDef,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
     local_epochs: int,
+    weighting: str = "examples",
     strategy: str = "auto",
     clients_per_chunk: int = 0,
-    example_variables: Variables | None = None,
     dp: DPSettings | None = None,
     compute_dtype: Any = jnp.float32,
     donate: bool = False,
-) -> RoundFn:
-  """Returns `run_round(variables, x, y, indices, counts, client_ids, key, weights)`.
+) -> FederatedAlgorithm:
+  """FedAvg (McMahan et al. 2017), or DP-FedAvg with `dp`, over stacked clients.
 
-  Args of the returned function:
-    variables: the global model G_{t-1}.
-    x, y: the device-resident training set.
-    indices, counts: the round's `RoundData` (`[K, M]`, `[K]`).
-    client_ids: `[K]` global ids of the round's clients (for their PRNG keys).
-    key: the round's key (`round_key(root, t)`).
-    weights: `[K]` FedAvg weights, validated on the host with `aggregation.check_weights`.
-
-  With `dp`, aggregation is DP-FedAvg; its noise key is folded from the round key.
-  With `donate`, the in-program strategies donate `variables` (G_{t-1}) to the round, so
-  XLA may write G_t into its buffers: the caller must not use the passed variables after the
-  call (the experiment runner does not; it keeps G_t).
+  Args:
+    model: the clients' and the server's model.
+    optimizer: each client's local optimizer (fresh state every round, as in the original).
+    batch_size, local_epochs: local training.
+    weighting: aggregation weights from example counts: "examples", "batches" (the
+      original's floor(n_k / batch_size)) or "uniform" (`aggregation.client_weights`).
+    strategy: how the client axis runs (`strategies.STRATEGIES`; "auto" picks per backend).
+    clients_per_chunk: clients per chunk for "chunked".
+    dp: DP-FedAvg settings (server-side fixed clipping and Gaussian noise).
+    compute_dtype: `jnp.bfloat16` for mixed-precision local training.
+    donate: donate G_{t-1}'s buffers to the round (the caller must not reuse the state
+      passed to `round`; `run_rounds` does not).
   """
+  aggregation.client_weights(np.ones(1, np.int64), weighting, batch_size)  # validates the name
   client_update = make_client_update(model, optimizer, batch_size, local_epochs,
                                      compute_dtype=compute_dtype)
-  if example_variables is None:
-    example_variables = jax.eval_shape(model.init, jax.random.key(0))
-  strategy = resolve_strategy(strategy, example_variables)
+  strategy = resolve_strategy(strategy, jax.eval_shape(model.init, jax.random.key(0)))
 
   def average(out, weights, previous, key):
     if dp is None:
       new = aggregation.fedavg(out.variables, weights)
-      return RoundOutput(new, out, new, jnp.zeros(weights.shape, jnp.float32))
+      return new, out, new, None
     collections = ("params", "batch_stats") if dp.noise_batch_stats else ("params",)
     agg = privacy.dp_fedavg(
         out.variables, weights, previous, jax.random.fold_in(key, _DP_NOISE_STREAM),
         clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
         clients_per_round=dp.clients_per_round, collections=collections)
-    return RoundOutput(agg.noisy, out, agg.clean if dp.trace_clean else agg.noisy,
-                       agg.update_norms)
+    return agg.noisy, out, agg.clean if dp.trace_clean else agg.noisy, agg.update_norms
 
   def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights):
     keys = fold_client_keys(key, client_ids)
@@ -111,35 +136,54 @@ def make_round_fn(
     return average(out, weights, variables, key)
 
   if strategy != "loop":
-    jitted = jax.jit(clients_and_average, donate_argnums=(0,) if donate else ())
+    program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else ())
+    execute = program
   else:
+    program = None
     average_jit = jax.jit(average)
     keys_fn = jax.jit(fold_client_keys)
 
-    def jitted(variables, x, y, indices, counts, client_ids, key, weights):
+    def execute(variables, x, y, indices, counts, client_ids, key, weights):
       out = simulate_clients(client_update, variables, x, y, indices, counts,
                              keys_fn(key, client_ids), strategy="loop")
       return average_jit(out, weights, variables, key)
 
-  def run_round(variables, x, y, indices, counts, client_ids, key, weights):
+  def init(variables: Variables) -> ServerState:
+    return ServerState(dict(variables), 0)
+
+  def round_(state: ServerState, clients: Sequence[int], data: FederatedData,
+             key: jax.Array) -> tuple[ServerState, RoundOutput]:
+    client_ids = np.asarray(clients, np.int64).reshape(-1)
+    if len(client_ids) == 0 or len(set(client_ids.tolist())) != len(client_ids):
+      raise ValueError(f"a round needs distinct client ids, got {client_ids.tolist()}")
+    if client_ids.min() < 0 or client_ids.max() >= data.num_clients:
+      raise ValueError(f"client ids must lie in [0, {data.num_clients}), got "
+                       f"{client_ids.tolist()}")
+    round_data = data.round_data(client_ids, batch_size)
+    indices, counts = round_data.indices, round_data.counts
+    weights = np.asarray(aggregation.client_weights(counts, weighting, batch_size), np.float32)
     aggregation.check_weights(weights)
     k = len(counts)
+    ids = client_ids.astype(np.int32)
     pad = (-k) % jax.device_count() if strategy == "sharded" else 0
     if pad:  # empty clients with weight 0 leave the average unchanged
       indices = np.concatenate([indices, np.zeros((pad, indices.shape[1]), indices.dtype)])
       counts = np.concatenate([counts, np.zeros(pad, counts.dtype)])
-      client_ids = np.concatenate([client_ids, np.full(pad, -1, np.asarray(client_ids).dtype)])
+      ids = np.concatenate([ids, np.full(pad, -1, np.int32)])
       weights = np.concatenate([weights, np.zeros(pad, np.float32)])
-    out = jitted(variables, x, y, jnp.asarray(indices), jnp.asarray(counts),
-                 jnp.asarray(client_ids), key, jnp.asarray(weights, jnp.float32))
+    new, out, traced, norms = execute(state.variables, data.x, data.y, jnp.asarray(indices),
+                                      jnp.asarray(counts), jnp.asarray(ids), key,
+                                      jnp.asarray(weights))
+    if dp is None or not dp.trace_clean:
+      traced = new  # one object, so per-model caches (GlobalEvaluator) see one model
     if pad:
-      out = out._replace(clients=jax.tree.map(lambda l: l[:k], out.clients),
-                         update_norms=out.update_norms[:k])
-    return out
+      out = jax.tree.map(lambda leaf: leaf[:k], out)
+      norms = None if norms is None else norms[:k]
+      weights = weights[:k]
+    return (ServerState(new, state.round + 1),
+            RoundOutput(new, out, client_ids, weights, traced, norms))
 
-  run_round.strategy = strategy  # type: ignore[attr-defined]
-  run_round.jitted = jitted  # type: ignore[attr-defined]
-  return run_round
+  return FederatedAlgorithm(init, round_, strategy, program)
 
 
 def make_predict_fn(model: ModelDef, batch_size: int = 512) -> Callable[[Variables, jax.Array],
@@ -157,3 +201,86 @@ def make_predict_fn(model: ModelDef, batch_size: int = 512) -> Callable[[Variabl
     return preds.reshape(-1)[:n].astype(jnp.int32)
 
   return predict
+
+
+class GlobalEvaluator:
+  """The global model on the server's test set: a per-round callback adding `accuracy`, and
+  the predictions other callbacks need (computed once per model and round)."""
+
+  def __init__(self, model: ModelDef, x: Any, y: Any, batch_size: int = 512):
+    self.x, self.y = jnp.asarray(x), np.asarray(y)
+    self._predict = make_predict_fn(model, batch_size)
+    self._last: tuple[Any, np.ndarray] | None = None
+
+  def predictions(self, variables: Variables) -> np.ndarray:
+    """`[M]` G's eval-mode predictions on the test set (cached for the last model asked)."""
+    if self._last is None or self._last[0] is not variables:
+      self._last = (variables, np.asarray(self._predict(variables, self.x)))
+    return self._last[1]
+
+  def __call__(self, info: "RoundInfo") -> dict[str, Any]:
+    return {"accuracy": float(np.mean(self.predictions(info.state.variables) == self.y))}
+
+
+class RoundInfo(NamedTuple):
+  """What a per-round callback sees."""
+  round: int
+  state: ServerState        # after the round
+  output: RoundOutput
+  data: FederatedData
+  metrics: dict[str, Any]   # the round's row so far; earlier callbacks' results included
+
+
+# callback(info) -> a dict merged into the round's metrics row, or None.
+Callback = Callable[[RoundInfo], Mapping[str, Any] | None]
+
+
+def run_rounds(
+    algorithm: FederatedAlgorithm,
+    state: ServerState,
+    data: FederatedData,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[ServerState, list[dict[str, Any]]]:
+  """Runs rounds `state.round + 1 .. rounds`; returns the final state and one row per round.
+
+  Round t samples `clients_per_round` clients with `sample_clients(seed, t, ...)` and uses the
+  key `round_key(jax.random.key(seed), t)`, so a run resumed from a saved state continues
+  exactly as an uninterrupted one. Each row holds `round`, `clients`, `client_loss` (example-
+  weighted mean), `train_seconds` (and `dp_update_norm_mean` under DP), then whatever the
+  callbacks return, called in order after the round.
+
+  Raises:
+    TrainingDivergedError: a client's training loss is not finite.
+  """
+  root = jax.random.key(seed)
+  history: list[dict[str, Any]] = []
+  for r in range(state.round + 1, rounds + 1):
+    t0 = time.perf_counter()
+    clients = sample_clients(seed, r, data.num_clients, clients_per_round)
+    state, out = algorithm.round(state, clients=clients, data=data, key=round_key(root, r))
+    losses = np.asarray(out.clients.loss)
+    if not np.all(np.isfinite(losses)):
+      bad = clients[~np.isfinite(losses)].tolist()
+      raise TrainingDivergedError(
+          f"round {r}: non-finite training loss on clients {bad}. Lower the learning rate or "
+          f"check the data for NaN/inf values.")
+    counts = np.asarray(out.clients.num_examples)
+    row: dict[str, Any] = {
+        "round": r,
+        "client_loss": float(np.average(losses, weights=np.maximum(counts, 1e-9))),
+        "clients": clients.tolist(),
+        "train_seconds": time.perf_counter() - t0,
+    }
+    if out.update_norms is not None:
+      row["dp_update_norm_mean"] = float(np.mean(np.asarray(out.update_norms)))
+    info = RoundInfo(r, state, out, data, row)
+    for callback in callbacks:
+      extra = callback(info)
+      if extra:
+        row.update(extra)
+    history.append(row)
+  return state, history

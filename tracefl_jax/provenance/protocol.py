@@ -1,4 +1,6 @@
-"""Localization accuracy exactly as the paper measured it (spec section 3), and baselines.
+"""The paper's provenance protocol as plain functions: select inputs, trace, score, summarise.
+
+Localization accuracy exactly as the paper measured it (spec section 3), and baselines.
 
 Correct-prediction mode: from the first `max_inputs` server test inputs, the first
 `per_label` inputs G predicts correctly of every label held by any of the round's
@@ -15,10 +17,18 @@ label".
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+
+from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.provenance.attribution import KERNELS, trace_clients
+
+MODES = ("correct", "faulty")
 
 
 def select_correct_inputs(pred: np.ndarray, labels: np.ndarray,
@@ -81,3 +91,185 @@ def localization_correct(traced_local: np.ndarray, labels: np.ndarray,
   """`[N]` bool: the traced participant's data holds the input's true label."""
   counts = np.asarray(participant_label_counts)
   return counts[np.asarray(traced_local), np.asarray(labels)] > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolSettings:
+  """How a round is traced and scored (spec sections 2-3); the defaults are the paper's.
+
+  Attributes:
+    mode: "correct" (correctly predicted inputs, scored by "the traced client holds the
+      label") or "faulty" (mispredictions matching `flip`, scored by "the traced client is
+      one of `faulty_clients`").
+    per_label: correct mode, inputs per label held by the round's participants.
+    max_faulty_inputs: faulty mode, inputs per round.
+    faulty_clients: faulty mode, the global ids of the label-flipping clients.
+    flip: faulty mode, the label map `{source: target}` the faulty clients trained with.
+    kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask: passed to
+      `trace_clients`.
+    size_unit: the data-size factor counts a client's examples in units of this many (the
+      original counts batches: set it to the batch size).
+  """
+  mode: str = "correct"
+  per_label: int = 2
+  max_faulty_inputs: int = 10
+  faulty_clients: tuple[int, ...] = ()
+  flip: Mapping[int, int] = dataclasses.field(default_factory=dict)
+  kernel: str = "auto"
+  decay: float = 0.9
+  use_decay: bool = True
+  use_size_factor: bool = False
+  size_unit: int = 1
+  clients_per_chunk: int = 0
+  block_mask: str = "fixed"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+    if self.kernel not in KERNELS:
+      raise ValueError(f"kernel={self.kernel!r} is not one of {', '.join(KERNELS)}")
+    if self.mode == "faulty" and not (self.faulty_clients and self.flip):
+      raise ValueError("mode='faulty' needs faulty_clients and flip")
+    if self.per_label < 1 or self.max_faulty_inputs < 1 or self.size_unit < 1:
+      raise ValueError("per_label, max_faulty_inputs and size_unit must be >= 1")
+
+
+class TracedRound(NamedTuple):
+  """One traced round: per input (`[N]`), and the round's summary."""
+  inputs: np.ndarray          # [N] indices into the server test set
+  labels: np.ndarray          # [N] true labels
+  predicted: np.ndarray       # [N] G's predictions
+  traced_client: np.ndarray   # [N] global id of the traced client
+  traced_position: np.ndarray # [N] its position among the participants
+  probs: np.ndarray           # [N, K] client probabilities, columns in `client_ids` order
+  client_ids: np.ndarray      # [K] the round's participants
+  correct: np.ndarray         # [N] bool, by the mode's rule
+  summary: dict[str, Any]     # accuracy, baselines, mode, inputs, skipped
+
+
+def select_inputs(settings: ProtocolSettings, predictions: np.ndarray, labels: np.ndarray,
+                  participant_label_counts: np.ndarray) -> np.ndarray:
+  """Indices of the round's inputs in the server test set, by the settings' mode."""
+  if settings.mode == "faulty":
+    return select_faulty_inputs(predictions, labels, settings.flip,
+                                max_inputs=settings.max_faulty_inputs)
+  return select_correct_inputs(predictions, labels, participant_label_counts,
+                               per_label=settings.per_label, max_inputs=len(labels))
+
+
+def _bucket(n: int, usual: int) -> int:
+  """`usual` (the most inputs a correct-mode round can have) when n fits, else a power of 2."""
+  return usual if n <= usual else 1 << (n - 1).bit_length()
+
+
+def trace_round(
+    model: ModelDef,
+    global_vars: Variables,
+    client_vars: Variables,
+    *,
+    client_ids: np.ndarray,
+    client_sizes: np.ndarray,
+    label_counts: np.ndarray,
+    x_test: Any,
+    y_test: np.ndarray,
+    predictions: np.ndarray,
+    settings: ProtocolSettings = ProtocolSettings(),
+) -> TracedRound:
+  """Selects the round's inputs, traces them over its participants and scores the traces.
+
+  Args:
+    model, global_vars, client_vars: G and the round's client models (stacked `[K, ...]`).
+    client_ids: `[K]` the participants' global ids; `client_sizes`: `[K]` their example counts.
+    label_counts: `[C, num_classes]` every client's label counts (the ground truth).
+    x_test, y_test: the server test set; `predictions`: `[M]` G's predictions on it.
+  """
+  client_ids = np.asarray(client_ids)
+  y_test = np.asarray(y_test)
+  part_counts = np.asarray(label_counts)[client_ids]           # [K, classes]
+  idx = select_inputs(settings, predictions, y_test, part_counts)
+  empty = TracedRound(idx, y_test[idx], np.asarray(predictions)[idx], idx, idx,
+                      np.zeros((0, len(client_ids)), np.float32), client_ids,
+                      np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
+                                          "reason": "no test input matched the selection rule"})
+  if len(idx) == 0:
+    return empty
+  # Pad the inputs to a fixed bucket so that every round reuses one compiled kernel.
+  bucket = _bucket(len(idx), settings.per_label * part_counts.shape[1])
+  padded = np.concatenate([idx, np.full(bucket - len(idx), idx[0])])
+  faulty_mode = settings.mode == "faulty"
+  result = trace_clients(
+      model, global_vars, client_vars, jnp.take(jnp.asarray(x_test), jnp.asarray(padded), axis=0),
+      kernel=settings.kernel, decay=settings.decay, use_decay=settings.use_decay,
+      client_sizes=jnp.asarray(np.asarray(client_sizes) // settings.size_unit),
+      use_size_factor=settings.use_size_factor,
+      clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
+      client_ids=client_ids)
+  n = len(idx)
+  position = np.asarray(result.traced_position)[:n]
+  labels = y_test[idx]
+  if faulty_mode:
+    faulty = set(settings.faulty_clients)
+    correct = np.array([int(c) in faulty for c in client_ids[position]])
+    faulty_local = [k for k, c in enumerate(client_ids) if int(c) in faulty]
+  else:
+    correct = localization_correct(position, labels, part_counts)
+    faulty_local = None
+  summary = round_baselines(part_counts, labels, position, faulty_local=faulty_local)
+  summary.update({"skipped": False, "mode": settings.mode, "inputs": int(n),
+                  "accuracy": float(np.mean(correct))})
+  return TracedRound(idx, labels, np.asarray(predictions)[idx], client_ids[position], position,
+                     np.asarray(result.probs)[:n], client_ids, correct, summary)
+
+
+def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Mean of per-round summaries over traced rounds; skipped rounds counted, not averaged."""
+  used = [t for t in traced if not t.get("skipped")]
+
+  def mean(key: str) -> float | None:
+    vals = [t[key] for t in used if t.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+  return {
+      "rounds_traced": len(used),
+      "rounds_skipped": len(traced) - len(used),
+      "inputs": int(sum(t["inputs"] for t in used)),
+      "accuracy": mean("accuracy"),
+      "random_baseline": mean("random_baseline"),
+      "largest_client_baseline": mean("largest_client_baseline"),
+      "oracle_accuracy": mean("oracle_accuracy"),
+  }
+
+
+def provenance_callback(
+    model: ModelDef,
+    evaluator: Any,
+    settings: ProtocolSettings = ProtocolSettings(),
+    *,
+    rounds: Sequence[int] | None = None,
+    on_trace: Callable[[int, TracedRound], None] | None = None,
+) -> Callable[[Any], dict[str, Any] | None]:
+  """A `run_rounds` callback tracing each round (or those in `rounds`) with the protocol.
+
+  Args:
+    evaluator: the server test set and G's predictions on it (`fl.rounds.GlobalEvaluator`).
+    on_trace: called with `(round, TracedRound)` after each traced round (e.g. to log rows).
+
+  The callback adds `provenance` (the round's summary) and `provenance_seconds` to the row.
+  """
+  wanted = None if not rounds else set(int(r) for r in rounds)
+
+  def callback(info) -> dict[str, Any] | None:
+    if wanted is not None and info.round not in wanted:
+      return None
+    t0 = time.perf_counter()
+    out = info.output
+    traced = trace_round(
+        model, out.traced, out.clients.variables, client_ids=out.client_ids,
+        client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
+        x_test=evaluator.x, y_test=evaluator.y, predictions=evaluator.predictions(out.traced),
+        settings=settings)
+    if on_trace is not None:
+      on_trace(info.round, traced)
+    return {"provenance": traced.summary, "provenance_seconds": time.perf_counter() - t0}
+
+  return callback
