@@ -1,7 +1,8 @@
 """Datasets, partitioners and client arrays."""
 
-from tracefl_jax.data.datasets import (Dataset, DatasetNotFoundError, available_datasets,
-                                       load_dataset, make_synthetic)
+from tracefl_jax.data.base import Dataset, DatasetNotFoundError
+from tracefl_jax.data.datasets import (available_datasets, load_dataset, make_synthetic,
+                                       register_dataset)
 from tracefl_jax.data.federated import RoundData, flip_labels, stack_client_indices
 from tracefl_jax.data.partition import (Partition, fixup_partition, make_partition,
                                         partition_dirichlet, partition_iid,
@@ -10,4 +11,4 @@ from tracefl_jax.data.partition import (Partition, fixup_partition, make_partiti
 __all__ = ["Dataset", "DatasetNotFoundError", "Partition", "RoundData", "available_datasets",
            "fixup_partition", "flip_labels", "load_dataset", "make_partition", "make_synthetic",
            "partition_dirichlet", "partition_iid", "partition_pathological",
-           "partition_shards", "stack_client_indices"]
+           "partition_shards", "register_dataset", "stack_client_indices"]

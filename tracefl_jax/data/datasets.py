@@ -1,23 +1,27 @@
-"""Datasets behind one interface: `load_dataset(name) -> Dataset` of in-memory NumPy arrays.
+"""Datasets behind one interface: `load_dataset(name) -> Dataset` of in-memory NumPy arrays,
+and a registry of loaders by name (`register_dataset`), like the model registry.
 
-Image datasets are served through tensorflow-datasets' random-access `data_source` over the
-array_record format, which works without TensorFlow installed (`tfds.load` does not):
+Built-in datasets:
   digits     the embedded default: scikit-learn's handwritten digits (1,797 real 8x8 images,
              10 classes, bundled inside scikit-learn, BSD licence), prepared once by a local
              tfds builder into the data directory (about a second) and read back from it;
-  mnist,     tfds' own builders, read from PREPARED data; downloaded only when asked
-  cifar10    (`download=True`, after a 5-second reachability check: with no network tfds
-             retries for minutes before failing); a missing dataset fails fast with a message
-             saying how to prepare it;
+  mnist,     local copies of the original releases first (image_files.py: Keras' npz, the
+  cifar10    IDX files, the pickles), read without TensorFlow in the source files' order;
+             otherwise tfds' random-access `data_source` over PREPARED array_record data
+             (which works without TensorFlow, unlike `tfds.load`); downloaded through tfds only
+             when asked (`download=True`, after a 5-second reachability check: with no network
+             tfds retries for minutes before failing); a missing dataset fails fast with a
+             message listing the files looked for and where;
   pathmnist, MedMNIST's official 28x28 .npz files from a local directory (downloaded from
   organamnist  Zenodo with an MD5 check only when asked), resized to 32x32 RGB;
-and `synthetic` generates a learnable dataset of any size in memory, for benchmarks.
+  dbpedia,   local CSV / Parquet files, tokenised (text.py);
+  yahoo
+and `synthetic` / `synthetic_text` generate learnable datasets of any size in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import io
@@ -32,43 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tqdm
 
-# digits: pixel values 0..16 scaled to [0, 1], then standardised with the mean and std of all
-# 1,797 images' pixels (computed once: 0.30526 and 0.37605), as MNIST uses 0.1307 / 0.3081.
-DIGITS_MEAN, DIGITS_STD = 0.30526, 0.37605
-DIGITS_NUM_TRAIN = 1437  # a seeded permutation: 1,437 train / 360 test (80 / 20)
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A dataset whose prepared files are not in the data directory."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A labelled train/test split in memory.
-
-  Attributes:
-    x_train, x_test: `[N, ...]` float32 normalised images NHWC (int32 token ids for text).
-    y_train, y_test: `[N]` int32 labels in `[0, num_classes)`.
-  """
-  name: str
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-  num_classes: int
-
-  @property
-  def input_shape(self) -> tuple[int, ...]:
-    return tuple(self.x_train.shape[1:])
-
-
-def default_data_dir() -> Path:
-  return Path(os.environ.get("TRACEFL_DATA_DIR", Path.home() / ".cache" / "tracefl_jax" / "tfds"))
+from tracefl_jax.data import image_files, text
+# Re-exported: these names lived here before base.py held them.
+from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401
+                                   DIGITS_NUM_TRAIN, DIGITS_STD, IMAGE_SIZE, MEDMNIST_MEAN,
+                                   MEDMNIST_STD, MNIST_MEAN, MNIST_STD, Dataset,
+                                   DatasetNotFoundError, default_data_dir)
 
 
 @contextlib.contextmanager
@@ -130,6 +104,13 @@ def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
   return x
 
 
+def _prepare_images(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> float32 `[N, 32, 32, 3]`, `(resized / 255 - mean) / std`: the
+  paper's preprocessing (spec section 4), one helper for every source of the same dataset."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return ((_resize_rgb(x, IMAGE_SIZE) - mean) / std).astype(np.float32)
+
+
 def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
   """Fails at once, naming the host, when it cannot be reached (rather than letting a
   library retry for minutes)."""
@@ -145,8 +126,10 @@ def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
 TFDS_SOURCE_HOST = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu"}
 
 
-def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any,
-                      download: bool = False) -> Dataset:
+def _read_tfds_images(name: str, data_dir: Path, download: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+  """(x_train, y_train, x_test, y_test) uint8/int32 from a tfds-prepared array_record
+  directory (prepared here first when `download`), or None when there is none."""
   with _quiet_tfds() as tfds:
     builder = tfds.builder(name, data_dir=str(data_dir))
     if download and not builder.is_prepared():
@@ -156,23 +139,35 @@ def _load_tfds_images(name: str, data_dir: Path, mean: Any, std: Any,
       # Asked first, so that tfds.testing.mock_data (which patches it) also works here.
       source = {split: builder.as_data_source(split=split) for split in ("train", "test")}
     except Exception:  # pylint: disable=broad-except
-      source = None
-    if source is None:
-      raise DatasetNotFoundError(
-          f"dataset {name!r} is not prepared under {data_dir} (tracefl_jax never downloads "
-          f"at run time). Prepare it on a machine with network access, e.g. "
-          f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy "
-          f"the directory here, point --config.dataset.data_dir (or TRACEFL_DATA_DIR) at "
-          f"an existing tfds data directory, or pass --config.dataset.download=True.")
+      return None
     (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
-    num_classes = builder.info.features["label"].num_classes
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  prep = lambda x: ((_resize_rgb(x, 32) - mean) / std).astype(np.float32)  # noqa: E731
-  return Dataset(name, prep(x_tr), y_tr, prep(x_te), y_te, num_classes)
+  return x_tr, y_tr, x_te, y_te
+
+
+def _load_image_dataset(name: str, data_dir: Path, mean: Any, std: Any,
+                        download: bool = False) -> Dataset:
+  """mnist / cifar10: local copies of the original files (in their order) when present, else
+  tfds-prepared data, else a tfds download when asked; the same preprocessing for all."""
+  local = image_files.find_local_images(name, data_dir)
+  if local is not None:
+    arrays = local[:4]
+  else:
+    arrays = _read_tfds_images(name, data_dir, download)
+  if arrays is None:
+    raise DatasetNotFoundError(
+        f"dataset {name!r}: no local copy under {data_dir} (tracefl_jax never downloads "
+        f"unless asked). Looked for any one of:\n"
+        f"{image_files.describe_search(name, data_dir)}\n"
+        f"  - a tensorflow-datasets array_record directory {data_dir / name}/<version>/\n"
+        f"Copy the files of any one of these into {data_dir} (or point "
+        f"--config.dataset.data_dir, or TRACEFL_DATA_DIR, at the directory that holds them), "
+        f"or pass --config.dataset.download=True on a machine with network access.")
+  x_tr, y_tr, x_te, y_te = arrays
+  return Dataset(name, _prepare_images(x_tr, mean, std), y_tr, _prepare_images(x_te, mean, std),
+                 y_te, 10)
 
 
 MEDMNIST = {"pathmnist": 9, "organamnist": 11}
-MEDMNIST_MEAN, MEDMNIST_STD = 0.5, 0.5
 
 
 # MedMNIST v2's official 28x28 files (Zenodo record 6496656) and their MD5 sums.
@@ -188,6 +183,7 @@ def download_medmnist(name: str, data_dir: Path) -> Path:
   check_network(urllib.parse.urlparse(url).hostname or "zenodo.org")
   data_dir.mkdir(parents=True, exist_ok=True)
   final, part = data_dir / f"{name}.npz", data_dir / f".{name}.npz.part"
+  import tqdm  # pylint: disable=g-import-not-at-top
   digest = hashlib.md5()
   with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
     total = int(response.headers.get("Content-Length") or 0) or None
@@ -226,8 +222,7 @@ def _load_medmnist(name: str, data_dir: Path, download: bool = False) -> Dataset
     raise ValueError(f"{path} is not a MedMNIST .npz file ({e})") from e
 
   def prep(x):
-    x = x[..., None] if x.ndim == 3 else x
-    return ((_resize_rgb(x, 32) - MEDMNIST_MEAN) / MEDMNIST_STD).astype(np.float32)
+    return _prepare_images(x[..., None] if x.ndim == 3 else x, MEDMNIST_MEAN, MEDMNIST_STD)
 
   labels = lambda y: np.asarray(y).reshape(-1).astype(np.int32)  # noqa: E731
   return Dataset(name, prep(arrays["train_images"]), labels(arrays["train_labels"]),
@@ -251,7 +246,6 @@ def make_synthetic(num_train: int = 1000, num_test: int = 200,
 
 def _load_text(name: str, data_dir: Path, tokenizer: str | None = None,
                max_length: int = 128, download: bool = False, **_: Any) -> Dataset:
-  from tracefl_jax.data import text  # pylint: disable=g-import-not-at-top
   if download:
     raise ValueError(f"dataset {name!r} is not downloaded by tracefl_jax (its official "
                      f"releases are archives behind Google Drive / the Hugging Face hub): put "
@@ -267,29 +261,53 @@ def _load_text(name: str, data_dir: Path, tokenizer: str | None = None,
 
 
 def _synthetic_text(**options: Any) -> Dataset:
-  from tracefl_jax.data import text  # pylint: disable=g-import-not-at-top
   classes = options.get("num_classes", 4)
   x_tr, y_tr, x_te, y_te = text.make_synthetic_text(**options)
   return Dataset("synthetic_text", x_tr, y_tr, x_te, y_te, classes)
 
 
+def _or_default(data_dir: Path | None) -> Path:
+  return data_dir if data_dir is not None else default_data_dir()
+
+
+# name -> loader(data_dir: Path | None, **options) -> Dataset. The built-ins fall back to
+# default_data_dir(); a registered loader receives None when no directory was given.
 _LOADERS: dict[str, Callable[..., Dataset]] = {
-    "digits": lambda data_dir, **_: _load_digits(data_dir),
-    "mnist": lambda data_dir, download=False, **_: _load_tfds_images(
-        "mnist", data_dir, MNIST_MEAN, MNIST_STD, download),
-    "cifar10": lambda data_dir, download=False, **_: _load_tfds_images(
-        "cifar10", data_dir, CIFAR10_MEAN, CIFAR10_STD, download),
+    "digits": lambda data_dir, **_: _load_digits(_or_default(data_dir)),
+    "mnist": lambda data_dir, download=False, **_: _load_image_dataset(
+        "mnist", _or_default(data_dir), MNIST_MEAN, MNIST_STD, download),
+    "cifar10": lambda data_dir, download=False, **_: _load_image_dataset(
+        "cifar10", _or_default(data_dir), CIFAR10_MEAN, CIFAR10_STD, download),
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
     **{name: (lambda data_dir, name=name, download=False, **_: _load_medmnist(
-        name, data_dir, download)) for name in MEDMNIST},
-    "dbpedia": lambda data_dir, **options: _load_text("dbpedia", data_dir, **options),
-    "yahoo": lambda data_dir, **options: _load_text("yahoo", data_dir, **options),
+        name, _or_default(data_dir), download)) for name in MEDMNIST},
+    "dbpedia": lambda data_dir, **options: _load_text("dbpedia", _or_default(data_dir),
+                                                      **options),
+    "yahoo": lambda data_dir, **options: _load_text("yahoo", _or_default(data_dir), **options),
     "synthetic_text": lambda data_dir, **options: _synthetic_text(**options),
 }
 
 
 def available_datasets() -> list[str]:
+  """Built-in and registered dataset names, sorted."""
   return sorted(_LOADERS)
+
+
+def register_dataset(name: str, loader: Callable[..., Dataset]) -> None:
+  """Adds `loader(data_dir: Path | None, **options) -> Dataset` under `name`, so that
+  `load_dataset(name, data_dir=..., **options)` and `--config.dataset.name=name` reach it.
+
+  `data_dir` is the `data_dir` given to `load_dataset` as a Path, or None; `options` are
+  passed through unchanged (the experiment runner passes none for a registered name).
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"a dataset name must be a non-empty string, got {name!r}")
+  if not callable(loader):
+    raise TypeError(f"dataset {name!r}: the loader must be callable "
+                    f"(data_dir, **options) -> Dataset, got {type(loader).__name__}")
+  if name in _LOADERS:
+    raise ValueError(f"dataset {name!r} is already registered")
+  _LOADERS[name] = loader
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: Any) -> Dataset:
@@ -298,9 +316,15 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: An
   `options`: for `synthetic`/`synthetic_text` their generator's arguments; for the text
   datasets `tokenizer` (a local tokenizer directory) and `max_length` (default 128); for
   mnist, cifar10, pathmnist and organamnist `download=True` fetches missing data into
-  `data_dir` first (off by default: nothing is downloaded unless asked).
+  `data_dir` first (off by default: nothing is downloaded unless asked); for a registered
+  dataset whatever its loader takes. The built-ins read `data_dir`, else TRACEFL_DATA_DIR,
+  else ~/.cache/tracefl_jax/tfds.
   """
   if name not in _LOADERS:
     raise ValueError(f"unknown dataset {name!r}; valid datasets: "
                      f"{', '.join(available_datasets())}")
-  return _LOADERS[name](Path(data_dir) if data_dir else default_data_dir(), **options)
+  ds = _LOADERS[name](Path(data_dir) if data_dir else None, **options)
+  if not isinstance(ds, Dataset):
+    raise TypeError(f"the loader of dataset {name!r} returned {type(ds).__name__}, not a "
+                    f"tracefl_jax.data.Dataset")
+  return ds

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tracefl_jax.data.datasets import DIGITS_NUM_TRAIN
+from tracefl_jax.data.base import DIGITS_NUM_TRAIN
 
 
 class TraceflDigits(tfds.core.GeneratorBasedBuilder):

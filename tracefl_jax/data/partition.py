@@ -171,7 +171,8 @@ def make_partition(labels: np.ndarray, method: str, num_clients: int, seed: int,
   fns = {"iid": partition_iid, "dirichlet": partition_dirichlet,
          "pathological": partition_pathological, "shards": partition_shards}
   if method not in fns:
-    raise ValueError(f"unknown partition method {method!r}; valid: {', '.join(fns)}")
+    raise ValueError(f"unknown partition method {method!r}; valid: "
+                     f"{', '.join(PARTITION_METHODS)}")
   try:
     return fns[method](labels, num_clients, seed=seed, num_classes=num_classes, **options)
   except TypeError as e:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from tracefl_jax.data.base import DatasetNotFoundError
+
 TEXT_DATASETS = {"dbpedia": 14, "yahoo": 10}
 MAX_LENGTH = 128
 
@@ -53,7 +55,6 @@ def _read_parquet(path: Path, name: str) -> tuple[list[str], np.ndarray]:
 
 def read_split(name: str, data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray]:
   """(texts, labels) of one split, from `data_dir/<name>/<split>.csv` or `.parquet`."""
-  from tracefl_jax.data.datasets import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   folder = Path(data_dir) / name
   for suffix, reader in ((".csv", _read_csv), (".parquet", _read_parquet)):
     path = folder / f"{split}{suffix}"

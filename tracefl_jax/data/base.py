@@ -1,0 +1,139 @@
+"""What every dataset loader shares, and nothing that loads: the `Dataset` type, the error for
+missing files, the default data directory and the paper's normalisation constants.
+
+Loader modules (datasets.py, image_files.py, text.py, digits_builder.py) import from here and
+never from each other's internals, so no import circle runs through the data package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# digits: pixel values 0..16 scaled to [0, 1], then standardised with the mean and std of all
+# 1,797 images' pixels (computed once: 0.30526 and 0.37605), as MNIST uses 0.1307 / 0.3081.
+DIGITS_MEAN, DIGITS_STD = 0.30526, 0.37605
+DIGITS_NUM_TRAIN = 1437  # a seeded permutation: 1,437 train / 360 test (80 / 20)
+# The paper's normalisation (spec section 4), applied after resizing to 32x32 RGB in [0, 1].
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+MEDMNIST_MEAN, MEDMNIST_STD = 0.5, 0.5
+IMAGE_SIZE = 32
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset whose files are not in the data directory."""
+
+
+def default_data_dir() -> Path:
+  return Path(os.environ.get("TRACEFL_DATA_DIR", Path.home() / ".cache" / "tracefl_jax" / "tfds"))
+
+
+def _is_int(dtype: np.dtype) -> bool:
+  return np.issubdtype(dtype, np.integer) and dtype != np.bool_
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A labelled train/test split in memory, checked on construction.
+
+  Build one from your own arrays with `Dataset(name, x_train, y_train, x_test, y_test,
+  num_classes)`, or with `Dataset.from_arrays(...)`, which casts common dtypes (float64
+  images, int64 labels) and infers `num_classes`.
+
+  Attributes:
+    name: a label for logs and results.
+    x_train, x_test: `[N, ...]` float32 inputs (normalised NHWC images) or int32 token ids
+      `[N, seq_len]`; both splits share the per-example shape and the dtype.
+    y_train, y_test: `[N]` int32 labels in `[0, num_classes)`.
+    num_classes: number of classes K (>= 2).
+  """
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  def __post_init__(self):
+    # Plain NumPy inside (jax arrays and lists are accepted, then held as NumPy): the data
+    # layer slices and partitions on the host, and a device array would pin accelerator memory.
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+      object.__setattr__(self, field, np.asarray(getattr(self, field)))
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"Dataset name must be a non-empty string, got {self.name!r}")
+    if (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer))
+        or self.num_classes < 2):
+      raise ValueError(f"dataset {self.name!r}: num_classes must be an int >= 2, got "
+                       f"{self.num_classes!r}")
+    for split in ("train", "test"):
+      self._check_split(split)
+    if self.x_train.shape[1:] != self.x_test.shape[1:]:
+      raise ValueError(f"dataset {self.name!r}: x_train examples have shape "
+                       f"{self.x_train.shape[1:]} but x_test examples {self.x_test.shape[1:]}; "
+                       f"both splits must share the per-example shape")
+    if self.x_train.dtype != self.x_test.dtype:
+      raise ValueError(f"dataset {self.name!r}: x_train is {self.x_train.dtype} but x_test is "
+                       f"{self.x_test.dtype}; both splits must share one dtype")
+
+  def _check_split(self, split: str) -> None:
+    x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+    where = f"dataset {self.name!r}"
+    if x.ndim < 2:
+      raise ValueError(f"{where}: x_{split} must be [N, ...] with at least one feature axis, "
+                       f"got shape {x.shape}")
+    if x.dtype != np.float32 and x.dtype != np.int32:
+      hint = "np.float32" if np.issubdtype(x.dtype, np.floating) else "np.int32"
+      raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; inputs must be float32 "
+                       f"(images, features) or int32 (token ids): pass "
+                       f"x_{split}.astype({hint}), or build with Dataset.from_arrays")
+    if y.ndim != 1:
+      raise ValueError(f"{where}: y_{split} must be [N] integer labels, got shape {y.shape}")
+    if y.dtype != np.int32:
+      raise ValueError(f"{where}: y_{split} has dtype {y.dtype}; labels must be int32 "
+                       f"(pass y_{split}.astype(np.int32), or build with Dataset.from_arrays)")
+    if len(x) != len(y):
+      raise ValueError(f"{where}: x_{split} has {len(x)} examples but y_{split} has {len(y)}")
+    if len(y) == 0:
+      raise ValueError(f"{where}: the {split} split is empty")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= self.num_classes:
+      raise ValueError(f"{where}: y_{split} has labels in [{low}, {high}], outside "
+                       f"[0, num_classes={self.num_classes}); relabel to 0..K-1 or raise "
+                       f"num_classes")
+
+  @classmethod
+  def from_arrays(cls, name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any,
+                  num_classes: int | None = None) -> Dataset:
+    """A Dataset from arrays of common dtypes: floating inputs become float32, integer inputs
+    (token ids) and labels int32; `num_classes` defaults to the largest label + 1."""
+    def inputs(x):
+      x = np.asarray(x)
+      if np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float32, copy=False)
+      if _is_int(x.dtype):
+        return x.astype(np.int32, copy=False)
+      raise ValueError(f"dataset {name!r}: inputs of dtype {x.dtype} are neither floating "
+                       f"point nor integer token ids")
+
+    def labels(y):
+      y = np.asarray(y)
+      if not _is_int(y.dtype):
+        raise ValueError(f"dataset {name!r}: labels must be integers, got dtype {y.dtype}")
+      if y.ndim == 2 and y.shape[1] == 1:  # MedMNIST and Keras-style column labels
+        y = y[:, 0]
+      return y.astype(np.int32, copy=False)
+
+    y_train, y_test = labels(y_train), labels(y_test)
+    if num_classes is None:
+      num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return cls(name, inputs(x_train), y_train, inputs(x_test), y_test, num_classes)
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.x_train.shape[1:])

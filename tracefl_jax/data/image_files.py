@@ -1,0 +1,356 @@
+"""Local copies of MNIST and CIFAR-10 as their original releases ship them, read offline and
+without TensorFlow, in the order of the source files: the order the original TraceFL saw
+through Hugging Face / torchvision, which keep it (tfds' prepared splits are in another order).
+
+Accepted layouts, looked for in this order (the first complete one wins):
+  mnist    Keras' `mnist.npz` (x_train [60000, 28, 28] uint8, y_train, x_test, y_test) at
+           `data_dir/mnist.npz` or `data_dir/mnist/mnist.npz`;
+           the four original IDX files `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+           `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte` (each plain or `.gz`; the dotted
+           spelling `train-images.idx3-ubyte` also works) together in `data_dir`,
+           `data_dir/mnist/` or `data_dir/MNIST/raw/` (torchvision's folder);
+           the classic pickle `mnist.pkl.gz` (or `mnist.pkl`) at `data_dir/` or
+           `data_dir/mnist/`: ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) with
+           float images [N, 784] in [0, 1]; train = train + valid (60,000, file order).
+  cifar10  the python release's pickles `data_batch_1` .. `data_batch_5` and `test_batch`
+           (b"data" [N, 3072] uint8 channel-major, b"labels") in
+           `data_dir/cifar-10-batches-py/` or `data_dir/cifar10/cifar-10-batches-py/`, or
+           the unextracted `cifar-10-python.tar.gz` in `data_dir/` or `data_dir/cifar10/`;
+           train = batches 1..5 in order.
+Readers return uint8 images `[N, H, W, C]` and int32 labels `[N]`; resizing and normalisation
+belong to the loader (datasets.py), which applies the same helper to the tfds path.
+
+Pickles are read with an unpickler that only rebuilds NumPy arrays, so a tampered file cannot
+run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import pickle
+import struct
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tracefl_jax.data.base import DatasetNotFoundError
+
+
+class ImageArrays(NamedTuple):
+  """One dataset's raw images, in the source files' order.
+
+  Attributes:
+    x_train, x_test: uint8 `[N, H, W, C]` images.
+    y_train, y_test: int32 `[N]` labels.
+    source: the file or folder they were read from.
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  source: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Format readers.
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/, "the IDX file format"); data is big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+  """One IDX file (plain or gzip-compressed, whatever its name says) as a native-endian array
+  of the shape its header gives."""
+  path = Path(path)
+  data = path.read_bytes()
+  if data[:2] == b"\x1f\x8b":  # gzip magic: also catches a compressed file renamed without .gz
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise ValueError(f"{path}: a damaged gzip file ({e})") from e
+  if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (first bytes {data[:4].hex()}, expected "
+                     f"0000 + type code + rank)")
+  rank = data[3]
+  offset = 4 + 4 * rank
+  if len(data) < offset:
+    raise ValueError(f"{path}: IDX header of rank {rank} is cut short")
+  dims = struct.unpack(f">{rank}I", data[4:offset])
+  dtype = np.dtype(_IDX_DTYPES[data[2]])
+  expected = math.prod(dims) * dtype.itemsize
+  if len(data) - offset != expected:
+    raise ValueError(f"{path}: the IDX header promises shape {dims} ({expected} bytes) but "
+                     f"the file holds {len(data) - offset} bytes of data (truncated?)")
+  return np.frombuffer(data, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Rebuilds NumPy arrays and plain containers only; any other global is refused."""
+
+  _ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+              ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+              ("_codecs", "encode")}  # Python 3 writes bytes as _codecs.encode under protocol 2
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module.startswith("numpy.core"):  # files pickled by NumPy 1.x (and the Python 2 era)
+      module = "numpy._core" + module[len("numpy.core"):]
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only NumPy arrays are "
+                                   f"expected in a dataset pickle")
+    return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, path: Path) -> Any:
+  if data[:2] == b"\x1f\x8b":
+    data = gzip.decompress(data)
+  try:
+    # latin1: the releases were pickled by Python 2; NumPy documents latin1 for its arrays.
+    return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    raise ValueError(f"{path}: not a dataset pickle ({e})") from e
+
+
+def _images(x: Any, where: str, size: int | None = None) -> np.ndarray:
+  """uint8 `[N, H, W, C]` from `[N, H, W]` or `[N, H, W, C]`."""
+  x = np.asarray(x)
+  if x.dtype != np.uint8 or x.ndim not in (3, 4) or (size and x.shape[1:3] != (size, size)):
+    raise ValueError(f"{where}: expected uint8 images [N, H, W(, C)], got {x.dtype} "
+                     f"{x.shape}")
+  return x[..., None] if x.ndim == 3 else x
+
+
+def _labels(y: Any, n: int, where: str) -> np.ndarray:
+  y = np.asarray(y)
+  if y.ndim == 2 and y.shape[1] == 1:
+    y = y[:, 0]
+  if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{where}: expected {n} integer labels, got {y.dtype} {y.shape}")
+  return y.astype(np.int32)
+
+
+def read_mnist_npz(path: str | Path) -> ImageArrays:
+  """Keras' `mnist.npz`: x_train [60000, 28, 28] uint8, y_train, x_test, y_test."""
+  path = Path(path)
+  try:
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+  except (KeyError, ValueError, OSError) as e:
+    raise ValueError(f"{path} is not Keras' mnist.npz (keys x_train, y_train, x_test, "
+                     f"y_test): {e}") from e
+  x_tr = _images(arrays["x_train"], f"{path}[x_train]")
+  x_te = _images(arrays["x_test"], f"{path}[x_test]")
+  return ImageArrays(x_tr, _labels(arrays["y_train"], len(x_tr), f"{path}[y_train]"),
+                     x_te, _labels(arrays["y_test"], len(x_te), f"{path}[y_test]"), path)
+
+
+MNIST_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+  dotted = name.replace("-idx", ".idx")  # how some mirrors spell them
+  for stem in (name, dotted):
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+      if candidate.is_file():
+        return candidate
+  return None
+
+
+def read_mnist_idx(folder: str | Path) -> ImageArrays:
+  """The four original MNIST IDX files from one folder (each plain or `.gz`)."""
+  folder = Path(folder)
+  paths = [_idx_file(folder, name) for name in MNIST_IDX_FILES]
+  missing = [name for name, p in zip(MNIST_IDX_FILES, paths) if p is None]
+  if missing:
+    raise DatasetNotFoundError(f"{folder}: missing MNIST IDX files {', '.join(missing)} "
+                               f"(plain or .gz)")
+  x_tr, y_tr, x_te, y_te = (read_idx(p) for p in paths)
+  x_tr, x_te = _images(x_tr, str(paths[0]), 28), _images(x_te, str(paths[2]), 28)
+  return ImageArrays(x_tr, _labels(y_tr, len(x_tr), str(paths[1])),
+                     x_te, _labels(y_te, len(x_te), str(paths[3])), folder)
+
+
+def _unit_floats_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
+  """Undoes the pickle's scaling exactly: the classic file stores pixel / 256 (so 255 ->
+  0.99609375); pixel / 255 is accepted too. Anything else is not the released file, and
+  guessing would silently change the data."""
+  if x.dtype == np.uint8:
+    return x
+  x = x.astype(np.float32)
+  for scale in (256, 255):
+    scaled = x * np.float32(scale)
+    pixels = np.rint(scaled)
+    if np.abs(scaled - pixels).max(initial=0) < 1e-3 and 0 <= pixels.min(initial=0) \
+        and pixels.max(initial=0) <= 255:
+      return pixels.astype(np.uint8)
+  raise ValueError(f"{where}: pixel values are not whole multiples of 1/256 or 1/255 in "
+                   f"[0, 1]; this is not the classic mnist.pkl.gz")
+
+
+def read_mnist_pickle(path: str | Path) -> ImageArrays:
+  """The classic `mnist.pkl.gz`: ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)),
+  float images [N, 784] in [0, 1]; train = train + valid, in file order (60,000)."""
+  path = Path(path)
+  splits = _unpickle(path.read_bytes(), path)
+  try:
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: expected ((x_train, y_train), (x_valid, y_valid), (x_test, "
+                     f"y_test))") from e
+
+  def images(x, split):
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != 784:
+      raise ValueError(f"{path}: {split} images must be [N, 784], got {x.shape}")
+    return _unit_floats_to_uint8(x, f"{path} ({split})").reshape(-1, 28, 28, 1)
+
+  x_train = np.concatenate([images(x_tr, "train"), images(x_va, "valid")])
+  y_train = np.concatenate([_labels(y_tr, len(y_tr), f"{path} (train labels)"),
+                            _labels(y_va, len(y_va), f"{path} (valid labels)")])
+  x_test = images(x_te, "test")
+  return ImageArrays(x_train, _labels(y_train, len(x_train), f"{path} (train + valid)"),
+                     x_test, _labels(y_te, len(x_test), f"{path} (test labels)"), path)
+
+
+CIFAR10_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                   "data_batch_5", "test_batch")
+
+
+def _cifar_batch(data: bytes, where: Path) -> tuple[np.ndarray, np.ndarray]:
+  """One pickled batch -> (uint8 [N, 32, 32, 3], int32 [N])."""
+  batch = _unpickle(data, where)
+  if not isinstance(batch, dict):
+    raise ValueError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
+  get = lambda key: batch.get(key, batch.get(key.encode()))  # noqa: E731  (str or bytes keys)
+  if get("data") is None or get("labels") is None:
+    raise ValueError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
+  x = np.asarray(get("data"))
+  if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+    raise ValueError(f"{where}: data must be uint8 [N, 3072], got {x.dtype} {x.shape}")
+  # Rows are channel-major (1024 red, 1024 green, 1024 blue values, each row-major 32x32).
+  x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(x), _labels(get("labels"), len(x), str(where))
+
+
+def _cifar_arrays(batches: list[tuple[np.ndarray, np.ndarray]], source: Path) -> ImageArrays:
+  x_tr = np.concatenate([x for x, _ in batches[:5]])
+  y_tr = np.concatenate([y for _, y in batches[:5]])
+  return ImageArrays(x_tr, y_tr, *batches[5], source)
+
+
+def read_cifar10_batches(folder: str | Path) -> ImageArrays:
+  """The python release's extracted folder `cifar-10-batches-py`: train = data_batch_1..5 in
+  order, test = test_batch."""
+  folder = Path(folder)
+  missing = [name for name in CIFAR10_BATCHES if not (folder / name).is_file()]
+  if missing:
+    raise DatasetNotFoundError(f"{folder}: missing CIFAR-10 batches {', '.join(missing)}")
+  return _cifar_arrays([_cifar_batch((folder / n).read_bytes(), folder / n)
+                        for n in CIFAR10_BATCHES], folder)
+
+
+def read_cifar10_archive(path: str | Path) -> ImageArrays:
+  """The unextracted python release `cifar-10-python.tar.gz`, read in memory."""
+  path = Path(path)
+  try:
+    with tarfile.open(path, "r:*") as tar:
+      members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+      missing = [n for n in CIFAR10_BATCHES if n not in members]
+      if missing:
+        raise ValueError(f"{path}: the archive lacks {', '.join(missing)}")
+      batches = [_cifar_batch(tar.extractfile(members[n]).read(), path / n)
+                 for n in CIFAR10_BATCHES]
+  except tarfile.TarError as e:
+    raise ValueError(f"{path} is not a readable tar archive ({e})") from e
+  return _cifar_arrays(batches, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each dataset is looked for.
+
+class _Layout(NamedTuple):
+  what: str                               # for the not-found message
+  places: tuple[Path, ...]                # files or folders, in the order they are tried
+  read: Callable[[Path], ImageArrays]
+  present: Callable[[Path], bool]         # complete enough to read
+  partial: Callable[[Path], str | None]   # what an incomplete folder lacks, for the message
+
+
+def _files_present(path: Path) -> bool:
+  return path.is_file()
+
+
+def _no_partial(path: Path) -> None:
+  del path
+
+
+def _folder_checks(names: tuple[str, ...], find: Callable[[Path, str], Path | None]):
+  def missing(folder: Path) -> list[str]:
+    return [n for n in names if find(folder, n) is None]
+
+  def partial(folder: Path) -> str | None:
+    lacks = missing(folder)
+    if folder.is_dir() and 0 < len(lacks) < len(names):
+      return f"{folder} has some of the files but lacks {', '.join(lacks)}"
+    return None
+  return (lambda folder: folder.is_dir() and not missing(folder)), partial
+
+
+def _batch_file(folder: Path, name: str) -> Path | None:
+  return folder / name if (folder / name).is_file() else None
+
+
+def _layouts(name: str, data_dir: Path) -> list[_Layout]:
+  d = data_dir
+  if name == "mnist":
+    idx_present, idx_partial = _folder_checks(MNIST_IDX_FILES, _idx_file)
+    return [
+        _Layout("Keras' mnist.npz", (d / "mnist.npz", d / "mnist" / "mnist.npz"),
+                read_mnist_npz, _files_present, _no_partial),
+        _Layout(f"the four IDX files {', '.join(MNIST_IDX_FILES)} (each plain or .gz), "
+                f"together in one folder", (d, d / "mnist", d / "MNIST" / "raw"),
+                read_mnist_idx, idx_present, idx_partial),
+        _Layout("the classic pickle mnist.pkl.gz (or mnist.pkl)",
+                (d / "mnist.pkl.gz", d / "mnist.pkl", d / "mnist" / "mnist.pkl.gz",
+                 d / "mnist" / "mnist.pkl"), read_mnist_pickle, _files_present, _no_partial),
+    ]
+  if name == "cifar10":
+    batches_present, batches_partial = _folder_checks(CIFAR10_BATCHES, _batch_file)
+    return [
+        _Layout(f"the python release's pickles {', '.join(CIFAR10_BATCHES)} in a folder "
+                f"cifar-10-batches-py", (d / "cifar-10-batches-py",
+                                         d / "cifar10" / "cifar-10-batches-py"),
+                read_cifar10_batches, batches_present, batches_partial),
+        _Layout("the unextracted archive cifar-10-python.tar.gz",
+                (d / "cifar-10-python.tar.gz", d / "cifar10" / "cifar-10-python.tar.gz"),
+                read_cifar10_archive, _files_present, _no_partial),
+    ]
+  raise ValueError(f"no local-file layouts for dataset {name!r}; known: {LOCAL_IMAGE_DATASETS}")
+
+
+LOCAL_IMAGE_DATASETS = ("cifar10", "mnist")
+
+
+def find_local_images(name: str, data_dir: str | Path) -> ImageArrays | None:
+  """The first complete layout of `name`'s files under `data_dir`, read; None if none is
+  there (a present but broken file raises, naming it, rather than being skipped)."""
+  for layout in _layouts(name, Path(data_dir)):
+    for place in layout.places:
+      if layout.present(place):
+        return layout.read(place)
+  return None
+
+
+def describe_search(name: str, data_dir: str | Path) -> str:
+  """The files `find_local_images` looks for and where, one layout a line, plus any folder
+  that holds only part of a layout."""
+  lines, partial = [], []
+  for layout in _layouts(name, Path(data_dir)):
+    lines.append(f"  - {layout.what}: {', '.join(str(p) for p in layout.places)}")
+    partial += [note for note in map(layout.partial, layout.places) if note]
+  return "\n".join(lines + [f"  ! {note}" for note in partial])
