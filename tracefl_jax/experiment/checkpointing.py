@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 
 class CheckpointError(RuntimeError):
@@ -105,3 +106,79 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+# --- Stored rounds: a round's models kept for tracing after training ----------------------
+
+
+class StoredRound(NamedTuple):
+  """A traced round as stored in the workdir (`provenance.store_rounds`)."""
+  round: int
+  global_vars: Any         # the model provenance explains (G_t)
+  client_vars: Any         # the round's client models, every leaf stacked [K, ...]
+  client_ids: np.ndarray   # [K] global ids, in the round's order
+  client_sizes: np.ndarray # [K] example counts
+  meta: dict[str, Any]     # {"model": model_spec, ...}
+
+
+def rounds_directory(workdir: str | Path) -> Path:
+  return Path(workdir).resolve() / "rounds"
+
+
+def save_round(workdir: str | Path, round_idx: int, *, global_vars: Any, client_vars: Any,
+               client_ids: Any, client_sizes: Any, meta: dict[str, Any]) -> Path:
+  """Writes `WORKDIR/rounds/<round>/` (orbax arrays, then `round.json` last: a round without
+  `round.json` was interrupted and is not listed)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = rounds_directory(workdir) / str(round_idx)
+  (path / "round.json").unlink(missing_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / "arrays", {
+      "global": global_vars, "clients": client_vars,
+      "client_ids": np.asarray(client_ids, np.int64),
+      "client_sizes": np.asarray(client_sizes, np.int64)}, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (path / "round.json").write_text(json.dumps({"round": round_idx, **meta}, indent=2) + "\n")
+  return path
+
+
+def stored_rounds(workdir: str | Path) -> list[int]:
+  """The complete stored rounds of a workdir, ascending."""
+  directory = rounds_directory(workdir)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / "round.json").exists())
+
+
+def load_round(workdir: str | Path, round_idx: int | None = None) -> StoredRound:
+  """A stored round (default: the last one stored).
+
+  Raises:
+    CheckpointError: naming the workdir and the rounds that are stored, when the round is not
+      there or cannot be read.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  available = stored_rounds(workdir)
+  if not available:
+    raise CheckpointError(
+        f"no stored rounds in {rounds_directory(workdir)}; run the experiment with "
+        f"--config.provenance.store_rounds=all (or a list of rounds, or 'last') to keep the "
+        f"client models of traced rounds")
+  if round_idx is None:
+    round_idx = available[-1]
+  if round_idx not in available:
+    raise CheckpointError(f"round {round_idx} is not stored in {rounds_directory(workdir)}; "
+                          f"stored rounds: {', '.join(map(str, available))}")
+  path = rounds_directory(workdir) / str(round_idx)
+  try:
+    meta = json.loads((path / "round.json").read_text())
+    checkpointer = ocp.StandardCheckpointer()
+    arrays = checkpointer.restore(path / "arrays")
+    checkpointer.close()
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(f"stored round {path} is corrupt or unreadable "
+                          f"({type(e).__name__}: {e})") from e
+  return StoredRound(int(meta.pop("round")), arrays["global"], arrays["clients"],
+                     np.asarray(arrays["client_ids"]), np.asarray(arrays["client_sizes"]), meta)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from tracefl_jax.data.partition import PARTITION_METHODS
 from tracefl_jax.fl.aggregation import WEIGHTINGS
+from tracefl_jax.fl.client import OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
-
-PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shards")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-PROVENANCE_MODES = ("correct", "faulty")
-PROVENANCE_KERNELS = ("auto", "jvp", "grad", "reference")
+from tracefl_jax.provenance.attribution import KERNELS
+from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -88,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.max_faulty_inputs = 10
   c.provenance.clients_per_chunk = 0
   c.provenance.top_k = 3            # top clients written per input to provenance.jsonl
+  c.provenance.store_rounds = ""    # keep rounds' client models in WORKDIR/rounds for tracing
+                                    # new inputs later: "", "all", "last" or "3,7,10"
 
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = False
@@ -111,6 +112,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 def parse_int_list(text: str) -> list[int]:
   return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+
+
+def parse_store_rounds(text: str, rounds: int) -> set[int]:
+  """The rounds `provenance.store_rounds` keeps: "" none, "all", "last", or a list."""
+  text = str(text).strip()
+  if text == "all":
+    return set(range(1, rounds + 1))
+  if text == "last":
+    return {rounds}
+  return set(parse_int_list(text))
 
 
 def parse_flip(text: str) -> dict[int, int]:
@@ -157,7 +168,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.simulation.clients_per_chunk < 0:
     errors.append("simulation.clients_per_chunk must be >= 0 (0: one chunk)")
   _one_of(errors, "provenance.mode", c.provenance.mode, PROVENANCE_MODES)
-  _one_of(errors, "provenance.kernel", c.provenance.kernel, PROVENANCE_KERNELS)
+  _one_of(errors, "provenance.kernel", c.provenance.kernel, KERNELS)
   if not 0 < c.provenance.decay <= 1:
     errors.append(f"provenance.decay={c.provenance.decay} must be in (0, 1]")
   if c.dp.enabled:
@@ -176,6 +187,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       errors.append(f"provenance.rounds {bad} outside 1..{c.rounds}")
   except ValueError:
     errors.append(f"provenance.rounds={c.provenance.rounds!r} is not a list of integers")
+  try:
+    bad = [r for r in parse_store_rounds(c.provenance.store_rounds, c.rounds)
+           if not 1 <= r <= c.rounds]
+    if bad:
+      errors.append(f"provenance.store_rounds {bad} outside 1..{c.rounds}")
+  except ValueError:
+    errors.append(f"provenance.store_rounds={c.provenance.store_rounds!r} is not '', 'all', "
+                  f"'last' or a list of round numbers")
   try:
     faulty = parse_int_list(c.faulty.clients)
     flip = parse_flip(c.faulty.flip)

@@ -49,3 +49,20 @@ def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | Non
                   "reused" if r["skipped_existing"] else f"{r['seconds']:.1f} s")
   console.print(table)
   console.print(f"table: {workdir}/results.csv, {workdir}/results.md; plots: {workdir}/*.png")
+
+
+def print_attribution(rows: list[dict[str, Any]], workdir: str, out: str | None = None,
+                      console: Console | None = None) -> None:
+  """Prints the responsible client of each traced input (`python -m tracefl_jax trace`)."""
+  console = console or Console()
+  title = f"TraceFL attribution, round {rows[0]['round']} of {workdir}" if rows else "no inputs"
+  table = Table(title=title)
+  for col in ("input", "predicted", "traced client", "probability", "top clients"):
+    table.add_column(col)
+  for r in rows:
+    table.add_row(str(r["input"]), str(r["predicted"]), str(r["traced_client"]),
+                  f"{r['probability']:.3f}",
+                  ", ".join(f"{c} ({p:.2f})" for c, p in r["top_clients"]))
+  console.print(table)
+  if out:
+    console.print(f"rows written to {out}")

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.federated import federate, flip_labels
-from tracefl_jax.experiment.checkpointing import Checkpointer
-from tracefl_jax.experiment.config import parse_flip, parse_int_list, validate
+from tracefl_jax.experiment.checkpointing import Checkpointer, save_round
+from tracefl_jax.experiment.config import (parse_flip, parse_int_list, parse_store_rounds,
+                                           validate)
 from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings, dp_epsilon
@@ -81,23 +82,38 @@ def _dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return {}
 
 
-def _build_model(c: ml_collections.ConfigDict, ds, key: jax.Array):
-  """(ModelDef, initial variables): a registry model, or pretrained weights when given."""
+def model_spec(c: ml_collections.ConfigDict, ds) -> dict[str, Any]:
+  """What rebuilds the run's `ModelDef` without the dataset (stored with traced rounds)."""
+  spec: dict[str, Any] = {"name": c.model.name, "hf_path": c.model.hf_path,
+                          "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
+                          "vocab_size": None, "pad_token_id": None}
   if c.model.hf_path:
-    from tracefl_jax.models.hf_import import load_hf_classifier  # pylint: disable=g-import-not-at-top
-    vocab = pad = None
     if c.dataset.tokenizer:  # the tokenizer may have gained GPT's [PAD] token
       from tracefl_jax.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
       tok = load_tokenizer(c.dataset.tokenizer)
-      vocab, pad = len(tok), tok.pad_token_id
-    return load_hf_classifier(c.model.hf_path, ds.num_classes, seq_len=ds.input_shape[0],
-                              vocab_size=vocab, pad_token_id=pad)
-  vocab = None
-  if jnp.issubdtype(ds.x_train.dtype, jnp.integer):
-    vocab = c.dataset.vocab_size or int(max(ds.x_train.max(), ds.x_test.max())) + 1
-  model = get_model(c.model.name, ds.input_shape, ds.num_classes, vocab_size=vocab)
-  variables = model.init(key)
-  if c.model.torchvision_weights:
+      spec["vocab_size"], spec["pad_token_id"] = len(tok), tok.pad_token_id
+  elif np.issubdtype(ds.x_train.dtype, np.integer):
+    spec["vocab_size"] = (c.dataset.vocab_size
+                          or int(max(ds.x_train.max(), ds.x_test.max())) + 1)
+  return spec
+
+
+def build_model(spec: dict[str, Any], key: jax.Array):
+  """(ModelDef, initial variables) from a `model_spec`: a registry model, or a Hugging Face
+  checkpoint's architecture and weights."""
+  if spec["hf_path"]:
+    from tracefl_jax.models.hf_import import load_hf_classifier  # pylint: disable=g-import-not-at-top
+    return load_hf_classifier(spec["hf_path"], spec["num_classes"],
+                              seq_len=spec["input_shape"][0], vocab_size=spec["vocab_size"],
+                              pad_token_id=spec["pad_token_id"])
+  model = get_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
+                    vocab_size=spec["vocab_size"])
+  return model, model.init(key)
+
+
+def _build_model(c: ml_collections.ConfigDict, spec: dict[str, Any], key: jax.Array):
+  model, variables = build_model(spec, key)
+  if c.model.torchvision_weights and not spec["hf_path"]:
     from tracefl_jax.models.torchvision_import import import_torchvision  # pylint: disable=g-import-not-at-top
     variables = import_torchvision(variables, c.model.torchvision_weights, skip_head=True)
   return model, variables
@@ -175,7 +191,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   data = federate(x_train, y_train, client_indices, num_classes=ds.num_classes)
 
   root = jax.random.key(c.seed)
-  model, variables = _build_model(c, ds, jax.random.fold_in(root, 0))  # rounds count from 1
+  spec = model_spec(c, ds)
+  model, variables = _build_model(c, spec, jax.random.fold_in(root, 0))  # rounds count from 1
   optimizer = make_optimizer(c.client.optimizer, c.client.learning_rate,
                              c.client.weight_decay, c.client.momentum)
   dp = None
@@ -218,6 +235,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     rate = c.clients_per_round / data.num_clients
     callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,
                                                             info.round, c.dp.delta)})
+  store = parse_store_rounds(c.provenance.store_rounds, c.rounds)
+  if store:
+    def keep_round(info: RoundInfo) -> None:
+      if info.round in store:
+        out = info.output
+        save_round(workdir, info.round, global_vars=out.traced,
+                   client_vars=out.clients.variables, client_ids=out.client_ids,
+                   client_sizes=np.asarray(out.clients.num_examples), meta={"model": spec})
+    callbacks.append(keep_round)
   bar = tqdm(total=c.rounds, initial=state.round, desc="rounds", unit="round",
              disable=not progress)
 

@@ -88,8 +88,10 @@ def make_client_update(
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         if jnp.issubdtype(xb.dtype, jnp.floating):
           xb = xb.astype(compute_dtype)
+      # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
+      # masked batch statistics); standard modules never see it.
       logits, new_state = model.apply({"params": params, **state}, xb, train=True, rng=rng,
-                                      mask=mb if state else None)
+                                      mask=mb)
       return masked_cross_entropy(logits.astype(jnp.float32), yb, mb), new_state
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -130,6 +132,9 @@ def make_client_update(
   return client_update
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
                    momentum: float = 0.0) -> optax.GradientTransformation:
   """The local optimizer by name: "sgd", "adam" (CNN clients in the paper) or "adamw" (text)."""
@@ -139,4 +144,4 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
     return optax.adam(learning_rate)
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay)
-  raise ValueError(f"unknown optimizer {name!r}; valid optimizers: adam, adamw, sgd")
+  raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
