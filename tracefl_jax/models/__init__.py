@@ -7,7 +7,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tracefl_jax.models.base import ModelDef, discover_traced_layers, get_layer, make_model
+from tracefl_jax.models.base import (TRACED_UNIT_TYPES, ModelDef, TracedUnit,
+                                     discover_traced_layers, get_layer, inspect_units,
+                                     make_model)
 from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
 from tracefl_jax.models.resnet import DenseNet, ResNet18
 from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
@@ -33,17 +35,28 @@ _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-# name -> factory(num_classes, seq_len, vocab_size) for token-id inputs [B, seq_len].
-_TEXT_REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "bert_tiny": lambda k, t, v: BertClassifier(num_classes=k, vocab_size=v, hidden=32,
-                                                layers=2, heads=2, intermediate=64,
-                                                max_positions=t),
-    "gpt_tiny": lambda k, t, v: GPTClassifier(num_classes=k, vocab_size=v, hidden=32, layers=2,
-                                              heads=2, max_positions=t, pad_token_id=0),
-    "bert_base": lambda k, t, v: BertClassifier(num_classes=k, vocab_size=v,
-                                                max_positions=max(t, 512)),
-    "openai_gpt": lambda k, t, v: GPTClassifier(num_classes=k, vocab_size=v,
-                                                max_positions=max(t, 512), pad_token_id=0),
+# name -> factory(num_classes, seq_len, vocab_size, pad_token_id) for token-id inputs
+# [B, seq_len]; `pad_token_id` None picks the model's default (`_TEXT_PAD_DEFAULTS`).
+_TEXT_REGISTRY: dict[str, Callable[[int, int, int, int], nn.Module]] = {
+    "bert_tiny": lambda k, t, v, pad: BertClassifier(num_classes=k, vocab_size=v, hidden=32,
+                                                     layers=2, heads=2, intermediate=64,
+                                                     max_positions=t, pad_token_id=pad),
+    "gpt_tiny": lambda k, t, v, pad: GPTClassifier(num_classes=k, vocab_size=v, hidden=32,
+                                                   layers=2, heads=2, max_positions=t,
+                                                   pad_token_id=pad),
+    "bert_base": lambda k, t, v, pad: BertClassifier(num_classes=k, vocab_size=v,
+                                                     max_positions=max(t, 512),
+                                                     pad_token_id=pad),
+    "openai_gpt": lambda k, t, v, pad: GPTClassifier(num_classes=k, vocab_size=v,
+                                                     max_positions=max(t, 512),
+                                                     pad_token_id=pad),
+}
+# Default pad ids, as functions of vocab_size: BERT's WordPiece [PAD] is 0; the tiny models
+# are for `synthetic_text`, which pads with 0; OpenAI GPT's tokenizer has no pad token and
+# `load_tokenizer` appends [PAD] as the last id (40478 = len(tokenizer) - 1 for openai-gpt).
+_TEXT_PAD_DEFAULTS: dict[str, Callable[[int], int]] = {
+    "bert_tiny": lambda v: 0, "gpt_tiny": lambda v: 0, "bert_base": lambda v: 0,
+    "openai_gpt": lambda v: v - 1,
 }
 
 
@@ -59,17 +72,25 @@ def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
 
 
 def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
-              vocab_size: int | None = None) -> ModelDef:
+              vocab_size: int | None = None, *, pad_token_id: int | None = None) -> ModelDef:
   """The registered model `name` for examples of `input_shape` and `num_classes` labels.
 
-  Text models (`bert_tiny`, `gpt_tiny`, `bert_base`, `openai_gpt`; randomly initialised,
-  pad id 0; pretrained checkpoints load through `hf_import.load_hf_classifier`) take token
-  ids of shape `(seq_len,)` and need `vocab_size`.
+  Text models (`bert_tiny`, `gpt_tiny`, `bert_base`, `openai_gpt`; randomly initialised;
+  pretrained checkpoints load through `hf_import.load_hf_classifier`) take token ids of
+  shape `(seq_len,)` and need `vocab_size`. Pass the tokenizer's `pad_token_id` (its pads
+  are masked out of attention and GPT pools the last non-pad token); None picks the model's
+  default: 0 for `bert_*` and `gpt_tiny` (synthetic_text pads with 0), `vocab_size - 1` for
+  `openai_gpt` (the [PAD] that `load_tokenizer` appends to GPT's vocabulary).
   """
   if name in _TEXT_REGISTRY:
     if not vocab_size:
       raise ValueError(f"text model {name!r} needs vocab_size")
-    module = _TEXT_REGISTRY[name](num_classes, input_shape[0], vocab_size)
+    if pad_token_id is None:
+      pad_token_id = _TEXT_PAD_DEFAULTS[name](vocab_size)
+    if not 0 <= pad_token_id < vocab_size:
+      raise ValueError(f"text model {name!r}: pad_token_id={pad_token_id} is outside the "
+                       f"vocabulary [0, {vocab_size})")
+    module = _TEXT_REGISTRY[name](num_classes, input_shape[0], vocab_size, pad_token_id)
     traced = module.traced_layers() if isinstance(module, BertClassifier) else None
     return make_model(name, module, tuple(input_shape), num_classes, input_dtype=jnp.int32,
                       traced_layers=traced)
@@ -78,5 +99,6 @@ def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
   return make_model(name, _REGISTRY[name](num_classes), tuple(input_shape), num_classes)
 
 
-__all__ = ["ModelDef", "available_models", "discover_traced_layers", "get_layer", "get_model",
-           "make_model", "register_model"]
+__all__ = ["TRACED_UNIT_TYPES", "ModelDef", "TracedUnit", "available_models",
+           "discover_traced_layers", "get_layer", "get_model", "inspect_units", "make_model",
+           "register_model"]

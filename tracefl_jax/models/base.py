@@ -1,19 +1,23 @@
-"""The model interface: a Flax module as pure (init, apply) plus traced-layer metadata.
+"""The model interface: a Flax module as pure (init, apply) plus traced-unit metadata.
 
 Every model in tracefl_jax is a `ModelDef`. Its variables are a plain dict of collections,
 `{"params": ..., "batch_stats": ...}` (the second only for models with BatchNorm), so that
 stacked client models `[C, ...]`, FedAvg and provenance all work on ordinary pytrees.
 
-Traced layers (tracefl-spec.md section 2) are the module paths of the Dense, Conv and LayerNorm
-units in forward order. They are discovered by running the module once under
-`nn.intercept_methods`, so the order is the order of execution, not of declaration.
+Traced units (tracefl-spec.md section 2) are found by ONE abstract eval-mode forward pass under
+`nn.intercept_methods` (`inspect_units`), so their order is the order of execution, not of
+declaration. The same pass gives each unit's unbound module, output shape and call count; model
+construction, provenance capture and the kernel choice all read it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,17 +26,67 @@ import jax.numpy as jnp
 Variables = dict[str, Any]
 LayerPath = tuple[str, ...]
 
-# Units that are affine in their own parameters once their input is fixed (spec section 2).
+# The unit types traced by default. Each is affine in its own parameters once its input is
+# fixed (spec section 2), which is what makes the "grad" and "jvp" kernels exact; subclasses
+# (e.g. `layers.PatchConv`) must keep that property.
 TRACED_UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.Dense, nn.Conv, nn.LayerNorm)
+
+
+class TracedUnit(NamedTuple):
+  """One traced unit as seen by an abstract eval-mode forward pass of a batch."""
+  path: LayerPath                  # module path, e.g. ("layer1_0", "conv1")
+  module: nn.Module                # an unbound clone: `module.apply({"params": theta}, *args)`
+  output: jax.ShapeDtypeStruct     # its output for the inspected batch, leading axis B
+  calls: int                       # how often its `__call__` ran (1 in a valid model)
+
+
+@functools.lru_cache(maxsize=None)
+def _call_args(cls: type[nn.Module]) -> tuple[bool, bool]:
+  """(takes `train`, takes `mask`) from `cls.__call__`'s signature.
+
+  `**kwargs` counts as taking `train` (a wrapper forwarding it); `mask` must be named, since
+  masked batch statistics are an opt-in.
+  """
+  params = inspect.signature(cls.__call__).parameters
+  var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+  return "train" in params or var_kw, "mask" in params
+
+
+def _module_hash(module: nn.Module) -> int:
+  """Flax modules hash by field values; one with a list or dict field hashes by its repr."""
+  try:
+    return hash(module)
+  except TypeError:
+    return hash((type(module), repr(module)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelDef:
-  """A classifier as pure functions over variable pytrees.
+  """A classifier as pure functions over variable pytrees, and the contract its module meets.
+
+  The module contract (any standard linen module meets it):
+  - `__call__(x)` or `__call__(x, train)` maps a batch `[B, *input_shape]` to logits
+    `[B, num_classes]`. `train=` is passed only when `__call__` takes it.
+  - Variables are `{"params": ..., [other collections]}`. Standard
+    `nn.BatchNorm(use_running_average=not train)` works: training updates and returns the
+    non-"params" collections (`mutable`), eval mode reads them (running statistics).
+  - Dropout draws from the "dropout" rng stream, fed in train mode only.
+  - Optional: a `mask` parameter of `__call__` receives the `[B]` real-example mask of a padded
+    training batch, to keep padding out of batch statistics (the project's ResNet/DenseNet).
+  - Traced units are the `nn.Dense`, `nn.Conv` and `nn.LayerNorm` submodules that run in eval
+    mode, in execution order, each called ONCE per forward pass (shared weights are rejected);
+    or explicit `traced_layers` module paths, e.g. whole blocks (non-affine: reference kernel).
+  Provenance always runs the global model in eval mode: `train=False`, dropout off, BatchNorm
+  on running statistics, no mask, so every input is scored independently of its batch.
+
+  Equality and hash are by value on (module, input_shape, num_classes, input_dtype,
+  traced_layers), not `name`: a `ModelDef` built twice is the same static jit argument, and
+  provenance does not recompile. (traced_layers is compared because explicit paths are not a
+  function of the module, and equal models share jit and discovery caches.)
 
   Attributes:
     name: registry name.
-    module: the Flax linen module; `module(x, train=...)` returns logits `[B, num_classes]`.
+    module: the Flax linen module.
     input_shape: shape of ONE example, e.g. `(8, 8, 1)` or `(128,)` for token ids.
     input_dtype: dtype of an example (float32 images, int32 tokens).
     num_classes: number of logits.
@@ -46,10 +100,38 @@ class ModelDef:
   input_dtype: Any = jnp.float32
   traced_layers: tuple[LayerPath, ...] = ()
 
+  def __post_init__(self):
+    # Lists would make the model unhashable, i.e. unusable as a static jit argument.
+    object.__setattr__(self, "input_shape", tuple(self.input_shape))
+    object.__setattr__(self, "traced_layers", tuple(tuple(p) for p in self.traced_layers))
+
+  def _key(self) -> tuple[Any, ...]:
+    return (self.module, self.input_shape, self.num_classes, jnp.dtype(self.input_dtype),
+            self.traced_layers)
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, ModelDef):
+      return NotImplemented
+    return self is other or self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash((_module_hash(self.module), *self._key()[1:]))
+
+  @property
+  def accepts_train(self) -> bool:
+    """Whether the module's `__call__` takes `train` (else it is called without it)."""
+    return _call_args(type(self.module))[0]
+
+  @property
+  def accepts_mask(self) -> bool:
+    """Whether the module's `__call__` takes a `mask` for masked batch statistics."""
+    return _call_args(type(self.module))[1]
+
   def init(self, key: jax.Array) -> Variables:
     """Initial variables, `{"params": ..., [other collections]}`."""
     x = jnp.zeros((1, *self.input_shape), self.input_dtype)
-    variables = self.module.init({"params": key, "dropout": key}, x, train=False)
+    mode = {"train": False} if self.accepts_train else {}
+    variables = self.module.init({"params": key, "dropout": key}, x, **mode)
     return dict(variables)
 
   def apply(
@@ -64,50 +146,141 @@ class ModelDef:
     """Logits `[B, num_classes]` and the updated non-parameter state.
 
     In train mode mutable collections (BatchNorm statistics) are updated and returned; in
-    eval mode the state comes back unchanged. `rng` feeds dropout in train mode. `mask` `[B]`
-    marks the real examples of a padded batch for models with batch statistics (their modules
-    take a `mask` argument); padded examples then stay out of the statistics.
+    eval mode the state comes back unchanged. `rng` feeds the "dropout" stream in train mode.
+    `mask` `[B]` marks the real examples of a padded batch; it reaches the module only in
+    train mode and only if its `__call__` takes `mask` (else it is dropped).
     """
     state = {k: v for k, v in variables.items() if k != "params"}
     rngs = {"dropout": rng} if (train and rng is not None) else {}
+    kwargs: dict[str, Any] = {"train": train} if self.accepts_train else {}
+    if train and mask is not None and self.accepts_mask:
+      kwargs["mask"] = mask
     if train and state:
-      extra = {} if mask is None else {"mask": mask}
-      logits, new_state = self.module.apply(
-          variables, x, train=True, rngs=rngs, mutable=list(state), **extra)
+      logits, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state),
+                                            **kwargs)
       return logits, dict(new_state)
-    logits = self.module.apply(variables, x, train=train, rngs=rngs)
+    logits = self.module.apply(variables, x, rngs=rngs, **kwargs)
     return logits, state
 
   def logits(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
     """Eval-mode logits `[B, num_classes]` (BatchNorm running stats, no dropout)."""
     return self.apply(variables, x, train=False)[0]
 
+  def units(self, batch_shape: tuple[int, ...] | None = None,
+            dtype: Any = None) -> tuple[TracedUnit, ...]:
+    """The traced units for a batch of `batch_shape` (default one example), forward order.
+
+    Raises ValueError if a traced layer never runs or runs more than once.
+    """
+    shape = (1, *self.input_shape) if batch_shape is None else tuple(batch_shape)
+    units = inspect_units(self.module, shape, self.input_dtype if dtype is None else dtype,
+                          self.traced_layers)
+    _reject_shared(units)
+    return units
+
+
+class _ModuleKey:
+  """A module as an lru_cache key: equal by value, hashable even with list fields."""
+  __slots__ = ("module",)
+
+  def __init__(self, module: nn.Module):
+    self.module = module
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _ModuleKey) and self.module == other.module
+
+  def __hash__(self) -> int:
+    return _module_hash(self.module)
+
+
+def inspect_units(
+    module: nn.Module,
+    batch_shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+    traced_layers: tuple[LayerPath, ...] | None = None,
+) -> tuple[TracedUnit, ...]:
+  """The traced units of one abstract eval-mode forward of a `batch_shape` batch, in order.
+
+  The one discovery pass of the library (cached; nothing is computed, `jax.eval_shape`).
+  Without `traced_layers` the units are the `TRACED_UNIT_TYPES` submodules; with it, exactly
+  those module paths (whole blocks allowed; their inner units are then not traced). A unit's
+  own re-entrant calls (a subclass calling `super().__call__`) count once; `calls > 1` means
+  the same weights ran twice (rejected by `ModelDef.units` and `make_model`).
+
+  Raises:
+    ValueError: a path in `traced_layers` never ran.
+  """
+  traced = None if traced_layers is None else tuple(tuple(p) for p in traced_layers)
+  return _inspect(_ModuleKey(module), tuple(batch_shape), jnp.dtype(dtype), traced)
+
+
+@functools.lru_cache(maxsize=256)
+def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
+             traced: tuple[LayerPath, ...] | None) -> tuple[TracedUnit, ...]:
+  module = key.module
+  wanted = set(traced or ())
+  clones: dict[LayerPath, nn.Module] = {}  # insertion order = first-call order
+  outputs: dict[LayerPath, jax.ShapeDtypeStruct] = {}
+  calls: collections.Counter[LayerPath] = collections.Counter()
+  active: list[LayerPath] = []
+
+  def record(next_fun, args, kwargs, context):
+    path = tuple(context.module.path)
+    is_unit = (path in wanted if traced is not None
+               else isinstance(context.module, TRACED_UNIT_TYPES))
+    if context.method_name != "__call__" or not is_unit or path in active:
+      return next_fun(*args, **kwargs)
+    calls[path] += 1
+    clones.setdefault(path, context.module.clone(parent=None))
+    active.append(path)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      active.pop()
+    outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    return out
+
+  def forward():
+    x = jnp.zeros(batch_shape, dtype)
+    mode = {"train": False} if _call_args(type(module))[0] else {}
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x,
+                            **mode)
+    with nn.intercept_methods(record):
+      module.apply(variables, x, **mode)
+
+  jax.eval_shape(forward)
+  missing = wanted - set(clones)
+  if missing:
+    raise ValueError(f"traced layers {sorted(missing)} never ran in an eval-mode forward pass "
+                     f"of {type(module).__name__}")
+  return tuple(TracedUnit(p, m, outputs[p], calls[p]) for p, m in clones.items())
+
+
+def _reject_shared(units: tuple[TracedUnit, ...]) -> None:
+  for u in units:
+    if u.calls > 1:
+      name = "/".join(u.path)
+      raise ValueError(
+          f"traced unit {name!r} ({type(u.module).__name__}) is called {u.calls} times in one "
+          f"forward pass (shared weights). TraceFL captures ONE input per traced unit: a "
+          f"second call would overwrite the captured input while the unit's parameter "
+          f"gradients sum over all calls, so its client scores would be wrong. Use a separate "
+          f"module per call, or pass explicit traced_layers naming a block that contains "
+          f"{name!r} (a whole-block unit, scored by the reference kernel).")
+
 
 def discover_traced_layers(
     module: nn.Module,
     input_shape: tuple[int, ...],
     input_dtype: Any = jnp.float32,
-    unit_types: tuple[type[nn.Module], ...] = TRACED_UNIT_TYPES,
 ) -> tuple[LayerPath, ...]:
-  """Module paths of the traced units, in the order they run in an eval forward pass."""
-  x = jnp.zeros((1, *input_shape), input_dtype)
-  found: list[LayerPath] = []
+  """Module paths of the `TRACED_UNIT_TYPES` units, in the order they run in eval mode.
 
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and isinstance(context.module, unit_types):
-      path = tuple(context.module.path)
-      if path not in found:
-        found.append(path)
-    return next_fun(*args, **kwargs)
-
-  def forward():
-    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x,
-                            train=False)
-    with nn.intercept_methods(record):
-      module.apply(variables, x, train=False)
-
-  jax.eval_shape(forward)
-  return tuple(found)
+  Raises ValueError if one of them is called more than once per forward pass.
+  """
+  units = inspect_units(module, (1, *input_shape), input_dtype)
+  _reject_shared(units)
+  return tuple(u.path for u in units)
 
 
 def make_model(
@@ -118,12 +291,20 @@ def make_model(
     input_dtype: Any = jnp.float32,
     traced_layers: tuple[LayerPath, ...] | None = None,
 ) -> ModelDef:
-  """Builds a `ModelDef`, discovering the traced layers unless they are given."""
-  if traced_layers is None:
+  """Builds a `ModelDef`, discovering the traced layers unless they are given.
+
+  Raises ValueError when a traced unit is called more than once per forward pass or a given
+  traced layer never runs (checked here, by the same abstract pass provenance uses).
+  """
+  explicit = traced_layers is not None
+  if not explicit:
     traced_layers = discover_traced_layers(module, input_shape, input_dtype)
-  return ModelDef(name=name, module=module, input_shape=tuple(input_shape),
-                  num_classes=num_classes, input_dtype=input_dtype,
-                  traced_layers=tuple(traced_layers))
+  model = ModelDef(name=name, module=module, input_shape=tuple(input_shape),
+                   num_classes=num_classes, input_dtype=input_dtype,
+                   traced_layers=tuple(traced_layers))
+  if explicit:
+    model.units()  # each given path must run, once
+  return model
 
 
 def get_layer(tree: Mapping[str, Any], path: LayerPath) -> Any:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from tracefl_jax.models.base import ModelDef, make_model
-from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
+from tracefl_jax.models.transformer import ACTIVATIONS, BertClassifier, GPTClassifier
 
 # Module-name pieces whose underscores are part of the Hugging Face name.
 _KEEP = ("word_embeddings", "position_embeddings", "token_type_embeddings", "tokens_embed",
@@ -47,8 +47,29 @@ def _read(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
   return AutoConfig.from_pretrained(str(path), local_files_only=True), load_file(str(weights))
 
 
+# OpenAI GPT's own activation table (modeling_openai.ACT_FNS): its "gelu" is the tanh
+# approximation gelu_new, unlike ACT2FN["gelu"] (exact erf) used by BERT and GPT-2.
+_OPENAI_AFN = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def _activation(config: Any) -> str:
+  """The ACT2FN name of the config's MLP activation (`afn`, `activation_function`,
+  `hidden_act`)."""
+  if config.model_type == "openai-gpt":
+    name = _OPENAI_AFN.get(config.afn)
+    if name is None:
+      raise ValueError(f"openai-gpt with afn={config.afn!r} is not supported; supported: "
+                       f"{', '.join(_OPENAI_AFN)}")
+    return name
+  name = config.hidden_act if config.model_type == "bert" else config.activation_function
+  if name not in ACTIVATIONS:
+    raise ValueError(f"{config.model_type} with activation {name!r} is not supported; "
+                     f"supported: {', '.join(ACTIVATIONS)}")
+  return name
+
+
 def build_module(config: Any, num_classes: int):
-  """Our module for a transformers config (BertConfig or OpenAIGPTConfig)."""
+  """Our module for a transformers config (BertConfig, OpenAIGPTConfig or GPT2Config)."""
   kind = config.model_type
   if kind == "bert":
     return BertClassifier(
@@ -56,21 +77,14 @@ def build_module(config: Any, num_classes: int):
         layers=config.num_hidden_layers, heads=config.num_attention_heads,
         intermediate=config.intermediate_size, max_positions=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size, pad_token_id=config.pad_token_id or 0,
-        eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob)
-  if kind == "openai-gpt":
-    if config.afn != "gelu":
-      raise ValueError(f"openai-gpt with afn={config.afn!r} is not supported (only 'gelu')")
+        eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob,
+        act=_activation(config))
+  if kind in ("openai-gpt", "gpt2"):
     return GPTClassifier(
         num_classes=num_classes, vocab_size=config.vocab_size, hidden=config.n_embd,
         layers=config.n_layer, heads=config.n_head, max_positions=config.n_positions,
         pad_token_id=config.pad_token_id, eps=config.layer_norm_epsilon,
-        dropout=config.resid_pdrop)
-  if kind == "gpt2":
-    return GPTClassifier(
-        num_classes=num_classes, vocab_size=config.vocab_size, hidden=config.n_embd,
-        layers=config.n_layer, heads=config.n_head, max_positions=config.n_positions,
-        pad_token_id=config.pad_token_id, eps=config.layer_norm_epsilon,
-        dropout=config.resid_pdrop, gpt2=True)
+        dropout=config.resid_pdrop, gpt2=kind == "gpt2", act=_activation(config))
   raise ValueError(f"unsupported model_type {kind!r}; supported: bert, openai-gpt, gpt2")
 
 

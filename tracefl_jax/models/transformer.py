@@ -3,6 +3,10 @@
 Inputs are int32 token ids `[B, T]`; the attention mask is `ids != pad_token_id` (the
 paper pads to max length 128), token types are all 0 (single-segment classification).
 Parameter names follow Hugging Face's state-dict names so `hf_import.py` is a rename.
+The MLP activation is named as in Hugging Face's `ACT2FN` (`ACTIVATIONS` below): BERT's
+`hidden_act="gelu"` is the exact erf GELU; OpenAI GPT's `afn="gelu"` and GPT-2's
+`activation_function="gelu_new"` are both the tanh approximation (`gelu_new`), the default
+of `GPTClassifier`.
 
 Traced units (spec section 2):
   GPT   per block c_attn, attn c_proj, ln_1, c_fc, mlp c_proj, ln_2 (post-LayerNorm GPT-1),
@@ -20,8 +24,25 @@ import jax.numpy as jnp
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _gelu(x):
-  return nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
+# Hugging Face activation names (transformers.activations.ACT2FN) -> JAX functions.
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact: 0.5 x (1 + erf(x / sqrt 2))
+    "gelu_python": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),  # 0.5x(1 + tanh(.79788(x + .044715x^3)))
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str):
+  """The JAX function for a Hugging Face activation name."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 def _attend(q, k, v, bias, heads):
@@ -42,6 +63,7 @@ class BertLayer(nn.Module):
   intermediate: int
   eps: float = 1e-12
   dropout: float = 0.1
+  act: str = "gelu"  # Hugging Face `hidden_act`; BERT's "gelu" is the exact erf GELU
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
@@ -52,7 +74,7 @@ class BertLayer(nn.Module):
     a = nn.Dense(self.hidden, name="attention_output_dense")(_attend(q, k, v, bias, self.heads))
     a = nn.Dropout(self.dropout, deterministic=not train)(a)
     x = nn.LayerNorm(self.eps, name="attention_output_LayerNorm")(x + a)
-    h = _gelu(nn.Dense(self.intermediate, name="intermediate_dense")(x))
+    h = activation(self.act)(nn.Dense(self.intermediate, name="intermediate_dense")(x))
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(self.hidden,
                                                                    name="output_dense")(h))
     return nn.LayerNorm(self.eps, name="output_LayerNorm")(x + h)
@@ -70,6 +92,7 @@ class BertClassifier(nn.Module):
   pad_token_id: int = 0
   eps: float = 1e-12
   dropout: float = 0.1
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, ids, train: bool = False):
@@ -83,7 +106,7 @@ class BertClassifier(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for i in range(self.layers):
       x = BertLayer(self.hidden, self.heads, self.intermediate, self.eps, self.dropout,
-                    name=f"encoder_layer_{i}")(x, mask, train)
+                    self.act, name=f"encoder_layer_{i}")(x, mask, train)
     pooled = jnp.tanh(nn.Dense(self.hidden, name="pooler_dense")(x[:, 0]))
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, name="classifier")(pooled)
@@ -102,12 +125,13 @@ class GPTBlock(nn.Module):
   eps: float = 1e-5
   dropout: float = 0.1
   pre_ln: bool = False
+  act: str = "gelu_new"  # both OpenAI GPT (afn "gelu" -> gelu_new) and GPT-2 use tanh GELU
 
   @nn.compact
   def __call__(self, x, bias, train: bool = False):
     drop = nn.Dropout(self.dropout, deterministic=not train)
     ln_1, ln_2 = nn.LayerNorm(self.eps, name="ln_1"), nn.LayerNorm(self.eps, name="ln_2")
-    act = (lambda h: nn.gelu(h, approximate=True)) if self.pre_ln else _gelu  # gelu_new
+    act = activation(self.act)
 
     def attn(h):
       q, k, v = jnp.split(nn.Dense(3 * self.hidden, name="attn_c_attn")(h), 3, axis=-1)
@@ -129,7 +153,11 @@ class GPTClassifier(nn.Module):
   """OpenAIGPTForSequenceClassification (or, with `gpt2=True`, GPT2ForSequenceClassification:
   pre-LayerNorm blocks and a final ln_f): causal + padding mask, the score head (no bias) on
   the last non-pad token (Hugging Face's pooling rule). Traced order is execution order:
-  GPT-2's per block is ln_1, c_attn, c_proj, ln_2, c_fc, c_proj, then ln_f and score."""
+  GPT-2's per block is ln_1, c_attn, c_proj, ln_2, c_fc, c_proj, then ln_f and score.
+
+  `pad_token_id`: the tokenizer's pad id (openai-gpt has none; `load_tokenizer` appends
+  [PAD] as id `len(original vocabulary)`), or None (no padding: pool the last position).
+  `act`: a Hugging Face `ACT2FN` name; "gelu_new" (tanh GELU) for both GPT-1 and GPT-2."""
   num_classes: int
   vocab_size: int
   hidden: int = 768
@@ -140,6 +168,7 @@ class GPTClassifier(nn.Module):
   eps: float = 1e-5
   dropout: float = 0.1
   gpt2: bool = False
+  act: str = "gelu_new"
 
   @nn.compact
   def __call__(self, ids, train: bool = False):
@@ -155,7 +184,7 @@ class GPTClassifier(nn.Module):
       keep = causal & (ids != self.pad_token_id)[:, None, None, :]
     bias = jnp.where(keep, 0.0, _NEG)
     for i in range(self.layers):
-      x = GPTBlock(self.hidden, self.heads, self.eps, self.dropout, self.gpt2,
+      x = GPTBlock(self.hidden, self.heads, self.eps, self.dropout, self.gpt2, self.act,
                    name=f"h_{i}")(x, bias, train)
     if self.gpt2:
       x = nn.LayerNorm(self.eps, name="ln_f")(x)

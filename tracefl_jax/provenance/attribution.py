@@ -11,16 +11,13 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
 from tracefl_jax.provenance import kernels
-from tracefl_jax.provenance.capture import unit_modules
 
 KERNELS = ("auto", "grad", "jvp", "reference")
-AFFINE_UNITS: tuple[type[nn.Module], ...] = (nn.Dense, nn.Conv, nn.LayerNorm)
 
 
 class ProvenanceResult(NamedTuple):
@@ -48,8 +45,12 @@ def layer_betas(num_layers: int, decay: float = 0.9, use_decay: bool = True) -> 
 
 
 def is_affine(model: ModelDef) -> bool:
-  """Whether every traced unit is linear in its own parameters (grad and jvp are exact)."""
-  return all(isinstance(u, AFFINE_UNITS) for u in unit_modules(model).values())
+  """Whether every traced unit is linear in its own parameters (grad and jvp are exact).
+
+  True when all units are of the default `TRACED_UNIT_TYPES`; explicit whole-block units
+  (a BERT layer) are not.
+  """
+  return all(isinstance(u.module, TRACED_UNIT_TYPES) for u in model.units())
 
 
 def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:

@@ -4,13 +4,13 @@ One eval-mode forward of the global model runs under `nn.intercept_methods`; eve
 unit's output gets a zero perturbation added, so ONE batched backward of sum_n s_n (s_n the
 target logit of input n) w.r.t. the perturbations yields every input's layer-output gradient
 at once: in eval mode the inputs are independent, so d(sum_m s_m)/d out_l[n] = d s_n /
-d out_l[n]. The same pass records each unit's input and an unbound copy of the unit, so a
-client's own layer can later be evaluated on G's input (spec section 2, step 3).
+d out_l[n]. The same pass records each unit's input; with the unbound copy of the unit from
+the model's abstract discovery pass (`ModelDef.units`), a client's own layer can later be
+evaluated on G's input (spec section 2, step 3).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -29,32 +29,8 @@ class LayerView(NamedTuple):
 
 
 def unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
-  """Unbound copies of the traced units, keyed by module path (from an abstract forward)."""
-  return dict(_unit_modules(model))
-
-
-@functools.lru_cache(maxsize=64)
-def _unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
-  traced = set(model.traced_layers)
-  found: dict[LayerPath, nn.Module] = {}
-
-  def record(next_fun, args, kwargs, context):
-    path = tuple(context.module.path)
-    if context.method_name == "__call__" and path in traced and path not in found:
-      found[path] = context.module.clone(parent=None)
-    return next_fun(*args, **kwargs)
-
-  def forward():
-    variables = model.init(jax.random.key(0))
-    x = jnp.zeros((1, *model.input_shape), model.input_dtype)
-    with nn.intercept_methods(record):
-      model.logits(variables, x)
-
-  jax.eval_shape(forward)
-  missing = traced - set(found)
-  if missing:
-    raise ValueError(f"traced layers {sorted(missing)} never ran in {model.name}'s forward pass")
-  return found
+  """Unbound copies of the traced units, keyed by module path (`ModelDef.units`)."""
+  return {u.path: u.module for u in model.units()}
 
 
 def target_logits(logits: jax.Array, target: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -70,7 +46,10 @@ def capture(model: ModelDef, global_vars: Variables, x: jax.Array,
   """Runs G once forward and once backward; returns (LayerView, predicted labels [N])."""
   order = model.traced_layers
   index = {path: l for l, path in enumerate(order)}
-  units = unit_modules(model)
+  # One cached abstract pass at this batch shape gives the unbound units and the output
+  # shapes the zero perturbations need.
+  by_path = {u.path: u for u in model.units(x.shape, x.dtype)}
+  units = [by_path[p] for p in order]
 
   def forward(perturb):
     inputs: dict[int, Any] = {}
@@ -89,27 +68,9 @@ def capture(model: ModelDef, global_vars: Variables, x: jax.Array,
     s, predicted = target_logits(logits, target)
     return jnp.sum(s), (predicted, inputs, kwargs)
 
-  shapes = _output_shapes(model, global_vars, x, index)
-  zeros = [jnp.zeros(sh.shape, sh.dtype) for sh in shapes]
+  zeros = [jnp.zeros(u.output.shape, u.output.dtype) for u in units]
   grads, (predicted, inputs, kwargs) = jax.grad(forward, has_aux=True)(zeros)
-  view = LayerView(tuple(units[p] for p in order), tuple(inputs[l] for l in range(len(order))),
+  view = LayerView(tuple(u.module for u in units), tuple(inputs[l] for l in range(len(order))),
                    tuple(kwargs[l] for l in range(len(order))), tuple(grads))
   return view, predicted
 
-
-def _output_shapes(model, global_vars, x, index) -> list[jax.ShapeDtypeStruct]:
-  shapes: dict[int, jax.ShapeDtypeStruct] = {}
-
-  def intercept(next_fun, args, kw, context):
-    out = next_fun(*args, **kw)
-    path = tuple(context.module.path)
-    if context.method_name == "__call__" and path in index:
-      shapes[index[path]] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-    return out
-
-  def forward():
-    with nn.intercept_methods(intercept):
-      return model.logits(global_vars, x)
-
-  jax.eval_shape(forward)
-  return [shapes[l] for l in range(len(index))]
