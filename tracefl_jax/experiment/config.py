@@ -20,6 +20,9 @@ from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the paper's protocol (spec sections 3-4) at the embedded dataset's size."""
   c = ml_collections.ConfigDict()
+  # Comma-separated Python modules imported before the run: they may register your own
+  # datasets and models by name (tracefl_jax.data.register_dataset, models.register_model).
+  c.imports = ""
   c.seed = 42
   c.rounds = 10
   c.num_clients = 100

@@ -16,6 +16,7 @@ Every row is flushed as soon as its round ends, so a crash loses nothing already
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -148,6 +149,18 @@ def _truncate_jsonl(path: Path, last_round: int) -> None:
   path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
 
+def import_modules(names: str) -> None:
+  """Imports the config's `imports` (modules that register datasets or models by name)."""
+  for name in (n.strip() for n in str(names).split(",")):
+    if not name:
+      continue
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"imports: cannot import module {name!r} ({e}); it must be importable "
+                       f"from the current directory or PYTHONPATH") from e
+
+
 def protocol_settings(c: ml_collections.ConfigDict) -> ProtocolSettings:
   """The config's provenance section as the library's `ProtocolSettings`."""
   p = c.provenance
@@ -167,6 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   If `workdir` holds a checkpoint of the same experiment (and `checkpoint.resume`), the run
   continues after the checkpoint's round and ends exactly as an uninterrupted run would.
   """
+  import_modules(config.imports)
   validate(config)
   c = config
   workdir = Path(workdir)
