@@ -35,34 +35,137 @@ def _save(hf_model, tmp_path):
   return tmp_path
 
 
-@pytest.mark.parametrize("kind", ["bert", "openai-gpt", "gpt2"])
-def test_imported_logits_match_hugging_face(kind, tmp_path):
-  torch.manual_seed(0)
+def _hf_classifier(kind, scale=2.0, **extra):
+  """A small random Hugging Face classifier whose weights are all redrawn so activations are
+  O(1) (HF's 0.02 init keeps GELU inputs near 0, where exact and tanh GELU agree to ~1e-7;
+  OpenAI GPT's Conv1D ignores initializer_range): matrices N(0, scale^2 / 32), embeddings
+  N(0, scale^2), biases and LayerNorm offsets N(0, 0.1^2), LayerNorm scales 1 + N(0, 0.1^2)."""
+  common = dict(vocab_size=50, num_labels=3, pad_token_id=0, **extra)
   if kind == "bert":
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=16, num_labels=3, pad_token_id=0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, **common)
     hf = transformers.BertForSequenceClassification(cfg)
   elif kind == "gpt2":
-    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
-                                  n_head=4, num_labels=3, pad_token_id=0)
+    cfg = transformers.GPT2Config(n_positions=16, n_embd=32, n_layer=2, n_head=4, **common)
     hf = transformers.GPT2ForSequenceClassification(cfg)
   else:
-    cfg = transformers.OpenAIGPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
-                                       n_head=4, num_labels=3, pad_token_id=0)
+    cfg = transformers.OpenAIGPTConfig(n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                       **common)
     hf = transformers.OpenAIGPTForSequenceClassification(cfg)
-  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
-  ids = _ids()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if p.dim() == 2:
+        std = scale if ("embed" in name or name.endswith(("wte.weight", "wpe.weight"))) else (
+            scale / np.sqrt(32))
+        p.normal_(0.0, std)
+      elif "ln" in name.lower().split(".")[-2] and name.endswith("weight"):
+        p.normal_(1.0, 0.1)
+      else:
+        p.normal_(0.0, 0.1)
+  return hf
+
+
+def _logits_error(model, variables, hf, ids):
+  """max |ours - HF| / max |HF| over the logits, both in float32 at full matmul precision."""
   with torch.no_grad():
     mask = torch.from_numpy(ids != 0).long()
     expected = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=mask).logits.numpy()
-  np.testing.assert_allclose(model.logits(variables, jnp.asarray(ids)), expected, atol=1e-4,
-                             rtol=1e-4)
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(model.logits(variables, jnp.asarray(ids)))
+  return float(np.abs(got - expected).max() / np.abs(expected).max()), expected
+
+
+# Relative logit error (max |ours - HF| / max |HF|, scale 2 weights, float32, CPU): ours
+# 3e-7 (BERT) to 1.2e-6 (GPT-1); the same weights with the other GELU 2.4e-4 to 3.2e-4.
+LOGITS_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("kind", ["bert", "openai-gpt", "gpt2"])
+def test_imported_logits_match_hugging_face(kind, tmp_path):
+  torch.manual_seed(0)
+  hf = _hf_classifier(kind)
+  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+  err, expected = _logits_error(model, variables, hf, _ids())
+  assert np.abs(expected).max() > 0.1  # not vanishing: the relative error is meaningful
+  assert err <= LOGITS_RTOL, err
   # Traced units as the original: GPT 6 per block + score; BERT emb LN + blocks + 2.
   assert len(model.traced_layers) == {"openai-gpt": 6 * 2 + 1, "gpt2": 6 * 2 + 2,
                                       "bert": 1 + 2 + 2}[kind]
   if kind == "gpt2":  # pre-LayerNorm: execution order puts ln_1 first
     assert model.traced_layers[:2] == (("h_0", "ln_1"), ("h_0", "attn_c_attn"))
+
+
+@pytest.mark.parametrize("kind,act,other", [("openai-gpt", "gelu_new", "gelu"),
+                                            ("gpt2", "gelu_new", "gelu"),
+                                            ("bert", "gelu", "gelu_new")])
+def test_activation_comes_from_the_config_and_the_parity_test_sees_a_swap(kind, act, other,
+                                                                           tmp_path):
+  """OpenAI GPT's afn "gelu" is HF's gelu_new (tanh), BERT's hidden_act "gelu" the exact
+  erf form. The other GELU on the same weights misses the logits tolerance by far."""
+  torch.manual_seed(0)
+  hf = _hf_classifier(kind)
+  model, variables = load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+  assert model.module.act == act
+  wrong = make_model(kind, model.module.clone(act=other), (T,), 3, input_dtype=jnp.int32,
+                     traced_layers=model.traced_layers)
+  err, _ = _logits_error(wrong, variables, hf, _ids())
+  assert err > 10 * LOGITS_RTOL, err
+
+
+def test_unsupported_activation_is_a_clear_error(tmp_path):
+  hf = _hf_classifier("bert", hidden_act="gelu_10")
+  with pytest.raises(ValueError, match="bert with activation 'gelu_10' is not supported"):
+    load_hf_classifier(_save(hf, tmp_path), seq_len=T)
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny"])
+def test_registry_text_model_with_pad_id_p_ignores_pads(name):
+  """The tokenizer's pad id P (GPT: the added [PAD] = old vocabulary size), not 0: pads are
+  masked out of attention and GPT pools the last non-pad token."""
+  from tracefl_jax.data.text import make_synthetic_text  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  pad, vocab = 49, 50
+  model = get_model(name, (T,), 3, vocab, pad_token_id=pad)
+  assert model.module.pad_token_id == pad
+  ids = make_synthetic_text(num_train=6, num_test=1, seq_len=T, vocab_size=vocab,
+                            pad_token_id=pad, seed=1)[0]
+  lengths = (ids != pad).sum(1)
+  assert ((np.arange(T)[None] < lengths[:, None]) == (ids != pad)).all()  # prefix, then pads
+  assert (lengths < T).sum() >= 3  # several padded rows
+  if name == "gpt_tiny":  # and a left-padded row (BERT pools position 0: right padding only)
+    ids = np.concatenate([ids, np.roll(ids[:1], T - lengths[0])])
+  variables = model.init(jax.random.key(0))
+  emb = "tokens_embed" if name == "gpt_tiny" else "embeddings_word_embeddings"
+  logits = np.asarray(model.logits(variables, jnp.asarray(ids)))
+  # Whatever the pad token's embedding, the logits stay (pads are never attended, not pooled).
+  moved = jax.tree.map(lambda a: a, variables)
+  table = moved["params"][emb]["embedding"]
+  moved["params"][emb]["embedding"] = table.at[pad].set(10.0 * jax.random.normal(
+      jax.random.key(1), table.shape[1:]))
+  np.testing.assert_allclose(model.logits(moved, jnp.asarray(ids)), logits, rtol=1e-6,
+                             atol=1e-6)
+  if name == "gpt_tiny":  # the pooled token: padded row == its unpadded prefix
+    for n in range(6):
+      prefix = jnp.asarray(ids[n:n + 1, :lengths[n]])
+      np.testing.assert_allclose(model.module.apply(variables, prefix)[0], logits[n],
+                                 rtol=1e-5, atol=1e-6)
+    # The old registry default pad id 0 on the same weights pools a pad on padded rows.
+    old = get_model(name, (T,), 3, vocab, pad_token_id=0)
+    stale = np.asarray(old.logits(variables, jnp.asarray(ids)))
+    padded = lengths[:6] < T
+    assert not np.allclose(stale[:6][padded], logits[:6][padded], atol=1e-4)
+
+
+def test_registry_pad_id_defaults_and_errors():
+  from tracefl_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  # openai-gpt's tokenizer (40478 tokens) gains [PAD] = 40478 from load_tokenizer.
+  assert get_model("openai_gpt", (T,), 3, vocab_size=40479).module.pad_token_id == 40478
+  assert get_model("bert_base", (T,), 3, vocab_size=28996).module.pad_token_id == 0
+  assert get_model("gpt_tiny", (T,), 3, 50).module.pad_token_id == 0  # synthetic_text pads 0
+  assert get_model("bert_tiny", (T,), 3, 50).module.pad_token_id == 0
+  assert get_model("openai_gpt", (T,), 3, 50, pad_token_id=7).module.pad_token_id == 7
+  with pytest.raises(ValueError, match="pad_token_id=50 is outside the vocabulary"):
+    get_model("gpt_tiny", (T,), 3, 50, pad_token_id=50)
 
 
 def test_full_size_traced_counts():

@@ -65,33 +65,57 @@ def partition_iid(labels: np.ndarray, num_clients: int, seed: int,
 
 def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, *,
                         num_classes: int | None = None, self_balancing: bool = True,
-                        min_partition_size: int = 0, max_tries: int = 10,
+                        min_partition_size: int = 0, max_tries: int = 11,
                         shuffle: bool = True) -> Partition:
-  """Label-skewed partition with flwr-datasets `DirichletPartitioner` semantics.
+  """Label-skewed partition, index for index flwr-datasets 0.6.1's `DirichletPartitioner`.
 
-  With `rng = default_rng(seed)`, for each class in sorted order (flwr-datasets 0.6.1 sorts
-  `Dataset.unique`): draw p ~ Dir(alpha * 1_C); with
-  `self_balancing`, zero the share of every client already holding MORE than the average
-  `len(labels) / C` examples and renormalise; split the class's indices (dataset order) at
-  `(cumsum(p) * n_class).astype(int)[:-1]`. If the smallest client is below
-  `min_partition_size`, draw everything again (same generator) up to `max_tries` times. Then,
-  with `shuffle`, shuffle each client's indices in place, client by client.
+  `partition_dirichlet(y, C, alpha, seed)` gives the same client index lists, in the same
+  order, as `DirichletPartitioner(num_partitions=C, partition_by="label", alpha=alpha,
+  seed=seed, self_balancing=..., min_partition_size=..., shuffle=...)` on a dataset whose
+  "label" column is `y` (checked against the installed package in tests/test_partition_flwr.py).
+  With `rng = np.random.default_rng(seed)`, one generator for everything:
+
+  1. Classes are visited in SORTED order of their values (flwr sorts `Dataset.unique`, which
+     itself lists classes by first appearance); for ints that is numeric order, for string
+     labels in flwr it would be lexicographic ("10" < "2"), so encode strings to ints by
+     their sorted order before calling this.
+  2. Per class k: `p = rng.dirichlet(alpha * 1_C)`. With `self_balancing`, every client that
+     already holds MORE than `len(y) / C` examples gets share 0 and `p` is divided by its
+     sum, summed left to right in float64 as flwr's Python `sum` does (numpy's pairwise
+     `p.sum()` can differ in the last bit, and when the trailing clients are zeroed that bit
+     decides whether `cumsum` reaches exactly 1 and so who gets the class's last example).
+     Without `self_balancing`, `p` is used as drawn.
+  3. The class's indices `nonzero(y == k)` (dataset order) are cut at
+     `(cumsum(p) * n_k).astype(int)[:-1]`, chunk c appended to client c.
+  4. If the smallest client holds fewer than `min_partition_size` examples, everything is
+     drawn again (continuing the same generator); flwr makes at most 11 draws (its counter
+     runs 0..10), hence `max_tries=11`; after that a ValueError. flwr also warns on every
+     failed draw; we do not.
+  5. With `shuffle`, each client's list is shuffled in place (`rng.shuffle` on the Python
+     list), client 0 first.
+
+  Returns `Partition` with `client_indices[c]` in that final order and `label_counts [C, K]`.
   """
   labels = _check(labels, num_clients)
   if not alpha > 0:
     raise ValueError(f"alpha={alpha} must be > 0")
   rng = np.random.default_rng(seed)
-  classes = np.unique(labels)
+  classes = np.unique(labels)  # sorted, as flwr's sorted(Dataset.unique(...))
+  members_of = [np.nonzero(labels == k)[0] for k in classes]
   average = len(labels) / num_clients
+  concentration = np.full(num_clients, float(alpha))
   for _ in range(max_tries):
     parts: list[list[int]] = [[] for _ in range(num_clients)]
-    for k in classes:
-      members = np.nonzero(labels == k)[0]
-      p = rng.dirichlet(np.full(num_clients, alpha))
+    for k, members in zip(classes, members_of):
+      p = rng.dirichlet(concentration)
       if self_balancing:
-        full = np.array([len(part) > average for part in parts])
-        p = np.where(full, 0.0, p)
-        p = p / p.sum()
+        p = np.where([len(part) > average for part in parts], 0.0, p)
+        total = sum(p.tolist())  # sequential float64 sum, not numpy's pairwise p.sum()
+        if total == 0.0:  # flwr would divide 0/0 here and split at garbage indices
+          raise ValueError(
+              f"Dirichlet partition: class {k!r} drew share 0.0 for every client not yet "
+              f"above the average size (alpha={alpha} underflows); raise alpha.")
+        p = p / total
       cuts = (np.cumsum(p) * len(members)).astype(int)[:-1]
       for part, chunk in zip(parts, np.split(members, cuts)):
         part.extend(chunk.tolist())

@@ -88,7 +88,13 @@ def make_synthetic_text(num_train: int = 1000, num_test: int = 200, seq_len: int
                         vocab_size: int = 100, num_classes: int = 4, seed: int = 0,
                         pad_token_id: int = 0) -> tuple[np.ndarray, ...]:
   """Token sequences whose words are drawn from class-specific vocabularies, padded with
-  `pad_token_id` after a random length: learnable, any size, deterministic by seed."""
+  `pad_token_id` after a random length: learnable, any size, deterministic by seed.
+
+  Words are ids in `[0, vocab_size)` other than `pad_token_id` (word ids are drawn from
+  `[1, vocab_size)` and a drawn `pad_token_id` becomes 0), so a pad never occurs inside the
+  text whatever the pad id; with the default pad id 0 the data are unchanged."""
+  if not 0 <= pad_token_id < vocab_size:
+    raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {vocab_size})")
   rng = np.random.default_rng(seed)
   n = num_train + num_test
   y = rng.integers(0, num_classes, n).astype(np.int32)
@@ -97,6 +103,7 @@ def make_synthetic_text(num_train: int = 1000, num_test: int = 200, seq_len: int
   ids = words[y[:, None], picks].astype(np.int32)
   noise = rng.random((n, seq_len)) < 0.3
   ids = np.where(noise, rng.integers(1, vocab_size, size=(n, seq_len)), ids).astype(np.int32)
+  ids[ids == pad_token_id] = 0  # the pad id's word slot moves to id 0 (a no-op for pad 0)
   lengths = rng.integers(seq_len // 2, seq_len + 1, n)
   ids[np.arange(seq_len)[None] >= lengths[:, None]] = pad_token_id
   return ids[:num_train], y[:num_train], ids[num_train:], y[num_train:]
