@@ -61,9 +61,13 @@ def attribution_rows(result: ProvenanceResult, round_idx: int,
   probs, ids = np.asarray(result.probs), np.asarray(result.client_ids)
   rows = []
   for n in range(probs.shape[0]):
-    order = np.argsort(-probs[n], kind="stable")[:top_k]
-    rows.append({"round": round_idx, "input": n, "predicted": int(result.predicted[n]),
-                 "traced_client": int(result.traced_client[n]),
-                 "probability": float(probs[n, result.traced_position[n]]),
-                 "top_clients": [[int(ids[k]), float(probs[n, k])] for k in order]})
+    row = {"round": round_idx, "input": n, "predicted": int(result.predicted[n]),
+           "traced_client": int(result.traced_client[n])}
+    if not result.attributable[n]:  # a non-finite score: no client is named
+      row.update(attributable=False, probability=None, top_clients=[])
+    else:
+      order = np.argsort(-probs[n], kind="stable")[:top_k]
+      row.update(probability=float(probs[n, result.traced_position[n]]),
+                 top_clients=[[int(ids[k]), float(probs[n, k])] for k in order])
+    rows.append(row)
   return rows

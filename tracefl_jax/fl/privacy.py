@@ -82,11 +82,28 @@ def _norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(l.astype(jnp.float32))) for l in leaves))
 
 
+def _check_dp(clip_norm: Any, noise_multiplier: Any = 0.0, clients_per_round: Any = 1) -> None:
+  """One-line errors for DP settings that would silently misbehave (checked when concrete)."""
+  concrete = lambda v: not isinstance(v, jax.core.Tracer)  # noqa: E731
+  # A negative C flips every update's sign (the scale min(1, C / norm) turns negative).
+  if concrete(clip_norm) and not float(clip_norm) > 0:
+    raise ValueError(f"clip_norm={clip_norm} must be > 0 (the L2 bound C on each client's "
+                     f"update)")
+  if concrete(noise_multiplier) and not float(noise_multiplier) >= 0:
+    raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0 (0 = no noise)")
+  if concrete(clients_per_round) and not (float(clients_per_round) >= 1
+                                          and float(clients_per_round).is_integer()):
+    raise ValueError(f"clients_per_round={clients_per_round} must be an integer >= 1 (the "
+                     f"noise std is z * C / clients_per_round)")
+
+
 def clip_update(update: Any, clip_norm: float) -> tuple[Any, jax.Array]:
   """Scales `update` by min(1, C / ||update||_2), the norm taken over the whole pytree.
 
-  Returns `(clipped, norm_before)`. Updates with norm <= C are returned unchanged.
+  Returns `(clipped, norm_before)`. Updates with norm <= C are returned unchanged. Raises
+  ValueError for a concrete `clip_norm <= 0`.
   """
+  _check_dp(clip_norm)
   norm = _norm(update)
   scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
   return jax.tree.map(lambda l: (l * scale).astype(l.dtype), update), norm
@@ -111,7 +128,12 @@ def dp_fedavg(
   collections. Other collections (BatchNorm statistics) are averaged as plain FedAvg, untouched
   by clipping and noise; `collections=("params", "batch_stats")` reproduces the original,
   which clipped and noised the BatchNorm counters too.
+
+  Raises ValueError for `clip_norm <= 0`, `noise_multiplier < 0` or `clients_per_round < 1`
+  (Python numbers in every library call, so checked before tracing), and as `fedavg` for the
+  weights.
   """
+  _check_dp(clip_norm, noise_multiplier, clients_per_round)
   private = {k: stacked[k] for k in collections if k in stacked}
   prev = {k: previous[k] for k in private}
   updates = jax.tree.map(lambda s, p: s - p[None], private, prev)

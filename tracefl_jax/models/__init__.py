@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -71,6 +72,29 @@ def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
   _REGISTRY[name] = factory
 
 
+# Registered convolutional networks: their examples are images (height, width, channels).
+_IMAGE_MODELS = frozenset(n for n in _REGISTRY if not n.startswith("mlp"))
+
+
+def _check_shape_and_classes(name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+  """One-line errors instead of Flax/XLA tracebacks from inside the first forward pass."""
+  if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+      or num_classes < 1):
+    raise ValueError(f"num_classes={num_classes!r} must be a positive int (the number of "
+                     f"logits)")
+  shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+  if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                          for d in shape):
+    raise ValueError(f"input_shape={input_shape!r} must be a non-empty tuple of positive ints, "
+                     f"the shape of ONE example, e.g. (28, 28, 1) or (seq_len,)")
+  if name in _TEXT_REGISTRY and len(shape) != 1:
+    raise ValueError(f"text model {name!r} takes token ids: input_shape must be (seq_len,), "
+                     f"got {shape}")
+  if name in _IMAGE_MODELS and len(shape) != 3:
+    raise ValueError(f"model {name!r} takes images: input_shape must be (height, width, "
+                     f"channels), got {shape}")
+
+
 def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
               vocab_size: int | None = None, *, pad_token_id: int | None = None) -> ModelDef:
   """The registered model `name` for examples of `input_shape` and `num_classes` labels.
@@ -81,7 +105,14 @@ def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
   are masked out of attention and GPT pools the last non-pad token); None picks the model's
   default: 0 for `bert_*` and `gpt_tiny` (synthetic_text pads with 0), `vocab_size - 1` for
   `openai_gpt` (the [PAD] that `load_tokenizer` appends to GPT's vocabulary).
+
+  Raises ValueError for an unknown name, `num_classes < 1`, an empty or non-positive
+  `input_shape`, a text model's shape other than `(seq_len,)` and a convolutional model's
+  other than `(height, width, channels)`.
   """
+  if name not in _REGISTRY and name not in _TEXT_REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())}")
+  _check_shape_and_classes(name, input_shape, num_classes)
   if name in _TEXT_REGISTRY:
     if not vocab_size:
       raise ValueError(f"text model {name!r} needs vocab_size")
@@ -94,8 +125,6 @@ def get_model(name: str, input_shape: tuple[int, ...], num_classes: int,
     traced = module.traced_layers() if isinstance(module, BertClassifier) else None
     return make_model(name, module, tuple(input_shape), num_classes, input_dtype=jnp.int32,
                       traced_layers=traced)
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())}")
   return make_model(name, _REGISTRY[name](num_classes), tuple(input_shape), num_classes)
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
 from tracefl_jax.provenance import kernels
@@ -27,6 +28,11 @@ class ProvenanceResult(NamedTuple):
   `client_ids[k]` is the global id of the client at position k. `traced_client` is a global
   id (equal to the position when `trace_clients` got no `client_ids`), `traced_position` the
   column it came from.
+
+  A non-finite score is never an attribution: an input with any NaN or infinite score (NaN
+  in a client's or G's parameters, or in the input) has `attributable` False, its
+  `traced_client` and `traced_position` are -1 and its `probs` row is NaN; `scores` keep the
+  raw values for inspection.
   """
   scores: jax.Array               # T [N, K] float32
   probs: jax.Array                # P [N, K] softmax over clients
@@ -35,6 +41,7 @@ class ProvenanceResult(NamedTuple):
   client_ids: jax.Array           # [K] int32, global id of each column
   predicted: jax.Array            # [N] int32, G's eval-mode argmax
   layer_scores: jax.Array | None  # c [L, N, K] with beta applied, when requested
+  attributable: jax.Array         # [N] bool, every score of the input finite
 
 
 def layer_betas(num_layers: int, decay: float = 0.9, use_decay: bool = True) -> jax.Array:
@@ -94,10 +101,115 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
     scores = scores * p[None, :]
     layer_scores = None if layer_scores is None else layer_scores * p[None, None, :]
   scores = scores.astype(jnp.float32)
+  attributable = jnp.all(jnp.isfinite(scores), axis=-1)
   probs = jax.nn.softmax(scores, axis=-1)
-  position = jnp.argmax(probs, axis=-1).astype(jnp.int32)  # argmax takes the first on ties
-  return ProvenanceResult(scores, probs, client_ids[position], position, client_ids, predicted,
-                          layer_scores if return_layers else None)
+  # argmax takes the first on ties; a NaN row would otherwise report client 0.
+  position = jnp.where(attributable, jnp.argmax(probs, axis=-1), -1).astype(jnp.int32)
+  # Softmax over a row holding -inf next to finite scores would look valid; poison it too.
+  probs = jnp.where(attributable[:, None], probs, jnp.nan)
+  traced = jnp.where(attributable, client_ids[jnp.maximum(position, 0)], -1)
+  return ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
+                          layer_scores if return_layers else None, attributable)
+
+
+def _concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def _check_variables(global_vars: Variables, client_vars: Variables) -> int:
+  """Client leaves must be G's leaves stacked `[K, ...]`; returns K (>= 1).
+
+  Every collection both hold is compared; the first mismatching leaf is named.
+  """
+  for name, tree in (("global_vars", global_vars), ("client_vars", client_vars)):
+    if not hasattr(tree, "keys") or "params" not in tree:
+      raise ValueError(f"{name} must be Flax variables, a dict of collections with 'params', "
+                       f"got {type(tree).__name__}"
+                       + (f" with keys {sorted(tree.keys())}" if hasattr(tree, "keys") else ""))
+
+  def named_leaves(col, tree):
+    return {f"{col}/{jax.tree_util.keystr(p, simple=True, separator='/')}": leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree[col])[0]}
+
+  num_clients, first = None, None
+  for col in ["params", *sorted(k for k in global_vars if k != "params" and k in client_vars)]:
+    g_names, c_names = named_leaves(col, global_vars), named_leaves(col, client_vars)
+    extra = [name for name in c_names if name not in g_names]
+    for name, g_leaf in g_names.items():
+      if name not in c_names:
+        raise ValueError(f"client_vars lacks leaf {name} of global_vars; G and the clients must "
+                         f"be the same model (client leaves stacked [K, ...])")
+      g_shape, c_shape = tuple(np.shape(g_leaf)), tuple(np.shape(c_names[name]))
+      if c_shape[1:] != g_shape or len(c_shape) != len(g_shape) + 1:
+        raise ValueError(
+            f"client_vars leaf {name} has shape {c_shape}; global_vars has shape {g_shape} "
+            f"there, so it must be [{', '.join(['K', *map(str, g_shape)])}] (stacked over the "
+            f"round's clients)")
+      if num_clients is None:
+        num_clients, first = c_shape[0], name
+      elif c_shape[0] != num_clients:
+        raise ValueError(f"client_vars leaf {name} stacks {c_shape[0]} clients but {first} "
+                         f"stacks {num_clients}; every leaf's leading axis is the round's K "
+                         f"clients")
+    if extra:
+      raise ValueError(f"client_vars has leaf {extra[0]} that global_vars lacks; G and the "
+                       f"clients must be the same model (client leaves stacked [K, ...])")
+  if num_clients is None:
+    raise ValueError("global_vars['params'] has no leaves; nothing to trace")
+  if num_clients == 0:
+    raise ValueError(f"client_vars holds K = 0 clients (leading axis of {first}); trace at "
+                     f"least one client")
+  return num_clients
+
+
+def _check_inputs(model: ModelDef, x) -> None:
+  expected = f"[N, {', '.join(map(str, model.input_shape))}]"
+  if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
+    raise ValueError(f"x has shape {tuple(x.shape)}; model {model.name!r} takes inputs of "
+                     f"shape {expected} (a batch of examples of shape {model.input_shape})")
+  if x.shape[0] == 0:
+    raise ValueError(f"x holds N = 0 inputs (shape {tuple(x.shape)}); trace at least one")
+  tokens = np.issubdtype(np.dtype(model.input_dtype), np.integer)
+  kind_ok = (np.issubdtype(x.dtype, np.integer) if tokens
+             else np.issubdtype(x.dtype, np.floating))
+  if not kind_ok:
+    raise ValueError(f"x has dtype {np.dtype(x.dtype)}; model {model.name!r} takes "
+                     f"{'integer token ids' if tokens else 'floating-point inputs'} "
+                     f"({np.dtype(model.input_dtype)})")
+
+
+def _check_target(model: ModelDef, target, num_inputs: int):
+  if not hasattr(target, "shape"):
+    target = np.asarray(target)
+  if tuple(target.shape) != (num_inputs,) or not np.issubdtype(target.dtype, np.integer):
+    raise ValueError(f"target has shape {tuple(target.shape)} and dtype "
+                     f"{np.dtype(target.dtype)}; it must be [N] = ({num_inputs},) integer class "
+                     f"ids in [0, {model.num_classes})")
+  if _concrete(target):
+    t = np.asarray(target)
+    bad = np.flatnonzero((t < 0) | (t >= model.num_classes))
+    if bad.size:
+      raise ValueError(f"target={t[bad[0]]} (input {bad[0]}) is out of range; model "
+                       f"{model.name!r} has classes [0, {model.num_classes})")
+  return target
+
+
+def _check_sizes(client_sizes, num_clients: int, use_size_factor: bool):
+  if not hasattr(client_sizes, "shape"):
+    client_sizes = np.asarray(client_sizes)
+  if tuple(client_sizes.shape) != (num_clients,):
+    raise ValueError(f"client_sizes has shape {tuple(client_sizes.shape)}; it must be [K] = "
+                     f"({num_clients},), one size per client of the round")
+  if _concrete(client_sizes):
+    n = np.asarray(client_sizes, np.float64)
+    bad = np.flatnonzero(~np.isfinite(n) | (n < 0))
+    if bad.size:
+      raise ValueError(f"client_sizes must be finite and >= 0, got "
+                       f"{np.asarray(client_sizes).tolist()} (bad at positions {bad.tolist()})")
+    if use_size_factor and n.sum() <= 0:
+      raise ValueError(f"client_sizes are all 0 ({np.asarray(client_sizes).tolist()}); "
+                       f"use_size_factor=True needs a positive total for p_k = n_k / sum n")
+  return client_sizes
 
 
 def trace_clients(
@@ -131,17 +243,44 @@ def trace_clients(
     client_sizes: `[K]` n_k for the data-size factor (the original counts batches).
     use_size_factor: multiply client parameters by p_k = n_k / sum n (off in the paper).
     return_layers: also return beta-weighted per-layer scores `[L, N, K]`.
-    clients_per_chunk: bound memory by processing this many clients at a time.
+    clients_per_chunk: bound memory by processing this many clients at a time (None or 0:
+      all at once).
     block_mask: for whole-block units with an attention mask (BERT): "fixed" evaluates the
       client's block with G's mask; "parity" without it, as the original did.
     client_ids: `[K]` global ids of the round's clients; `traced_client` then holds ids
       (default: positions 0..K-1).
+
+  Returns:
+    `ProvenanceResult`; inputs with a non-finite score have `attributable` False and
+    `traced_client == traced_position == -1` (see `ProvenanceResult`).
+
+  Raises:
+    ValueError, before anything is traced or compiled, with the bad value and the valid
+    choices: client leaves that are not G's leaves stacked `[K, ...]` (the first mismatching
+    leaf is named), K = 0, N = 0, inputs not `[N, *model.input_shape]` or of the wrong kind
+    (integer inputs for a float model, float inputs for a token model), a target not `[N]`
+    integers or (when concrete) outside [0, num_classes), `client_sizes` not `[K]`, negative,
+    non-finite or (with `use_size_factor`) all zero, `clients_per_chunk` < 0, decay outside
+    (0, 1], unknown kernel or block_mask names.
   """
   if block_mask not in ("fixed", "parity"):
     raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
   if kernel not in KERNELS:
     raise ValueError(f"unknown provenance kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-  num_clients = jax.tree.leaves(client_vars["params"])[0].shape[0]
+  if not 0 < decay <= 1:
+    raise ValueError(f"decay={decay} must be in (0, 1]")
+  if clients_per_chunk is not None and not (isinstance(clients_per_chunk, (int, np.integer))
+                                            and clients_per_chunk >= 0):
+    raise ValueError(f"clients_per_chunk={clients_per_chunk!r} must be None or 0 (off) or a "
+                     f"positive int")
+  # Checks at the Python boundary: inside the jitted kernels these are JAX/Flax tracebacks
+  # or, for values, silent wrong answers (a target of -1 wraps around).
+  num_clients = _check_variables(global_vars, client_vars)
+  if not hasattr(x, "shape"):
+    x = np.asarray(x)
+  _check_inputs(model, x)
+  if target is not None:
+    target = _check_target(model, target, x.shape[0])
   if kernel == "auto":
     kernel = choose_kernel(model, x.shape[0], num_clients)
   elif kernel in ("grad", "jvp") and not is_affine(model):
@@ -151,14 +290,14 @@ def trace_clients(
     raise ValueError("use_size_factor=True needs client_sizes")
   if client_sizes is None:
     client_sizes = jnp.ones(num_clients, jnp.float32)
+  else:
+    client_sizes = _check_sizes(client_sizes, num_clients, use_size_factor)
   if client_ids is None:
     client_ids = jnp.arange(num_clients, dtype=jnp.int32)
   client_ids = jnp.asarray(client_ids, jnp.int32)
   if client_ids.shape != (num_clients,):
     raise ValueError(f"client_ids has shape {client_ids.shape}; the round has {num_clients} "
                      f"clients (leading axis of client_vars), so it must be ({num_clients},)")
-  if not 0 < decay <= 1:
-    raise ValueError(f"decay={decay} must be in (0, 1]")
   return _trace(model, global_vars, client_vars, x, target,
                 jnp.asarray(client_sizes), client_ids, kernel=kernel, decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
