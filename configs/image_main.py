@@ -33,9 +33,11 @@ def get_config(preset: str = "resnet18-pathmnist"):
     c.clients_per_round = 4
     c.partition.min_client_size = 8
     c.partition.min_label_count = 2
+    c.client.batch_size = 8  # FedAvg weights floor(n_k / 8) >= 1 for every kept client
     c.rounds = 2
     return c
   model, _, dataset = preset.partition("-")
+  c.num_clients, c.clients_per_round = 100, 10
   if model not in MODELS or dataset not in DATASETS:
     raise ValueError(f"unknown preset {preset!r}; valid: cpu or MODEL-DATASET with MODEL in "
                      f"{MODELS} and DATASET in {DATASETS}")

@@ -4,7 +4,7 @@ GPT on DBpedia, 15 rounds; the paper reports 99.5-100% localization.
   python -m tracefl_jax --config=configs/scale.py --workdir=runs/scale --sweep \
       --config.model.hf_path=/models/openai-gpt --config.dataset.tokenizer=/models/openai-gpt
 
-Presets: (none) the paper's grid; `cpu`: the MLP on 8,000 synthetic 8x8 images, 200 and 400
+Presets: (none) the paper's grid; `cpu`: the MLP on 20,000 synthetic 8x8 images, 200 and 400
 clients x 10 and 20 per round, 2 rounds each (about 1 minute on 2 CPU cores).
 Runtime on one H100: not measured yet.
 """
@@ -20,7 +20,7 @@ def get_config(preset: str = ""):
     c.model.name = "mlp"
     c.dataset.name = "synthetic"
     c.dataset.synthetic_shape = "8,8,1"
-    c.dataset.synthetic_size = 8000
+    c.dataset.synthetic_size = 20000  # >= 32 examples per client after the fix-up
     c.num_clients = 200
     c.rounds = 2
     return c

@@ -36,6 +36,7 @@ def get_config(preset: str = "gpt-dbpedia"):
     c.rounds = 2
     return c
   model, _, dataset = preset.partition("-")
+  c.num_clients, c.clients_per_round = 100, 10
   if model not in ("gpt", "bert") or dataset not in ("dbpedia", "yahoo"):
     raise ValueError(f"unknown preset {preset!r}; valid: cpu, gpt-dbpedia, gpt-yahoo, "
                      "bert-dbpedia, bert-yahoo")

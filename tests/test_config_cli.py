@@ -79,7 +79,7 @@ def test_cli_smoke_run(tmp_path):
 def test_cli_rejects_bad_input_clearly(tmp_path):
   proc = _cli(tmp_path, "--config.clients_per_round=500")
   assert proc.returncode == 2
-  assert "clients_per_round=500 must be in [1, num_clients=100]" in proc.stderr
+  assert "clients_per_round=500 must be in [1, num_clients=20]" in proc.stderr
   proc = _cli(tmp_path, "--config.model.name=vgg")
   assert proc.returncode == 2 and "unknown model 'vgg'; valid models" in proc.stderr
   proc = _cli(tmp_path, "--config.clinets_per_round=5")  # a typo is an error, not a new field

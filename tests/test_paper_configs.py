@@ -24,7 +24,7 @@ def _module(name):
     ("image_main", ["resnet18-mnist", "densenet121-cifar10", "resnet18-pathmnist",
                     "densenet121-organamnist"]),
     ("text_main", ["gpt-dbpedia", "bert-yahoo"]),
-    ("faulty", ["resnet18-mnist"]),
+    ("faulty", ["resnet18-mnist", "densenet121-pathmnist", "gpt-yahoo", "bert-dbpedia"]),
     ("scale", [""]), ("sweep_alpha", [""]), ("dp", [""]),
 ])
 def test_full_presets_validate(name, presets):
@@ -37,10 +37,15 @@ def test_unknown_preset_is_named():
     _module("image_main").get_config("vgg-mnist")
 
 
-@pytest.mark.parametrize("name", ["image_main", "text_main", "faulty", "scale"])
-def test_cpu_presets_run_end_to_end(name, tmp_path):
+FAULTY_CPU = ["cpu", *(f"cpu-{d}" for d in _module("faulty").DATASETS)]
+
+
+@pytest.mark.parametrize("name,preset", [("image_main", "cpu"), ("text_main", "cpu"),
+                                         ("scale", "cpu"),
+                                         *(("faulty", p) for p in FAULTY_CPU)])
+def test_cpu_presets_run_end_to_end(name, preset, tmp_path):
   module = _module(name)
-  config = module.get_config("cpu")
+  config = module.get_config(preset)
   if hasattr(module, "get_sweep"):
     grid = {k: v[:1] for k, v in module.get_sweep("cpu").items()}  # one point suffices here
     rows = sweep.run_sweep(config, grid, tmp_path, progress=False)
@@ -48,8 +53,12 @@ def test_cpu_presets_run_end_to_end(name, tmp_path):
   else:
     summary = experiment.run(config, tmp_path, progress=False)
   assert summary["rounds"] == config.rounds
-  assert summary["provenance"]["rounds_traced"] + summary["provenance"]["rounds_skipped"] \
-      == config.rounds
+  prov = summary["provenance"]
+  assert prov["rounds_traced"] + prov["rounds_skipped"] == config.rounds
+  if name == "faulty":  # the flip acts on the labels each dataset has, and a round traces
+    assert prov["rounds_traced"] >= 1 and 0.0 <= prov["accuracy"] <= 1.0
+    image = config.dataset.name != "synthetic_text"
+    assert (prov["feddebug_accuracy"] is not None) == image  # FedDebug: image models only
 
 
 @pytest.mark.parametrize("model,dataset,shape", [("densenet_tiny", "synthetic", "32,32,3"),

@@ -12,6 +12,14 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: float | None) -> str:
+  return "-" if x is None else f"{x:.2f}"
+
+
+def _ms(x: float | None) -> str:
+  return "-" if x is None else f"{1000 * x:.2f} ms"
+
+
 def print_summary(summary: dict[str, Any], workdir: str | None = None,
                   console: Console | None = None) -> None:
   """Prints the run's headline numbers and, when traced, localization beside its baselines."""
@@ -30,6 +38,21 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
     table.add_row("  random participant (expected)", _pct(prov["random_baseline"]))
     table.add_row("  largest client baseline", _pct(prov["largest_client_baseline"]))
     table.add_row("  TraceFL vs max-label-count oracle", _pct(prov["oracle_accuracy"]))
+    if prov.get("unattributable"):
+      table.add_row("inputs with non-finite scores (left out)", str(prov["unattributable"]))
+    if prov.get("counterfactual_top1") is not None:
+      table.add_row("leave-one-client-out truth: TraceFL top-1 / rank corr.",
+                    f"{_pct(prov['counterfactual_top1'])} / "
+                    f"{_num(prov.get('counterfactual_spearman'))}")
+      table.add_row("  random participant (expected)",
+                    f"{_pct(prov['counterfactual_random_top1'])} / 0.00")
+      table.add_row("  largest client", f"{_pct(prov['counterfactual_largest_top1'])} / "
+                                        f"{_num(prov.get('counterfactual_largest_spearman'))}")
+    if prov.get("feddebug_accuracy") is not None:
+      table.add_row("FedDebug localization accuracy", _pct(prov["feddebug_accuracy"]))
+      table.add_row("time per input: TraceFL / FedDebug",
+                    f"{_ms(prov.get('tracefl_seconds_per_input'))} / "
+                    f"{_ms(prov.get('feddebug_seconds_per_input'))}")
   if workdir:
     table.add_row("results", str(workdir))
   console.print(table)
@@ -61,7 +84,7 @@ def print_attribution(rows: list[dict[str, Any]], workdir: str, out: str | None 
     table.add_column(col)
   for r in rows:
     table.add_row(str(r["input"]), str(r["predicted"]), str(r["traced_client"]),
-                  f"{r['probability']:.3f}",
+                  "-" if r["probability"] is None else f"{r['probability']:.3f}",
                   ", ".join(f"{c} ({p:.2f})" for c, p in r["top_clients"]))
   console.print(table)
   if out:

@@ -25,6 +25,14 @@ _COLUMNS = (
     ("random_baseline", ("provenance", "random_baseline")),
     ("largest_client_baseline", ("provenance", "largest_client_baseline")),
     ("oracle_acc", ("provenance", "oracle_accuracy")),
+    ("cf_top1", ("provenance", "counterfactual_top1")),
+    ("cf_spearman", ("provenance", "counterfactual_spearman")),
+    ("cf_random_top1", ("provenance", "counterfactual_random_top1")),
+    ("cf_largest_top1", ("provenance", "counterfactual_largest_top1")),
+    ("cf_largest_spearman", ("provenance", "counterfactual_largest_spearman")),
+    ("feddebug_acc", ("provenance", "feddebug_accuracy")),
+    ("tracefl_s_per_input", ("provenance", "tracefl_seconds_per_input")),
+    ("feddebug_s_per_input", ("provenance", "feddebug_seconds_per_input")),
     ("best_global_acc", ("best_accuracy",)),
     ("final_global_acc", ("final_accuracy",)),
     ("rounds_traced", ("provenance", "rounds_traced")),
@@ -91,7 +99,9 @@ def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) ->
   """Localization, global and random-baseline accuracy versus `field` (mean +- std)."""
   plt = _pyplot()
 
-  series = {"TraceFL localization": "localization_acc", "global model (best)": "best_global_acc",
+  series = {"TraceFL localization": "localization_acc",
+            "TraceFL top-1 = leave-one-out top-1": "cf_top1",
+            "global model (best)": "best_global_acc",
             "random participant": "random_baseline"}
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=150)
   for label, column in series.items():
@@ -104,7 +114,7 @@ def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) ->
     xs = sorted(groups)
     ax.errorbar(xs, [np.mean(groups[x]) for x in xs], yerr=[np.std(groups[x]) for x in xs],
                 marker="o", capsize=3, label=label,
-                linestyle="--" if column == "random_baseline" else "-")
+                linestyle="--" if column in ("random_baseline", "cf_top1") else "-")
   ax.set_xlabel(field)
   ax.set_ylabel("accuracy (%)")
   ax.set_ylim(0, 105)

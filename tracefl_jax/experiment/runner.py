@@ -16,8 +16,10 @@ Every row is flushed as soon as its round ends, so a crash loses nothing already
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
+from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD,
+                                   MEDMNIST_MEAN, MEDMNIST_STD, MNIST_MEAN, MNIST_STD)
 from tracefl_jax.data.federated import federate, flip_labels
 from tracefl_jax.experiment.checkpointing import Checkpointer, save_round
 from tracefl_jax.experiment.config import (parse_flip, parse_int_list, parse_store_rounds,
@@ -88,12 +92,14 @@ def model_spec(c: ml_collections.ConfigDict, ds) -> dict[str, Any]:
   spec: dict[str, Any] = {"name": c.model.name, "hf_path": c.model.hf_path,
                           "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
                           "vocab_size": None, "pad_token_id": None}
-  if c.model.hf_path:
-    if c.dataset.tokenizer:  # the tokenizer may have gained GPT's [PAD] token
-      from tracefl_jax.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
-      tok = load_tokenizer(c.dataset.tokenizer)
-      spec["vocab_size"], spec["pad_token_id"] = len(tok), tok.pad_token_id
-  elif np.issubdtype(ds.x_train.dtype, np.integer):
+  if c.dataset.tokenizer:  # the tokenizer may have gained GPT's [PAD] token: pad with its id
+    from tracefl_jax.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tok = load_tokenizer(c.dataset.tokenizer)
+    spec["vocab_size"], spec["pad_token_id"] = len(tok), tok.pad_token_id
+  elif c.dataset.name == "synthetic_text":
+    spec["pad_token_id"] = 0  # make_synthetic_text pads with 0
+  if not c.model.hf_path and spec["vocab_size"] is None and np.issubdtype(ds.x_train.dtype,
+                                                                          np.integer):
     spec["vocab_size"] = (c.dataset.vocab_size
                           or int(max(ds.x_train.max(), ds.x_test.max())) + 1)
   return spec
@@ -108,7 +114,7 @@ def build_model(spec: dict[str, Any], key: jax.Array):
                               seq_len=spec["input_shape"][0], vocab_size=spec["vocab_size"],
                               pad_token_id=spec["pad_token_id"])
   model = get_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
-                    vocab_size=spec["vocab_size"])
+                    vocab_size=spec["vocab_size"], pad_token_id=spec["pad_token_id"])
   return model, model.init(key)
 
 
@@ -125,18 +131,27 @@ class _JsonlWriter:
     self._f = open(path, "a", encoding="utf-8")
 
   def write(self, row: dict[str, Any]) -> None:
-    self._f.write(json.dumps(row, default=_to_builtin) + "\n")
+    # Standard JSON only: a non-finite number is written as null.
+    self._f.write(json.dumps(_finite(row), default=_to_builtin, allow_nan=False) + "\n")
     self._f.flush()
 
   def close(self) -> None:
     self._f.close()
 
 
+def _finite(obj: Any) -> Any:
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  return obj
+
+
 def _to_builtin(obj: Any) -> Any:
-  if isinstance(obj, (np.generic, jax.Array)):
-    return np.asarray(obj).tolist()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
+  if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+    return _finite(np.asarray(obj).tolist())
   raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
@@ -170,7 +185,23 @@ def protocol_settings(c: ml_collections.ConfigDict) -> ProtocolSettings:
       kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
       use_size_factor=p.use_size_factor,
       size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
-      clients_per_chunk=p.clients_per_chunk)
+      clients_per_chunk=p.clients_per_chunk, block_mask=p.block_mask,
+      counterfactual=p.counterfactual, feddebug=p.feddebug,
+      feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
+
+
+# The test transform's normalisation per dataset (FedDebug's random inputs get it too).
+_NORMALISATION = {"digits": (DIGITS_MEAN, DIGITS_STD), "mnist": (MNIST_MEAN, MNIST_STD),
+                  "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+                  "pathmnist": (MEDMNIST_MEAN, MEDMNIST_STD),
+                  "organamnist": (MEDMNIST_MEAN, MEDMNIST_STD)}
+
+
+def _feddebug_normalize(name: str):
+  if name not in _NORMALISATION:
+    return None
+  mean, std = (np.asarray(v, np.float32) for v in _NORMALISATION[name])
+  return lambda x: (x - mean) / std
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -197,7 +228,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   part = _partition(c, y_train, ds.num_classes)
   client_indices = list(part.client_indices)
   faulty = parse_int_list(c.faulty.clients)
-  flip = parse_flip(c.faulty.flip)
+  # The flip acts on the labels the dataset has (as the original's mapping does in effect:
+  # "1..13 -> 0" on a 10-class dataset flips 1..9).
+  flip = {s: d for s, d in parse_flip(c.faulty.flip).items() if s < ds.num_classes}
+  bad = sorted({d for d in flip.values() if not 0 <= d < ds.num_classes})
+  if bad:
+    raise ValueError(f"faulty.flip maps to labels {bad} that {c.dataset.name} does not have "
+                     f"(labels 0..{ds.num_classes - 1})")
+  if faulty and not flip:
+    raise ValueError(f"faulty.flip={c.faulty.flip!r} flips no label of {c.dataset.name} "
+                     f"(labels 0..{ds.num_classes - 1})")
+  bad = [k for k in faulty if k >= part.num_clients]
+  if bad:
+    raise ValueError(f"faulty.clients {bad} do not exist: the partition has "
+                     f"{part.num_clients} clients after the fix-up")
   if faulty:
     x_train, y_train, client_indices = flip_labels(y_train, client_indices, faulty, flip,
                                                    x_train)
@@ -242,9 +286,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            top_k=c.provenance.top_k)
   callbacks: list[Any] = [evaluator]
   if c.provenance.enabled:
-    callbacks.append(provenance_callback(model, evaluator, protocol_settings(c),
-                                         rounds=parse_int_list(c.provenance.rounds),
-                                         on_trace=prov_log.write_round))
+    settings = dataclasses.replace(protocol_settings(c), flip=flip)
+    callbacks.append(provenance_callback(
+        model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
+        on_trace=prov_log.write_round, seed=c.seed,
+        feddebug_normalize=_feddebug_normalize(c.dataset.name)))
   if dp is not None:
     rate = c.clients_per_round / data.num_clients
     callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,

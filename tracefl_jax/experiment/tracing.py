@@ -1,8 +1,10 @@
 """provenance.jsonl: one row per traced input of the library's `TracedRound`s.
 
 Each row: round, input (index in the server test set), label, predicted, traced_client (global
-id), correct, top_clients ([id, probability] pairs), the traced client's label counts, and,
-for rounds with at most 64 participants, every participant's probability.
+id; -1 when a score was not finite, with `attributable: false`), correct, top_clients ([id,
+probability] pairs), the traced client's label counts, counterfactual_client (the client
+whose removal lowers the predicted logit most, when computed), and, for rounds with at most 64
+participants, every participant's probability.
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ class ProvenanceLog:
     ids = traced.client_ids
     top_k = min(self.top_k, len(ids))
     for n in range(len(traced.inputs)):
-      order = np.argsort(-traced.probs[n], kind="stable")[:top_k]
       row = {
           "round": round_idx, "input": int(traced.inputs[n]), "label": int(traced.labels[n]),
           "predicted": int(traced.predicted[n]), "traced_client": int(traced.traced_client[n]),
           "correct": bool(traced.correct[n]),
-          "top_clients": [[int(ids[k]), float(traced.probs[n, k])] for k in order],
-          "traced_client_label_counts": self.label_counts[traced.traced_client[n]].tolist(),
       }
+      if not traced.attributable[n]:
+        row["attributable"] = False
+      else:
+        order = np.argsort(-traced.probs[n], kind="stable")[:top_k]
+        row["top_clients"] = [[int(ids[k]), float(traced.probs[n, k])] for k in order]
+        row["traced_client_label_counts"] = (
+            self.label_counts[traced.traced_client[n]].tolist())
+      if traced.counterfactual_client[n] >= 0:
+        row["counterfactual_client"] = int(traced.counterfactual_client[n])
       if len(ids) <= _FULL_PROBS_MAX_CLIENTS:
         row["participants"] = ids.tolist()
         row["probs"] = traced.probs[n].tolist()

@@ -169,3 +169,34 @@ def counterfactual_agreement(scores: np.ndarray, drops: np.ndarray) -> dict[str,
   rho = rho[np.isfinite(rho)]
   return {"top1_agreement": float(np.mean(np.argmax(scores, 1) == np.argmax(drops, 1))),
           "spearman_mean": float(rho.mean()) if rho.size else float("nan")}
+
+
+def counterfactual_report(scores: np.ndarray, drops: np.ndarray,
+                          client_sizes: np.ndarray) -> dict[str, float | None]:
+  """TraceFL and its baselines against the exact leave-one-client-out truth, for one round.
+
+  Args:
+    scores: `[N, K]` TraceFL's T for the round's attributable inputs.
+    drops: `[N, K]` `leave_one_out(...).drops` for the same inputs.
+    client_sizes: `[K]` the participants' example counts (the largest-client baseline).
+
+  Returns:
+    counterfactual_top1: how often TraceFL's top client is the one whose removal lowers the
+      predicted logit most; counterfactual_spearman: mean rank correlation of T and the drops;
+    random_top1 (1 / K) and random_spearman (0): a uniformly random ranking, in expectation;
+    largest_top1 and largest_spearman: ranking clients by size.
+  """
+  scores, drops = np.asarray(scores, np.float64), np.asarray(drops, np.float64)
+  if scores.shape[0] == 0:
+    return {}
+  k = scores.shape[1]
+  ours = counterfactual_agreement(scores, drops)
+  sizes = np.broadcast_to(np.asarray(client_sizes, np.float64), scores.shape)
+  largest = counterfactual_agreement(sizes, drops)
+  finite = lambda v: v if np.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
+  return {"counterfactual_top1": ours["top1_agreement"],
+          "counterfactual_spearman": finite(ours["spearman_mean"]),
+          "counterfactual_random_top1": 1.0 / k,
+          "counterfactual_random_spearman": 0.0,
+          "counterfactual_largest_top1": largest["top1_agreement"],
+          "counterfactual_largest_spearman": finite(largest["spearman_mean"])}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -192,3 +193,24 @@ def feddebug_accuracy(predicted_faulty: np.ndarray, true_faulty: Sequence[int]) 
     raise ValueError("true_faulty is empty: FedDebug's accuracy is undefined")
   hits = np.isin(np.asarray(predicted_faulty), true).sum(axis=-1)
   return float(np.mean(hits / true.size * 100.0))
+
+
+def feddebug_round(model: ModelDef, client_vars: Variables, faulty_positions: Sequence[int],
+                   key: jax.Array, *, num_inputs: int = 10, threshold: float = 0.003,
+                   normalize: Callable[[jax.Array], jax.Array] | None = None,
+                   clients_per_chunk: int | None = None) -> dict[str, float]:
+  """FedDebug on one round as the original ran it beside TraceFL in faulty mode (spec 7).
+
+  Draws `num_inputs` random inputs, removes as many clients as there are faulty ones, and
+  returns `feddebug_accuracy` (a fraction, as TraceFL's is) and `feddebug_seconds_per_input`
+  (wall time of the localisation, synchronised; the first call includes compilation).
+  """
+  faulty = sorted(set(int(f) for f in faulty_positions))
+  x = feddebug_inputs(key, num_inputs, model.input_shape, normalize)
+  t0 = time.perf_counter()
+  result = feddebug_localize(model, client_vars, x, threshold=threshold,
+                             num_faulty=len(faulty), clients_per_chunk=clients_per_chunk)
+  predicted = np.asarray(jax.block_until_ready(result.predicted_faulty))
+  seconds = time.perf_counter() - t0
+  return {"feddebug_accuracy": feddebug_accuracy(predicted, faulty) / 100.0,
+          "feddebug_seconds_per_input": seconds / num_inputs}

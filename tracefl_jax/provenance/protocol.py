@@ -25,8 +25,12 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+import jax
+
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import KERNELS, trace_clients
+from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
+from tracefl_jax.provenance.feddebug import feddebug_round
 
 MODES = ("correct", "faulty")
 
@@ -109,6 +113,11 @@ class ProtocolSettings:
       `trace_clients`.
     size_unit: the data-size factor counts a client's examples in units of this many (the
       original counts batches: set it to the batch size).
+    counterfactual: also compute the exact leave-one-client-out truth (spec section 8) for
+      every traced input and score TraceFL and the baselines against it.
+    feddebug: faulty mode, run FedDebug (spec section 7) on the round's client models beside
+      TraceFL (models with float inputs only: its inputs are random images);
+      `feddebug_inputs`, `feddebug_threshold` as the original's defaults (10, 0.003).
   """
   mode: str = "correct"
   per_label: int = 2
@@ -122,6 +131,10 @@ class ProtocolSettings:
   size_unit: int = 1
   clients_per_chunk: int = 0
   block_mask: str = "fixed"
+  counterfactual: bool = True
+  feddebug: bool = True
+  feddebug_inputs: int = 10
+  feddebug_threshold: float = 0.003
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -143,8 +156,11 @@ class TracedRound(NamedTuple):
   traced_position: np.ndarray # [N] its position among the participants
   probs: np.ndarray           # [N, K] client probabilities, columns in `client_ids` order
   client_ids: np.ndarray      # [K] the round's participants
-  correct: np.ndarray         # [N] bool, by the mode's rule
+  correct: np.ndarray         # [N] bool, by the mode's rule (False when unattributable)
   summary: dict[str, Any]     # accuracy, baselines, mode, inputs, skipped
+  attributable: np.ndarray    # [N] bool: every score finite (else traced ids are -1)
+  counterfactual_client: np.ndarray  # [N] global id whose removal lowers the logit most
+                                     # (-1 where not computed)
 
 
 def select_inputs(settings: ProtocolSettings, predictions: np.ndarray, labels: np.ndarray,
@@ -174,6 +190,7 @@ def trace_round(
     y_test: np.ndarray,
     predictions: np.ndarray,
     settings: ProtocolSettings = ProtocolSettings(),
+    weights: np.ndarray | None = None,
 ) -> TracedRound:
   """Selects the round's inputs, traces them over its participants and scores the traces.
 
@@ -182,43 +199,72 @@ def trace_round(
     client_ids: `[K]` the participants' global ids; `client_sizes`: `[K]` their example counts.
     label_counts: `[C, num_classes]` every client's label counts (the ground truth).
     x_test, y_test: the server test set; `predictions`: `[M]` G's predictions on it.
+    weights: `[K]` the round's aggregation weights, for the leave-one-client-out truth
+      (`settings.counterfactual`; skipped without them).
   """
   client_ids = np.asarray(client_ids)
   y_test = np.asarray(y_test)
   part_counts = np.asarray(label_counts)[client_ids]           # [K, classes]
   idx = select_inputs(settings, predictions, y_test, part_counts)
-  empty = TracedRound(idx, y_test[idx], np.asarray(predictions)[idx], idx, idx,
-                      np.zeros((0, len(client_ids)), np.float32), client_ids,
-                      np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
-                                          "reason": "no test input matched the selection rule"})
   if len(idx) == 0:
-    return empty
+    none = np.zeros(0, np.int64)
+    return TracedRound(idx, y_test[idx], np.asarray(predictions)[idx], none, none,
+                       np.zeros((0, len(client_ids)), np.float32), client_ids,
+                       np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
+                                           "reason": "no test input matched the selection rule"},
+                       np.zeros(0, bool), none)
   # Pad the inputs to a fixed bucket so that every round reuses one compiled kernel.
   bucket = _bucket(len(idx), settings.per_label * part_counts.shape[1])
   padded = np.concatenate([idx, np.full(bucket - len(idx), idx[0])])
-  faulty_mode = settings.mode == "faulty"
+  x = jnp.take(jnp.asarray(x_test), jnp.asarray(padded), axis=0)
+  t0 = time.perf_counter()
   result = trace_clients(
-      model, global_vars, client_vars, jnp.take(jnp.asarray(x_test), jnp.asarray(padded), axis=0),
+      model, global_vars, client_vars, x,
       kernel=settings.kernel, decay=settings.decay, use_decay=settings.use_decay,
       client_sizes=jnp.asarray(np.asarray(client_sizes) // settings.size_unit),
       use_size_factor=settings.use_size_factor,
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
       client_ids=client_ids)
   n = len(idx)
-  position = np.asarray(result.traced_position)[:n]
+  scores = np.asarray(result.scores)[:n]
+  seconds = time.perf_counter() - t0  # synchronised by the transfer above
+  # A non-finite score is never an attribution: such inputs are counted apart.
+  ok = np.all(np.isfinite(scores), axis=1)
+  position = np.where(ok, np.asarray(result.traced_position)[:n], -1)
+  traced = np.where(ok, client_ids[np.maximum(position, 0)], -1)
   labels = y_test[idx]
-  if faulty_mode:
+  if settings.mode == "faulty":
     faulty = set(settings.faulty_clients)
-    correct = np.array([int(c) in faulty for c in client_ids[position]])
+    correct = np.isin(traced, list(faulty)) & ok
     faulty_local = [k for k, c in enumerate(client_ids) if int(c) in faulty]
   else:
-    correct = localization_correct(position, labels, part_counts)
+    correct = localization_correct(np.maximum(position, 0), labels, part_counts) & ok
     faulty_local = None
-  summary = round_baselines(part_counts, labels, position, faulty_local=faulty_local)
-  summary.update({"skipped": False, "mode": settings.mode, "inputs": int(n),
-                  "accuracy": float(np.mean(correct))})
-  return TracedRound(idx, labels, np.asarray(predictions)[idx], client_ids[position], position,
-                     np.asarray(result.probs)[:n], client_ids, correct, summary)
+  summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
+                             "unattributable": int(n - ok.sum()),
+                             "tracefl_seconds_per_input": seconds / n}
+  if ok.any():
+    summary.update(round_baselines(part_counts, labels[ok], position[ok],
+                                   faulty_local=faulty_local))
+    summary["accuracy"] = float(np.mean(correct[ok]))
+  cf_client = np.full(n, -1, np.int64)
+  if settings.counterfactual and ok.any() and weights is not None:
+    w = np.asarray(weights, np.float64)
+    if np.all(w.sum() - w > 0):  # else removing a client leaves nothing to average
+      cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars)
+      drops = np.asarray(cf.drops)[:n]
+      cf_client[ok] = client_ids[np.argmax(drops[ok], axis=1)]
+      summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
+  return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
+                     np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
+
+
+# Per-round numbers a run summary averages over its traced rounds.
+MEAN_KEYS = ("accuracy", "random_baseline", "largest_client_baseline", "oracle_accuracy",
+             "counterfactual_top1", "counterfactual_spearman", "counterfactual_random_top1",
+             "counterfactual_random_spearman", "counterfactual_largest_top1",
+             "counterfactual_largest_spearman", "feddebug_accuracy",
+             "feddebug_seconds_per_input", "tracefl_seconds_per_input")
 
 
 def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -229,15 +275,14 @@ def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     vals = [t[key] for t in used if t.get(key) is not None]
     return float(np.mean(vals)) if vals else None
 
-  return {
+  summary = {
       "rounds_traced": len(used),
       "rounds_skipped": len(traced) - len(used),
       "inputs": int(sum(t["inputs"] for t in used)),
-      "accuracy": mean("accuracy"),
-      "random_baseline": mean("random_baseline"),
-      "largest_client_baseline": mean("largest_client_baseline"),
-      "oracle_accuracy": mean("oracle_accuracy"),
+      "unattributable": int(sum(t.get("unattributable", 0) for t in used)),
   }
+  summary.update({key: mean(key) for key in MEAN_KEYS})
+  return summary
 
 
 def provenance_callback(
@@ -247,12 +292,16 @@ def provenance_callback(
     *,
     rounds: Sequence[int] | None = None,
     on_trace: Callable[[int, TracedRound], None] | None = None,
+    seed: int = 0,
+    feddebug_normalize: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[Any], dict[str, Any] | None]:
   """A `run_rounds` callback tracing each round (or those in `rounds`) with the protocol.
 
   Args:
     evaluator: the server test set and G's predictions on it (`fl.rounds.GlobalEvaluator`).
     on_trace: called with `(round, TracedRound)` after each traced round (e.g. to log rows).
+    seed, feddebug_normalize: faulty mode with `settings.feddebug`: FedDebug's random inputs
+      come from `fold_in(key(seed), round)` and are normalised like the dataset's test inputs.
 
   The callback adds `provenance` (the round's summary) and `provenance_seconds` to the row.
   """
@@ -267,7 +316,16 @@ def provenance_callback(
         model, out.traced, out.clients.variables, client_ids=out.client_ids,
         client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
         x_test=evaluator.x, y_test=evaluator.y, predictions=evaluator.predictions(out.traced),
-        settings=settings)
+        settings=settings, weights=out.weights)
+    if (settings.mode == "faulty" and settings.feddebug and not traced.summary["skipped"]
+        and not jnp.issubdtype(model.input_dtype, jnp.integer)):
+      faulty = [k for k, c in enumerate(out.client_ids) if int(c) in settings.faulty_clients]
+      if 0 < len(faulty) < len(out.client_ids):
+        traced.summary.update(feddebug_round(
+            model, out.clients.variables, faulty,
+            jax.random.fold_in(jax.random.key(seed), info.round),
+            num_inputs=settings.feddebug_inputs, threshold=settings.feddebug_threshold,
+            normalize=feddebug_normalize))
     if on_trace is not None:
       on_trace(info.round, traced)
     return {"provenance": traced.summary, "provenance_seconds": time.perf_counter() - t0}
