@@ -41,7 +41,8 @@ FAULTY_CPU = ["cpu", *(f"cpu-{d}" for d in _module("faulty").DATASETS)]
 
 
 @pytest.mark.parametrize("name,preset", [("image_main", "cpu"), ("text_main", "cpu"),
-                                         ("scale", "cpu"),
+                                         ("scale", "cpu"), ("dp", "cpu"),
+                                         ("sweep_alpha", "cpu"),
                                          *(("faulty", p) for p in FAULTY_CPU)])
 def test_cpu_presets_run_end_to_end(name, preset, tmp_path):
   module = _module(name)
