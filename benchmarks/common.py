@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing with warm-up, environment description, JSONL rows."""
+"""Shared benchmark plumbing: timing with warm-up, environment description, JSONL rows, and
+the paper-shaped client sizes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+
+from tracefl_jax.data import fixup_partition, partition_dirichlet
 
 
 def environment() -> dict[str, Any]:
@@ -55,16 +59,32 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3) -> dict[str, float]:
           "steady_min_s": min(times)}
 
 
-def memory(jitted: Any = None, *args: Any) -> dict[str, int | None]:
-  """XLA's temporary-buffer bytes of `jitted(*args)` as compiled (any backend), and the
-  device's peak bytes in use so far where the backend reports it (GPU; None on CPU)."""
+def memory(jitted: Any = None, *args: Any, **kwargs: Any) -> dict[str, int | None]:
+  """XLA's temporary-buffer bytes of `jitted(*args, **kwargs)` as compiled (any backend), and
+  the device's peak bytes in use so far where the backend reports it (GPU; None on CPU)."""
   out: dict[str, int | None] = {"temp_bytes": None, "peak_bytes": None}
   if jitted is not None:
-    analysis = jitted.lower(*args).compile().memory_analysis()
+    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
     out["temp_bytes"] = getattr(analysis, "temp_size_in_bytes", None)
   stats = jax.devices()[0].memory_stats() or {}
   out["peak_bytes"] = stats.get("peak_bytes_in_use")
   return out
+
+
+def paper_client_sizes(seed: int = 0) -> np.ndarray:
+  """Client sizes of the paper-shaped partition: MNIST-sized labels (60,000 over 10 classes,
+  6,000 each, shuffled with `seed`), Dirichlet 0.3 over 100 clients, then the partition
+  fix-up with its defaults (clients of 32 to 2,048 examples; about 100 remain)."""
+  labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(10), 6000))
+  return fixup_partition(partition_dirichlet(labels, 100, 0.3, seed=seed), labels).client_sizes
+
+
+def draw_client_sizes(k: int, seed: int = 0) -> np.ndarray:
+  """`[K]` sizes from `paper_client_sizes(seed)`: K of its clients without replacement when
+  K <= its client count, with replacement above; seeded, so every run draws the same."""
+  sizes = paper_client_sizes(seed)
+  rng = np.random.default_rng([seed, k])
+  return rng.choice(sizes, size=k, replace=k > len(sizes)).astype(np.int64)
 
 
 class JsonlSink:

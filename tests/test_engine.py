@@ -14,7 +14,8 @@ from tracefl_jax.data.federated import (bucket_length, federate, flip_labels,
                                         stack_client_indices)
 from tracefl_jax.models import get_model
 from tracefl_jax.fl.rounds import federated_averaging, round_key, sample_clients
-from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
+from tracefl_jax.fl.strategies import (executed_steps, fold_client_keys, resolve_strategy,
+                                       simulate_clients_with_steps)
 
 BATCH, EPOCHS = 4, 2
 # SGD with momentum for exactness checks: Adam divides noise-level gradients (dead ReLU units)
@@ -96,27 +97,52 @@ def test_empty_client_is_unchanged(setup):
   assert int(out.num_steps) == 0 and float(out.loss) == 0.0
 
 
-@pytest.mark.parametrize("strategy,chunk", [("vmap", 0), ("chunked", 2), ("chunked", 3),
-                                            ("scan", 0), ("loop", 0)])
-def test_strategies_equal_python_loop(setup, strategy, chunk):
-  model, variables, x, y, client_indices = setup
-  update = make_client_update(model, OPT, BATCH, EPOCHS)
+@pytest.fixture(scope="module")
+def uneven(setup):
+  """Sizes 3, 40, 7, 130 and 0 at batch 8: one client needs 17 steps an epoch, two need 1."""
+  model, variables = setup[0], setup[1]
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(180, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=180), jnp.int32)
+  client_indices = np.split(rng.permutation(180), np.cumsum([3, 40, 7, 130])[:4])
+  return model, variables, x, y, client_indices
+
+
+@pytest.mark.parametrize("sizes,strategy,chunk,lanes", [
+    ("ragged", "vmap", 0, None), ("ragged", "chunked", 2, None), ("ragged", "chunked", 3, None),
+    ("ragged", "scan", 0, None), ("ragged", "loop", 0, None),
+    ("uneven", "vmap", 0, None), ("uneven", "vmap", 0, 2), ("uneven", "chunked", 2, None),
+    ("uneven", "chunked", 1, None), ("uneven", "scan", 0, None), ("uneven", "loop", 0, None),
+    ("uneven", "sharded", 0, 2)])
+def test_strategies_equal_python_loop(request, sizes, strategy, chunk, lanes):
+  model, variables, x, y, client_indices = request.getfixturevalue(
+      "setup" if sizes == "ragged" else "uneven")
+  batch = BATCH if sizes == "ragged" else 8
+  update = make_client_update(model, OPT, batch, EPOCHS)
   clients = np.array([0, 1, 2, 3, 4])
-  data = stack_client_indices(client_indices, clients, BATCH)
+  if strategy == "sharded":  # 4 devices: pad the round with 3 empty clients
+    client_indices = [*client_indices, *[np.zeros(0, np.int64)] * 3]
+    clients = np.arange(8)
+  data = stack_client_indices(client_indices, clients, batch)
   keys = fold_client_keys(jax.random.key(7), jnp.asarray(clients))
   one = jax.jit(update)
   ref = [one(variables, x, y, data.indices[k], data.counts[k], keys[k]) for k in clients]
   ref = jax.tree.map(lambda *l: jnp.stack(l), *ref)
 
   def run(i, c, k):
-    return simulate_clients(update, variables, x, y, i, c, k, strategy=strategy,
-                            clients_per_chunk=chunk)
+    return simulate_clients_with_steps(update, variables, x, y, i, c, k, strategy=strategy,
+                                       clients_per_chunk=chunk, lanes=lanes)
   if strategy != "loop":
     run = jax.jit(run)
-  got = run(jnp.asarray(data.indices), jnp.asarray(data.counts), keys)
+  got, executed = run(jnp.asarray(data.indices), jnp.asarray(data.counts), keys)
   _tree_allclose(got.variables, ref.variables)
   np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-5)
   np.testing.assert_array_equal(got.num_examples, data.counts)
+  steps = update.num_steps(data.counts)
+  np.testing.assert_array_equal(got.num_steps, steps)  # each client its own steps, no more
+  w = lanes or (chunk if strategy == "chunked" else len(clients) // jax.device_count()
+                if strategy == "sharded" else len(clients))
+  assert int(executed) == executed_steps(strategy, steps, w, jax.device_count())
 
 
 def test_fedavg_equals_numpy_weighted_mean():
@@ -180,8 +206,13 @@ def test_auto_strategy_per_backend(setup):
     resolve_strategy("pmap", variables)
 
 
-def test_bucketing_and_label_flip():
+def test_bucketing_and_label_flip(setup):
   assert [bucket_length(n, 32) for n in (1, 32, 33, 65, 200)] == [32, 32, 64, 128, 256]
+  # A round's padded length is the federation's, whichever clients it draws.
+  _, _, x, y, client_indices = setup
+  data = federate(x, y, client_indices)
+  assert data.round_length(BATCH) == 16  # largest client 13
+  assert data.round_data([1, 4], BATCH).indices.shape == (2, 16)
   x = np.arange(6, dtype=np.float32)[:, None]
   y = np.array([0, 1, 2, 1, 2, 0])
   parts = [np.array([0, 1, 2]), np.array([3, 4, 5])]

@@ -3,9 +3,11 @@
 `federate(x, y, partition)` builds `FederatedData` from plain arrays and a partition (from
 `make_partition`, or a user's own list of index arrays). A round's clients are an
 index matrix `[K, M]` into it plus the true counts `[K]`; slots past a client's count are
-padding and are masked out of every loss. `M` is a multiple of the batch size rounded up to a
-power of two number of steps, so that rounds with similar client sizes share one compiled
-program (shape bucketing: at most log2 distinct shapes over a run).
+padding, never trained on (a client runs exactly its own steps, `fl/client.py`). `M` is the
+federation's largest client rounded up to a power-of-two number of batches, the same for every
+round, so that the index matrix's shape depends on K alone and rounds share one compiled
+program; it costs memory (`K * M` int32 here and `K * epochs * M` for the shuffled schedule),
+not compute.
 """
 
 from __future__ import annotations
@@ -88,9 +90,14 @@ class FederatedData:
     """`[C]` example counts."""
     return np.array([len(ix) for ix in self.client_indices], np.int64)
 
+  def round_length(self, batch_size: int) -> int:
+    """`M` of every round: `bucket_length` of the federation's largest client."""
+    return bucket_length(int(self.client_sizes.max(initial=1)), batch_size)
+
   def round_data(self, clients: Sequence[int], batch_size: int) -> "RoundData":
-    """The chosen clients' indices padded to one bucketed length (`stack_client_indices`)."""
-    return stack_client_indices(self.client_indices, clients, batch_size)
+    """The chosen clients' indices padded to `round_length` (`stack_client_indices`)."""
+    return stack_client_indices(self.client_indices, clients, batch_size,
+                                length=self.round_length(batch_size))
 
 
 def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None) -> FederatedData:

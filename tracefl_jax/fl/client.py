@@ -1,11 +1,16 @@
-"""Local training for ONE client: `lax.scan` over epochs and steps, padded steps masked.
+"""Local training for ONE client: exactly its own optimizer steps, no work on padding.
 
-Written once for a single client; `simulation.py` adds the client axis. A client starts every
+Written once for a single client; `strategies.py` adds the client axis. A client starts every
 round from the global variables with a fresh optimizer state (as the original's Flower client
 does), shuffles its own examples each epoch with its own key, and trains on batches of
-`batch_size`. Slots past the client's example count are padding: they carry zero loss weight,
-and a step whose batch is entirely padding leaves parameters, optimizer state and model state
-unchanged (`jnp.where`), so a padded client trains exactly as an unpadded one would.
+`batch_size`: `local_steps(count) = epochs * ceil(count / batch_size)` optimizer steps, run by
+a `lax.while_loop` whose trip count is that number, so slots past the client's count (padding
+of its index row) cost nothing but their place in the shuffle. Only the client's last batch of
+an epoch can be partly empty; its empty slots carry zero loss weight.
+
+`ClientUpdate` is both the single-client function and its pieces (`schedule`, `init`, `batch`,
+`step`, `finish`), which `strategies.py` uses to run many clients' steps side by side in a few
+vmapped lanes (fedjax's init / step / final split).
 """
 
 from __future__ import annotations
@@ -28,8 +33,13 @@ class ClientOutput(NamedTuple):
   num_steps: jax.Array       # int32, optimizer steps actually taken
 
 
-ClientUpdateFn = Callable[[Variables, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
-                          ClientOutput]
+class LocalState(NamedTuple):
+  """A client's training state between two local steps."""
+  params: Any
+  opt_state: Any             # None once training is over (not part of the result)
+  model_state: dict          # non-parameter collections (BatchNorm statistics), maybe empty
+  loss_sum: jax.Array        # float32, sum over steps of (batch loss * real examples)
+  num_steps: jax.Array       # int32, steps taken
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -50,8 +60,136 @@ def shuffle_order(key: jax.Array, length: int, count: jax.Array) -> jax.Array:
   return jnp.argsort(jnp.where(slots < count, u, 2.0))
 
 
-def _select(pred: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+def local_steps(counts: Any, batch_size: int, local_epochs: int) -> Any:
+  """Optimizer steps a client with `counts` examples takes: `epochs * ceil(count / batch)`.
+
+  Works elementwise on NumPy arrays, JAX arrays and Python ints.
+  """
+  return local_epochs * ((counts + batch_size - 1) // batch_size)
+
+
+class ClientUpdate:
+  """`client_update(variables, x, y, indices, count, key) -> ClientOutput` for one client.
+
+  Build it with `make_client_update`. Arguments of a call:
+    variables: the global variables the client starts from.
+    x, y: the device-resident training set `[N, ...]`, `[N]`.
+    indices: `[M]` int32 indices of the client's examples, `M` a multiple of `batch_size`
+      and at least `count`; slots from `count` on are padding and are never trained on.
+    count: int32 scalar, how many of `indices` are real.
+    key: the client's PRNG key for this round (shuffling and dropout).
+
+  Randomness: `key` splits into one key per epoch; each epoch key splits into the shuffle key
+  (`shuffle_order`) and a step key that step `j` of the epoch folds `j` into (dropout). None of
+  it depends on `M`, on the client's position in the round, or on which clients run beside it.
+  """
+
+  def __init__(self, model: ModelDef, optimizer: optax.GradientTransformation,
+               batch_size: int, local_epochs: int, compute_dtype: Any = jnp.float32):
+    self.model, self.optimizer = model, optimizer
+    self.batch_size, self.local_epochs = int(batch_size), int(local_epochs)
+    self.compute_dtype = compute_dtype
+
+    def loss_fn(params, model_state, xb, yb, mb, rng):
+      if compute_dtype != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        if jnp.issubdtype(xb.dtype, jnp.floating):
+          xb = xb.astype(compute_dtype)
+      # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
+      # masked batch statistics); standard modules never see it.
+      logits, new_state = model.apply({"params": params, **model_state}, xb, train=True,
+                                      rng=rng, mask=mb)
+      return masked_cross_entropy(logits.astype(jnp.float32), yb, mb), new_state
+
+    self._grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def num_steps(self, counts: Any) -> Any:
+    """`local_steps` of `counts` at this batch size and epoch count."""
+    return local_steps(counts, self.batch_size, self.local_epochs)
+
+  def schedule(self, indices: jax.Array, count: jax.Array,
+               key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The client's whole round laid out: `(batches [E, M], step_keys [E])`.
+
+    `batches[e]` lists the example indices of epoch `e` in training order (real examples
+    first, in random order, then padding), so step `j` of epoch `e` trains on
+    `batches[e, j*B:(j+1)*B]`.
+    """
+    m = indices.shape[0]
+    if m % self.batch_size:
+      raise ValueError(f"padded length {m} is not a multiple of batch_size {self.batch_size}")
+
+    def epoch(epoch_key):
+      perm_key, step_key = jax.random.split(epoch_key)
+      return indices[shuffle_order(perm_key, m, count)], step_key
+
+    return jax.vmap(epoch)(jax.random.split(key, self.local_epochs))
+
+  def init(self, variables: Variables) -> LocalState:
+    """The state a client starts its round from: G's variables, a fresh optimizer state."""
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return LocalState(params, self.optimizer.init(params), model_state,
+                      jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def batch(self, batches: jax.Array, step_keys: jax.Array, client: jax.Array,
+            count: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Step `t` (counted over all epochs) of client `client` of a stacked schedule.
+
+    Args:
+      batches, step_keys: `[K, E, M]` and `[K, E]`, `schedule` stacked over clients.
+      client: int32 row of the client; count: its example count; t: int32 step,
+        `0 <= t < num_steps(count)`.
+
+    Returns:
+      `(idx [B], mask [B], rng)`: example indices, which of them are real, the step's key.
+    """
+    b = self.batch_size
+    per_epoch = jnp.maximum((count + b - 1) // b, 1)
+    e, j = t // per_epoch, t % per_epoch
+    idx = jax.lax.dynamic_slice(batches, (client, e, j * b), (1, 1, b)).reshape(b)
+    mask = j * b + jnp.arange(b, dtype=jnp.int32) < count
+    return idx, mask, jax.random.fold_in(step_keys[client, e], j)
+
+  def step(self, state: LocalState, x: jax.Array, y: jax.Array, idx: jax.Array,
+           mask: jax.Array, rng: jax.Array) -> LocalState:
+    """One optimizer step on the examples `x[idx]` where `mask` is True."""
+    (loss, model_state), grads = self._grad_fn(state.params, state.model_state, x[idx],
+                                               y[idx], mask, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    return LocalState(optax.apply_updates(state.params, updates), opt_state, model_state,
+                      state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32),
+                      state.num_steps + 1)
+
+  def finish(self, state: LocalState, count: jax.Array) -> ClientOutput:
+    """The client's result from its final state (`opt_state` is not used)."""
+    seen = jnp.maximum(count * self.local_epochs, 1).astype(jnp.float32)
+    return ClientOutput({"params": state.params, **state.model_state}, state.loss_sum / seen,
+                        jnp.asarray(count, jnp.int32), state.num_steps)
+
+  def __call__(self, variables: Variables, x: jax.Array, y: jax.Array, indices: jax.Array,
+               count: jax.Array, key: jax.Array) -> ClientOutput:
+    count = jnp.asarray(count, jnp.int32)
+    batches, step_keys = self.schedule(indices, count, key)
+    batches, step_keys = batches[None], step_keys[None]
+    total = self.num_steps(count)
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(carry):
+      t, state = carry
+      return t + 1, self.step(state, x, y, *self.batch(batches, step_keys, zero, count, t))
+
+    # The trip count is the client's own step count: nothing runs for padding. (Under vmap
+    # a batched trip count runs to the largest and masks; strategies.py packs lanes instead.)
+    _, state = jax.lax.while_loop(lambda carry: carry[0] < total, body,
+                                  (zero, self.init(variables)))
+    return self.finish(state, count)
+
+
+# Any single-client function with `ClientUpdate.__call__`'s signature (strategies run such a
+# function plainly; they pack lanes only for a `ClientUpdate`, which exposes its pieces).
+ClientUpdateFn = Callable[[Variables, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                          ClientOutput]
 
 
 def make_client_update(
@@ -60,76 +198,14 @@ def make_client_update(
     batch_size: int,
     local_epochs: int,
     compute_dtype: Any = jnp.float32,
-) -> ClientUpdateFn:
+) -> ClientUpdate:
   """Returns `client_update(variables, x, y, indices, count, key) -> ClientOutput`.
 
   With `compute_dtype=jnp.bfloat16` the forward and backward passes run in bfloat16 on a cast
   copy of the parameters while the optimizer updates float32 master weights (mixed precision);
-  the loss is reduced in float32.
-
-  Args of the returned function (one client):
-    variables: the global variables the client starts from.
-    x, y: the device-resident training set `[N, ...]`, `[N]`.
-    indices: `[M]` int32 indices of the client's examples, `M` a multiple of `batch_size`.
-    count: int32 scalar, how many of `indices` are real.
-    key: the client's PRNG key for this round (shuffling and dropout).
+  the loss is reduced in float32. See `ClientUpdate` for the arguments of the returned function.
   """
-
-  def client_update(variables, x, y, indices, count, key):
-    m = indices.shape[0]
-    if m % batch_size:
-      raise ValueError(f"padded length {m} is not a multiple of batch_size {batch_size}")
-    steps = m // batch_size
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-
-    def loss_fn(params, state, xb, yb, mb, rng):
-      if compute_dtype != jnp.float32:
-        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        if jnp.issubdtype(xb.dtype, jnp.floating):
-          xb = xb.astype(compute_dtype)
-      # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
-      # masked batch statistics); standard modules never see it.
-      logits, new_state = model.apply({"params": params, **state}, xb, train=True, rng=rng,
-                                      mask=mb)
-      return masked_cross_entropy(logits.astype(jnp.float32), yb, mb), new_state
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(carry, batch):
-      params, opt_state, state, loss_sum, n_steps = carry
-      idx, mb, rng = batch
-      (loss, new_state), grads = grad_fn(params, state, x[idx], y[idx], mb, rng)
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      active = jnp.any(mb)
-      carry = (_select(active, new_params, params), _select(active, new_opt_state, opt_state),
-               _select(active, new_state, state),
-               loss_sum + jnp.where(active, loss * jnp.sum(mb), 0.0),
-               n_steps + active.astype(jnp.int32))
-      return carry, None
-
-    def epoch(carry, epoch_key):
-      perm_key, step_key = jax.random.split(epoch_key)
-      # Real examples first in random order, padding after: batches fill from the front and
-      # the tail steps are all padding.
-      order = shuffle_order(perm_key, m, count)
-      valid = jnp.arange(m) < count
-      batches = (indices[order].reshape(steps, batch_size),
-                 valid[order].reshape(steps, batch_size),
-                 jax.vmap(lambda s: jax.random.fold_in(step_key, s))(jnp.arange(steps)))
-      carry, _ = jax.lax.scan(step, carry, batches)
-      return carry, None
-
-    init = (params, optimizer.init(params), state, jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.int32))
-    (params, _, state, loss_sum, n_steps), _ = jax.lax.scan(
-        epoch, init, jax.random.split(key, local_epochs))
-    seen = jnp.maximum(count * local_epochs, 1).astype(jnp.float32)
-    return ClientOutput({"params": params, **state}, loss_sum / seen,
-                        count.astype(jnp.int32), n_steps)
-
-  return client_update
+  return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
