@@ -83,6 +83,29 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
   proc = _cli(tmp_path, "--config.model.name=vgg")
   assert proc.returncode == 2 and "unknown model 'vgg'; valid models" in proc.stderr
   proc = _cli(tmp_path, "--config.clinets_per_round=5")  # a typo is an error, not a new field
-  assert proc.returncode != 0 and "clinets_per_round" in proc.stderr
+  assert proc.returncode == 2 and "did you mean --config.clients_per_round?" in proc.stderr
+  assert "Traceback" not in proc.stderr
   proc = _cli(tmp_path, "--config.dataset.name=imagenet")
   assert proc.returncode == 2 and "imagenet" in proc.stderr and "digits" in proc.stderr
+
+
+def test_overrides_parse_as_the_field_types_in_both_flag_forms():
+  from tracefl_jax.experiment import cli  # pylint: disable=g-import-not-at-top
+  args = cli.parse_args([
+      f"--config={ROOT / 'configs' / 'demo.py'}:quick", "--workdir", "runs/x",
+      "--config.rounds", "7", "--config.partition.alpha=0.1", "--config.provenance.use_decay",
+      "--config.dataset.data_dir", "/data", "--config.checkpoint.resume=false", "--noquiet",
+      "--overwrite"])
+  c = args.config
+  assert (c.rounds, c.partition.alpha, c.provenance.use_decay) == (7, 0.1, True)
+  assert (c.dataset.data_dir, c.checkpoint.resume, c.checkpoint.overwrite) == ("/data", False,
+                                                                              True)
+  assert args.flags["workdir"] == "runs/x" and args.flags["quiet"] is False
+  with pytest.raises(AttributeError):  # still locked
+    c.clinets_per_round = 5  # pylint: disable=attribute-defined-outside-init
+  for bad, message in [(["--config.partition.alpha=x"], "partition.alpha takes a number"),
+                       (["--config.client"], "--config.client is a section"),
+                       (["--overwrit"], "unknown flag --overwrit; did you mean --overwrite?"),
+                       (["stray"], "unexpected argument 'stray'")]:
+    with pytest.raises(ValueError, match=message):
+      cli.parse_args([f"--config={ROOT / 'configs' / 'demo.py'}", "--workdir=w", *bad])

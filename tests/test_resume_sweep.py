@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tracefl_jax.experiment import runner as experiment, sweep
-from tracefl_jax.experiment.checkpointing import CheckpointError
+from tracefl_jax.experiment.checkpointing import CheckpointError, WorkdirError
 from tracefl_jax.experiment.config import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,16 +91,17 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error_and_kept(tmp_path):
   step_dir = tmp_path / "checkpoints" / "2"
   other = _small_config()
   other.partition.alpha = 0.9
-  with pytest.raises(CheckpointError, match=r"different experiment .*partition"):
+  with pytest.raises(WorkdirError, match=r"different experiment .*partition.alpha"):
     experiment.run(other, tmp_path, progress=False)
-  # Corrupt the array data: the error names the checkpoint, and nothing is overwritten.
+  # Corrupt the array data: the error names the checkpoint, and nothing is overwritten. (A
+  # longer run resumes from it; the same 2 rounds would be the finished run, left alone.)
   for f in (step_dir / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
       f.write_bytes(b"\0garbage")
   shutil.rmtree(step_dir / "meta")
   before = sorted(p.name for p in step_dir.rglob("*"))
   with pytest.raises(CheckpointError, match="corrupt"):
-    experiment.run(_small_config(), tmp_path, progress=False)
+    experiment.run(_small_config(rounds=3), tmp_path, progress=False)
   assert sorted(p.name for p in step_dir.rglob("*")) == before
 
 
@@ -132,6 +133,11 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
   with pytest.raises(ValueError, match="not a config field"):
     sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)
+  other = _small_config()  # the same run directories, another experiment: refused, not mixed
+  other.client.batch_size = 16
+  with pytest.raises(WorkdirError, match=r"partition.alpha=0.3,seed=1 holds a run .* of a "
+                     r"different experiment \(config differs in: client.batch_size \(32 -> 16\)\)"):
+    sweep.run_sweep(other, grid, tmp_path, progress=False)
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):

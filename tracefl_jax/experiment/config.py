@@ -1,8 +1,11 @@
-"""The experiment configuration: `base_config()` and `validate(config)`.
+"""The experiment configuration: `base_config()`, `FIELD_HELP` and `validate(config)`.
 
 Configs are ml_collections `ConfigDict`s, locked so that a misspelt override
 (`--config.clinets_per_round=5`) fails instead of being silently added. Experiment files under
 `configs/` start from `base_config()` and set what differs (big_vision style).
+
+`FIELD_HELP` holds one line of meaning per field of `base_config()` (a test checks that every
+field has one); `python -m tracefl_jax --help` and `python -m tracefl_jax config` print them.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.client.momentum = 0.0
   c.client.batch_size = 32
   c.client.local_epochs = 2
+  c.client.divergence_factor = 1e3  # stop when a round's mean loss > factor * ln(classes)
 
   c.aggregation = ml_collections.ConfigDict()
   c.aggregation.weighting = "batches"  # the original's floor(n_k / batch_size); or examples
@@ -117,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5            # rounds between checkpoints (0: only at the end)
   c.checkpoint.resume = True        # resume from workdir/checkpoints when present
+  c.checkpoint.overwrite = False    # move a previous run aside to WORKDIR/previous/<time>/
 
   c.faulty = ml_collections.ConfigDict()
   c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"
@@ -124,6 +129,111 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+def _choices(names) -> str:
+  return ", ".join(names)
+
+
+# One line of meaning per field of `base_config()`, printed by `--help` with the default.
+FIELD_HELP: dict[str, str] = {
+    "imports": "comma-separated Python modules imported before the run (they may register "
+               "datasets and models by name)",
+    "seed": "root seed: partition, client sampling, initialisation and training keys",
+    "rounds": "federated rounds to run (a larger value continues a finished run)",
+    "num_clients": "clients the training set is partitioned into (before the fix-up)",
+    "clients_per_round": "clients sampled uniformly per round",
+    "dataset.name": "dataset, built in or registered by a module in `imports`",
+    "dataset.data_dir": "directory holding local dataset files (default: TRACEFL_DATA_DIR)",
+    "dataset.download": "fetch missing mnist/cifar10/MedMNIST data into data_dir",
+    "dataset.num_train": "keep the first num_train training examples (0: all)",
+    "dataset.num_test": "keep the first num_test test examples (0: all)",
+    "dataset.tokenizer": "text datasets: a local Hugging Face tokenizer directory",
+    "dataset.max_length": "text datasets: tokens per example (truncated and padded)",
+    "dataset.synthetic_size": "synthetic / synthetic_text: training examples",
+    "dataset.synthetic_shape": "synthetic: image shape 'H,W,C'; synthetic_text: 'seq_len'",
+    "dataset.synthetic_classes": "synthetic / synthetic_text: number of labels",
+    "dataset.vocab_size": "text models without a tokenizer (synthetic_text): vocabulary size "
+                          "(0: from the data)",
+    "partition.method": f"how examples are split over clients: {_choices(PARTITION_METHODS)}",
+    "partition.alpha": "dirichlet: concentration (smaller is more non-IID)",
+    "partition.self_balancing": "dirichlet: stop giving a class to clients above the average "
+                                "size (flwr-datasets)",
+    "partition.min_partition_size": "dirichlet: redraw until every client has this many "
+                                    "examples",
+    "partition.classes_per_client": "pathological: labels per client",
+    "partition.shards_per_client": "shards: label-sorted shards per client",
+    "partition.fixup": "the original's per-client fix-up (drop rare labels and small clients, "
+                       "cap sizes); False: the raw partition",
+    "partition.min_label_count": "fix-up: drop a client's labels with fewer examples",
+    "partition.max_per_client": "fix-up: keep at most this many examples per client",
+    "partition.min_client_size": "fix-up: drop clients with fewer examples",
+    "model.name": "model, built in or registered by a module in `imports`",
+    "model.hf_path": "a local Hugging Face checkpoint directory (its architecture and weights)",
+    "model.torchvision_weights": "a torchvision .pt/.safetensors file to start from (head "
+                                 "skipped)",
+    "client.optimizer": f"local optimizer: {_choices(OPTIMIZERS)}",
+    "client.learning_rate": "local learning rate",
+    "client.weight_decay": "local weight decay (adamw, sgd)",
+    "client.momentum": "sgd momentum",
+    "client.batch_size": "local batch size",
+    "client.local_epochs": "local epochs per round",
+    "client.divergence_factor": "stop with an error when a round's mean client loss exceeds "
+                                "this multiple of ln(classes), the loss of a uniform guess "
+                                "(0: off)",
+    "aggregation.weighting": f"FedAvg weights: {_choices(WEIGHTINGS)} (batches: the original's "
+                             f"floor(n_k / batch_size))",
+    "simulation.strategy": f"how the client axis runs: {_choices(STRATEGIES)}",
+    "simulation.clients_per_chunk": "chunked: clients per chunk (0: one chunk)",
+    "simulation.compute_dtype": "local training precision: float32, or bfloat16 with float32 "
+                                "master weights",
+    "eval.batch_size": "batch size of global-model evaluation",
+    "eval.max_test_inputs": "server test set: the first max_test_inputs test examples",
+    "provenance.enabled": "trace the round's clients online (TraceFL)",
+    "provenance.rounds": "rounds to trace: '' every round, else comma-separated round numbers",
+    "provenance.mode": f"which inputs are traced: {_choices(PROVENANCE_MODES)} (faulty: "
+                       f"mispredictions of label-flipping clients, Table I)",
+    "provenance.kernel": f"provenance kernel: {_choices(KERNELS)}",
+    "provenance.decay": "per-layer decay beta of the layer weights, in (0, 1]",
+    "provenance.use_decay": "weight layers by decay**depth as the paper does",
+    "provenance.use_size_factor": "multiply scores by the client's data size (in batches)",
+    "provenance.per_label": "correct mode: traced inputs per label held by the participants",
+    "provenance.max_faulty_inputs": "faulty mode: traced inputs per round",
+    "provenance.clients_per_chunk": "clients scored at once (0: all; bounds memory)",
+    "provenance.top_k": "top clients written per input to provenance.jsonl",
+    "provenance.block_mask": "BERT blocks scored without the attention mask as the original "
+                             "(parity), or with it (fixed)",
+    "provenance.counterfactual": "exact leave-one-client-out truth per traced input",
+    "provenance.feddebug": "faulty mode: FedDebug beside TraceFL (image models)",
+    "provenance.feddebug_inputs": "FedDebug: random inputs per round",
+    "provenance.feddebug_threshold": "FedDebug: neuron activation threshold",
+    "provenance.store_rounds": "keep rounds' client models in WORKDIR/rounds for tracing new "
+                               "inputs later: '', 'all', 'last' or '3,7,10'",
+    "dp.enabled": "DP-FedAvg: server-side clipping and Gaussian noise",
+    "dp.noise_multiplier": "DP noise multiplier z (sigma = z * clip_norm / clients_per_round)",
+    "dp.clip_norm": "DP clipping norm C of each client's update",
+    "dp.delta": "DP delta of the reported epsilon",
+    "dp.parity": "DP as the original (noise BatchNorm statistics, trace the pre-noise "
+                 "aggregate)",
+    "checkpoint.every": "rounds between checkpoints (0: only at the end)",
+    "checkpoint.resume": "continue the same config's run found in the workdir; False refuses "
+                         "a workdir that holds results",
+    "checkpoint.overwrite": "move a previous run in the workdir to WORKDIR/previous/<time>/ and "
+                            "start afresh (the CLI's --overwrite)",
+    "faulty.clients": "comma-separated faulty client ids, e.g. '0'",
+    "faulty.flip": "label flips of the faulty clients, 'src:dst,...', e.g. '1:0,2:0'",
+}
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  """`{dotted field: value}` of every leaf field, in the config's order."""
+  fields: dict[str, object] = {}
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      fields.update(config_fields(value, f"{prefix}{name}."))
+    else:
+      fields[f"{prefix}{name}"] = value
+  return fields
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -197,6 +307,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       errors.append(f"dp.noise_multiplier={c.dp.noise_multiplier} must be >= 0")
     if not 0 < c.dp.delta < 1:
       errors.append(f"dp.delta={c.dp.delta} must be in (0, 1)")
+  if c.client.divergence_factor < 0:
+    errors.append(f"client.divergence_factor={c.client.divergence_factor} must be >= 0 "
+                  f"(0: off)")
   if c.checkpoint.every < 0:
     errors.append(f"checkpoint.every={c.checkpoint.every} must be >= 0")
   try:

@@ -12,6 +12,11 @@ Writes into `workdir`:
                     clients with probabilities, correct, the traced client's label counts);
   summary.json      the run's headline numbers.
 Every row is flushed as soon as its round ends, so a crash loses nothing already computed.
+
+The workdir holds one run (`checkpointing.plan_run`): its path and layout are checked before
+anything is loaded; a run of the same config resumes (or, finished, changes nothing); results
+of another config, `checkpoint.resume=False` over results, or fewer rounds than done are
+refused with the ways out; `checkpoint.overwrite` moves the old run to WORKDIR/previous/.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,8 @@ from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD,
                                    MEDMNIST_MEAN, MEDMNIST_STD, MNIST_MEAN, MNIST_STD)
 from tracefl_jax.data.federated import federate, flip_labels
-from tracefl_jax.experiment.checkpointing import Checkpointer, save_round
+from tracefl_jax.experiment.checkpointing import (Checkpointer, WorkdirError, check_workdir,
+                                                  move_aside, plan_run, read_jsonl, save_round)
 from tracefl_jax.experiment.config import (parse_flip, parse_int_list, parse_store_rounds,
                                            validate)
 from tracefl_jax.experiment.tracing import ProvenanceLog
@@ -156,12 +164,27 @@ def _to_builtin(obj: Any) -> Any:
 
 
 def _truncate_jsonl(path: Path, last_round: int) -> None:
-  """Keeps the rows of rounds <= last_round (a resumed run recomputes the rest)."""
+  """Keeps the rows of rounds <= last_round (a resumed run recomputes the rest); a torn last
+  line (a crash mid-write) belongs to a later round and goes with them."""
   if not path.exists():
     return
-  rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-          if line.strip() and json.loads(line)["round"] <= last_round]
-  path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+  rows, torn = read_jsonl(path)
+  if torn:
+    print(f"note: dropped the torn last line of {path} (a crash mid-write; it belonged to a "
+          f"round after the checkpoint, which is run again)", file=sys.stderr)
+  for number, row in enumerate(rows, 1):
+    if not isinstance(row.get("round"), int):
+      raise WorkdirError(f"{path}: row {number} has no round number; repair or delete it, or "
+                         f"start afresh with --overwrite")
+  _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows
+                              if r["round"] <= last_round))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  """Writes a whole file or nothing (a crash leaves the old file, never half of the new)."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
 
 
 def import_modules(names: str) -> None:
@@ -205,18 +228,35 @@ def _feddebug_normalize(name: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, allow_cwd: bool = False) -> dict[str, Any]:
   """Runs one federated experiment with online provenance; returns the summary dict.
 
   If `workdir` holds a checkpoint of the same experiment (and `checkpoint.resume`), the run
-  continues after the checkpoint's round and ends exactly as an uninterrupted run would.
+  continues after the checkpoint's round and ends exactly as an uninterrupted run would; if
+  it holds the same experiment's finished run, nothing changes and its summary is returned.
+
+  Raises:
+    WorkdirError: before anything is loaded, for a workdir that is empty, the current
+      directory (unless `allow_cwd`), not writable or of the wrong layout, or holds results
+      this run would mix with or lose (see `checkpointing.plan_run`).
+    CheckpointError: a checkpoint that is corrupt or of another experiment (left in place).
+    TrainingDivergedError: the loss exploded; earlier rounds' rows and checkpoints stay.
   """
   import_modules(config.imports)
   validate(config)
   c = config
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = check_workdir(workdir, allow_cwd=allow_cwd)
   config_json = c.to_json_best_effort(indent=2)
+  plan, finished = plan_run(workdir, config_json, rounds=c.rounds, resume=c.checkpoint.resume,
+                            overwrite=c.checkpoint.overwrite)
+  if plan == "finished":
+    print(f"nothing to do: {workdir} holds this config's finished run ({c.rounds} rounds); "
+          f"its files are unchanged", file=sys.stderr)
+    return finished
+  if plan == "resume":  # a malformed row is an error now, before anything is loaded
+    for name in ("metrics.jsonl", "provenance.jsonl"):
+      if (workdir / name).exists():
+        read_jsonl(workdir / name)
 
   ds = load_dataset(c.dataset.name, data_dir=c.dataset.data_dir, **_dataset_options(c))
   x_train, y_train = ds.x_train, ds.y_train
@@ -265,19 +305,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
       compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=True)
   evaluator = GlobalEvaluator(model, x_test, y_test, c.eval.batch_size)
 
+  if plan == "overwrite":  # as late as possible: every check above has passed
+    moved = move_aside(workdir)
+    print(f"moved the previous run in {workdir} to {moved}", file=sys.stderr)
   checkpointer = Checkpointer(workdir, config_json, c.checkpoint.every)
   state = algorithm.init(variables)
   history: list[dict[str, Any]] = []
-  if c.checkpoint.resume and checkpointer.latest_round() is not None:
+  last = 0
+  if plan == "resume" and checkpointer.latest_round() is not None:
     last, variables, history = checkpointer.restore(variables)
     state = ServerState(variables, last)
-    for name in ("metrics.jsonl", "provenance.jsonl"):
-      _truncate_jsonl(workdir / name, last)
-  else:
-    for name in ("metrics.jsonl", "provenance.jsonl"):
-      (workdir / name).unlink(missing_ok=True)
-  (workdir / "config.json").write_text(config_json + "\n")
-  (workdir / "partition.json").write_text(json.dumps({
+  for name in ("metrics.jsonl", "provenance.jsonl"):  # rows after the checkpoint are redone
+    _truncate_jsonl(workdir / name, last)
+  _write_atomic(workdir / "config.json", config_json + "\n")
+  _write_atomic(workdir / "partition.json", json.dumps({
       "label_counts": data.label_counts.tolist(), "faulty_clients": faulty,
       "flip": {str(k): v for k, v in flip.items()}}) + "\n")
 
@@ -318,12 +359,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   try:
     state, _ = run_rounds(algorithm, state, data, rounds=c.rounds,
                           clients_per_round=c.clients_per_round, seed=c.seed,
-                          callbacks=[*callbacks, log])
+                          callbacks=[*callbacks, log],
+                          divergence_factor=c.client.divergence_factor)
     checkpointer.maybe_save(c.rounds, state.variables, history, force=True)
   except TrainingDivergedError as e:
+    kept = (f"The rows of rounds 1-{history[-1]['round']} are in {workdir / 'metrics.jsonl'}, "
+            f"checkpoints in {checkpointer.directory}; a run with another learning rate needs "
+            f"another --workdir or --overwrite." if history else
+            "No round finished, so the workdir holds no results to keep.")
     raise TrainingDivergedError(
-        f"{e} Metrics of the rounds before are in {workdir / 'metrics.jsonl'}, checkpoints in "
-        f"{checkpointer.directory} (client.learning_rate is {c.client.learning_rate}).") from e
+        f"{e} client.learning_rate is now {c.client.learning_rate:g} "
+        f"(client.optimizer={c.client.optimizer}). {kept}") from e
   finally:
     bar.close()
     metrics.close()
@@ -335,7 +381,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     summary["dp"] = {"noise_multiplier": c.dp.noise_multiplier, "clip_norm": c.dp.clip_norm,
                      "delta": c.dp.delta, "epsilon": history[-1]["dp_epsilon"],
                      "sampling_rate": c.clients_per_round / data.num_clients}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
   return summary
 
 

@@ -7,15 +7,16 @@ the sweep is their Cartesian product, in the order written. Run it with
 
   python -m tracefl_jax --config=configs/sweep_alpha.py:cpu --workdir=runs/alpha --sweep
 
-A run whose workdir already holds a `summary.json` for the same config is skipped; a run that
-was interrupted resumes from its last checkpoint.
+A run whose workdir already holds the same config's finished run is skipped (unless
+`checkpoint.overwrite`, which moves it aside and reruns it); a run that was interrupted resumes
+from its last checkpoint; a run directory holding another config's results stops the sweep
+with the run's workdir error.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 
 import ml_collections
 from tqdm.auto import tqdm
+
+from tracefl_jax.experiment.checkpointing import finished_summary
 
 Grid = Mapping[str, Sequence[Any]]
 
@@ -75,12 +78,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 
 def _finished(workdir: Path, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  summary, saved = workdir / "summary.json", workdir / "config.json"
-  if not (summary.exists() and saved.exists()):
+  if config.checkpoint.overwrite:
     return None
-  if json.loads(saved.read_text()) != json.loads(config.to_json_best_effort()):
-    return None
-  return json.loads(summary.read_text())
+  return finished_summary(workdir, config.to_json_best_effort(indent=2), config.rounds)
 
 
 def run_sweep(config: ml_collections.ConfigDict, grid: Grid, workdir: str | Path, *,

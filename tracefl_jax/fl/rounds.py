@@ -9,13 +9,17 @@ NamedTuple of pure functions over explicit state:
     state, out = algorithm.round(state, clients=[3, 7, 9], data=data, key=key)
 
 For the in-program strategies (vmap, chunked, scan, sharded) a round, local training of every
-client plus aggregation, is ONE jitted program whose shapes depend only on K and the bucketed
-client length, so round 2 reuses round 1's compilation. Client sampling is a host-side function
-of (seed, round), so a resumed run draws exactly the clients an uninterrupted one would.
+client plus aggregation, is ONE jitted program whose shapes depend only on K, the federation's
+bucketed client length and (packed strategies) the lane count, so later rounds reuse round 1's
+compilation. No step is computed for padding under scan and loop; the packed strategies compute
+a few idle-lane steps, and every round reports `steps_executed` against `steps_needed`. Client
+sampling is a host-side function of (seed, round), so a resumed run draws exactly the clients
+an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -29,12 +33,14 @@ from tracefl_jax.data.federated import FederatedData
 from tracefl_jax.fl import aggregation, privacy
 from tracefl_jax.fl.client import ClientOutput, make_client_update
 from tracefl_jax.fl.privacy import DPSettings
-from tracefl_jax.fl.strategies import fold_client_keys, resolve_strategy, simulate_clients
+from tracefl_jax.fl.strategies import (fold_client_keys, resolve_strategy, round_lanes,
+                                       simulate_clients_with_steps)
 from tracefl_jax.models.base import ModelDef, Variables
 
 
 class TrainingDivergedError(FloatingPointError):
-  """Raised when a round produces non-finite client losses."""
+  """Raised when a round's training diverged: a non-finite client loss, a mean client loss
+  that exploded (`run_rounds(divergence_factor=...)`), or non-finite global parameters."""
 
 
 class ServerState(NamedTuple):
@@ -52,14 +58,18 @@ class RoundOutput(NamedTuple):
   traced: Variables        # the model provenance explains (G_t, or DP's pre-noise aggregate
                            # in the original's parity mode)
   update_norms: jax.Array | None  # [K] client update norms before clipping (DP only)
+  steps_needed: int = 0    # optimizer steps the clients need: sum of epochs * ceil(n_k / B)
+  steps_executed: Any = 0  # int32 scalar, steps computed (idle packed lanes included)
 
 
 class FederatedAlgorithm(NamedTuple):
   """`init(variables) -> ServerState`; `round(state, clients, data, key) -> (state, output)`.
 
   `strategy` is the resolved client-axis strategy; `program` the jitted round program
-  `(variables, x, y, indices, counts, client_ids, key, weights) -> RoundOutput fields` for
-  inspection (compiled memory, cache size), None for the host-side "loop" strategy.
+  `(variables, x, y, indices, counts, client_ids, key, weights, lanes=None) -> (variables,
+  clients, traced, update_norms, steps_executed)` for inspection (compiled memory, cache size;
+  `lanes` is static, `strategies.round_lanes` gives a round's), None for the host-side "loop"
+  strategy.
   """
   init: Callable[[Variables], ServerState]
   round: Callable[..., tuple[ServerState, RoundOutput]]
@@ -107,7 +117,7 @@ def federated_averaging(
     weighting: aggregation weights from example counts: "examples", "batches" (the
       original's floor(n_k / batch_size)) or "uniform" (`aggregation.client_weights`).
     strategy: how the client axis runs (`strategies.STRATEGIES`; "auto" picks per backend).
-    clients_per_chunk: clients per chunk for "chunked".
+    clients_per_chunk: lanes for "chunked" (clients training side by side; 0: automatic).
     dp: DP-FedAvg settings (server-side fixed clipping and Gaussian noise).
     compute_dtype: `jnp.bfloat16` for mixed-precision local training.
     donate: donate G_{t-1}'s buffers to the round (the caller must not reuse the state
@@ -129,24 +139,29 @@ def federated_averaging(
         clients_per_round=dp.clients_per_round, collections=collections)
     return agg.noisy, out, agg.clean if dp.trace_clean else agg.noisy, agg.update_norms
 
-  def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights):
+  def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
+                          lanes=None):
     keys = fold_client_keys(key, client_ids)
-    out = simulate_clients(client_update, variables, x, y, indices, counts, keys,
-                           strategy=strategy, clients_per_chunk=clients_per_chunk)
-    return average(out, weights, variables, key)
+    out, executed = simulate_clients_with_steps(
+        client_update, variables, x, y, indices, counts, keys, strategy=strategy,
+        clients_per_chunk=clients_per_chunk, lanes=lanes)
+    return (*average(out, weights, variables, key), executed)
 
   if strategy != "loop":
-    program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else ())
+    program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else (),
+                      static_argnames=("lanes",))
     execute = program
   else:
     program = None
     average_jit = jax.jit(average)
     keys_fn = jax.jit(fold_client_keys)
 
-    def execute(variables, x, y, indices, counts, client_ids, key, weights):
-      out = simulate_clients(client_update, variables, x, y, indices, counts,
-                             keys_fn(key, client_ids), strategy="loop")
-      return average_jit(out, weights, variables, key)
+    def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None):
+      del lanes
+      out, executed = simulate_clients_with_steps(
+          client_update, variables, x, y, indices, counts, keys_fn(key, client_ids),
+          strategy="loop")
+      return (*average_jit(out, weights, variables, key), executed)
 
   def init(variables: Variables) -> ServerState:
     return ServerState(dict(variables), 0)
@@ -171,9 +186,11 @@ def federated_averaging(
       counts = np.concatenate([counts, np.zeros(pad, counts.dtype)])
       ids = np.concatenate([ids, np.full(pad, -1, np.int32)])
       weights = np.concatenate([weights, np.zeros(pad, np.float32)])
-    new, out, traced, norms = execute(state.variables, data.x, data.y, jnp.asarray(indices),
-                                      jnp.asarray(counts), jnp.asarray(ids), key,
-                                      jnp.asarray(weights))
+    steps = client_update.num_steps(counts.astype(np.int64))
+    lanes = round_lanes(strategy, steps, clients_per_chunk, jax.device_count())
+    new, out, traced, norms, executed = execute(
+        state.variables, data.x, data.y, jnp.asarray(indices), jnp.asarray(counts),
+        jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes)
     if dp is None or not dp.trace_clean:
       traced = new  # one object, so per-model caches (GlobalEvaluator) see one model
     if pad:
@@ -181,7 +198,8 @@ def federated_averaging(
       norms = None if norms is None else norms[:k]
       weights = weights[:k]
     return (ServerState(new, state.round + 1),
-            RoundOutput(new, out, client_ids, weights, traced, norms))
+            RoundOutput(new, out, client_ids, weights, traced, norms,
+                        steps_needed=int(steps.sum()), steps_executed=executed))
 
   return FederatedAlgorithm(init, round_, strategy, program)
 
@@ -201,6 +219,29 @@ def make_predict_fn(model: ModelDef, batch_size: int = 512) -> Callable[[Variabl
     return preds.reshape(-1)[:n].astype(jnp.int32)
 
   return predict
+
+
+# Per leaf: are all its values finite (integer leaves trivially are)? One small program.
+_finite_leaves = jax.jit(lambda tree: jax.tree.map(
+    lambda a: jnp.all(jnp.isfinite(a)) if jnp.issubdtype(a.dtype, jnp.inexact)
+    else jnp.array(True), tree))
+
+
+def _check_diverged(round_idx: int, mean_loss: float, losses: np.ndarray, limit: float,
+                    factor: float, variables: Variables) -> None:
+  if factor and mean_loss > limit:
+    raise TrainingDivergedError(
+        f"round {round_idx}: training diverged, mean client loss {mean_loss:.4g} exceeds "
+        f"{factor:g} x ln(classes) = {limit:.4g} (client losses "
+        f"{', '.join(f'{v:.3g}' for v in losses.tolist())}). Lower the learning rate.")
+  finite = jax.device_get(_finite_leaves(variables))
+  bad = [jax.tree_util.keystr(path, simple=True, separator="/")
+         for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
+  if bad:
+    raise TrainingDivergedError(
+        f"round {round_idx}: the global model has non-finite parameters in "
+        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (mean client loss "
+        f"{mean_loss:.4g}). Lower the learning rate.")
 
 
 class GlobalEvaluator:
@@ -244,19 +285,30 @@ def run_rounds(
     clients_per_round: int,
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
+    divergence_factor: float = 1e3,
 ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Runs rounds `state.round + 1 .. rounds`; returns the final state and one row per round.
 
   Round t samples `clients_per_round` clients with `sample_clients(seed, t, ...)` and uses the
   key `round_key(jax.random.key(seed), t)`, so a run resumed from a saved state continues
   exactly as an uninterrupted one. Each row holds `round`, `clients`, `client_loss` (example-
-  weighted mean), `train_seconds` (and `dp_update_norm_mean` under DP), then whatever the
-  callbacks return, called in order after the round.
+  weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio` (optimizer
+  steps computed / needed, 1.0 when no step is spent on padding; see `strategies`), and
+  `dp_update_norm_mean` under DP, then whatever the callbacks return, called in order after
+  the round.
+
+  `divergence_factor` (0: off) stops a run whose round's mean client loss exceeds
+  `divergence_factor * ln(num_classes)`, a multiple of the cross-entropy of a uniform guess
+  (an untrained model's loss): a function of the round alone, so a resumed run stops where an
+  uninterrupted one would. The check runs before the callbacks, so the diverged round leaves
+  no row, checkpoint or trace.
 
   Raises:
-    TrainingDivergedError: a client's training loss is not finite.
+    TrainingDivergedError: a client's training loss is not finite, the mean client loss
+      exploded, or the new global model has non-finite parameters.
   """
   root = jax.random.key(seed)
+  loss_limit = divergence_factor * math.log(max(data.num_classes, 2))
   history: list[dict[str, Any]] = []
   for r in range(state.round + 1, rounds + 1):
     t0 = time.perf_counter()
@@ -269,12 +321,17 @@ def run_rounds(
           f"round {r}: non-finite training loss on clients {bad}. Lower the learning rate or "
           f"check the data for NaN/inf values.")
     counts = np.asarray(out.clients.num_examples)
+    mean_loss = float(np.average(losses, weights=np.maximum(counts, 1e-9)))
+    _check_diverged(r, mean_loss, losses, loss_limit, divergence_factor, state.variables)
     row: dict[str, Any] = {
         "round": r,
-        "client_loss": float(np.average(losses, weights=np.maximum(counts, 1e-9))),
+        "client_loss": mean_loss,
         "clients": clients.tolist(),
         "train_seconds": time.perf_counter() - t0,
     }
+    executed, needed = int(out.steps_executed), int(out.steps_needed)
+    row.update(steps_executed=executed, steps_needed=needed,
+               step_ratio=executed / needed if needed else 1.0)
     if out.update_norms is not None:
       row["dp_update_norm_mean"] = float(np.mean(np.asarray(out.update_norms)))
     info = RoundInfo(r, state, out, data, row)
