@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.data.partition import Partition
+
 
 class RoundData(NamedTuple):
   """The round's clients as arrays: `indices [K, M]` int32 and `counts [K]` int32."""
@@ -70,25 +72,34 @@ class FederatedData:
   Attributes:
     x: `[N, ...]` training examples, on the device.
     y: `[N]` int32 labels, on the device.
-    client_indices: per client, int64 indices into `x` (host NumPy).
+    partition: the clients' int64 indices into `x` and their label counts (host NumPy),
+      counted on `y`.
     num_classes: number of labels.
-    label_counts: `[C, num_classes]` each client's label histogram (host NumPy): the ground
-      truth that the paper's localization rule scores provenance against.
   """
   x: jax.Array
   y: jax.Array
-  client_indices: tuple[np.ndarray, ...]
+  partition: Partition
   num_classes: int
-  label_counts: np.ndarray
+
+  @property
+  def client_indices(self) -> tuple[np.ndarray, ...]:
+    """Per client, int64 indices into `x`."""
+    return self.partition.client_indices
+
+  @property
+  def label_counts(self) -> np.ndarray:
+    """`[C, num_classes]` each client's label histogram: the ground truth that the paper's
+    localization rule scores provenance against."""
+    return self.partition.label_counts
 
   @property
   def num_clients(self) -> int:
-    return len(self.client_indices)
+    return self.partition.num_clients
 
   @property
   def client_sizes(self) -> np.ndarray:
     """`[C]` example counts."""
-    return np.array([len(ix) for ix in self.client_indices], np.int64)
+    return self.partition.client_sizes
 
   def round_length(self, batch_size: int) -> int:
     """`M` of every round: `bucket_length` of the federation's largest client."""
@@ -125,8 +136,9 @@ def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None) -> Fe
   for c, ix in enumerate(indices):
     if len(ix) and not 0 <= ix.min() <= ix.max() < len(y_host):
       raise ValueError(f"client {c} has indices outside [0, {len(y_host)})")
-  counts = np.stack([np.bincount(y_host[ix], minlength=k) for ix in indices]).astype(np.int64)
-  return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), indices, k, counts)
+  # Counted on these labels (a label flip changes them), whatever partition came in.
+  partition = Partition.from_indices(indices, y_host, k)
+  return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), partition, k)
 
 
 def flip_labels(

@@ -30,6 +30,17 @@ class Partition:
   def client_sizes(self) -> np.ndarray:
     return np.array([len(ix) for ix in self.client_indices], np.int64)
 
+  @classmethod
+  def from_indices(cls, parts: Sequence[Sequence[int]], labels: np.ndarray,
+                   num_classes: int | None = None) -> Partition:
+    """A partition from per-client index lists, its label counts taken from `labels`."""
+    labels = np.asarray(labels)
+    k = _num_classes(labels, num_classes)
+    indices = tuple(np.asarray(p, np.int64).reshape(-1) for p in parts)
+    counts = (np.stack([np.bincount(labels[ix], minlength=k) for ix in indices]) if indices
+              else np.zeros((0, k), np.int64))
+    return cls(indices, counts.astype(np.int64))
+
 
 def _num_classes(labels: np.ndarray, num_classes: int | None) -> int:
   return int(num_classes if num_classes is not None else labels.max(initial=-1) + 1)
@@ -37,11 +48,7 @@ def _num_classes(labels: np.ndarray, num_classes: int | None) -> int:
 
 def _make(parts: Sequence[Sequence[int]], labels: np.ndarray,
           num_classes: int | None) -> Partition:
-  k = _num_classes(labels, num_classes)
-  indices = tuple(np.asarray(p, np.int64) for p in parts)
-  counts = np.stack([np.bincount(labels[ix], minlength=k) for ix in indices]) if indices else (
-      np.zeros((0, k), np.int64))
-  return Partition(indices, counts.astype(np.int64))
+  return Partition.from_indices(parts, labels, num_classes)
 
 
 def _check(labels: np.ndarray, num_clients: int) -> np.ndarray:
