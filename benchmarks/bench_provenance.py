@@ -27,20 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import JsonlSink, time_fn  # noqa: E402
+from common import JsonlSink, perturbed_clients, time_fn  # noqa: E402
 
 from tracefl_jax.models import get_model  # noqa: E402
 from tracefl_jax.provenance import trace_clients  # noqa: E402
-
-
-def _clients(g, k, seed=1):
-  """K perturbed copies of G, generated 100 clients at a time (bounded temporaries)."""
-  leaves, treedef = jax.tree.flatten(g)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  make = jax.jit(lambda l, kk: jax.lax.map(
-      lambda c: l + 0.05 * jnp.std(l) * jax.random.normal(c, l.shape),
-      jax.random.split(kk, k), batch_size=100))
-  return jax.tree.unflatten(treedef, [make(l, kk) for l, kk in zip(leaves, keys)])
 
 
 def setup(name, image, seed=0):
@@ -118,7 +108,7 @@ def main() -> None:
           "inputs": args.inputs,
           "params": sum(l.size for l in jax.tree.leaves(g["params"]))}
   for k in [int(v) for v in args.clients.split(",")]:
-    clients = {"params": _clients(g["params"], k)}
+    clients = {"params": perturbed_clients(g["params"], k)}
     torch_pairs_per_s = None
     if args.torch_pairs:
       kt = min(k, args.torch_max_clients)

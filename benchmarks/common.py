@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.data import fixup_partition, partition_dirichlet
@@ -104,3 +105,14 @@ class JsonlSink:
     short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
              if k not in self.env}
     print(json.dumps(short), flush=True)
+
+
+def perturbed_clients(params: Any, k: int, seed: int = 1) -> Any:
+  """K copies of G's params with 5% noise, stacked `[K, ...]`, generated 100 at a time
+  (bounded temporaries)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  make = jax.jit(lambda l, kk: jax.lax.map(
+      lambda c: l + 0.05 * jnp.std(l) * jax.random.normal(c, l.shape),
+      jax.random.split(kk, k), batch_size=100))
+  return jax.tree.unflatten(treedef, [make(l, kk) for l, kk in zip(leaves, keys)])

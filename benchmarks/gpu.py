@@ -44,7 +44,7 @@ import optax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import environment, time_fn  # noqa: E402
+from common import environment, perturbed_clients, time_fn  # noqa: E402
 
 import tracefl_jax as tfl  # noqa: E402
 from tracefl_jax.fl.client import local_steps, make_client_update  # noqa: E402
@@ -139,16 +139,6 @@ def _synthetic(n: int, shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarra
   return x, y
 
 
-def _perturbed_clients(params: Any, k: int, seed: int = 1) -> Any:
-  """K copies of G's params with 5% noise, generated 100 at a time (bounded temporaries)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  make = jax.jit(lambda l, kk: jax.lax.map(
-      lambda c: l + 0.05 * jnp.std(l) * jax.random.normal(c, l.shape),
-      jax.random.split(kk, k), batch_size=100))
-  return jax.tree.unflatten(treedef, [make(l, kk) for l, kk in zip(leaves, keys)])
-
-
 # ------------------------------------------------------------------------------ correctness
 
 def correctness(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
@@ -191,7 +181,7 @@ def correctness(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
 
     # Provenance kernels against each other (and the original procedure where torch imports).
     k, n = 5, 6
-    clients_vars = {"params": _perturbed_clients(variables["params"], k)}
+    clients_vars = {"params": perturbed_clients(variables["params"], k)}
     xn = jnp.asarray(x[:n])
     scores = {kern: np.asarray(tfl.trace_clients(model, variables, clients_vars, xn,
                                                  kernel=kern).scores)
@@ -361,7 +351,7 @@ def provenance_section(report: Report, cfg: dict[str, Any], budget: Budget) -> N
       report.write("provenance", f"K={k} x {n} inputs", "skipped", summary="section budget spent")
       continue
     original_rate = None
-    clients = {"params": _perturbed_clients(g["params"], k)}
+    clients = {"params": perturbed_clients(g["params"], k)}
     if torch_mod is not None:
       torch, device = torch_mod
       from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
@@ -389,7 +379,7 @@ def provenance_section(report: Report, cfg: dict[str, Any], budget: Budget) -> N
                  summary="section budget spent")
   else:
     jax_row(k, n, f"trace_clients K={k} x {n} inputs",
-            {"params": _perturbed_clients(g["params"], k)})
+            {"params": perturbed_clients(g["params"], k)})
 
 
 # ------------------------------------------------------------------------------------ main

@@ -22,6 +22,7 @@ import numpy as np
 
 from tracefl_jax.experiment.checkpointing import StoredRound, load_round
 from tracefl_jax.experiment.runner import build_model
+from tracefl_jax.experiment.tracing import top_clients
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
 
 
@@ -66,8 +67,7 @@ def attribution_rows(result: ProvenanceResult, round_idx: int,
     if not result.attributable[n]:  # a non-finite score: no client is named
       row.update(attributable=False, probability=None, top_clients=[])
     else:
-      order = np.argsort(-probs[n], kind="stable")[:top_k]
       row.update(probability=float(probs[n, result.traced_position[n]]),
-                 top_clients=[[int(ids[k]), float(probs[n, k])] for k in order])
+                 top_clients=top_clients(probs[n], ids, top_k))
     rows.append(row)
   return rows

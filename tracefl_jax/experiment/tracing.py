@@ -19,6 +19,12 @@ from tracefl_jax.provenance.protocol import TracedRound
 _FULL_PROBS_MAX_CLIENTS = 64
 
 
+def top_clients(probs: np.ndarray, client_ids: np.ndarray, k: int) -> list[list[Any]]:
+  """`[[id, probability], ...]` of the k most probable clients of one input (stable order)."""
+  order = np.argsort(-probs, kind="stable")[:k]
+  return [[int(client_ids[j]), float(probs[j])] for j in order]
+
+
 class ProvenanceLog:
   """Writes a traced round's rows through `writer.write(row)`."""
 
@@ -39,8 +45,7 @@ class ProvenanceLog:
       if not traced.attributable[n]:
         row["attributable"] = False
       else:
-        order = np.argsort(-traced.probs[n], kind="stable")[:top_k]
-        row["top_clients"] = [[int(ids[k]), float(traced.probs[n, k])] for k in order]
+        row["top_clients"] = top_clients(traced.probs[n], ids, top_k)
         row["traced_client_label_counts"] = (
             self.label_counts[traced.traced_client[n]].tolist())
       if traced.counterfactual_client[n] >= 0:

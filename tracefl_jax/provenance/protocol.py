@@ -228,10 +228,11 @@ def trace_round(
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
-  # A non-finite score is never an attribution: such inputs are counted apart.
-  ok = np.all(np.isfinite(scores), axis=1)
-  position = np.where(ok, np.asarray(result.traced_position)[:n], -1)
-  traced = np.where(ok, client_ids[np.maximum(position, 0)], -1)
+  # A non-finite score is never an attribution (trace_clients marks it, ids -1): such inputs
+  # are counted apart.
+  ok = np.asarray(result.attributable)[:n]
+  position = np.asarray(result.traced_position)[:n]
+  traced = np.asarray(result.traced_client)[:n].astype(np.int64)
   labels = y_test[idx]
   if settings.mode == "faulty":
     faulty = set(settings.faulty_clients)
