@@ -17,6 +17,7 @@ import numpy as np
 
 from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
 from tracefl_jax.provenance import kernels
+from tracefl_jax.provenance.capture import target_logits
 
 KERNELS = ("auto", "grad", "jvp", "reference")
 
@@ -72,12 +73,48 @@ def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
   return "grad" if is_affine(model) else "reference"
 
 
+def _pad_clients(tree, pad: int):
+  """Appends `pad` all-zero clients to every leaf `[K, ...]`: their columns are dropped before
+  the softmax, so they never affect an attribution."""
+  return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]),
+                      tree)
+
+
+def _score_sharded(score: kernels.Scorer, client_params, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`score` over the clients dealt to the devices of a 1-D `mesh`: `[L, N, K]`.
+
+  Each device scores its `ceil(K / D)` clients (chunked within the device when the scorer
+  chunks); K is padded to a multiple of D with zero clients whose columns are dropped here.
+  G's share of the work, which `score` closes over, enters every device replicated.
+  """
+  axis = mesh.axis_names[0]
+  k = jax.tree.leaves(client_params)[0].shape[0]
+  pad = (-k) % mesh.size
+  if pad:
+    client_params = _pad_clients(client_params, pad)
+  spec = jax.sharding.PartitionSpec(axis)
+  # check_vma=False: the jvp scorer pushes device-varying client directions through G's
+  # linearisation, whose primal point is replicated; the value checker rejects that mix.
+  c = jax.shard_map(score, mesh=mesh, in_specs=(spec,),
+                    out_specs=jax.sharding.PartitionSpec(None, None, axis),
+                    check_vma=False)(client_params)
+  return c[:, :, :k]
+
+
+def _replicated(tree, mesh: jax.sharding.Mesh | None):
+  """Gathers every leaf onto every device of `mesh` (every process can read the result)."""
+  if mesh is None:
+    return tree
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, rep), tree)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
-                                             "clients_per_chunk", "block_mask"))
+                                             "clients_per_chunk", "block_mask", "mesh"))
 def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, *, kernel,
-           decay,
-           use_decay, use_size_factor, return_layers, clients_per_chunk, block_mask):
+           decay, use_decay, use_size_factor, return_layers, clients_per_chunk, block_mask,
+           mesh):
   num_layers = len(model.traced_layers)
   betas = layer_betas(num_layers, decay, use_decay)
   if use_size_factor:
@@ -86,15 +123,33 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
       client_vars = {**client_vars, "params": jax.tree.map(
           lambda a: a * p.reshape(-1, *([1] * (a.ndim - 1))).astype(a.dtype),
           client_vars["params"])}
-  if kernel == "jvp" and not return_layers:
-    totals, predicted = kernels.jvp_scores(model, global_vars, client_vars, x, target,
-                                           clients_per_chunk, per_layer=False, betas=betas)
-    layer_scores, scores = None, totals[0]
+  totals_only = kernel == "jvp" and not return_layers
+  if totals_only:
+    make = functools.partial(kernels.jvp_scorer, per_layer=False, betas=betas)
   else:
-    fn = {"grad": kernels.grad_scores, "jvp": kernels.jvp_scores,
-          "reference": functools.partial(kernels.reference_scores,
-                                         block_mask=block_mask)}[kernel]
-    c, predicted = fn(model, global_vars, client_vars, x, target, clients_per_chunk)
+    make = {"grad": kernels.grad_scorer, "jvp": kernels.jvp_scorer,
+            "reference": functools.partial(kernels.reference_scorer,
+                                           block_mask=block_mask)}[kernel]
+  if mesh is None:
+    score, predicted = make(model, global_vars, x, target, clients_per_chunk)
+    c = score(client_vars["params"])
+  elif kernel == "jvp":
+    # G's linearisation cannot be closed over by a shard_map (its residuals carry the outer
+    # mesh), so each device linearises G itself: one more linear pass next to its K / D.
+    _, predicted = target_logits(model.logits(global_vars, x), target)
+    c = _score_sharded(lambda th: make(model, global_vars, x, target, clients_per_chunk)[0](th),
+                       client_vars["params"], mesh)
+  else:
+    # G's forward/backward is split over the devices by input and its results gathered into
+    # every device's scorer, not repeated on each device.
+    x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
+    score, predicted = make(model, global_vars, x, target, clients_per_chunk)
+    c = _score_sharded(score, client_vars["params"], mesh)
+  c, predicted = _replicated((c, predicted), mesh)
+  if totals_only:
+    layer_scores, scores = None, c[0]
+  else:
     layer_scores = c * betas[:, None, None]
     scores = jnp.sum(layer_scores, axis=0)
   if use_size_factor and kernel != "reference":
@@ -108,8 +163,9 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   # Softmax over a row holding -inf next to finite scores would look valid; poison it too.
   probs = jnp.where(attributable[:, None], probs, jnp.nan)
   traced = jnp.where(attributable, client_ids[jnp.maximum(position, 0)], -1)
-  return ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
-                          layer_scores if return_layers else None, attributable)
+  return _replicated(ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
+                                      layer_scores if return_layers else None, attributable),
+                     mesh)
 
 
 def _concrete(value) -> bool:
@@ -228,6 +284,7 @@ def trace_clients(
     clients_per_chunk: int | None = None,
     block_mask: str = "fixed",
     client_ids: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -261,7 +318,7 @@ def trace_clients(
     (integer inputs for a float model, float inputs for a token model), a target not `[N]`
     integers or (when concrete) outside [0, num_classes), `client_sizes` not `[K]`, negative,
     non-finite or (with `use_size_factor`) all zero, `clients_per_chunk` < 0, decay outside
-    (0, 1], unknown kernel or block_mask names.
+    (0, 1], unknown kernel or block_mask names, a mesh that is not 1-D.
   """
   if block_mask not in ("fixed", "parity"):
     raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
@@ -273,6 +330,9 @@ def trace_clients(
                                             and clients_per_chunk >= 0):
     raise ValueError(f"clients_per_chunk={clients_per_chunk!r} must be None or 0 (off) or a "
                      f"positive int")
+  if mesh is not None and len(mesh.axis_names) != 1:
+    raise ValueError(f"mesh has axes {mesh.axis_names}; provenance shards clients over a 1-D "
+                     f"mesh (tracefl_jax.fl.strategies.client_mesh())")
   # Checks at the Python boundary: inside the jitted kernels these are JAX/Flax tracebacks
   # or, for values, silent wrong answers (a target of -1 wraps around).
   num_clients = _check_variables(global_vars, client_vars)
@@ -298,9 +358,17 @@ def trace_clients(
   if client_ids.shape != (num_clients,):
     raise ValueError(f"client_ids has shape {client_ids.shape}; the round has {num_clients} "
                      f"clients (leading axis of client_vars), so it must be ({num_clients},)")
+  client_sizes = jnp.asarray(client_sizes)
+  if mesh is not None:
+    # Every device needs these whole. Left uncommitted, they may be given an uneven input
+    # sharding by XLA's propagation (from the split of G's work over inputs) that jax cannot
+    # express as a NamedSharding (IndivisibleError at compile).
+    global_vars, x, target, client_sizes, client_ids = jax.device_put(
+        (global_vars, x, target, client_sizes, client_ids),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return _trace(model, global_vars, client_vars, x, target,
-                jnp.asarray(client_sizes), client_ids, kernel=kernel, decay=float(decay),
+                client_sizes, client_ids, kernel=kernel, decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,
-                block_mask=block_mask)
+                block_mask=block_mask, mesh=mesh)

@@ -18,7 +18,11 @@ term), so < f_l(a; theta), g > = < theta, grad_theta < f_l(a; theta), g > > and:
                directional derivative d/de s(x_n; G + e v_k). Cost: K linear forward passes.
 
 All operate on `client_vars` stacked `[K, ...]` and return per-layer scores `[L, N, K]`
-(before the beta decay; `attribution.py` applies beta and the data-size factor).
+(before the beta decay; `attribution.py` applies beta and the data-size factor). Each kernel is
+split in two: a `*_scorer` does G's share of the work once (capture, per-input gradients, the
+linearisation) and returns a `Scorer`, a function of stacked client params alone; the client
+axis is then added by calling it on all clients, or on each device's clients of a mesh
+(`attribution.trace_clients(mesh=...)`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import jax.numpy as jnp
 from tracefl_jax.models.base import ModelDef, Variables, get_layer
 from tracefl_jax.models.layers import PatchConv, conv_geometry, image_patches
 from tracefl_jax.provenance.capture import LayerView, capture, target_logits
+
+# Stacked client params (leaves [c, ...]) -> scores [L, N, c]; closes over G's work.
+Scorer = Callable[[Any], jax.Array]
 
 
 def _map_clients(fn, client_params: Any, clients_per_chunk: int | None) -> jax.Array:
@@ -100,29 +107,41 @@ def _dot(out: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum((out * g).reshape(out.shape[0], -1), axis=1)
 
 
-def reference_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
-                     x: jax.Array, target: jax.Array | None = None,
-                     clients_per_chunk: int | None = None,
+def reference_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
+                     target: jax.Array | None = None, clients_per_chunk: int | None = None,
                      view: tuple[LayerView, jax.Array] | None = None,
-                     block_mask: str = "fixed") -> tuple[jax.Array, jax.Array]:
-  """(c [L, N, K], predicted [N]) by evaluating each client's units on G's inputs.
+                     block_mask: str = "fixed") -> tuple[Scorer, jax.Array]:
+  """(Scorer evaluating each client's units on G's captured inputs, predicted [N]).
 
   `block_mask="parity"` calls units that take an attention mask (a `MASK_ARG` attribute,
   e.g. BERT blocks) WITHOUT it, as the original did (padded positions are attended);
   "fixed" passes G's mask.
   """
   layers, predicted = view if view is not None else capture(model, global_vars, x, target)
-  client_layers = _layer_params(client_vars["params"], model)
-  scores = []
-  for unit, args, kwargs, g, theta in zip(layers.units, layers.inputs, layers.kwargs,
-                                          layers.grads, client_layers):
-    mask_arg = getattr(unit, "MASK_ARG", None)
-    if block_mask == "parity" and mask_arg is not None and len(args) > mask_arg:
-      args = (*args[:mask_arg], None, *args[mask_arg + 1:])
-    def one(theta_k, unit=unit, args=args, kwargs=kwargs, g=g):
-      return _dot(unit.apply({"params": theta_k}, *args, **kwargs), g)
-    scores.append(_map_clients(one, theta, clients_per_chunk).T)   # [N, K]
-  return jnp.stack(scores), predicted
+
+  def score(client_params: Any) -> jax.Array:
+    scores = []
+    for unit, args, kwargs, g, theta in zip(layers.units, layers.inputs, layers.kwargs,
+                                            layers.grads, _layer_params(client_params, model)):
+      mask_arg = getattr(unit, "MASK_ARG", None)
+      if block_mask == "parity" and mask_arg is not None and len(args) > mask_arg:
+        args = (*args[:mask_arg], None, *args[mask_arg + 1:])
+      def one(theta_k, unit=unit, args=args, kwargs=kwargs, g=g):
+        return _dot(unit.apply({"params": theta_k}, *args, **kwargs), g)
+      scores.append(_map_clients(one, theta, clients_per_chunk).T)   # [N, c]
+    return jnp.stack(scores)
+  return score, predicted
+
+
+def reference_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
+                     x: jax.Array, target: jax.Array | None = None,
+                     clients_per_chunk: int | None = None,
+                     view: tuple[LayerView, jax.Array] | None = None,
+                     block_mask: str = "fixed") -> tuple[jax.Array, jax.Array]:
+  """(c [L, N, K], predicted [N]) by evaluating each client's units on G's inputs."""
+  score, predicted = reference_scorer(model, global_vars, x, target, clients_per_chunk, view,
+                                      block_mask)
+  return score(client_vars["params"]), predicted
 
 
 def per_input_grads(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -210,33 +229,44 @@ def _unit_contraction(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
   return blocked
 
 
+def grad_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
+                target: jax.Array | None = None,
+                clients_per_chunk: int | None = None) -> tuple[Scorer, jax.Array]:
+  """(Scorer contracting G's per-input parameter gradients with client weights, predicted)."""
+  layers, predicted = capture(model, global_vars, x, target)
+  contractions = [_unit_contraction(unit, args, kwargs, g, theta_g)
+                  for unit, args, kwargs, g, theta_g in zip(
+                      layers.units, layers.inputs, layers.kwargs, layers.grads,
+                      _layer_params(global_vars["params"], model))]
+
+  def score(client_params: Any) -> jax.Array:
+    scores = []
+    for contract, theta in zip(contractions, _layer_params(client_params, model)):
+      if clients_per_chunk:
+        scores.append(_map_client_chunks(contract, theta, clients_per_chunk))
+      else:
+        scores.append(contract(theta))
+    return jnp.stack(scores)
+  return score, predicted
+
+
 def grad_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
                 x: jax.Array, target: jax.Array | None = None,
                 clients_per_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(c [L, N, K], predicted [N]) by per-input parameter gradients x stacked client weights."""
-  layers, predicted = capture(model, global_vars, x, target)
-  global_layers = _layer_params(global_vars["params"], model)
-  client_layers = _layer_params(client_vars["params"], model)
-  scores = []
-  for unit, args, kwargs, g, theta_g, theta in zip(layers.units, layers.inputs, layers.kwargs,
-                                                   layers.grads, global_layers, client_layers):
-    contract = _unit_contraction(unit, args, kwargs, g, theta_g)
-    if clients_per_chunk:
-      scores.append(_map_client_chunks(contract, theta, clients_per_chunk))
-    else:
-      scores.append(contract(theta))
-  return jnp.stack(scores), predicted
+  score, predicted = grad_scorer(model, global_vars, x, target, clients_per_chunk)
+  return score(client_vars["params"]), predicted
 
 
-def jvp_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
-               x: jax.Array, target: jax.Array | None = None,
-               clients_per_chunk: int | None = None,
-               per_layer: bool = True, betas: jax.Array | None = None) -> tuple[jax.Array,
-                                                                                 jax.Array]:
-  """(c [L, N, K] or, with per_layer=False, beta-weighted totals [1, N, K], predicted [N]).
+def jvp_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
+               target: jax.Array | None = None, clients_per_chunk: int | None = None,
+               per_layer: bool = True,
+               betas: jax.Array | None = None) -> tuple[Scorer, jax.Array]:
+  """(Scorer pushing each client's direction through G linearised once, predicted [N]).
 
-  G is linearised once; each client's direction holds its weights on traced units (times
-  beta_l when totals are asked for) and zeros on every other parameter.
+  The Scorer returns c [L, N, c] or, with per_layer=False, beta-weighted totals [1, N, c].
+  Each client's direction holds its weights on traced units (times beta_l when totals are
+  asked for) and zeros on every other parameter.
   """
   params = global_vars["params"]
   state = {k: v for k, v in global_vars.items() if k != "params"}
@@ -260,9 +290,8 @@ def jvp_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
 
   num_layers = len(paths)
   if per_layer:
-    ones = jnp.ones(num_layers)
     groups = [[l] for l in range(num_layers)]
-    scale = ones
+    scale = jnp.ones(num_layers)
   else:
     groups = [list(range(num_layers))]
     scale = betas if betas is not None else jnp.ones(num_layers)
@@ -270,8 +299,21 @@ def jvp_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
   def one(theta_k):
     return jnp.stack([s_lin(direction(theta_k, layers, scale)) for layers in groups])  # [G, N]
 
-  out = _map_clients(one, client_vars["params"], clients_per_chunk)  # [K, G, N]
-  return jnp.transpose(out, (1, 2, 0)), predicted
+  def score(client_params: Any) -> jax.Array:
+    out = _map_clients(one, client_params, clients_per_chunk)  # [c, G, N]
+    return jnp.transpose(out, (1, 2, 0))
+  return score, predicted
+
+
+def jvp_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
+               x: jax.Array, target: jax.Array | None = None,
+               clients_per_chunk: int | None = None,
+               per_layer: bool = True, betas: jax.Array | None = None) -> tuple[jax.Array,
+                                                                                 jax.Array]:
+  """(c [L, N, K] or, with per_layer=False, beta-weighted totals [1, N, K], predicted [N])."""
+  score, predicted = jvp_scorer(model, global_vars, x, target, clients_per_chunk, per_layer,
+                                betas)
+  return score(client_vars["params"]), predicted
 
 
 def _set_layer(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:

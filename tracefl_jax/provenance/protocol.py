@@ -27,6 +27,7 @@ import numpy as np
 
 import jax
 
+from tracefl_jax.fl.strategies import client_mesh
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import KERNELS, trace_clients
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
@@ -111,6 +112,8 @@ class ProtocolSettings:
     flip: faulty mode, the label map `{source: target}` the faulty clients trained with.
     kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask: passed to
       `trace_clients`.
+    shard_clients: score the clients sharded over all devices (`trace_clients(mesh=
+      client_mesh())`, every process's devices after `jax.distributed.initialize`).
     size_unit: the data-size factor counts a client's examples in units of this many (the
       original counts batches: set it to the batch size).
     counterfactual: also compute the exact leave-one-client-out truth (spec section 8) for
@@ -131,6 +134,7 @@ class ProtocolSettings:
   size_unit: int = 1
   clients_per_chunk: int = 0
   block_mask: str = "fixed"
+  shard_clients: bool = False
   counterfactual: bool = True
   feddebug: bool = True
   feddebug_inputs: int = 10
@@ -224,7 +228,7 @@ def trace_round(
       client_sizes=jnp.asarray(np.asarray(client_sizes) // settings.size_unit),
       use_size_factor=settings.use_size_factor,
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
-      client_ids=client_ids)
+      client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None)
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
