@@ -11,6 +11,16 @@ warm-up (compile time reported apart); the PyTorch loop is linear in inputs, so 
   python benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
   python benchmarks/bench_provenance.py --model=resnet18 --image=32 --clients=10,100 \
       --kernels=grad,reference --torch-pairs=200
+
+Every JAX row also records the contraction's achieved FLOP/s (2 N P K for N inputs, K clients,
+P traced parameters, over the whole call's steady time, so G's forward/backward counts
+against it) as a fraction of a matmul probe the script runs first ([n, n] x [n, n] float32 at
+HIGHEST precision, the kernel's). `--devices=D` shards the clients over the first D devices
+(`trace_clients(mesh=...)`), each device generating its own clients; on CPU, fake devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=D) share the same cores:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/bench_provenance.py \
+      --image=8 --clients=10000 --kernels=grad --torch-pairs=0 --devices=4
 """
 
 from __future__ import annotations
@@ -29,8 +39,48 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import JsonlSink, perturbed_clients, time_fn  # noqa: E402
 
+from tracefl_jax.fl.strategies import client_mesh  # noqa: E402
 from tracefl_jax.models import get_model  # noqa: E402
+from tracefl_jax.models.base import get_layer  # noqa: E402
 from tracefl_jax.provenance import trace_clients  # noqa: E402
+
+
+def matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
+  """The probe: FLOP/s of a warm [n, n] x [n, n] float32 matmul on the default device at
+  HIGHEST precision (the grad kernel's contraction precision), median of `repeats`."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda u, v: jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
+  t = time_fn(lambda: f(a, b), repeats)
+  return {"probe_n": n, "probe_s": t["steady_s"], "peak_flops_per_s": 2 * n**3 / t["steady_s"]}
+
+
+def traced_params(model, params) -> int:
+  """P: parameters of the traced units (the contraction's inner dimension)."""
+  return sum(leaf.size for path in model.traced_layers
+             for leaf in jax.tree.leaves(get_layer(params, path)))
+
+
+def sharded_clients(params, k: int, mesh: jax.sharding.Mesh, seed: int = 1):
+  """K noisy copies of G's params, `[K, ...]` sharded over `mesh`'s clients axis; each device
+  generates its own clients (client c from key fold_in(seed_leaf, c)), so no device ever
+  holds all K."""
+  devices = list(mesh.devices.flat)
+  if k % len(devices):
+    raise ValueError(f"--devices: K = {k} must be a multiple of {len(devices)} here")
+  per = k // len(devices)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for leaf, key in zip(leaves, keys):
+    make = jax.jit(lambda l, kk, start: jax.lax.map(
+        lambda c: l + 0.05 * jnp.std(l) * jax.random.normal(jax.random.fold_in(kk, c), l.shape),
+        start + jnp.arange(per), batch_size=100))
+    shards = [make(jax.device_put(leaf, d), jax.device_put(key, d), jax.device_put(i * per, d))
+              for i, d in enumerate(devices)]
+    out.append(jax.make_array_from_single_device_arrays((k, *leaf.shape), sharding, shards))
+  return jax.tree.unflatten(treedef, out)
 
 
 def setup(name, image, seed=0):
@@ -97,18 +147,38 @@ def main() -> None:
                       "in K; each client's weights are copied to the host)")
   p.add_argument("--chunk", type=int, default=0, help="clients_per_chunk for JAX kernels")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--devices", type=int, default=0,
+                 help="shard the clients over the first D devices (0: one device, unsharded)")
+  p.add_argument("--probe", type=int, default=0,
+                 help="matmul probe size n (0: 8192 on GPU, 2048 otherwise)")
   p.add_argument("--out", default="")
   args = p.parse_args()
 
   sink = JsonlSink(args.out)
+  if args.devices > jax.device_count():
+    raise SystemExit(f"--devices={args.devices} but jax sees {jax.device_count()} devices (on "
+                     f"CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  mesh = client_mesh(jax.devices()[:args.devices]) if args.devices else None
+  probe = matmul_peak(args.probe or (8192 if jax.default_backend() == "gpu" else 2048))
+  # Fake CPU devices share one set of cores: the mesh's peak is one probe's. Real
+  # accelerators add theirs.
+  peak_devices = args.devices if args.devices and jax.default_backend() != "cpu" else 1
+  peak = probe["peak_flops_per_s"] * peak_devices
+  sink.write({"bench": "matmul_probe", **probe})
   model, g, net, layers, forward = setup(args.model, args.image)
   x = np.random.default_rng(0).normal(size=(args.inputs, *model.input_shape)).astype(
       np.float32)
+  p_traced = traced_params(model, g["params"])
   base = {"bench": "provenance", "model": args.model, "image": args.image,
           "inputs": args.inputs,
-          "params": sum(l.size for l in jax.tree.leaves(g["params"]))}
+          "params": sum(l.size for l in jax.tree.leaves(g["params"])),
+          "traced_params": p_traced, "devices": args.devices or 1, "sharded": bool(mesh),
+          "peak_flops_per_s": peak, "peak_devices": peak_devices}
   for k in [int(v) for v in args.clients.split(",")]:
-    clients = {"params": perturbed_clients(g["params"], k)}
+    if mesh is None:
+      clients = {"params": perturbed_clients(g["params"], k)}
+    else:
+      clients = {"params": sharded_clients(g["params"], k, mesh)}
     torch_pairs_per_s = None
     if args.torch_pairs:
       kt = min(k, args.torch_max_clients)
@@ -125,11 +195,14 @@ def main() -> None:
                   "clients_scored": kt, "max_rel_diff_jax": err, "steady_s": dt, "pairs_per_s": torch_pairs_per_s})
     for kernel in args.kernels.split(","):
       fn = lambda: trace_clients(model, g, clients, jnp.asarray(x), kernel=kernel,  # noqa: E731
-                                 clients_per_chunk=args.chunk or None).scores
+                                 clients_per_chunk=args.chunk or None, mesh=mesh).scores
       t = time_fn(fn, args.repeats)
       rate = args.inputs * k / t["steady_s"]
+      flops = 2 * args.inputs * p_traced * k
       sink.write({**base, "K": k, "kernel": kernel, **t, "pairs_per_s": rate,
-                  "speedup_vs_original": rate / torch_pairs_per_s if torch_pairs_per_s else None})
+                  "speedup_vs_original": rate / torch_pairs_per_s if torch_pairs_per_s else None,
+                  "contraction_flops": flops, "achieved_flops_per_s": flops / t["steady_s"],
+                  "fraction_of_peak": flops / t["steady_s"] / peak})
 
 
 if __name__ == "__main__":
