@@ -282,7 +282,9 @@ def jvp_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
   paths = model.traced_layers
 
   def direction(theta_k, layers, scale):
-    d = jax.tree.map(jnp.zeros_like, params)
+    # Not zeros_like: it would copy a committed G's mesh sharding, which clashes with the
+    # manual mesh inside a shard_map (trace_clients(mesh=...)).
+    d = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
     for l in layers:
       d = _set_layer(d, paths[l], jax.tree.map(lambda a: a * scale[l], get_layer(theta_k,
                                                                                  paths[l])))
