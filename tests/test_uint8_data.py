@@ -81,3 +81,30 @@ def test_uint8_needs_a_normalization(pixels):
   np.testing.assert_array_equal(ds.normalize(ds.x_test), NORM(x_u8[:2]))
   with pytest.raises(ValueError, match="3 channel means but the inputs have 1"):
     Dataset("d", x_u8[:4, ..., :1], y[:4], x_u8[:2, ..., :1], y[:2], 10, normalization=NORM)
+
+
+def test_runner_on_uint8_mnist_trains_traces_and_stores(tmp_path):
+  """The experiment on a (tiny, random) local mnist.npz: the device holds uint8 pixels, the
+  evaluator and provenance see normalised floats, and a stored round traces raw pixels as
+  the run normalised them."""
+  from tracefl_jax.experiment import runner  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.config import base_config
+  from tracefl_jax.experiment.stored import trace_stored_round
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (160, 28, 28), dtype=np.uint8)
+  y = np.repeat(np.arange(10, dtype=np.uint8), 16)
+  np.savez(tmp_path / "mnist.npz", x_train=x, y_train=y, x_test=x[:40], y_test=y[:40])
+  c = base_config()
+  c.dataset.name, c.dataset.data_dir, c.model.name = "mnist", str(tmp_path), "mlp"
+  c.num_clients, c.clients_per_round, c.rounds = 4, 2, 1
+  c.partition.fixup = False
+  c.client.batch_size, c.client.local_epochs = 16, 1
+  c.provenance.store_rounds = "1"
+  summary = runner.run(c, tmp_path / "run", progress=False)
+  assert summary["rounds"] == 1 and "provenance" in summary
+  result, _ = trace_stored_round(tmp_path / "run", np.zeros((32, 32, 3), np.uint8), 1)
+  mnist = Normalization((0.1307,), (0.3081,))
+  expected, _ = trace_stored_round(tmp_path / "run", mnist(np.zeros((1, 32, 32, 3), np.uint8)),
+                                   1)
+  np.testing.assert_allclose(np.asarray(result.scores), np.asarray(expected.scores), rtol=1e-6)
