@@ -16,13 +16,16 @@ Client sizes (`--sizes`):
   python benchmarks/bench_round.py --out=benchmarks/results/round_cpu.jsonl
   python benchmarks/bench_round.py --sizes=dirichlet --clients=10,100,1000 --strategies=vmap,scan
 
-Each row: bench, model, sizes, K, examples (total), mean/max client size, strategy, lanes
-(packed strategies), compile_s, steady_s, client_updates_per_s, samples_per_s (examples
-trained per second, epochs included), steps_needed / steps_executed / step_ratio (optimizer
-steps computed over those the clients need; 1.0 means none spent on padding), limit_fraction
-(samples_per_s over the big-batch limit's), temp_bytes (XLA's working memory of the compiled
-round; None for the host loop), peak_bytes (device peak where reported: GPU), device and
-versions.
+Each row: bench, model, image side and channels, sizes, K, examples (total), mean/max client
+size, strategy, lanes (packed strategies), compile_s, steady_s, client_updates_per_s,
+samples_per_s (examples trained per second, epochs included), steps_needed / steps_executed /
+step_ratio (optimizer steps computed over those the clients need; 1.0 means none spent on
+padding), limit_fraction (samples_per_s over the big-batch limit's), standalone_step_ms (the
+same optimizer step, model, batch and optimizer, jitted alone on a fixed batch),
+in_round_step_ms (steady_s / steps_executed: the round's cost per step, client setup and
+FedAvg included) and step_cost_ratio (their ratio; issue 12's target: at most 1.3),
+temp_bytes (XLA's working memory of the compiled round; None for the host loop), peak_bytes
+(device peak where reported: GPU), device and versions.
 """
 
 from __future__ import annotations
@@ -64,6 +67,23 @@ def big_batch_limit(model, optimizer, variables, x, y, k, sizes, batch_size, epo
   return lambda: update(variables, x, y, idx, count, jax.random.key(0))
 
 
+def standalone_step(model, optimizer, variables, x, y, batch_size, steps=20):
+  """The round's optimizer step (same model, batch size, optimizer) jitted alone on a fixed
+  batch: `steps` calls, each state fed to the next, as `time_fn` times them."""
+  cu = make_client_update(model, optimizer, batch_size, 1)
+  step = jax.jit(cu.train_step)
+  xb, yb = x[:batch_size], y[:batch_size]
+  mask, rng = jnp.ones(batch_size, bool), jax.random.key(0)
+  start = cu.init(variables)
+
+  def run():
+    state = start
+    for _ in range(steps):
+      state = step(state, xb, yb, mask, rng)
+    return state.params
+  return run
+
+
 def client_partition(sizes, pool):
   """Per client, `sizes[c]` consecutive example indices, wrapping around the pool."""
   starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -74,6 +94,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="lenet")
   p.add_argument("--image", type=int, default=28, help="square image side")
+  p.add_argument("--channels", type=int, default=1, help="image channels")
   p.add_argument("--clients", default="10,100,1000", help="K values")
   p.add_argument("--sizes", default="equal", choices=("equal", "dirichlet"),
                  help="client sizes: --samples each, or the paper-shaped partition's")
@@ -93,13 +114,16 @@ def main() -> None:
                    else draw_client_sizes(k, args.seed)) for k in ks}
   pool = min(POOL, max(int(s.sum()) for s in all_sizes.values()))
   ds = load_dataset("synthetic", num_train=pool, num_test=10,
-                    image_shape=(args.image, args.image, 1), num_classes=10, seed=0)
+                    image_shape=(args.image, args.image, args.channels), num_classes=10,
+                    seed=0)
   x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   model = get_model(args.model, ds.input_shape, ds.num_classes)
   variables = model.init(jax.random.key(0))
   optimizer = optax.adam(1e-3)
-  base = {"bench": "round", "model": args.model, "image": args.image, "sizes": args.sizes,
-          "batch_size": args.batch, "local_epochs": args.epochs}
+  base = {"bench": "round", "model": args.model, "image": args.image,
+          "channels": args.channels, "sizes": args.sizes, "batch_size": args.batch,
+          "local_epochs": args.epochs}
+  step_alone = standalone_step(model, optimizer, variables, x, y, args.batch)
 
   for k in ks:
     sizes = all_sizes[k]
@@ -122,6 +146,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
       if strategy == "chunked" and args.chunk >= k:
         continue
+      # Timed next to each round, so that both see the same load on a shared machine.
+      alone = time_fn(step_alone, args.repeats)["steady_s"] / 20
       algorithm = federated_averaging(model, optimizer, batch_size=args.batch,
                                       local_epochs=args.epochs, strategy=strategy,
                                       clients_per_chunk=args.chunk)
@@ -141,11 +167,17 @@ def main() -> None:
                      round_key(jax.random.key(0), 1), jnp.asarray(weights, jnp.float32))
       mem = memory(algorithm.program, *jitted_args, lanes=lanes)
       rate = examples * args.epochs / t["steady_s"]
+      in_round = t["steady_s"] / max(executed, 1)
       sink.write({**base, **size_info, "strategy": strategy, "lanes": lanes, **mem,
+                  "standalone_step_ms": alone * 1e3, "in_round_step_ms": in_round * 1e3,
+                  "step_cost_ratio": in_round / alone,
                   "clients_per_chunk": args.chunk if strategy == "chunked" else None, **t,
                   "client_updates_per_s": k / t["steady_s"], "samples_per_s": rate,
                   "steps_executed": executed, "step_ratio": executed / max(int(steps.sum()), 1),
                   "limit_fraction": rate / limit_rate})
+      print(f"K={k} {args.sizes} {strategy}: step alone {alone * 1e3:.2f} ms, in the round "
+            f"{in_round * 1e3:.2f} ms ({in_round / alone:.2f}x); {rate:,.0f} examples/s = "
+            f"{rate / limit_rate:.2f} of the big-batch limit", flush=True)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def test_medmnist_npz_loader(tmp_path, name, channels, classes):
   ds = load_dataset(name, data_dir=tmp_path)
   assert ds.x_train.shape == (6, 32, 32, 3) and ds.num_classes == classes
   assert ds.y_test.tolist() == [0, 1, 2] and ds.y_train.dtype == np.int32
-  np.testing.assert_allclose(ds.x_test, 1.0, atol=1e-6)  # white: (1 - 0.5) / 0.5
+  assert ds.x_test.dtype == np.uint8 and np.all(ds.x_test == 255)  # white stays white
+  np.testing.assert_allclose(ds.normalize(ds.x_test), 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
   with pytest.raises(DatasetNotFoundError, match=f"no {name}.npz in"):
     load_dataset(name, data_dir=tmp_path / "empty")
 
@@ -261,7 +262,8 @@ def test_tfds_image_loaders_on_mock_data(tmp_path, name, mean):
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = load_dataset(name, data_dir=tmp_path)
   assert ds.x_train.shape == (12, 32, 32, 3) and ds.x_test.shape == (12, 32, 32, 3)
-  assert ds.x_train.dtype == np.float32 and ds.num_classes == 10
+  assert ds.x_train.dtype == np.uint8 and ds.num_classes == 10  # normalised on the device
+  assert ds.normalize(ds.x_train).dtype == np.float32
   assert ds.y_train.min() >= 0 and ds.y_train.max() < 10
   if mean is not None:  # grayscale replicated to RGB: the three channels agree
     np.testing.assert_array_equal(ds.x_train[..., 0], ds.x_train[..., 2])

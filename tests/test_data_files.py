@@ -25,15 +25,31 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
              "t10k-labels-idx1-ubyte")
 
 
-def _reference(x_uint8, mean, std):
-  """The paper's preprocessing written plainly: [0, 1], grey -> RGB, bilinear to 32x32,
-  (x - mean) / std. `x_uint8`: [N, H, W] or [N, H, W, 3]."""
-  x = x_uint8.astype(np.float32) / 255.0
+def _reference(x_uint8):
+  """The paper's resizing written plainly, as torchvision's PIL Resize returns it: grey ->
+  RGB, bilinear to 32x32, rounded back to uint8 pixels. `x_uint8`: [N, H, W] or [N, H, W, 3]."""
+  x = x_uint8.astype(np.float32)
   if x.ndim == 3:
     x = np.stack([x] * 3, axis=-1)
   if x.shape[1:3] != (32, 32):
     x = np.asarray(jax.image.resize(x, (len(x), 32, 32, 3), "bilinear"))
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _normalised(pixels, mean, std):
+  """ToTensor then Normalize: (pixels / 255 - mean) / std."""
+  return (pixels.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
+      std, np.float32)
+
+
+def _check_images(ds, x_tr, x_te, mean, std):
+  """uint8 pixels as the reference resizes them, and the dataset's normalisation."""
+  assert ds.x_train.dtype == np.uint8 and ds.x_test.dtype == np.uint8
+  np.testing.assert_array_equal(ds.x_train, _reference(x_tr))
+  np.testing.assert_array_equal(ds.x_test, _reference(x_te))
+  assert ds.normalization.mean == pytest.approx(np.broadcast_to(mean, len(ds.normalization.mean)))
+  np.testing.assert_allclose(ds.normalize(ds.x_test), _normalised(_reference(x_te), mean, std),
+                             atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +66,9 @@ def _check_mnist(ds, arrays):
   x_tr, y_tr, x_te, y_te = arrays
   assert ds.name == "mnist" and ds.num_classes == 10
   assert ds.x_train.shape == (24, 32, 32, 3) and ds.x_test.shape == (12, 32, 32, 3)
-  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert ds.y_train.dtype == np.int32
   assert ds.y_train.tolist() == y_tr.tolist() and ds.y_test.tolist() == y_te.tolist()
-  np.testing.assert_allclose(ds.x_train, _reference(x_tr, MNIST_MEAN, MNIST_STD), atol=1e-5)
-  np.testing.assert_allclose(ds.x_test, _reference(x_te, MNIST_MEAN, MNIST_STD), atol=1e-5)
+  _check_images(ds, x_tr, x_te, MNIST_MEAN, MNIST_STD)
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -151,18 +166,17 @@ def _check_cifar(ds, batches):
   rows_te = batches[5][0]
   assert ds.name == "cifar10" and ds.num_classes == 10
   assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (6, 32, 32, 3)
-  assert ds.x_train.dtype == np.float32 and ds.y_test.dtype == np.int32
+  assert ds.y_test.dtype == np.int32
   assert ds.y_train.tolist() == sum((labels for _, labels in batches[:5]), [])  # batches 1..5
   assert ds.y_test.tolist() == batches[5][1]
   # Rows are channel-major: value c * 1024 + h * 32 + w is pixel (h, w), channel c.
   hwc = lambda rows: rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # noqa: E731
-  np.testing.assert_allclose(ds.x_train, _reference(hwc(rows_tr), CIFAR_MEAN, CIFAR_STD),
-                             atol=1e-5)
-  np.testing.assert_allclose(ds.x_test, _reference(hwc(rows_te), CIFAR_MEAN, CIFAR_STD),
-                             atol=1e-5)
+  _check_images(ds, hwc(rows_tr), hwc(rows_te), CIFAR_MEAN, CIFAR_STD)
   # One pixel by hand: image 1, row 2, column 5, blue.
-  value = rows_tr[1, 2 * 1024 + 2 * 32 + 5] / 255.0
-  np.testing.assert_allclose(ds.x_train[1, 2, 5, 2], (value - 0.4465) / 0.2010, rtol=1e-5)
+  value = rows_tr[1, 2 * 1024 + 2 * 32 + 5]
+  assert ds.x_train[1, 2, 5, 2] == value
+  np.testing.assert_allclose(ds.normalize(ds.x_train)[1, 2, 5, 2], (value / 255.0 - 0.4465)
+                             / 0.2010, rtol=1e-5)
 
 
 @pytest.mark.parametrize("folder,str_keys", [("cifar-10-batches-py", False),

@@ -5,6 +5,7 @@ config. The experiment runner that reads configs (`python -m tracefl_jax`) lives
 `tracefl_jax.experiment` and is imported only when used.
 """
 
+from tracefl_jax.data.base import Normalization
 from tracefl_jax.data.federated import FederatedData, federate
 from tracefl_jax.data.partition import Partition, fixup_partition, make_partition
 from tracefl_jax.fl.aggregation import client_weights, fedavg
@@ -22,7 +23,7 @@ from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, loca
 
 __all__ = [
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
-    "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
+    "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
     "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "client_weights",
     "dp_fedavg", "federate", "federated_averaging", "fedavg", "fixup_partition", "get_model",
     "localization_correct", "make_model", "make_optimizer", "make_partition",

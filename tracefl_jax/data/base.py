@@ -1,5 +1,6 @@
-"""What every dataset loader shares, and nothing that loads: the `Dataset` type, the error for
-missing files, the default data directory and the paper's normalisation constants.
+"""What every dataset loader shares, and nothing that loads: the `Dataset` type, the
+`Normalization` of uint8 images, the error for missing files, the default data directory and
+the paper's normalisation constants.
 
 Loader modules (datasets.py, image_files.py, text.py, digits_builder.py) import from here and
 never from each other's internals, so no import circle runs through the data package.
@@ -34,6 +35,36 @@ def default_data_dir() -> Path:
   return Path(os.environ.get("TRACEFL_DATA_DIR", Path.home() / ".cache" / "tracefl_jax" / "tfds"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """`(x / pixel_max - mean) / std` in float32, per channel (the last axis): torchvision's
+  `ToTensor()` then `Normalize(mean, std)`. Jitted, XLA computes it with reciprocals (and
+  fused multiply-adds), which differs from NumPy's result by about one float32 rounding.
+
+  Image datasets keep their pixels as uint8 (a quarter of float32's memory, on the host and
+  on the device) and carry this; it is applied to a batch where the batch is used: inside the
+  jitted client step, to the evaluator's test set, to provenance inputs. Hashable (a static
+  argument of the jitted round). Works on NumPy and JAX arrays alike.
+  """
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  pixel_max: float = 255.0
+
+  def __post_init__(self):
+    for field in ("mean", "std"):
+      value = np.asarray(getattr(self, field), np.float64).reshape(-1)
+      object.__setattr__(self, field, tuple(float(v) for v in value))
+    if not self.mean or len(self.mean) != len(self.std) or min(self.std) <= 0:
+      raise ValueError(f"Normalization needs as many means as positive stds, got mean="
+                       f"{self.mean}, std={self.std}")
+
+  def __call__(self, x: Any) -> Any:
+    shape = (1,) * (x.ndim - 1) + (-1,)  # explicit ranks (no implicit rank promotion)
+    mean = np.asarray(self.mean, np.float32).reshape(shape)
+    std = np.asarray(self.std, np.float32).reshape(shape)
+    return (x.astype(np.float32) / np.float32(self.pixel_max) - mean) / std
+
+
 def _is_int(dtype: np.dtype) -> bool:
   return np.issubdtype(dtype, np.integer) and dtype != np.bool_
 
@@ -48,10 +79,13 @@ class Dataset:
 
   Attributes:
     name: a label for logs and results.
-    x_train, x_test: `[N, ...]` float32 inputs (normalised NHWC images) or int32 token ids
-      `[N, seq_len]`; both splits share the per-example shape and the dtype.
+    x_train, x_test: `[N, ...]` float32 inputs (normalised NHWC images, features), int32
+      token ids `[N, seq_len]`, or uint8 images with a `normalization`; both splits share
+      the per-example shape and the dtype.
     y_train, y_test: `[N]` int32 labels in `[0, num_classes)`.
     num_classes: number of classes K (>= 2).
+    normalization: for uint8 images, what turns them into the model's float inputs
+      (`normalize`); None for inputs used as they are.
   """
   name: str
   x_train: np.ndarray
@@ -59,6 +93,7 @@ class Dataset:
   x_test: np.ndarray
   y_test: np.ndarray
   num_classes: int
+  normalization: Normalization | None = None
 
   def __post_init__(self):
     # Plain NumPy inside (jax arrays and lists are accepted, then held as NumPy): the data
@@ -77,6 +112,13 @@ class Dataset:
       raise ValueError(f"dataset {self.name!r}: x_train examples have shape "
                        f"{self.x_train.shape[1:]} but x_test examples {self.x_test.shape[1:]}; "
                        f"both splits must share the per-example shape")
+    norm = self.normalization
+    if norm is not None and not isinstance(norm, Normalization):
+      raise TypeError(f"dataset {self.name!r}: normalization must be a Normalization, got "
+                      f"{type(norm).__name__}")
+    if norm is not None and len(norm.mean) not in (1, self.x_train.shape[-1]):
+      raise ValueError(f"dataset {self.name!r}: normalization has {len(norm.mean)} channel "
+                       f"means but the inputs have {self.x_train.shape[-1]} channels")
     if self.x_train.dtype != self.x_test.dtype:
       raise ValueError(f"dataset {self.name!r}: x_train is {self.x_train.dtype} but x_test is "
                        f"{self.x_test.dtype}; both splits must share one dtype")
@@ -87,7 +129,14 @@ class Dataset:
     if x.ndim < 2:
       raise ValueError(f"{where}: x_{split} must be [N, ...] with at least one feature axis, "
                        f"got shape {x.shape}")
-    if x.dtype != np.float32 and x.dtype != np.int32:
+    if x.dtype == np.uint8 and self.normalization is None:
+      raise ValueError(f"{where}: x_{split} holds uint8 pixels but the dataset has no "
+                       f"normalization; pass normalization=Normalization(mean, std), or "
+                       f"float32 inputs")
+    if self.normalization is not None and x.dtype not in (np.uint8, np.float32):
+      raise ValueError(f"{where}: a normalization applies to uint8 or float32 pixels, but "
+                       f"x_{split} has dtype {x.dtype}")
+    if x.dtype not in (np.float32, np.int32, np.uint8):
       hint = "np.float32" if np.issubdtype(x.dtype, np.floating) else "np.int32"
       raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; inputs must be float32 "
                        f"(images, features) or int32 (token ids): pass "
@@ -137,3 +186,7 @@ class Dataset:
   @property
   def input_shape(self) -> tuple[int, ...]:
     return tuple(self.x_train.shape[1:])
+
+  def normalize(self, x: Any) -> Any:
+    """`x` (e.g. a slice of `x_test`) as the model's inputs: `normalization(x)`, or `x`."""
+    return x if self.normalization is None else self.normalization(x)

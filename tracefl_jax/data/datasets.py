@@ -14,6 +14,8 @@ Built-in datasets:
              message listing the files looked for and where;
   pathmnist, MedMNIST's official 28x28 .npz files from a local directory (downloaded from
   organamnist  Zenodo with an MD5 check only when asked), resized to 32x32 RGB;
+mnist, cifar10 and the MedMNIST sets keep uint8 pixels (resized to 32x32x3 and rounded) and
+carry their `Normalization`, applied where a batch is used (on the device);
   dbpedia,   local CSV / Parquet files, tokenised (text.py);
   yahoo
 and `synthetic` / `synthetic_text` generate learnable datasets of any size in memory.
@@ -42,7 +44,7 @@ from tracefl_jax.data import image_files, text
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401
                                    DIGITS_NUM_TRAIN, DIGITS_STD, IMAGE_SIZE, MEDMNIST_MEAN,
                                    MEDMNIST_STD, MNIST_MEAN, MNIST_STD, Dataset,
-                                   DatasetNotFoundError, default_data_dir)
+                                   DatasetNotFoundError, Normalization, default_data_dir)
 
 
 @contextlib.contextmanager
@@ -94,21 +96,23 @@ def _load_digits(data_dir: Path) -> Dataset:
 
 
 def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
-  """uint8 `[N, H, W, C]` -> float32 `[N, size, size, 3]` in [0, 1] (bilinear)."""
+  """uint8 `[N, H, W, C]` -> uint8 `[N, size, size, 3]`: grey repeated to RGB, bilinear
+  resizing rounded back to uint8 (as torchvision's PIL `Resize` returns uint8 images)."""
   import jax  # pylint: disable=g-import-not-at-top
-  x = x.astype(np.float32) / 255.0
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   if x.shape[1:3] != (size, size):
-    x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear"))
-  return x
+    resized = np.asarray(jax.image.resize(x.astype(np.float32), (x.shape[0], size, size, 3),
+                                          "bilinear"))
+    x = np.clip(np.round(resized), 0, 255)
+  return x.astype(np.uint8)
 
 
-def _prepare_images(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
-  """uint8 `[N, H, W, C]` -> float32 `[N, 32, 32, 3]`, `(resized / 255 - mean) / std`: the
-  paper's preprocessing (spec section 4), one helper for every source of the same dataset."""
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  return ((_resize_rgb(x, IMAGE_SIZE) - mean) / std).astype(np.float32)
+def _prepare_images(x: np.ndarray) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> uint8 `[N, 32, 32, 3]`, one helper for every source of the same
+  dataset; the paper's normalisation (spec section 4, `(x / 255 - mean) / std`) travels with
+  the dataset as a `Normalization` and runs on the device, batch by batch."""
+  return _resize_rgb(x, IMAGE_SIZE)
 
 
 def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
@@ -163,8 +167,8 @@ def _load_image_dataset(name: str, data_dir: Path, mean: Any, std: Any,
         f"--config.dataset.data_dir, or TRACEFL_DATA_DIR, at the directory that holds them), "
         f"or pass --config.dataset.download=True on a machine with network access.")
   x_tr, y_tr, x_te, y_te = arrays
-  return Dataset(name, _prepare_images(x_tr, mean, std), y_tr, _prepare_images(x_te, mean, std),
-                 y_te, 10)
+  return Dataset(name, _prepare_images(x_tr), y_tr, _prepare_images(x_te), y_te, 10,
+                 normalization=Normalization(mean, std))
 
 
 MEDMNIST = {"pathmnist": 9, "organamnist": 11}
@@ -222,11 +226,12 @@ def _load_medmnist(name: str, data_dir: Path, download: bool = False) -> Dataset
     raise ValueError(f"{path} is not a MedMNIST .npz file ({e})") from e
 
   def prep(x):
-    return _prepare_images(x[..., None] if x.ndim == 3 else x, MEDMNIST_MEAN, MEDMNIST_STD)
+    return _prepare_images(x[..., None] if x.ndim == 3 else x)
 
   labels = lambda y: np.asarray(y).reshape(-1).astype(np.int32)  # noqa: E731
   return Dataset(name, prep(arrays["train_images"]), labels(arrays["train_labels"]),
-                 prep(arrays["test_images"]), labels(arrays["test_labels"]), MEDMNIST[name])
+                 prep(arrays["test_images"]), labels(arrays["test_labels"]), MEDMNIST[name],
+                 normalization=Normalization(MEDMNIST_MEAN, MEDMNIST_STD))
 
 
 def make_synthetic(num_train: int = 1000, num_test: int = 200,

@@ -8,6 +8,10 @@ federation's largest client rounded up to a power-of-two number of batches, the 
 round, so that the index matrix's shape depends on K alone and rounds share one compiled
 program; it costs memory (`K * M` int32 here and `K * epochs * M` for the shuffled schedule),
 not compute.
+
+Image data can stay uint8 on the device with a `Normalization` (`federate(...,
+normalization=...)`): the client step normalises the batch it gathers, so the device holds a
+quarter of the float32 bytes and trains on the same numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.data.base import Normalization
 from tracefl_jax.data.partition import Partition
 
 
@@ -75,11 +80,14 @@ class FederatedData:
     partition: the clients' int64 indices into `x` and their label counts (host NumPy),
       counted on `y`.
     num_classes: number of labels.
+    normalization: applied to each gathered batch of `x` inside the jitted client step
+      (uint8 images); None: `x` is used as it is.
   """
   x: jax.Array
   y: jax.Array
   partition: Partition
   num_classes: int
+  normalization: Normalization | None = None
 
   @property
   def client_indices(self) -> tuple[np.ndarray, ...]:
@@ -111,19 +119,29 @@ class FederatedData:
                                 length=self.round_length(batch_size))
 
 
-def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None) -> FederatedData:
+def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None,
+             normalization: Normalization | None = None) -> FederatedData:
   """`FederatedData` from plain arrays.
 
   Args:
-    x: `[N, ...]` examples (NumPy or JAX; float images or int token ids).
+    x: `[N, ...]` examples (NumPy or JAX; float images or int token ids, or uint8 images
+      with a `normalization`), put on the device as they are.
     y: `[N]` integer labels in `[0, num_classes)`.
     clients: a `Partition` (from `make_partition`) or a sequence of per-client index arrays.
     num_classes: default `max(y) + 1`.
+    normalization: what turns a batch of `x` into model inputs (`Dataset.normalization`);
+      required for uint8 `x`.
   """
   y_host = np.asarray(y)
   if y_host.ndim != 1 or not np.issubdtype(y_host.dtype, np.integer):
     raise ValueError(f"y must be a vector of integer labels, got shape {y_host.shape} and "
                      f"dtype {y_host.dtype}")
+  if normalization is not None and not isinstance(normalization, Normalization):
+    raise TypeError(f"normalization must be a Normalization, got {type(normalization).__name__}")
+  x = x if hasattr(x, "dtype") else np.asarray(x)
+  if np.dtype(x.dtype) == np.uint8 and normalization is None:
+    raise ValueError("x holds uint8 pixels: pass normalization=Normalization(mean, std) (e.g. "
+                     "the dataset's), or float inputs")
   if len(x) != len(y_host):
     raise ValueError(f"x has {len(x)} examples but y has {len(y_host)} labels")
   k = int(num_classes if num_classes is not None else y_host.max(initial=-1) + 1)
@@ -138,7 +156,8 @@ def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None) -> Fe
       raise ValueError(f"client {c} has indices outside [0, {len(y_host)})")
   # Counted on these labels (a label flip changes them), whatever partition came in.
   partition = Partition.from_indices(indices, y_host, k)
-  return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), partition, k)
+  return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), partition, k,
+                       normalization)
 
 
 def flip_labels(

@@ -106,8 +106,8 @@ def model_spec(c: ml_collections.ConfigDict, ds) -> dict[str, Any]:
     spec["vocab_size"], spec["pad_token_id"] = len(tok), tok.pad_token_id
   elif c.dataset.name == "synthetic_text":
     spec["pad_token_id"] = 0  # make_synthetic_text pads with 0
-  if not c.model.hf_path and spec["vocab_size"] is None and np.issubdtype(ds.x_train.dtype,
-                                                                          np.integer):
+  if (not c.model.hf_path and spec["vocab_size"] is None and ds.normalization is None
+      and np.issubdtype(ds.x_train.dtype, np.integer)):  # token ids (uint8 pixels are not)
     spec["vocab_size"] = (c.dataset.vocab_size
                           or int(max(ds.x_train.max(), ds.x_test.max())) + 1)
   return spec
@@ -220,6 +220,12 @@ _NORMALISATION = {"digits": (DIGITS_MEAN, DIGITS_STD), "mnist": (MNIST_MEAN, MNI
                   "organamnist": (MEDMNIST_MEAN, MEDMNIST_STD)}
 
 
+def _normalization_meta(ds) -> dict[str, Any] | None:
+  """The dataset's `Normalization` as JSON (stored rounds normalise uint8 inputs with it)."""
+  norm = ds.normalization
+  return None if norm is None else dataclasses.asdict(norm)
+
+
 def _feddebug_normalize(name: str):
   if name not in _NORMALISATION:
     return None
@@ -286,7 +292,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     x_train, y_train, client_indices = flip_labels(y_train, client_indices, faulty, flip,
                                                    x_train)
   # Ground truth for provenance is what each client really trained on (flips included).
-  data = federate(x_train, y_train, client_indices, num_classes=ds.num_classes)
+  # Image datasets stay uint8 on the device; the client step normalises each batch.
+  data = federate(x_train, y_train, client_indices, num_classes=ds.num_classes,
+                  normalization=ds.normalization)
 
   root = jax.random.key(c.seed)
   spec = model_spec(c, ds)
@@ -303,7 +311,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
       weighting=c.aggregation.weighting, strategy=c.simulation.strategy,
       clients_per_chunk=c.simulation.clients_per_chunk, dp=dp,
       compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=True)
-  evaluator = GlobalEvaluator(model, x_test, y_test, c.eval.batch_size)
+  # Normalised floats: the evaluator's x is what provenance traces.
+  evaluator = GlobalEvaluator(model, x_test, y_test, c.eval.batch_size,
+                              normalization=ds.normalization)
 
   if plan == "overwrite":  # as late as possible: every check above has passed
     moved = move_aside(workdir)
@@ -343,7 +353,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
         out = info.output
         save_round(workdir, info.round, global_vars=out.traced,
                    client_vars=out.clients.variables, client_ids=out.client_ids,
-                   client_sizes=np.asarray(out.clients.num_examples), meta={"model": spec})
+                   client_sizes=np.asarray(out.clients.num_examples),
+                   meta={"model": spec, "normalization": _normalization_meta(ds)})
     callbacks.append(keep_round)
   bar = tqdm(total=c.rounds, initial=state.round, desc="rounds", unit="round",
              disable=not progress)

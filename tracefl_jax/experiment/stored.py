@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.data import Normalization
 from tracefl_jax.experiment.checkpointing import StoredRound, load_round
 from tracefl_jax.experiment.runner import build_model
 from tracefl_jax.experiment.tracing import top_clients
@@ -30,6 +31,9 @@ def trace_stored_round(workdir: str | Path, x: Any, round_idx: int | None = None
                        kernel: str | None = None) -> tuple[ProvenanceResult, StoredRound]:
   """Traces inputs `x` (`[N, *input_shape]`, or one example) against a stored round.
 
+  For a run on uint8 images (mnist, cifar10, MedMNIST) `x` may be uint8 pixels, normalised
+  here as the run normalised its data, or already normalised floats.
+
   Returns the `ProvenanceResult` (global client ids in `traced_client`) and the round.
   """
   workdir = Path(workdir)
@@ -38,6 +42,9 @@ def trace_stored_round(workdir: str | Path, x: Any, round_idx: int | None = None
   p, batch_size = config["provenance"], config["client"]["batch_size"]
   model, _ = build_model(stored.meta["model"], jax.random.key(0))
   x = np.asarray(x)
+  norm = stored.meta.get("normalization")
+  if norm and x.dtype == np.uint8:  # raw pixels of a uint8 image dataset: as the run saw them
+    x = Normalization(**norm)(x)
   if x.shape == model.input_shape:
     x = x[None]
   if x.shape[1:] != model.input_shape:

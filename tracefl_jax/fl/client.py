@@ -8,6 +8,9 @@ a `lax.while_loop` whose trip count is that number, so slots past the client's c
 of its index row) cost nothing but their place in the shuffle. Only the client's last batch of
 an epoch can be partly empty; its empty slots carry zero loss weight.
 
+The training set may be stored as uint8 pixels with a `Normalization` (`data.base`): a step
+normalises only the batch it gathers, inside the jitted program.
+
 `ClientUpdate` is both the single-client function and its pieces (`schedule`, `init`, `batch`,
 `step`, `finish`), which `strategies.py` uses to run many clients' steps side by side in a few
 vmapped lanes (fedjax's init / step / final split).
@@ -69,7 +72,8 @@ def local_steps(counts: Any, batch_size: int, local_epochs: int) -> Any:
 
 
 class ClientUpdate:
-  """`client_update(variables, x, y, indices, count, key) -> ClientOutput` for one client.
+  """`client_update(variables, x, y, indices, count, key, normalization=None) -> ClientOutput`
+  for one client.
 
   Build it with `make_client_update`. Arguments of a call:
     variables: the global variables the client starts from.
@@ -78,6 +82,8 @@ class ClientUpdate:
       and at least `count`; slots from `count` on are padding and are never trained on.
     count: int32 scalar, how many of `indices` are real.
     key: the client's PRNG key for this round (shuffling and dropout).
+    normalization: applied to each gathered batch of `x` (uint8 images), or None. Static
+      under jit (hashable).
 
   Randomness: `key` splits into one key per epoch; each epoch key splits into the shuffle key
   (`shuffle_order`) and a step key that step `j` of the epoch folds `j` into (dropout). None of
@@ -152,10 +158,20 @@ class ClientUpdate:
     return idx, mask, jax.random.fold_in(step_keys[client, e], j)
 
   def step(self, state: LocalState, x: jax.Array, y: jax.Array, idx: jax.Array,
-           mask: jax.Array, rng: jax.Array) -> LocalState:
-    """One optimizer step on the examples `x[idx]` where `mask` is True."""
-    (loss, model_state), grads = self._grad_fn(state.params, state.model_state, x[idx],
-                                               y[idx], mask, rng)
+           mask: jax.Array, rng: jax.Array, normalization: Any = None) -> LocalState:
+    """One optimizer step on the examples `x[idx]` (normalised, if asked) where `mask` is
+    True."""
+    xb = x[idx]
+    if normalization is not None:
+      xb = normalization(xb)
+    return self.train_step(state, xb, y[idx], mask, rng)
+
+  def train_step(self, state: LocalState, xb: jax.Array, yb: jax.Array, mask: jax.Array,
+                 rng: jax.Array) -> LocalState:
+    """One optimizer step on the batch `xb [B, ...]`, `yb [B]` where `mask` is True (what a
+    step costs without the gather: benchmarks/bench_round.py times it alone)."""
+    (loss, model_state), grads = self._grad_fn(state.params, state.model_state, xb, yb, mask,
+                                               rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     return LocalState(optax.apply_updates(state.params, updates), opt_state, model_state,
                       state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32),
@@ -168,7 +184,7 @@ class ClientUpdate:
                         jnp.asarray(count, jnp.int32), state.num_steps)
 
   def __call__(self, variables: Variables, x: jax.Array, y: jax.Array, indices: jax.Array,
-               count: jax.Array, key: jax.Array) -> ClientOutput:
+               count: jax.Array, key: jax.Array, normalization: Any = None) -> ClientOutput:
     count = jnp.asarray(count, jnp.int32)
     batches, step_keys = self.schedule(indices, count, key)
     batches, step_keys = batches[None], step_keys[None]
@@ -177,7 +193,8 @@ class ClientUpdate:
 
     def body(carry):
       t, state = carry
-      return t + 1, self.step(state, x, y, *self.batch(batches, step_keys, zero, count, t))
+      return t + 1, self.step(state, x, y, *self.batch(batches, step_keys, zero, count, t),
+                              normalization)
 
     # The trip count is the client's own step count: nothing runs for padding. (Under vmap
     # a batched trip count runs to the largest and masks; strategies.py packs lanes instead.)

@@ -66,10 +66,11 @@ class FederatedAlgorithm(NamedTuple):
   """`init(variables) -> ServerState`; `round(state, clients, data, key) -> (state, output)`.
 
   `strategy` is the resolved client-axis strategy; `program` the jitted round program
-  `(variables, x, y, indices, counts, client_ids, key, weights, lanes=None) -> (variables,
-  clients, traced, update_norms, steps_executed)` for inspection (compiled memory, cache size;
-  `lanes` is static, `strategies.round_lanes` gives a round's), None for the host-side "loop"
-  strategy.
+  `(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
+  normalization=None) -> (variables, clients, traced, update_norms, steps_executed)` for
+  inspection (compiled memory, cache size; `lanes` and `normalization` are static,
+  `strategies.round_lanes` gives a round's lanes, `data.normalization` its normalization),
+  None for the host-side "loop" strategy.
   """
   init: Callable[[Variables], ServerState]
   round: Callable[..., tuple[ServerState, RoundOutput]]
@@ -140,27 +141,28 @@ def federated_averaging(
     return agg.noisy, out, agg.clean if dp.trace_clean else agg.noisy, agg.update_norms
 
   def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
-                          lanes=None):
+                          lanes=None, normalization=None):
     keys = fold_client_keys(key, client_ids)
     out, executed = simulate_clients_with_steps(
         client_update, variables, x, y, indices, counts, keys, strategy=strategy,
-        clients_per_chunk=clients_per_chunk, lanes=lanes)
+        clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization)
     return (*average(out, weights, variables, key), executed)
 
   if strategy != "loop":
     program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else (),
-                      static_argnames=("lanes",))
+                      static_argnames=("lanes", "normalization"))
     execute = program
   else:
     program = None
     average_jit = jax.jit(average)
     keys_fn = jax.jit(fold_client_keys)
 
-    def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None):
+    def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
+                normalization=None):
       del lanes
       out, executed = simulate_clients_with_steps(
           client_update, variables, x, y, indices, counts, keys_fn(key, client_ids),
-          strategy="loop")
+          strategy="loop", normalization=normalization)
       return (*average_jit(out, weights, variables, key), executed)
 
   def init(variables: Variables) -> ServerState:
@@ -190,7 +192,8 @@ def federated_averaging(
     lanes = round_lanes(strategy, steps, clients_per_chunk, jax.device_count())
     new, out, traced, norms, executed = execute(
         state.variables, data.x, data.y, jnp.asarray(indices), jnp.asarray(counts),
-        jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes)
+        jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes,
+        normalization=data.normalization)
     if dp is None or not dp.trace_clean:
       traced = new  # one object, so per-model caches (GlobalEvaluator) see one model
     if pad:
@@ -246,10 +249,17 @@ def _check_diverged(round_idx: int, mean_loss: float, losses: np.ndarray, limit:
 
 class GlobalEvaluator:
   """The global model on the server's test set: a per-round callback adding `accuracy`, and
-  the predictions other callbacks need (computed once per model and round)."""
+  the predictions other callbacks need (computed once per model and round).
 
-  def __init__(self, model: ModelDef, x: Any, y: Any, batch_size: int = 512):
-    self.x, self.y = jnp.asarray(x), np.asarray(y)
+  `x` is held as the model's inputs: `normalization(x)` when given (uint8 test images), so
+  that whoever takes `evaluator.x` (the provenance protocol) gets normalised floats.
+  """
+
+  def __init__(self, model: ModelDef, x: Any, y: Any, batch_size: int = 512,
+               normalization: Any = None):
+    x = jnp.asarray(x)
+    self.x = x if normalization is None else jax.jit(normalization)(x)
+    self.y = np.asarray(y)
     self._predict = make_predict_fn(model, batch_size)
     self._last: tuple[Any, np.ndarray] | None = None
 

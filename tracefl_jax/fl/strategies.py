@@ -182,7 +182,7 @@ def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
 
 def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: jax.Array,
           indices: jax.Array, counts: jax.Array, keys: jax.Array,
-          lanes: int) -> tuple[ClientOutput, jax.Array]:
+          lanes: int, normalization: Any = None) -> tuple[ClientOutput, jax.Array]:
   """K clients through `lanes` vmapped lanes (module docstring); returns the outputs `[K]` in
   the given order and the number of loop iterations (each computes `lanes` steps)."""
   cu = client_update
@@ -203,7 +203,8 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
   zeros = jnp.zeros(w, jnp.int32)
 
   batch = jax.vmap(cu.batch, in_axes=(None, None, 0, 0, 0))
-  step = jax.vmap(cu.step, in_axes=(0, None, None, 0, 0, 0))
+  step = jax.vmap(functools.partial(cu.step, normalization=normalization),
+                  in_axes=(0, None, None, 0, 0, 0))
 
   def body(carry):
     state, client, t, taken, results, iters = carry
@@ -244,12 +245,18 @@ def simulate_clients_with_steps(
     strategy: str = "vmap",
     clients_per_chunk: int = 0,
     lanes: int | None = None,
+    normalization: Any = None,
 ) -> tuple[ClientOutput, jax.Array]:
   """`simulate_clients`, plus the optimizer steps computed (int32 scalar): the clients' own
   steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed."""
   strategy = resolve_strategy(strategy, variables)
   k = indices.shape[0]
-  one = functools.partial(client_update, variables, x, y)
+  if normalization is not None and not isinstance(client_update, ClientUpdate):
+    raise ValueError("a normalization needs a ClientUpdate (make_client_update), which "
+                     "normalises each batch it gathers; a plain client function gets x as "
+                     "it is: normalise x first")
+  extra = {} if normalization is None else {"normalization": normalization}
+  one = functools.partial(client_update, variables, x, y, **extra)
   if strategy in PACKED and not isinstance(client_update, ClientUpdate):
     # A plain function has no pieces to pack: one vmap, every lane to the longest client.
     out = jax.vmap(one)(indices, counts, keys)
@@ -258,7 +265,8 @@ def simulate_clients_with_steps(
     if lanes is None:
       lanes = k if strategy == "vmap" else (clients_per_chunk or k)
     lanes = max(1, min(int(lanes), k))
-    out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes)
+    out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes,
+                       normalization)
     return out, iters * lanes
   if strategy == "sharded":
     mesh = client_mesh()
@@ -274,7 +282,8 @@ def simulate_clients_with_steps(
     rep = jax.sharding.PartitionSpec()
 
     def local(variables, x, y, indices, counts, keys):
-      out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes)
+      out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes,
+                         normalization)
       return out, iters[None]
 
     out, iters = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, spec, spec, spec),
@@ -288,7 +297,7 @@ def simulate_clients_with_steps(
   # "loop": only meaningful outside jit; under a trace it would unroll K programs.
   if isinstance(indices, jax.core.Tracer):
     raise ValueError('strategy "loop" runs clients from the host; call it outside jax.jit')
-  outs = [_jit_one(client_update)(variables, x, y, indices[i], counts[i], keys[i])
+  outs = [_jit_one(client_update)(variables, x, y, indices[i], counts[i], keys[i], **extra)
           for i in range(k)]
   out = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
   return out, jnp.sum(out.num_steps)
@@ -306,6 +315,7 @@ def simulate_clients(
     strategy: str = "vmap",
     clients_per_chunk: int = 0,
     lanes: int | None = None,
+    normalization: Any = None,
 ) -> ClientOutput:
   """Trains K clients from the same `variables`; returns their outputs stacked `[K, ...]`.
 
@@ -320,14 +330,18 @@ def simulate_clients(
     lanes: lanes of the packed strategies (per device for "sharded"); default K for "vmap"
       (K / devices for "sharded"), `clients_per_chunk` for "chunked". `round_lanes` gives the
       count a round uses; it must be static under jit.
+    normalization: applied to each gathered batch of `x` (uint8 images; `data.Normalization`),
+      static under jit; needs a `ClientUpdate`.
   """
   return simulate_clients_with_steps(client_update, variables, x, y, indices, counts, keys,
                                      strategy=strategy, clients_per_chunk=clients_per_chunk,
-                                     lanes=lanes)[0]
+                                     lanes=lanes, normalization=normalization)[0]
 
 
 @functools.lru_cache(maxsize=32)
 def _jit_one(client_update: ClientUpdateFn) -> Any:
+  if isinstance(client_update, ClientUpdate):
+    return jax.jit(client_update, static_argnames=("normalization",))
   return jax.jit(client_update)
 
 

@@ -1,6 +1,8 @@
-"""Layers shared by the models and by provenance: convolution geometry, image patches, and
+"""Layers shared by the models and by provenance: convolution geometry, image patches,
 `PatchConv`, an `nn.Conv` (same parameters, same numbers) computed as image patches times a
-matrix. `provenance/` imports these from here, not from a model module.
+matrix, and `canonical_conv`, XLA's convolution with derivatives written in the layout that
+XLA:CPU's fast convolution takes (`nn.Conv(..., conv_general_dilated=canonical_conv)`).
+`provenance/` imports these from here, not from a model module.
 """
 
 from __future__ import annotations
@@ -110,7 +112,92 @@ def _patch_conv_jvp(geo, primals, tangents):
   y = _patch_conv(x, kernel, geo)
   terms = []
   if not isinstance(dx, SymbolicZero):
-    terms.append(_xla_conv(dx, kernel, geo))
+    terms.append(_input_tangent(dx, kernel, geo.strides, geo.padding, geo.lhs_dilation,
+                                geo.rhs_dilation, jax.lax.Precision.HIGHEST))
   if not isinstance(dkernel, SymbolicZero):
     terms.append(_matmul_conv(x, dkernel, geo))
   return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+# ------------------------------------------------------------- canonical-layout convolutions
+#
+# XLA:CPU runs a 2-D convolution fast (Eigen) only in its canonical form: input NHWC, kernel
+# HWIO, output NHWC. Its pass that rewrites other forms into that one (transposes around a
+# canonical convolution) only visits the program's top level, so convolutions inside a
+# `while_loop` body (a client's local steps, `lax.map` over clients) keep the forms JAX's
+# derivative rules give them (kernel gradient `f01b_i01o->01bf`, input gradient with the
+# kernel's I/O swapped) and run through a naive loop nest: LeNet's step on 32x32x3 took 37 ms
+# in the loop against 4.5 ms jitted alone (benchmarks/README.md). `canonical_conv` writes its
+# derivatives as convolutions whose transposes (what `grad` runs) are canonical, with the
+# transposes explicit, so the same step costs the same in a loop as alone.
+
+_CANONICAL = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _canonical_conv(x, kernel, strides, padding, lhs_dilation, rhs_dilation, precision):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation, rhs_dilation,
+                                      _CANONICAL, precision=precision)
+
+
+@functools.partial(_canonical_conv.defjvp, symbolic_zeros=True)
+def _canonical_conv_jvp(strides, padding, lhs_dilation, rhs_dilation, precision, primals,
+                        tangents):
+  # Each tangent is a convolution laid out so that JAX's transpose of it is canonical:
+  # - input term: the kernel passed as HWOI (swapped), so the transposed convolution (the
+  #   input gradient) sees the flipped kernel as HWIO;
+  # - kernel term: x as CHWN, the kernel tangent as IHWO, the output as HWNC (then NHWC), so
+  #   the transposed convolution (the kernel gradient) is x^T [C, H, W, N] convolved with
+  #   dy [H', W', N, O] into [C, kh, kw, O], NHWC / HWIO / NHWC with C as the batch.
+  x, kernel = primals
+  dx, dkernel = tangents
+  geometry = (strides, padding, lhs_dilation, rhs_dilation, precision)
+  y = _canonical_conv(x, kernel, *geometry)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(_input_tangent(dx, kernel, *geometry))
+  if not isinstance(dkernel, SymbolicZero):
+    t = jax.lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dkernel, (2, 0, 1, 3)), strides,
+        padding, lhs_dilation, rhs_dilation, ("CHWN", "IHWO", "HWNC"), precision=precision)
+    terms.append(jnp.transpose(t, (2, 0, 1, 3)))
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+def _input_tangent(dx, kernel, strides, padding, lhs_dilation, rhs_dilation, precision):
+  """conv(dx, kernel) with the kernel passed as HWOI: its transpose (the input gradient) is a
+  canonical convolution with the flipped kernel as HWIO."""
+  return jax.lax.conv_general_dilated(dx, jnp.swapaxes(kernel, 2, 3), strides, padding,
+                                      lhs_dilation, rhs_dilation, ("NHWC", "HWOI", "NHWC"),
+                                      precision=precision)
+
+
+def _standard_2d(dimension_numbers: Any, ndim: int) -> bool:
+  if ndim != 4:
+    return False
+  if dimension_numbers is None:
+    return False  # lax's default is NCHW / OIHW
+  if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+    return tuple(map(tuple, dimension_numbers)) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return tuple(dimension_numbers) == _CANONICAL
+
+
+def canonical_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
+                   lhs_dilation: Any = None, rhs_dilation: Any = None,
+                   dimension_numbers: Any = None, feature_group_count: int = 1,
+                   batch_group_count: int = 1, precision: Any = None,
+                   preferred_element_type: Any = None) -> jax.Array:
+  """`jax.lax.conv_general_dilated` with the same values and derivatives; for 2-D NHWC / HWIO
+  convolutions without groups its derivatives are canonical convolutions (see above), which
+  XLA:CPU runs fast inside loops too. Anything else is passed to `conv_general_dilated`.
+  Use it as `nn.Conv(..., conv_general_dilated=canonical_conv)`."""
+  if (feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None
+      or not _standard_2d(dimension_numbers, lhs.ndim)):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  if not isinstance(padding, str):
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
+  return _canonical_conv(lhs, rhs, tuple(window_strides), padding,
+                         tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1)),
+                         precision)
