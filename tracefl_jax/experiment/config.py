@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.synthetic_size = 2000      # synthetic / synthetic_text: training examples
   c.dataset.synthetic_shape = "32,32,3"  # image shape, or "seq_len" for synthetic_text
   c.dataset.synthetic_classes = 10
+  c.dataset.synthetic_noise = 1.0      # synthetic: std of the per-pixel noise on the prototypes
   c.dataset.vocab_size = 0             # text models without a tokenizer (synthetic_text)
 
   c.partition = ml_collections.ConfigDict()
@@ -62,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.partition.min_label_count = 10
   c.partition.max_per_client = 2048
   c.partition.min_client_size = 32
+  c.partition.max_clients = 0          # keep the first max_clients after the fix-up (0: all)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
@@ -126,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.faulty = ml_collections.ConfigDict()
   c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"
   c.faulty.flip = ""                # "src:dst,..." e.g. "1:0,2:0"
+  c.faulty.every_round = False      # the faulty clients take part in every round
 
   c.lock()
   return c
@@ -153,6 +156,8 @@ FIELD_HELP: dict[str, str] = {
     "dataset.synthetic_size": "synthetic / synthetic_text: training examples",
     "dataset.synthetic_shape": "synthetic: image shape 'H,W,C'; synthetic_text: 'seq_len'",
     "dataset.synthetic_classes": "synthetic / synthetic_text: number of labels",
+    "dataset.synthetic_noise": "synthetic: standard deviation of the Gaussian noise added to "
+                               "the class prototypes (larger is harder)",
     "dataset.vocab_size": "text models without a tokenizer (synthetic_text): vocabulary size "
                           "(0: from the data)",
     "partition.method": f"how examples are split over clients: {_choices(PARTITION_METHODS)}",
@@ -168,6 +173,8 @@ FIELD_HELP: dict[str, str] = {
     "partition.min_label_count": "fix-up: drop a client's labels with fewer examples",
     "partition.max_per_client": "fix-up: keep at most this many examples per client",
     "partition.min_client_size": "fix-up: drop clients with fewer examples",
+    "partition.max_clients": "keep the first max_clients clients after the fix-up (0: all), so "
+                             "that a partition over more clients yields exactly this many",
     "model.name": "model, built in or registered by a module in `imports`",
     "model.hf_path": "a local Hugging Face checkpoint directory (its architecture and weights)",
     "model.torchvision_weights": "a torchvision .pt/.safetensors file to start from (head "
@@ -222,6 +229,8 @@ FIELD_HELP: dict[str, str] = {
                             "start afresh (the CLI's --overwrite)",
     "faulty.clients": "comma-separated faulty client ids, e.g. '0'",
     "faulty.flip": "label flips of the faulty clients, 'src:dst,...', e.g. '1:0,2:0'",
+    "faulty.every_round": "the faulty clients take part in every round (the others are "
+                          "sampled around them)",
 }
 
 
@@ -277,6 +286,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 1 <= c.clients_per_round <= c.num_clients:
     errors.append(f"clients_per_round={c.clients_per_round} must be in [1, num_clients="
                   f"{c.num_clients}]")
+  if c.partition.max_clients < 0:
+    errors.append(f"partition.max_clients={c.partition.max_clients} must be >= 0 (0: all)")
+  elif 0 < c.partition.max_clients < c.clients_per_round:
+    errors.append(f"partition.max_clients={c.partition.max_clients} is below "
+                  f"clients_per_round={c.clients_per_round}")
+  if c.dataset.synthetic_noise < 0:
+    errors.append(f"dataset.synthetic_noise={c.dataset.synthetic_noise} must be >= 0")
   _one_of(errors, "partition.method", c.partition.method, PARTITION_METHODS)
   if c.partition.method == "dirichlet" and not c.partition.alpha > 0:
     errors.append(f"partition.alpha={c.partition.alpha} must be > 0")
@@ -335,6 +351,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     bad = [k for k in faulty if not 0 <= k < c.num_clients]
     if bad:
       errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
+    if c.faulty.every_round and not faulty:
+      errors.append("faulty.every_round needs faulty.clients")
+    if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
+      errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
+                    f"clients_per_round={c.clients_per_round}")
   except ValueError as e:
     errors.append(f"faulty settings: {e}")
   if errors:
