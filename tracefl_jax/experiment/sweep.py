@@ -31,6 +31,7 @@ import importlib.util
 import itertools
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,11 +166,13 @@ def plan_memory(config: ml_collections.ConfigDict, measured: Sequence[Mapping[st
 
 def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
               workdir: str | Path, *, progress: bool = True,
-              memory_budget: int | None = None) -> list[dict[str, Any]]:
+              memory_budget: int | None = None,
+              deadline: float | None = None) -> list[dict[str, Any]]:
   """Runs every point of the grid; returns one row per run (overrides + summary).
 
   `memory_budget` (bytes) bounds what a run may plan to use; default `BUDGET_FRACTION` of the
-  memory available when the run starts.
+  memory available when the run starts. `deadline` (a `time.perf_counter()` value): no run
+  starts after it; the rows and tables then cover the runs done, in grid order.
   """
   from tracefl_jax.experiment import runner as experiment  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
@@ -180,6 +183,8 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
   rows: list[dict[str, Any]] = []
   bar = tqdm(list(zip(points, configs)), desc="sweep", unit="run", disable=not progress)
   for overrides, run_config in bar:
+    if deadline is not None and time.perf_counter() > deadline:
+      break
     run_dir = workdir / run_name(overrides)
     bar.set_postfix_str(run_dir.name)
     summary = _finished(run_dir, run_config)
@@ -194,6 +199,7 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
       summary = experiment.run(run_config, run_dir, progress=False)
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": skipped,
                  "memory_plan": plan, **summary})
-  results.write_sweep_results(rows, grid_fields(grid), workdir)
-  results.plot_run(workdir / rows[0]["run"])
+  if rows:
+    results.write_sweep_results(rows, grid_fields(grid), workdir)
+    results.plot_run(workdir / rows[0]["run"])
   return rows

@@ -305,10 +305,10 @@ def run_rounds(
   key `round_key(jax.random.key(seed), t)`, so a run resumed from a saved state continues
   exactly as an uninterrupted one; `always_sampled` clients take part in every round
   (`sample_clients(..., always=...)`). Each row holds `round`, `clients`, `client_loss`
-  (example-weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio` (optimizer
-  steps computed / needed, 1.0 when no step is spent on padding; see `strategies`), and
-  `dp_update_norm_mean` under DP, then whatever the callbacks return, called in order after
-  the round.
+  (example-weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio`
+  (optimizer steps computed / needed, 1.0 when no step is spent on padding; see
+  `strategies`), and `dp_update_norm_mean` under DP, then whatever the callbacks return,
+  called in order after the round.
 
   `divergence_factor` (0: off) stops a run whose round's mean client loss exceeds
   `divergence_factor * ln(num_classes)`, a multiple of the cross-entropy of a uniform guess
