@@ -80,6 +80,13 @@ def _by_total(rows: Table) -> dict[int, list[dict[str, Any]]]:
   return {k: sorted(v, key=lambda t: t["participants"]) for k, v in sorted(groups.items())}
 
 
+def _log_ticks(ax, ks: Sequence[int]) -> None:
+  """A log x axis labelled at the swept values only."""
+  ax.set_xscale("log")
+  ax.set_xticks(list(ks), [f"{k:,}" for k in ks])
+  ax.minorticks_off()
+
+
 def _series(ax, rows, column, label, color, **style):
   pts = [(t["participants"], t[column]) for t in rows if t[column] is not None]
   if pts:
@@ -96,6 +103,8 @@ def plot_scale(table: Table, path: Path) -> Path:
   for i, (total, rows) in enumerate(groups.items()):
     c = colors(i)
     _series(axes[0], rows, "localization_acc", f"TraceFL, {total:,} clients", c)
+    _series(axes[0], rows, "oracle_acc", f"max-count agreement, {total:,}", c,
+            linestyle=":", alpha=0.8)
     _series(axes[0], rows, "random_baseline", f"random participant, {total:,}", c,
             linestyle="--", alpha=0.7)
     _series(axes[1], rows, "cf_top1", f"TraceFL, {total:,} clients", c)
@@ -108,7 +117,7 @@ def plot_scale(table: Table, path: Path) -> Path:
   axes[1].set_title("top-1 = leave-one-client-out top-1", fontsize=9)
   axes[0].set_ylabel("%")
   for ax in axes:
-    ax.set_xscale("log")
+    _log_ticks(ax, ks)
     ax.set_xlabel("clients per round (K)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
@@ -133,7 +142,7 @@ def plot_time(table: Table, path: Path) -> Path:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, linestyle=style, marker="o", color=colors(i),
                 label=f"{what}, {total:,} clients")
-  ax.set_xscale("log")
+  _log_ticks(ax, sorted({t["participants"] for rows in groups.values() for t in rows}))
   ax.set_yscale("log")
   ax.set_xlabel("clients per round (K)")
   ax.set_ylabel("seconds per round (steady state)")
