@@ -44,7 +44,7 @@ def test_the_study_grid_is_the_issues():
   assert main == [(t, k) for t in (1000, 10000) for k in (10, 100, 1000)]
   faulty = [p for p in points if p.get("provenance.mode") == "faulty"]
   assert [p["clients_per_round"] for p in faulty] == [100, 1000]
-  assert all(p["faulty.every_round"] and p["faulty.clients"] == "0" for p in faulty)
+  assert all(p["faulty.every_round"] and p["faulty.clients"] == "largest" for p in faulty)
   assert all(p["num_clients"] > p["partition.max_clients"] for p in points)
 
 
@@ -109,8 +109,13 @@ def test_smoke_study_runs_end_to_end(tmp_path):
   assert len(faulty) == 1 and faulty[0]["feddebug_acc"] not in ("", None)
   assert float(faulty[0]["random_baseline"]) == pytest.approx(1 / 20)
   faulty_dir = tmp_path / faulty[0]["run"]
+  part = json.loads((faulty_dir / "partition.json").read_text())
+  (bad,) = part["faulty_clients"]  # "largest": the most examples of labels 1..9 before the flip
+  before = json.loads((tmp_path / main[-1]["run"] / "partition.json").read_text())
+  flippable = np.asarray(before["label_counts"])[:, 1:].sum(axis=1)
+  assert flippable[bad] == flippable.max()
   for line in (faulty_dir / "metrics.jsonl").read_text().splitlines():
-    assert 0 in json.loads(line)["clients"]  # the faulty client took part in every round
+    assert bad in json.loads(line)["clients"]  # the faulty client took part in every round
   assert "| 40 | 20 |" in (tmp_path / "scale.md").read_text()
   assert "localization_acc" in (tmp_path / "results.md").read_text()
   for png in ("scale_vs_clients_per_round.png", "time_vs_clients_per_round.png"):

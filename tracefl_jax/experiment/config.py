@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.overwrite = False    # move a previous run aside to WORKDIR/previous/<time>/
 
   c.faulty = ml_collections.ConfigDict()
-  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"
+  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"; or
+                                    # "largest": the client with most examples to flip
   c.faulty.flip = ""                # "src:dst,..." e.g. "1:0,2:0"
   c.faulty.every_round = False      # the faulty clients take part in every round
 
@@ -227,7 +228,8 @@ FIELD_HELP: dict[str, str] = {
                          "a workdir that holds results",
     "checkpoint.overwrite": "move a previous run in the workdir to WORKDIR/previous/<time>/ and "
                             "start afresh (the CLI's --overwrite)",
-    "faulty.clients": "comma-separated faulty client ids, e.g. '0'",
+    "faulty.clients": "comma-separated faulty client ids, e.g. '0'; or 'largest': the client "
+                      "holding the most examples of the flipped labels (after the fix-up)",
     "faulty.flip": "label flips of the faulty clients, 'src:dst,...', e.g. '1:0,2:0'",
     "faulty.every_round": "the faulty clients take part in every round (the others are "
                           "sampled around them)",
@@ -257,6 +259,13 @@ def parse_store_rounds(text: str, rounds: int) -> set[int]:
   if text == "last":
     return {rounds}
   return set(parse_int_list(text))
+
+
+def parse_faulty_clients(text: str) -> list[int] | None:
+  """`faulty.clients` as ids, or None for "largest" (resolved on the partition by the run)."""
+  if str(text).strip() == "largest":
+    return None
+  return parse_int_list(text)
 
 
 def parse_flip(text: str) -> dict[int, int]:
@@ -344,7 +353,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append(f"provenance.store_rounds={c.provenance.store_rounds!r} is not '', 'all', "
                   f"'last' or a list of round numbers")
   try:
-    faulty = parse_int_list(c.faulty.clients)
+    faulty = parse_faulty_clients(c.faulty.clients)
+    faulty = [0] if faulty is None else faulty  # "largest": one client, id known later
     flip = parse_flip(c.faulty.flip)
     if c.provenance.mode == "faulty" and not (faulty and flip):
       errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")

@@ -45,8 +45,8 @@ from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.checkpointing import (Checkpointer, WorkdirError, check_workdir,
                                                   move_aside, plan_run, read_jsonl, save_round)
 from tracefl_jax.experiment import memory
-from tracefl_jax.experiment.config import (parse_flip, parse_int_list, parse_store_rounds,
-                                           validate)
+from tracefl_jax.experiment.config import (parse_faulty_clients, parse_flip, parse_int_list,
+                                           parse_store_rounds, validate)
 from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings, dp_epsilon
@@ -209,12 +209,18 @@ def import_modules(names: str) -> None:
                        f"from the current directory or PYTHONPATH") from e
 
 
-def protocol_settings(c: ml_collections.ConfigDict) -> ProtocolSettings:
-  """The config's provenance section as the library's `ProtocolSettings`."""
+def protocol_settings(c: ml_collections.ConfigDict,
+                      faulty_clients: list[int] | None = None) -> ProtocolSettings:
+  """The config's provenance section as the library's `ProtocolSettings` (`faulty_clients`:
+  the ids `faulty.clients` resolved to, needed for "largest")."""
   p = c.provenance
+  if faulty_clients is None:
+    faulty_clients = parse_faulty_clients(c.faulty.clients)
+    if faulty_clients is None:
+      raise ValueError("faulty.clients='largest' is resolved on the partition: pass the ids")
   return ProtocolSettings(
       mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
-      faulty_clients=tuple(parse_int_list(c.faulty.clients)), flip=parse_flip(c.faulty.flip),
+      faulty_clients=tuple(faulty_clients), flip=parse_flip(c.faulty.flip),
       kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
       use_size_factor=p.use_size_factor,
       size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
@@ -278,7 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
   part = _partition(c, y_train, ds.num_classes)
   client_indices = list(part.client_indices)
-  faulty = parse_int_list(c.faulty.clients)
+  faulty = parse_faulty_clients(c.faulty.clients)
   # The flip acts on the labels the dataset has (as the original's mapping does in effect:
   # "1..13 -> 0" on a 10-class dataset flips 1..9).
   flip = {s: d for s, d in parse_flip(c.faulty.flip).items() if s < ds.num_classes}
@@ -286,9 +292,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if bad:
     raise ValueError(f"faulty.flip maps to labels {bad} that {c.dataset.name} does not have "
                      f"(labels 0..{ds.num_classes - 1})")
-  if faulty and not flip:
+  if (faulty is None or faulty) and not flip:
     raise ValueError(f"faulty.flip={c.faulty.flip!r} flips no label of {c.dataset.name} "
                      f"(labels 0..{ds.num_classes - 1})")
+  if faulty is None:  # "largest": the client with the most examples the flip changes
+    faulty = [int(np.argmax(part.label_counts[:, sorted(flip)].sum(axis=1)))]
   bad = [k for k in faulty if k >= part.num_clients]
   if bad:
     raise ValueError(f"faulty.clients {bad} do not exist: the partition has "
@@ -338,7 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            top_k=c.provenance.top_k)
   callbacks: list[Any] = [evaluator]
   if c.provenance.enabled:
-    settings = dataclasses.replace(protocol_settings(c), flip=flip)
+    settings = dataclasses.replace(protocol_settings(c, faulty), flip=flip)
     callbacks.append(provenance_callback(
         model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
         on_trace=prov_log.write_round, seed=c.seed,
