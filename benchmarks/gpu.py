@@ -1,6 +1,6 @@
 """The GPU in one command: self-checking correctness, then the round and provenance timings.
 
-  bash benchmarks/gpu.sh            (= make bench-gpu; about 8 minutes on one H100/H200)
+  bash benchmarks/gpu.sh            (= make bench-gpu; about 9 minutes on one H100/H200)
   python benchmarks/gpu.py --smoke --out=/tmp/gpu_smoke   (the same code paths on CPU, < 2 min)
 
 Sections, in order, each with its own time budget (when it is spent, the rest of the section
@@ -19,6 +19,11 @@ is skipped with a row saying so):
                procedure (tests/torch_reference.py's hook procedure, run on the same GPU), and
                1000 clients x 100 inputs; achieved FLOP/s of the contraction (2 P per pair) as
                a fraction of a dense matmul probe's on the same device (item 8).
+  scale        the scale study (configs/scale.py:gpu, issue 14; :smoke in smoke mode): its
+               cells in order until the section's budget, one row per cell (localization,
+               leave-one-out top-1, seconds per round, device peak), then the study's
+               results.csv, scale.md and plots under <out>/scale/; cells left are rows saying
+               so, and the rest of the study resumes with the sweep command in the config.
 
 Every row is appended to `<out>/gpu.jsonl` with the device, versions and the device's memory
 stats (`peak_bytes`: peak bytes in use so far in this process, where the backend reports it;
@@ -53,13 +58,13 @@ from tracefl_jax.fl.client import local_steps, make_client_update  # noqa: E402
 SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
-                repeats=5, time_limit=440, targets=True,
-                budgets=dict(correctness=120, round=170, provenance=150)),
+                repeats=5, time_limit=540, targets=True, scale_preset="gpu",
+                budgets=dict(correctness=120, round=170, provenance=150, scale=100)),
     "smoke": dict(image=8, check_image=8, round_ks=(4, 8), samples=8, batch=4,
                   prov_ks=(3, 6), prov_inputs=4, big=(12, 5), torch_pairs=24,
-                  repeats=2, time_limit=600, targets=False,
+                  repeats=2, time_limit=900, targets=False, scale_preset="smoke",
                   # generous: a loaded CI machine runs every row rather than skipping
-                  budgets=dict(correctness=300, round=150, provenance=150)),
+                  budgets=dict(correctness=300, round=150, provenance=150, scale=300)),
 }
 STRATEGIES = ("vmap", "chunked", "scan")
 CHECK_SIZES = (3, 40, 7, 130, 0)
@@ -382,6 +387,34 @@ def provenance_section(report: Report, cfg: dict[str, Any], budget: Budget) -> N
             {"params": perturbed_clients(g["params"], k)})
 
 
+# ------------------------------------------------------------------------------------ scale
+
+def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
+  """configs/scale.py's study at the mode's preset, cells in order until the budget."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("scale_config", ROOT / "configs" / "scale.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  preset = cfg["scale_preset"]
+  grid = module.get_sweep(preset)
+  rows = sweep.run_sweep(module.get_config(preset), grid, report.out / "scale", progress=False,
+                         deadline=budget.end)
+  for r in rows:
+    prov = r.get("provenance") or {}
+    name = f"{r['clients']} clients, K={r['clients_per_round']}, {r['provenance_mode']}"
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    report.write("scale", name, "ok", localization=prov.get("accuracy"),
+                 cf_top1=prov.get("counterfactual_top1"), round_s=r.get("round_seconds"),
+                 provenance_round_s=r.get("provenance_round_seconds"),
+                 final_accuracy=r["final_accuracy"],
+                 summary=f"localization {pct(prov.get('accuracy'))}, LOO top-1 "
+                         f"{pct(prov.get('counterfactual_top1'))}, "
+                         f"{r['round_seconds']:.2f} s/round")
+  for overrides in sweep.expand_grid(grid)[len(rows):]:
+    report.write("scale", sweep.run_name(overrides), "skipped", summary="section budget spent")
+
+
 # ------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--smoke", action="store_true", help="CPU-sized, same code paths (< 2 min)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="folder for gpu.jsonl (appended) and gpu.md (this run)")
-  p.add_argument("--sections", default="correctness,round,provenance")
+  p.add_argument("--sections", default="correctness,round,provenance,scale")
   p.add_argument("--time-limit", type=float, default=0,
-                 help="seconds for the whole run (0: 440 on GPU, 600 in smoke mode); a section "
+                 help="seconds for the whole run (0: 540 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
   args = p.parse_args(argv)
   mode = "smoke" if args.smoke else "gpu"
@@ -401,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warning: no GPU backend ({jax.default_backend()}); full sizes on this device",
           flush=True)
   sections = {"correctness": correctness, "round": round_section,
-              "provenance": provenance_section}
+              "provenance": provenance_section, "scale": scale_section}
   t_start = time.perf_counter()
   deadline = t_start + (args.time_limit or cfg["time_limit"])
   for name in args.sections.split(","):

@@ -25,7 +25,7 @@ def _module(name):
                     "densenet121-organamnist"]),
     ("text_main", ["gpt-dbpedia", "bert-yahoo"]),
     ("faulty", ["resnet18-mnist", "densenet121-pathmnist", "gpt-yahoo", "bert-dbpedia"]),
-    ("scale", [""]), ("sweep_alpha", [""]), ("dp", [""]),
+    ("scale", ["", "cpu", "gpu", "smoke"]), ("sweep_alpha", [""]), ("dp", [""]),
 ])
 def test_full_presets_validate(name, presets):
   for preset in presets:
@@ -40,8 +40,9 @@ def test_unknown_preset_is_named():
 FAULTY_CPU = ["cpu", *(f"cpu-{d}" for d in _module("faulty").DATASETS)]
 
 
+# configs/scale.py's study runs end to end in tests/test_scale.py (its smoke preset).
 @pytest.mark.parametrize("name,preset", [("image_main", "cpu"), ("text_main", "cpu"),
-                                         ("scale", "cpu"), ("dp", "cpu"),
+                                         ("dp", "cpu"),
                                          ("sweep_alpha", "cpu"),
                                          *(("faulty", p) for p in FAULTY_CPU)])
 def test_cpu_presets_run_end_to_end(name, preset, tmp_path):

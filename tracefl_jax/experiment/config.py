@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.synthetic_size = 2000      # synthetic / synthetic_text: training examples
   c.dataset.synthetic_shape = "32,32,3"  # image shape, or "seq_len" for synthetic_text
   c.dataset.synthetic_classes = 10
+  c.dataset.synthetic_noise = 1.0      # synthetic: std of the per-pixel noise on the prototypes
   c.dataset.vocab_size = 0             # text models without a tokenizer (synthetic_text)
 
   c.partition = ml_collections.ConfigDict()
@@ -62,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.partition.min_label_count = 10
   c.partition.max_per_client = 2048
   c.partition.min_client_size = 32
+  c.partition.max_clients = 0          # keep the first max_clients after the fix-up (0: all)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
@@ -100,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.per_label = 2
   c.provenance.max_faulty_inputs = 10
   c.provenance.clients_per_chunk = 0
+  c.provenance.shard_clients = False
   c.provenance.top_k = 3            # top clients written per input to provenance.jsonl
   c.provenance.block_mask = "parity"  # BERT blocks scored without the attention mask, as the
                                       # original did; "fixed": with G's mask
@@ -124,8 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.overwrite = False    # move a previous run aside to WORKDIR/previous/<time>/
 
   c.faulty = ml_collections.ConfigDict()
-  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"
+  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"; or
+                                    # "largest": the client with most examples to flip
   c.faulty.flip = ""                # "src:dst,..." e.g. "1:0,2:0"
+  c.faulty.every_round = False      # the faulty clients take part in every round
 
   c.lock()
   return c
@@ -153,6 +158,8 @@ FIELD_HELP: dict[str, str] = {
     "dataset.synthetic_size": "synthetic / synthetic_text: training examples",
     "dataset.synthetic_shape": "synthetic: image shape 'H,W,C'; synthetic_text: 'seq_len'",
     "dataset.synthetic_classes": "synthetic / synthetic_text: number of labels",
+    "dataset.synthetic_noise": "synthetic: standard deviation of the Gaussian noise added to "
+                               "the class prototypes (larger is harder)",
     "dataset.vocab_size": "text models without a tokenizer (synthetic_text): vocabulary size "
                           "(0: from the data)",
     "partition.method": f"how examples are split over clients: {_choices(PARTITION_METHODS)}",
@@ -168,6 +175,8 @@ FIELD_HELP: dict[str, str] = {
     "partition.min_label_count": "fix-up: drop a client's labels with fewer examples",
     "partition.max_per_client": "fix-up: keep at most this many examples per client",
     "partition.min_client_size": "fix-up: drop clients with fewer examples",
+    "partition.max_clients": "keep the first max_clients clients after the fix-up (0: all), so "
+                             "that a partition over more clients yields exactly this many",
     "model.name": "model, built in or registered by a module in `imports`",
     "model.hf_path": "a local Hugging Face checkpoint directory (its architecture and weights)",
     "model.torchvision_weights": "a torchvision .pt/.safetensors file to start from (head "
@@ -200,6 +209,8 @@ FIELD_HELP: dict[str, str] = {
     "provenance.per_label": "correct mode: traced inputs per label held by the participants",
     "provenance.max_faulty_inputs": "faulty mode: traced inputs per round",
     "provenance.clients_per_chunk": "clients scored at once (0: all; bounds memory)",
+    "provenance.shard_clients": "score the clients sharded over all devices (every process's "
+                                "after jax.distributed.initialize)",
     "provenance.top_k": "top clients written per input to provenance.jsonl",
     "provenance.block_mask": "BERT blocks scored without the attention mask as the original "
                              "(parity), or with it (fixed)",
@@ -220,8 +231,11 @@ FIELD_HELP: dict[str, str] = {
                          "a workdir that holds results",
     "checkpoint.overwrite": "move a previous run in the workdir to WORKDIR/previous/<time>/ and "
                             "start afresh (the CLI's --overwrite)",
-    "faulty.clients": "comma-separated faulty client ids, e.g. '0'",
+    "faulty.clients": "comma-separated faulty client ids, e.g. '0'; or 'largest': the client "
+                      "holding the most examples of the flipped labels (after the fix-up)",
     "faulty.flip": "label flips of the faulty clients, 'src:dst,...', e.g. '1:0,2:0'",
+    "faulty.every_round": "the faulty clients take part in every round (the others are "
+                          "sampled around them)",
 }
 
 
@@ -248,6 +262,13 @@ def parse_store_rounds(text: str, rounds: int) -> set[int]:
   if text == "last":
     return {rounds}
   return set(parse_int_list(text))
+
+
+def parse_faulty_clients(text: str) -> list[int] | None:
+  """`faulty.clients` as ids, or None for "largest" (resolved on the partition by the run)."""
+  if str(text).strip() == "largest":
+    return None
+  return parse_int_list(text)
 
 
 def parse_flip(text: str) -> dict[int, int]:
@@ -277,6 +298,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 1 <= c.clients_per_round <= c.num_clients:
     errors.append(f"clients_per_round={c.clients_per_round} must be in [1, num_clients="
                   f"{c.num_clients}]")
+  if c.partition.max_clients < 0:
+    errors.append(f"partition.max_clients={c.partition.max_clients} must be >= 0 (0: all)")
+  elif 0 < c.partition.max_clients < c.clients_per_round:
+    errors.append(f"partition.max_clients={c.partition.max_clients} is below "
+                  f"clients_per_round={c.clients_per_round}")
+  if c.dataset.synthetic_noise < 0:
+    errors.append(f"dataset.synthetic_noise={c.dataset.synthetic_noise} must be >= 0")
   _one_of(errors, "partition.method", c.partition.method, PARTITION_METHODS)
   if c.partition.method == "dirichlet" and not c.partition.alpha > 0:
     errors.append(f"partition.alpha={c.partition.alpha} must be > 0")
@@ -328,13 +356,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append(f"provenance.store_rounds={c.provenance.store_rounds!r} is not '', 'all', "
                   f"'last' or a list of round numbers")
   try:
-    faulty = parse_int_list(c.faulty.clients)
+    faulty = parse_faulty_clients(c.faulty.clients)
+    faulty = [0] if faulty is None else faulty  # "largest": one client, id known later
     flip = parse_flip(c.faulty.flip)
     if c.provenance.mode == "faulty" and not (faulty and flip):
       errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")
     bad = [k for k in faulty if not 0 <= k < c.num_clients]
     if bad:
       errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
+    if c.faulty.every_round and not faulty:
+      errors.append("faulty.every_round needs faulty.clients")
+    if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
+      errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
+                    f"clients_per_round={c.clients_per_round}")
   except ValueError as e:
     errors.append(f"faulty settings: {e}")
   if errors:

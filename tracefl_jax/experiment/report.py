@@ -30,6 +30,13 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
                 f"{_pct(summary['final_accuracy'])} / {_pct(summary['best_accuracy'])}")
   table.add_row("client strategy", summary["client_strategy"])
   table.add_row("wall time", f"{summary['seconds']:.1f} s")
+  if summary.get("round_seconds") is not None:
+    table.add_row("seconds per round: training / provenance (steady)",
+                  f"{summary['round_seconds']:.2f} / "
+                  f"{_num(summary.get('provenance_round_seconds'))}")
+  peak = (summary.get("memory") or {}).get("peak_rss_bytes")
+  if peak:
+    table.add_row("peak resident memory", f"{peak / 2**20:,.0f} MB")
   prov = summary.get("provenance")
   if prov:
     table.add_row("rounds traced / skipped", f"{prov['rounds_traced']} / {prov['rounds_skipped']}")

@@ -4,6 +4,10 @@ Plots (PNG, matplotlib with the Agg backend):
   accuracy_vs_<field>.png    localization and global accuracy (mean +- std over the other
                              grid fields, e.g. seeds) versus a swept field (alpha, DP noise,
                              number of clients), with the random-participant baseline;
+  scale_vs_clients_per_round.png, time_vs_clients_per_round.png
+                             sweeps over clients per round (configs/scale.py): localization,
+                             leave-one-out agreement and seconds per round against clients
+                             per round, one line per total-client count;
   client_probs.png           heatmap of TraceFL's client probabilities per traced input;
   label_distribution.png     the per-client label counts of a run's partition.
 """
@@ -21,6 +25,10 @@ import numpy as np
 
 # (column, summary path) pairs of the sweep table.
 _COLUMNS = (
+    ("mode", ("provenance_mode",)),
+    ("clients_after_fixup", ("clients",)),
+    ("participants", ("clients_per_round",)),
+    ("client_size_median", ("client_size_median",)),
     ("localization_acc", ("provenance", "accuracy")),
     ("random_baseline", ("provenance", "random_baseline")),
     ("largest_client_baseline", ("provenance", "largest_client_baseline")),
@@ -35,11 +43,20 @@ _COLUMNS = (
     ("feddebug_s_per_input", ("provenance", "feddebug_seconds_per_input")),
     ("best_global_acc", ("best_accuracy",)),
     ("final_global_acc", ("final_accuracy",)),
+    ("inputs_traced", ("provenance", "inputs")),
     ("rounds_traced", ("provenance", "rounds_traced")),
     ("rounds_skipped", ("provenance", "rounds_skipped")),
     ("epsilon", ("dp", "epsilon")),
     ("seconds", ("seconds",)),
+    ("s_per_round", ("round_seconds",)),
+    ("first_round_s", ("first_round_seconds",)),
+    ("prov_s_per_round", ("provenance_round_seconds",)),
+    ("first_prov_s", ("first_provenance_seconds",)),
+    ("peak_rss_mb", ("memory", "peak_rss_bytes")),
+    ("device_peak_mb", ("memory", "device_peak_bytes")),
+    ("clients_per_chunk", ("memory_plan", "clients_per_chunk")),
 )
+_MEGABYTES = ("peak_rss_mb", "device_peak_mb")  # stored in bytes
 
 
 def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -59,9 +76,14 @@ def _pyplot():
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
-  """Flat rows: the swept fields, then the headline numbers of each run."""
-  return [{"run": r["run"], **{f: r[f] for f in fields},
-           **{name: _get(r, path) for name, path in _COLUMNS}} for r in rows]
+  """Flat rows: the swept fields (None where a run's grid does not set one), then the
+  headline numbers of each run."""
+  def value(r, name, path):
+    v = _get(r, path)
+    return v / 2**20 if name in _MEGABYTES and v is not None else v
+
+  return [{"run": r["run"], **{f: r.get(f) for f in fields},
+           **{name: value(r, name, path) for name, path in _COLUMNS}} for r in rows]
 
 
 def _fmt(v: Any) -> str:
@@ -84,11 +106,15 @@ def write_sweep_results(rows: Sequence[dict[str, Any]], fields: Sequence[str],
     writer = csv.DictWriter(f, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-  out["md"].write_text(tabulate([[_fmt(v) for v in t.values()] for t in table],
-                                headers=list(table[0]), tablefmt="github") + "\n")
+  shown = [k for k in table[0] if any(t[k] is not None for t in table)]
+  out["md"].write_text(tabulate([[_fmt(t[k]) for k in shown] for t in table],
+                                headers=shown, tablefmt="github") + "\n")
+  if len({t["participants"] for t in table}) > 1:
+    from tracefl_jax.experiment import scale_plots  # pylint: disable=g-import-not-at-top
+    out.update(scale_plots.write_scale_results(table, workdir))
   for field in fields:
-    if field == "seed":  # seeds are repetitions, averaged in the other plots
-      continue
+    if field == "seed" or "plot_scale" in out:  # seeds: repetitions, averaged in the plots;
+      continue                                  # scale sweeps have their own plots
     values = [t[field] for t in table]
     if len(set(values)) > 1 and all(isinstance(v, (int, float)) for v in values):
       out[f"plot_{field}"] = plot_accuracy_vs(table, field, workdir / f"accuracy_vs_{field}.png")

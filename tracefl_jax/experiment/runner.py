@@ -41,10 +41,12 @@ from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD,
                                    MEDMNIST_MEAN, MEDMNIST_STD, MNIST_MEAN, MNIST_STD)
 from tracefl_jax.data.federated import federate, flip_labels
+from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.checkpointing import (Checkpointer, WorkdirError, check_workdir,
                                                   move_aside, plan_run, read_jsonl, save_round)
-from tracefl_jax.experiment.config import (parse_flip, parse_int_list, parse_store_rounds,
-                                           validate)
+from tracefl_jax.experiment import memory
+from tracefl_jax.experiment.config import (parse_faulty_clients, parse_flip, parse_int_list,
+                                           parse_store_rounds, validate)
 from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings, dp_epsilon
@@ -75,15 +77,23 @@ def _partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: in
           f"the partition fix-up left {part.num_clients} clients, fewer than "
           f"clients_per_round={c.clients_per_round}; lower partition.min_client_size or "
           f"clients_per_round, or raise partition.alpha")
+  if p.max_clients:  # e.g. exactly 10,000 clients from a partition over more
+    if part.num_clients < p.max_clients:
+      raise ValueError(
+          f"partition.max_clients={p.max_clients}: the partition has only {part.num_clients} "
+          f"clients{' after the fix-up' if p.fixup else ''}; raise num_clients or the "
+          f"dataset's size")
+    part = Partition.from_indices(part.client_indices[:p.max_clients], labels, num_classes)
   return part
 
 
 def _dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   d = c.dataset
   shape = tuple(int(v) for v in str(d.synthetic_shape).split(",") if v)
-  if d.name == "synthetic":
+  if d.name in ("synthetic", "synthetic_structured"):  # the latter: data/structured.py
     return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
-                image_shape=shape, num_classes=d.synthetic_classes, seed=c.seed)
+                image_shape=shape, num_classes=d.synthetic_classes, seed=c.seed,
+                noise=d.synthetic_noise)
   if d.name == "synthetic_text":
     return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
                 seq_len=shape[0], vocab_size=d.vocab_size or 100,
@@ -199,16 +209,23 @@ def import_modules(names: str) -> None:
                        f"from the current directory or PYTHONPATH") from e
 
 
-def protocol_settings(c: ml_collections.ConfigDict) -> ProtocolSettings:
-  """The config's provenance section as the library's `ProtocolSettings`."""
+def protocol_settings(c: ml_collections.ConfigDict,
+                      faulty_clients: list[int] | None = None) -> ProtocolSettings:
+  """The config's provenance section as the library's `ProtocolSettings` (`faulty_clients`:
+  the ids `faulty.clients` resolved to, needed for "largest")."""
   p = c.provenance
+  if faulty_clients is None:
+    faulty_clients = parse_faulty_clients(c.faulty.clients)
+    if faulty_clients is None:
+      raise ValueError("faulty.clients='largest' is resolved on the partition: pass the ids")
   return ProtocolSettings(
       mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
-      faulty_clients=tuple(parse_int_list(c.faulty.clients)), flip=parse_flip(c.faulty.flip),
+      faulty_clients=tuple(faulty_clients), flip=parse_flip(c.faulty.flip),
       kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
       use_size_factor=p.use_size_factor,
       size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
       clients_per_chunk=p.clients_per_chunk, block_mask=p.block_mask,
+      shard_clients=p.shard_clients,
       counterfactual=p.counterfactual, feddebug=p.feddebug,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
@@ -250,6 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   """
   import_modules(config.imports)
   validate(config)
+  memory.reset_peak_rss()  # this run's peak, not an earlier run's of the same process
   c = config
   workdir = check_workdir(workdir, allow_cwd=allow_cwd)
   config_json = c.to_json_best_effort(indent=2)
@@ -273,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
   part = _partition(c, y_train, ds.num_classes)
   client_indices = list(part.client_indices)
-  faulty = parse_int_list(c.faulty.clients)
+  faulty = parse_faulty_clients(c.faulty.clients)
   # The flip acts on the labels the dataset has (as the original's mapping does in effect:
   # "1..13 -> 0" on a 10-class dataset flips 1..9).
   flip = {s: d for s, d in parse_flip(c.faulty.flip).items() if s < ds.num_classes}
@@ -281,9 +299,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if bad:
     raise ValueError(f"faulty.flip maps to labels {bad} that {c.dataset.name} does not have "
                      f"(labels 0..{ds.num_classes - 1})")
-  if faulty and not flip:
+  if (faulty is None or faulty) and not flip:
     raise ValueError(f"faulty.flip={c.faulty.flip!r} flips no label of {c.dataset.name} "
                      f"(labels 0..{ds.num_classes - 1})")
+  if faulty is None:  # "largest": the client with the most examples the flip changes
+    faulty = [int(np.argmax(part.label_counts[:, sorted(flip)].sum(axis=1)))]
   bad = [k for k in faulty if k >= part.num_clients]
   if bad:
     raise ValueError(f"faulty.clients {bad} do not exist: the partition has "
@@ -337,7 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            top_k=c.provenance.top_k)
   callbacks: list[Any] = [evaluator]
   if c.provenance.enabled:
-    settings = dataclasses.replace(protocol_settings(c), flip=flip)
+    settings = dataclasses.replace(protocol_settings(c, faulty), flip=flip)
     callbacks.append(provenance_callback(
         model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
         on_trace=prov_log.write_round, seed=c.seed,
@@ -366,12 +386,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     bar.update(1)
     bar.set_postfix(acc=f"{info.metrics['accuracy']:.3f}", **_postfix(info.metrics))
 
+  mem = _memory_start()
   t_start = time.perf_counter()
   try:
     state, _ = run_rounds(algorithm, state, data, rounds=c.rounds,
                           clients_per_round=c.clients_per_round, seed=c.seed,
                           callbacks=[*callbacks, log],
-                          divergence_factor=c.client.divergence_factor)
+                          divergence_factor=c.client.divergence_factor,
+                          always_sampled=faulty if c.faulty.every_round else ())
     checkpointer.maybe_save(c.rounds, state.variables, history, force=True)
   except TrainingDivergedError as e:
     kept = (f"The rows of rounds 1-{history[-1]['round']} are in {workdir / 'metrics.jsonl'}, "
@@ -388,6 +410,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     checkpointer.close()
 
   summary = _summarize(history, time.perf_counter() - t_start, algorithm.strategy)
+  summary.update(provenance_mode=c.provenance.mode if c.provenance.enabled else None,
+                 clients=data.num_clients, clients_per_round=c.clients_per_round,
+                 client_size_median=float(np.median(data.partition.client_sizes)),
+                 faulty_client_sizes=[int(data.partition.client_sizes[k]) for k in faulty],
+                 memory=_memory_end(mem))
   if dp is not None:
     summary["dp"] = {"noise_multiplier": c.dp.noise_multiplier, "clip_norm": c.dp.clip_norm,
                      "delta": c.dp.delta, "epsilon": history[-1]["dp_epsilon"],
@@ -403,6 +430,31 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
   return {"trace": f"{prov['accuracy']:.3f}"}
 
 
+def _memory_start() -> dict[str, Any]:
+  """The loading phase's peak, then a fresh peak for the rounds (`memory`)."""
+  mem = {"load_peak_rss_bytes": memory.peak_rss_bytes(), "start_rss_bytes": memory.rss_bytes(),
+         "device_start_bytes": None}
+  if memory.device_peak_bytes() is not None:
+    mem["device_start_bytes"] = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+  mem["peak_reset"] = memory.reset_peak_rss()
+  return mem
+
+
+def _memory_end(mem: dict[str, Any]) -> dict[str, Any]:
+  rounds_peak = memory.peak_rss_bytes()
+  return {**mem, "rounds_peak_rss_bytes": rounds_peak,
+          "peak_rss_bytes": max(rounds_peak, mem["load_peak_rss_bytes"]),
+          "device_peak_bytes": memory.device_peak_bytes()}
+
+
+def _steady(values: list[float]) -> float | None:
+  """Median over rounds after the first (which compiles), or the only value."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  return float(np.median(values[1:] if len(values) > 1 else values))
+
+
 def _summarize(history: list[dict[str, Any]], seconds: float, strategy: str) -> dict[str, Any]:
   acc = [h["accuracy"] for h in history]
   summary: dict[str, Any] = {
@@ -411,6 +463,11 @@ def _summarize(history: list[dict[str, Any]], seconds: float, strategy: str) -> 
       "best_accuracy": max(acc),
       "seconds": seconds,
       "client_strategy": strategy,
+      # Per round, steady state (median after round 1) and round 1 (compilation included).
+      "round_seconds": _steady([h.get("train_seconds") for h in history]),
+      "first_round_seconds": history[0].get("train_seconds"),
+      "provenance_round_seconds": _steady([h.get("provenance_seconds") for h in history]),
+      "first_provenance_seconds": history[0].get("provenance_seconds"),
   }
   traced = [h["provenance"] for h in history if "provenance" in h]
   if traced:

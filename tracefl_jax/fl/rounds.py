@@ -82,13 +82,24 @@ class FederatedAlgorithm(NamedTuple):
 _DP_NOISE_STREAM = 2**31 - 1
 
 
-def sample_clients(seed: int, round_idx: int, num_clients: int, k: int) -> np.ndarray:
+def sample_clients(seed: int, round_idx: int, num_clients: int, k: int,
+                   always: Sequence[int] = ()) -> np.ndarray:
   """The round's participants: `k` distinct client ids, uniform, sorted; a function of
-  (seed, round) only."""
+  (seed, round) only.
+
+  `always` (e.g. a faulty client that must take part in every round) are included, and the
+  other `k - len(always)` are drawn uniformly from the rest; without it the draw is unchanged.
+  """
   if not 0 < k <= num_clients:
     raise ValueError(f"cannot sample {k} of {num_clients} clients")
   rng = np.random.default_rng([seed, round_idx])
-  return np.sort(rng.choice(num_clients, size=k, replace=False))
+  fixed = np.unique(np.asarray(always, np.int64))
+  if not fixed.size:
+    return np.sort(rng.choice(num_clients, size=k, replace=False))
+  if fixed.size > k or fixed.min() < 0 or fixed.max() >= num_clients:
+    raise ValueError(f"always={fixed.tolist()} must be at most k={k} ids in [0, {num_clients})")
+  rest = np.setdiff1d(np.arange(num_clients), fixed)
+  return np.sort(np.concatenate([fixed, rng.choice(rest, size=k - fixed.size, replace=False)]))
 
 
 def round_key(root_key: jax.Array, round_idx: int) -> jax.Array:
@@ -296,16 +307,18 @@ def run_rounds(
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
     divergence_factor: float = 1e3,
+    always_sampled: Sequence[int] = (),
 ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Runs rounds `state.round + 1 .. rounds`; returns the final state and one row per round.
 
   Round t samples `clients_per_round` clients with `sample_clients(seed, t, ...)` and uses the
   key `round_key(jax.random.key(seed), t)`, so a run resumed from a saved state continues
-  exactly as an uninterrupted one. Each row holds `round`, `clients`, `client_loss` (example-
-  weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio` (optimizer
-  steps computed / needed, 1.0 when no step is spent on padding; see `strategies`), and
-  `dp_update_norm_mean` under DP, then whatever the callbacks return, called in order after
-  the round.
+  exactly as an uninterrupted one; `always_sampled` clients take part in every round
+  (`sample_clients(..., always=...)`). Each row holds `round`, `clients`, `client_loss`
+  (example-weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio`
+  (optimizer steps computed / needed, 1.0 when no step is spent on padding; see
+  `strategies`), and `dp_update_norm_mean` under DP, then whatever the callbacks return,
+  called in order after the round.
 
   `divergence_factor` (0: off) stops a run whose round's mean client loss exceeds
   `divergence_factor * ln(num_classes)`, a multiple of the cross-entropy of a uniform guess
@@ -322,7 +335,7 @@ def run_rounds(
   history: list[dict[str, Any]] = []
   for r in range(state.round + 1, rounds + 1):
     t0 = time.perf_counter()
-    clients = sample_clients(seed, r, data.num_clients, clients_per_round)
+    clients = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
     state, out = algorithm.round(state, clients=clients, data=data, key=round_key(root, r))
     losses = np.asarray(out.clients.loss)
     if not np.all(np.isfinite(losses)):

@@ -111,7 +111,7 @@ class ProtocolSettings:
     faulty_clients: faulty mode, the global ids of the label-flipping clients.
     flip: faulty mode, the label map `{source: target}` the faulty clients trained with.
     kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask: passed to
-      `trace_clients`.
+      `trace_clients` (`clients_per_chunk` bounds the leave-one-out and FedDebug too).
     shard_clients: score the clients sharded over all devices (`trace_clients(mesh=
       client_mesh())`, every process's devices after `jax.distributed.initialize`).
     size_unit: the data-size factor counts a client's examples in units of this many (the
@@ -256,7 +256,8 @@ def trace_round(
   if settings.counterfactual and ok.any() and weights is not None:
     w = np.asarray(weights, np.float64)
     if np.all(w.sum() - w > 0):  # else removing a client leaves nothing to average
-      cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars)
+      cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars,
+                         clients_per_chunk=settings.clients_per_chunk or None)
       drops = np.asarray(cf.drops)[:n]
       cf_client[ok] = client_ids[np.argmax(drops[ok], axis=1)]
       summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
@@ -330,7 +331,8 @@ def provenance_callback(
             model, out.clients.variables, faulty,
             jax.random.fold_in(jax.random.key(seed), info.round),
             num_inputs=settings.feddebug_inputs, threshold=settings.feddebug_threshold,
-            normalize=feddebug_normalize))
+            normalize=feddebug_normalize,
+            clients_per_chunk=settings.clients_per_chunk or None))
     if on_trace is not None:
       on_trace(info.round, traced)
     return {"provenance": traced.summary, "provenance_seconds": time.perf_counter() - t0}
