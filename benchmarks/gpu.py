@@ -58,11 +58,11 @@ from tracefl_jax.fl.client import local_steps, make_client_update  # noqa: E402
 SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
-                repeats=5, time_limit=540, targets=True, scale_preset="gpu",
+                repeats=5, time_limit=540, targets=True, scale_preset="gpu", scale_cells=None,
                 budgets=dict(correctness=120, round=170, provenance=150, scale=100)),
     "smoke": dict(image=8, check_image=8, round_ks=(4, 8), samples=8, batch=4,
                   prov_ks=(3, 6), prov_inputs=4, big=(12, 5), torch_pairs=24,
-                  repeats=2, time_limit=900, targets=False, scale_preset="smoke",
+                  repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
                   # generous: a loaded CI machine runs every row rather than skipping
                   budgets=dict(correctness=300, round=150, provenance=150, scale=300)),
 }
@@ -397,7 +397,10 @@ def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   preset = cfg["scale_preset"]
-  grid = module.get_sweep(preset)
+  # Each cell as a grid of its own; smoke mode runs the first only (tests/test_scale.py runs
+  # the whole smoke study).
+  grid = [{k: [v] for k, v in point.items()}
+          for point in sweep.expand_grid(module.get_sweep(preset))[:cfg["scale_cells"]]]
   rows = sweep.run_sweep(module.get_config(preset), grid, report.out / "scale", progress=False,
                          deadline=budget.end)
   for r in rows:

@@ -61,7 +61,6 @@ def get_config(preset: str = ""):
   c.rounds = 15
   c.checkpoint.every = 0
   if preset in STUDY:
-    c.imports = "tracefl_jax.data.structured"
     c.model.name = "lenet"
     c.dataset.name = "synthetic_structured"
     c.dataset.synthetic_shape = "8,8,1"

@@ -46,9 +46,10 @@ def _rows(workdir: Path, name: str) -> list[dict]:
 
 
 def _untimed(row):
-  """A row without wall-clock fields (at any depth), which differ between runs."""
+  """A row without wall-clock fields or memory readings (at any depth), which differ between
+  runs."""
   if isinstance(row, dict):
-    return {k: _untimed(v) for k, v in row.items() if "seconds" not in k}
+    return {k: _untimed(v) for k, v in row.items() if "seconds" not in k and k != "memory"}
   return row
 
 

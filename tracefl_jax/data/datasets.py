@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from tracefl_jax.data import image_files, text
+from tracefl_jax.data.structured import make_structured_images
 # Re-exported: these names lived here before base.py held them.
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401
                                    DIGITS_NUM_TRAIN, DIGITS_STD, IMAGE_SIZE, MEDMNIST_MEAN,
@@ -284,6 +285,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar10": lambda data_dir, download=False, **_: _load_image_dataset(
         "cifar10", _or_default(data_dir), CIFAR10_MEAN, CIFAR10_STD, download),
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
+    "synthetic_structured": lambda data_dir, **options: make_structured_images(**options),
     **{name: (lambda data_dir, name=name, download=False, **_: _load_medmnist(
         name, _or_default(data_dir), download)) for name in MEDMNIST},
     "dbpedia": lambda data_dir, **options: _load_text("dbpedia", _or_default(data_dir),

@@ -9,9 +9,8 @@ contrast in [0.7, 1.3] and given Gaussian pixel noise of std `noise`. The shifts
 template (a dense model) a poor fit where translation-tolerant features (a CNN) do well; the
 noise bounds the best accuracy below 100%.
 
-Importing this module registers the loader as `synthetic_structured` (configs name the module
-in `imports`); the experiment runner passes it the synthetic options (size, shape, classes,
-noise).
+Registered as the dataset `synthetic_structured` (`data/datasets.py`); the experiment runner
+passes it the synthetic options (size, shape, classes, noise).
 """
 
 from __future__ import annotations
@@ -67,16 +66,3 @@ def make_structured_images(num_train: int = 1000, num_test: int = 200,
   return Dataset(NAME, x[:num_train], y[:num_train], x[num_train:], y[num_train:],
                  num_classes)
 
-
-def _loader(data_dir: Any, **options: Any) -> Dataset:
-  del data_dir
-  return make_structured_images(**options)
-
-
-def _register() -> None:
-  from tracefl_jax.data.datasets import available_datasets, register_dataset  # pylint: disable=g-import-not-at-top
-  if NAME not in available_datasets():
-    register_dataset(NAME, _loader)
-
-
-_register()

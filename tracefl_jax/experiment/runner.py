@@ -90,7 +90,7 @@ def _partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: in
 def _dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   d = c.dataset
   shape = tuple(int(v) for v in str(d.synthetic_shape).split(",") if v)
-  if d.name in ("synthetic", "synthetic_structured"):  # the latter: data/structured.py
+  if d.name in ("synthetic", "synthetic_structured"):
     return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
                 image_shape=shape, num_classes=d.synthetic_classes, seed=c.seed,
                 noise=d.synthetic_noise)

@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -130,9 +130,9 @@ class ModelDef:
   def init(self, key: jax.Array) -> Variables:
     """Initial variables, `{"params": ..., [other collections]}`."""
     x = jnp.zeros((1, *self.input_shape), self.input_dtype)
-    mode = {"train": False} if self.accepts_train else {}
-    variables = self.module.init({"params": key, "dropout": key}, x, **mode)
-    return dict(variables)
+    # One compiled program (cached per ModelDef): run eagerly, every initializer of every
+    # parameter is an op of its own (seconds for a ResNet).
+    return _jitted_init(self)(key, x)
 
   def apply(
       self,
@@ -312,3 +312,10 @@ def get_layer(tree: Mapping[str, Any], path: LayerPath) -> Any:
   for key in path:
     tree = tree[key]
   return tree
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(model: ModelDef) -> Callable[[jax.Array, jax.Array], Variables]:
+  mode = {"train": False} if model.accepts_train else {}
+  return jax.jit(lambda key, x: dict(model.module.init({"params": key, "dropout": key}, x,
+                                                       **mode)))
