@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m tracefl_jax --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist worksteal -q tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_round.py --model=lenet_xla --image=16 --repeats=2 --out=benchmarks/results/round_cpu.jsonl

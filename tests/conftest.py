@@ -16,3 +16,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key():
   return jax.random.key(0)
+
+
+# The longest test files first (measured with --durations; most of their time is XLA
+# compilation): with `pytest -n 2` both workers then end on short tests and finish together
+# instead of one waiting on a minute-long test started last (`make test` uses
+# `--dist worksteal`: an idle worker takes the short tests from the end of the other's queue).
+_LONGEST_FIRST = ("test_gpu_script.py", "test_resume_sweep.py", "test_paper_configs.py",
+                  "test_scale.py", "test_multiprocess.py", "test_cnn_models.py",
+                  "test_transformers.py", "test_library.py", "test_model_contract.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
