@@ -28,7 +28,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_round.py --model=lenet_patches --image=16 --repeats=2 --strategies=vmap,scan --out=benchmarks/results/round_cpu.jsonl
 	$(PY) benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
 
-# One H100/H200, about 9 minutes, self-checking (exit 1 if a check fails); needs only jax,
+# One H100/H200, at most 8 minutes, self-checking (exit 1 if a check fails); needs only jax,
 # flax, optax, numpy (+ torch for the original procedure) on PATH's python: no venv.
 bench-gpu:
 	bash benchmarks/gpu.sh

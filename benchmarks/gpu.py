@@ -1,6 +1,6 @@
 """The GPU in one command: self-checking correctness, then the round and provenance timings.
 
-  bash benchmarks/gpu.sh            (= make bench-gpu; about 9 minutes on one H100/H200)
+  bash benchmarks/gpu.sh            (= make bench-gpu; at most 8 minutes on one H100/H200)
   python benchmarks/gpu.py --smoke --out=/tmp/gpu_smoke   (the same code paths on CPU, < 2 min)
 
 Sections, in order, each with its own time budget (when it is spent, the rest of the section
@@ -58,8 +58,8 @@ from tracefl_jax.fl.client import local_steps, make_client_update  # noqa: E402
 SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
-                repeats=5, time_limit=540, targets=True, scale_preset="gpu", scale_cells=None,
-                budgets=dict(correctness=120, round=170, provenance=150, scale=100)),
+                repeats=5, time_limit=450, targets=True, scale_preset="gpu", scale_cells=None,
+                budgets=dict(correctness=100, round=140, provenance=130, scale=80)),
     "smoke": dict(image=8, check_image=8, round_ks=(4, 8), samples=8, batch=4,
                   prov_ks=(3, 6), prov_inputs=4, big=(12, 5), torch_pairs=24,
                   repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                  help="folder for gpu.jsonl (appended) and gpu.md (this run)")
   p.add_argument("--sections", default="correctness,round,provenance,scale")
   p.add_argument("--time-limit", type=float, default=0,
-                 help="seconds for the whole run (0: 540 on GPU, 900 in smoke mode); a section "
+                 help="seconds for the whole run (0: 450 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
   args = p.parse_args(argv)
   mode = "smoke" if args.smoke else "gpu"

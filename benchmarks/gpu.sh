@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command (issue 12 item 7): correctness checks first, then the
 # FedAvg-CNN round and provenance timings, then the scale study's cells that fit its budget
-# (configs/scale.py:gpu); about 9 minutes on one H100/H200. Rows go to
+# (configs/scale.py:gpu); at most 8 minutes on one H100/H200. Rows go to
 # benchmarks/results/gpu.jsonl (appended) and benchmarks/results/gpu.md (this run's table);
 # the exit status is non-zero if a check failed. Extra arguments go to gpu.py
 # (--smoke --out=DIR: the same script at CPU size).
