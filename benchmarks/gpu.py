@@ -60,8 +60,8 @@ SIZES = {
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
                 repeats=5, time_limit=450, targets=True, scale_preset="gpu", scale_cells=None,
                 budgets=dict(correctness=100, round=140, provenance=130, scale=80)),
-    "smoke": dict(image=8, check_image=8, round_ks=(4, 8), samples=8, batch=4,
-                  prov_ks=(3, 6), prov_inputs=4, big=(12, 5), torch_pairs=24,
+    "smoke": dict(image=8, check_image=8, round_ks=(4,), samples=8, batch=4,
+                  prov_ks=(3,), prov_inputs=4, big=(12, 5), torch_pairs=24,
                   repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
                   # generous: a loaded CI machine runs every row rather than skipping
                   budgets=dict(correctness=300, round=150, provenance=150, scale=300)),

@@ -70,19 +70,18 @@ def test_import_is_strict_and_can_skip_the_head(tmp_path):
     import_torchvision(variables, tmp_path / "nope.pt")
 
 
-def test_batchnorm_statistics_ignore_padding_and_models_train_and_trace():
+def test_batchnorm_resnet_trains_on_a_padded_client_and_traces():
+  # That its batch statistics leave the padding out is asserted exactly in
+  # test_model_contract.py (test_project_resnet_still_masks_padding_out_of_batch_statistics).
   model = get_model("resnet18_tiny", (16, 16, 3), 4)
   variables = model.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(12, 16, 16, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, 12), jnp.int32)
   update = jax.jit(make_client_update(model, optax.sgd(0.05), 8, 1))
-  outs = []
-  for length in (8, 16):  # 5 real examples, padded with 3 or 11 junk slots
-    data = stack_client_indices([np.arange(5)], [0], 8, length=length)
-    outs.append(update(variables, x, y, data.indices[0], data.counts[0], jax.random.key(1)))
-  for a, b in zip(jax.tree.leaves(outs[0].variables), jax.tree.leaves(outs[1].variables)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  data = stack_client_indices([np.arange(5)], [0], 8, length=16)  # 5 real, 11 junk slots
+  outs = [update(variables, x, y, data.indices[0], data.counts[0], jax.random.key(1))]
+  assert int(outs[0].num_steps) == 1
   stats0 = jax.tree.leaves(variables["batch_stats"])
   stats1 = jax.tree.leaves(outs[0].variables["batch_stats"])
   assert any(not np.allclose(a, b) for a, b in zip(stats0, stats1))  # running stats moved

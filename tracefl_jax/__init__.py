@@ -15,6 +15,7 @@ from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInf
                                    ServerState, TrainingDivergedError, federated_averaging,
                                    round_key, run_rounds, sample_clients)
 from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
+from tracefl_jax.models.layers import canonical_conv
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
 from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, localization_correct,
                                              provenance_callback, round_baselines,
@@ -24,7 +25,8 @@ from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, loca
 __all__ = [
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
     "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
-    "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "client_weights",
+    "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "canonical_conv",
+    "client_weights",
     "dp_fedavg", "federate", "federated_averaging", "fedavg", "fixup_partition", "get_model",
     "localization_correct", "make_model", "make_optimizer", "make_partition",
     "provenance_callback", "register_model", "round_baselines", "round_key", "run_rounds",
