@@ -38,8 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
-from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD,
-                                   MEDMNIST_MEAN, MEDMNIST_STD, MNIST_MEAN, MNIST_STD)
+from tracefl_jax.data.base import DIGITS_MEAN, DIGITS_STD
 from tracefl_jax.data.federated import federate, flip_labels
 from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.checkpointing import (Checkpointer, WorkdirError, check_workdir,
@@ -230,24 +229,21 @@ def protocol_settings(c: ml_collections.ConfigDict,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
-# The test transform's normalisation per dataset (FedDebug's random inputs get it too).
-_NORMALISATION = {"digits": (DIGITS_MEAN, DIGITS_STD), "mnist": (MNIST_MEAN, MNIST_STD),
-                  "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-                  "pathmnist": (MEDMNIST_MEAN, MEDMNIST_STD),
-                  "organamnist": (MEDMNIST_MEAN, MEDMNIST_STD)}
-
-
 def _normalization_meta(ds) -> dict[str, Any] | None:
   """The dataset's `Normalization` as JSON (stored rounds normalise uint8 inputs with it)."""
   norm = ds.normalization
   return None if norm is None else dataclasses.asdict(norm)
 
 
-def _feddebug_normalize(name: str):
-  if name not in _NORMALISATION:
-    return None
-  mean, std = (np.asarray(v, np.float32) for v in _NORMALISATION[name])
-  return lambda x: (x - mean) / std
+def _feddebug_normalize(ds):
+  """The test transform's normalisation for FedDebug's random inputs (in [0, 1]): the image
+  dataset's own `Normalization` on a [0, 1] scale; digits are stored normalised (float)."""
+  if ds.normalization is not None:
+    return dataclasses.replace(ds.normalization, pixel_max=1.0)
+  if ds.name == "digits":
+    mean, std = np.asarray(DIGITS_MEAN, np.float32), np.asarray(DIGITS_STD, np.float32)
+    return lambda x: (x - mean) / std
+  return None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -361,7 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *,
     callbacks.append(provenance_callback(
         model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
         on_trace=prov_log.write_round, seed=c.seed,
-        feddebug_normalize=_feddebug_normalize(c.dataset.name)))
+        feddebug_normalize=_feddebug_normalize(ds)))
   if dp is not None:
     rate = c.clients_per_round / data.num_clients
     callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,
