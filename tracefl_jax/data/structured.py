@@ -15,7 +15,6 @@ passes it the synthetic options (size, shape, classes, noise).
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
