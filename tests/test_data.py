@@ -179,8 +179,9 @@ def test_medmnist_download_switch(tmp_path, monkeypatch):
   import socket  # pylint: disable=import-outside-toplevel
   from tracefl_jax.data import datasets  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
-  np.savez(buf, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros((4, 1)),
-           test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.ones((2, 1)))
+  np.savez(buf, train_images=np.zeros((4, 28, 28), np.uint8),
+           train_labels=np.zeros((4, 1), np.uint8),
+           test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.ones((2, 1), np.uint8))
   payload = buf.getvalue()
 
   def unreachable(address, timeout=None):

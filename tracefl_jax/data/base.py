@@ -1,6 +1,6 @@
 """What every dataset loader shares, and nothing that loads: the `Dataset` type, the
-`Normalization` of uint8 images, the error for missing files, the default data directory and
-the paper's normalisation constants.
+`Normalization` of uint8 images, the error for missing files, the default data directory, the
+reachability check before a download and the paper's normalisation constants.
 
 Loader modules (datasets.py, image_files.py, text.py, digits_builder.py) import from here and
 never from each other's internals, so no import circle runs through the data package.
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tracefl_jax.data.checks import check_finite
 
 # digits: pixel values 0..16 scaled to [0, 1], then standardised with the mean and std of all
 # 1,797 images' pixels (computed once: 0.30526 and 0.37605), as MNIST uses 0.1307 / 0.3081.
@@ -33,6 +36,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
 def default_data_dir() -> Path:
   return Path(os.environ.get("TRACEFL_DATA_DIR", Path.home() / ".cache" / "tracefl_jax" / "tfds"))
+
+
+def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
+  """Fails at once, naming the host, when it cannot be reached (rather than letting a
+  library retry for minutes)."""
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+  except OSError as e:
+    raise DatasetNotFoundError(
+        f"download asked for, but {host}:{port} is unreachable ({e}); prepare the data on a "
+        f"machine with network access and copy it into --config.dataset.data_dir") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +93,9 @@ class Dataset:
 
   Attributes:
     name: a label for logs and results.
-    x_train, x_test: `[N, ...]` float32 inputs (normalised NHWC images, features), int32
-      token ids `[N, seq_len]`, or uint8 images with a `normalization`; both splits share
-      the per-example shape and the dtype.
+    x_train, x_test: `[N, ...]` finite float32 inputs (normalised NHWC images, features),
+      int32 token ids `[N, seq_len]` (>= 0), or uint8 images with a `normalization`; both
+      splits share the per-example shape and the dtype.
     y_train, y_test: `[N]` int32 labels in `[0, num_classes)`.
     num_classes: number of classes K (>= 2).
     normalization: for uint8 images, what turns them into the model's float inputs
@@ -141,6 +155,10 @@ class Dataset:
       raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; inputs must be float32 "
                        f"(images, features) or int32 (token ids): pass "
                        f"x_{split}.astype({hint}), or build with Dataset.from_arrays")
+    check_finite(x, f"{where}: x_{split}")
+    if x.dtype == np.int32 and x.size and x.min() < 0:
+      raise ValueError(f"{where}: x_{split} holds token id {x.min()} < 0; token ids index a "
+                       f"vocabulary and must be >= 0")
     if y.ndim != 1:
       raise ValueError(f"{where}: y_{split} must be [N] integer labels, got shape {y.shape}")
     if y.dtype != np.int32:

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import logging
-import os
-import socket
-import urllib.parse
-import urllib.request
+import urllib.request  # noqa: F401  (tests stub datasets.urllib.request.urlopen)
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,12 +36,16 @@ from typing import Any
 import numpy as np
 
 from tracefl_jax.data import image_files, text
+from tracefl_jax.data.checks import check_finite, check_labels, check_pixels
 from tracefl_jax.data.structured import make_structured_images
-# Re-exported: these names lived here before base.py held them.
+# Re-exported: these names lived here before base.py and medmnist.py held them.
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401
                                    DIGITS_NUM_TRAIN, DIGITS_STD, IMAGE_SIZE, MEDMNIST_MEAN,
                                    MEDMNIST_STD, MNIST_MEAN, MNIST_STD, Dataset,
-                                   DatasetNotFoundError, Normalization, default_data_dir)
+                                   DatasetNotFoundError, Normalization, check_network,
+                                   default_data_dir)
+from tracefl_jax.data.medmnist import (MEDMNIST, MEDMNIST_MD5, MEDMNIST_URL,  # noqa: F401
+                                       download_medmnist, read_medmnist)
 
 
 @contextlib.contextmanager
@@ -64,13 +64,20 @@ def _quiet_tfds():
       absl_logger.setLevel(level)
 
 
-def _read_split(source: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(source: Any, where: str, num_classes: int = 10, max_value: int = 255,
+                channels: tuple[int, ...] = (1, 3)) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 `[N, H, W, C]` images and int32 `[N]` labels of one tfds split, checked
+  (checks.py; `where` names the split in messages)."""
   try:
     records = source.__getitems__(list(range(len(source))))
   except TypeError:  # tfds.testing.mock_data's sources only index one record at a time
     records = [source[i] for i in range(len(source))]
-  x = np.stack([r["image"] for r in records])
-  y = np.array([r["label"] for r in records], np.int32)
+  if not records:
+    raise ValueError(f"{where}: the split is empty")
+  x = check_pixels(np.stack([r["image"] for r in records]), f"{where} images",
+                   max_value=max_value, channels=channels)
+  y = check_labels(np.array([r["label"] for r in records]), f"{where} labels", num_classes,
+                   len(x))
   return x, y
 
 
@@ -89,7 +96,9 @@ def _load_digits(data_dir: Path) -> Dataset:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     source = builder.as_data_source()
-    (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
+    (x_tr, y_tr), (x_te, y_te) = (
+        _read_split(source[s], f"digits ({data_dir / 'tracefl_digits'}, {s} split)",
+                    max_value=16, channels=(1,)) for s in ("train", "test"))
 
   def norm(x):
     return ((x.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)
@@ -116,17 +125,6 @@ def _prepare_images(x: np.ndarray) -> np.ndarray:
   return _resize_rgb(x, IMAGE_SIZE)
 
 
-def check_network(host: str, port: int = 443, timeout: float = 5.0) -> None:
-  """Fails at once, naming the host, when it cannot be reached (rather than letting a
-  library retry for minutes)."""
-  try:
-    socket.create_connection((host, port), timeout=timeout).close()
-  except OSError as e:
-    raise DatasetNotFoundError(
-        f"download asked for, but {host}:{port} is unreachable ({e}); prepare the data on a "
-        f"machine with network access and copy it into --config.dataset.data_dir") from e
-
-
 # Where tfds' builders fetch the raw files from (checked before a download starts).
 TFDS_SOURCE_HOST = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu"}
 
@@ -145,7 +143,9 @@ def _read_tfds_images(name: str, data_dir: Path, download: bool
       source = {split: builder.as_data_source(split=split) for split in ("train", "test")}
     except Exception:  # pylint: disable=broad-except
       return None
-    (x_tr, y_tr), (x_te, y_te) = _read_split(source["train"]), _read_split(source["test"])
+    (x_tr, y_tr), (x_te, y_te) = (
+        _read_split(source[s], f"tfds {name} ({data_dir / name}, {s} split)")
+        for s in ("train", "test"))
   return x_tr, y_tr, x_te, y_te
 
 
@@ -172,67 +172,12 @@ def _load_image_dataset(name: str, data_dir: Path, mean: Any, std: Any,
                  normalization=Normalization(mean, std))
 
 
-MEDMNIST = {"pathmnist": 9, "organamnist": 11}
-
-
-# MedMNIST v2's official 28x28 files (Zenodo record 6496656) and their MD5 sums.
-MEDMNIST_URL = "https://zenodo.org/record/6496656/files/{name}.npz?download=1"
-MEDMNIST_MD5 = {"pathmnist": "a8b06965200029087d5bd730944a56c1",
-                "organamnist": "866b832ed4eeba67bfb9edee1d5544e6"}
-
-
-def download_medmnist(name: str, data_dir: Path) -> Path:
-  """Fetches `<name>.npz` into `data_dir`, verifying its MD5; a partial or corrupt download
-  never takes the final name."""
-  url = MEDMNIST_URL.format(name=name)
-  check_network(urllib.parse.urlparse(url).hostname or "zenodo.org")
-  data_dir.mkdir(parents=True, exist_ok=True)
-  final, part = data_dir / f"{name}.npz", data_dir / f".{name}.npz.part"
-  import tqdm  # pylint: disable=g-import-not-at-top
-  digest = hashlib.md5()
-  with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-    total = int(response.headers.get("Content-Length") or 0) or None
-    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.npz") as bar:
-      while chunk := response.read(1 << 20):
-        f.write(chunk)
-        digest.update(chunk)
-        bar.update(len(chunk))
-  if digest.hexdigest() != MEDMNIST_MD5[name]:
-    part.unlink()
-    raise ValueError(f"downloaded {name}.npz has MD5 {digest.hexdigest()}, expected "
-                     f"{MEDMNIST_MD5[name]}; nothing was kept, try again")
-  os.replace(part, final)
-  return final
-
-
 def _load_medmnist(name: str, data_dir: Path, download: bool = False) -> Dataset:
-  """MedMNIST's official 28x28 `.npz` release (keys train_images, train_labels, test_images,
-  test_labels), read from `data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz` (fetched
-  from Zenodo first with `download=True`); images resized to 32x32 RGB and normalised with
-  0.5 / 0.5 as in the paper."""
-  candidates = [data_dir / f"{name}.npz", data_dir / "medmnist" / f"{name}.npz"]
-  path = next((p for p in candidates if p.exists()), None)
-  if path is None and download:
-    path = download_medmnist(name, data_dir)
-  if path is None:
-    raise DatasetNotFoundError(
-        f"dataset {name!r}: no {name}.npz in {data_dir} or {data_dir / 'medmnist'} "
-        f"(tracefl_jax never downloads at run time). Get the official 28x28 file from the "
-        f"MedMNIST v2 release ({MEDMNIST_URL.format(name=name)}) and copy {name}.npz "
-        f"there, set --config.dataset.data_dir, or pass --config.dataset.download=True.")
-  try:
-    with np.load(path) as f:
-      arrays = {k: f[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
-  except (KeyError, ValueError, OSError) as e:
-    raise ValueError(f"{path} is not a MedMNIST .npz file ({e})") from e
-
-  def prep(x):
-    return _prepare_images(x[..., None] if x.ndim == 3 else x)
-
-  labels = lambda y: np.asarray(y).reshape(-1).astype(np.int32)  # noqa: E731
-  return Dataset(name, prep(arrays["train_images"]), labels(arrays["train_labels"]),
-                 prep(arrays["test_images"]), labels(arrays["test_labels"]), MEDMNIST[name],
-                 normalization=Normalization(MEDMNIST_MEAN, MEDMNIST_STD))
+  """MedMNIST's official 28x28 `.npz` release, checked (medmnist.py), resized to 32x32 RGB
+  and normalised with 0.5 / 0.5 as in the paper."""
+  x_tr, y_tr, x_te, y_te, _ = read_medmnist(name, data_dir, download)
+  return Dataset(name, _prepare_images(x_tr), y_tr, _prepare_images(x_te), y_te,
+                 MEDMNIST[name], normalization=Normalization(MEDMNIST_MEAN, MEDMNIST_STD))
 
 
 def make_synthetic(num_train: int = 1000, num_test: int = 200,

@@ -35,8 +35,15 @@ class RoundData(NamedTuple):
   counts: np.ndarray
 
 
+def _check_batch_size(batch_size: Any) -> None:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+
+
 def bucket_length(max_count: int, batch_size: int) -> int:
   """Smallest `M = batch_size * 2**j` with `M >= max_count` (at least one batch)."""
+  _check_batch_size(batch_size)
   steps = max(1, math.ceil(max_count / batch_size))
   return batch_size * (1 << (steps - 1).bit_length())
 
@@ -58,6 +65,7 @@ def stack_client_indices(
   Returns:
     `RoundData(indices [K, M], counts [K])`; padding slots hold index 0 and are masked later.
   """
+  _check_batch_size(batch_size)
   chosen = [np.asarray(client_indices[c], np.int64) for c in clients]
   counts = np.array([len(ix) for ix in chosen], np.int32)
   if length is None:

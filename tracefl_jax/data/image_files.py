@@ -21,7 +21,9 @@ Readers return uint8 images `[N, H, W, C]` and int32 labels `[N]`; resizing and 
 belong to the loader (datasets.py), which applies the same helper to the tfds path.
 
 Pickles are read with an unpickler that only rebuilds NumPy arrays, so a tampered file cannot
-run code.
+run code. Every array read is checked (checks.py: uint8 pixels of the right shape, integer
+labels in [0, 10), one per image); a truncated or corrupt file (a cut zip, gzip or tar, a
+broken pickle) is one `DataFileError` naming the file and the key or member.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import pickle
 import struct
 import tarfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +42,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tracefl_jax.data.base import DatasetNotFoundError
+from tracefl_jax.data.checks import DataFileError, check_labels, check_pixels, read_npz
+
+NUM_CLASSES = 10  # MNIST and CIFAR-10
 
 
 class ImageArrays(NamedTuple):
@@ -69,23 +75,20 @@ def read_idx(path: str | Path) -> np.ndarray:
   path = Path(path)
   data = path.read_bytes()
   if data[:2] == b"\x1f\x8b":  # gzip magic: also catches a compressed file renamed without .gz
-    try:
-      data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-      raise ValueError(f"{path}: a damaged gzip file ({e})") from e
+    data = _gunzip(data, path)
   if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path} is not an IDX file (first bytes {data[:4].hex()}, expected "
-                     f"0000 + type code + rank)")
+    raise DataFileError(f"{path} is not an IDX file (first bytes {data[:4].hex()}, expected "
+                        f"0000 + type code + rank)")
   rank = data[3]
   offset = 4 + 4 * rank
   if len(data) < offset:
-    raise ValueError(f"{path}: IDX header of rank {rank} is cut short")
+    raise DataFileError(f"{path}: IDX header of rank {rank} is cut short")
   dims = struct.unpack(f">{rank}I", data[4:offset])
   dtype = np.dtype(_IDX_DTYPES[data[2]])
   expected = math.prod(dims) * dtype.itemsize
   if len(data) - offset != expected:
-    raise ValueError(f"{path}: the IDX header promises shape {dims} ({expected} bytes) but "
-                     f"the file holds {len(data) - offset} bytes of data (truncated?)")
+    raise DataFileError(f"{path}: the IDX header promises shape {dims} ({expected} bytes) but "
+                        f"the file holds {len(data) - offset} bytes of data (truncated?)")
   return np.frombuffer(data, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -105,45 +108,40 @@ class _ArrayUnpickler(pickle.Unpickler):
     return super().find_class(module, name)
 
 
+def _gunzip(data: bytes, path: Path | str) -> bytes:
+  try:
+    return gzip.decompress(data)
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataFileError(f"{path}: a truncated or damaged gzip file ({e})") from e
+
+
 def _unpickle(data: bytes, path: Path) -> Any:
   if data[:2] == b"\x1f\x8b":
-    data = gzip.decompress(data)
+    data = _gunzip(data, path)
   try:
     # latin1: the releases were pickled by Python 2; NumPy documents latin1 for its arrays.
     return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-    raise ValueError(f"{path}: not a dataset pickle ({e})") from e
+  except Exception as e:  # pylint: disable=broad-except  (damaged bytes raise many kinds)
+    raise DataFileError(f"{path}: not a dataset pickle, or a truncated one "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def _images(x: Any, where: str, size: int | None = None) -> np.ndarray:
-  """uint8 `[N, H, W, C]` from `[N, H, W]` or `[N, H, W, C]`."""
-  x = np.asarray(x)
-  if x.dtype != np.uint8 or x.ndim not in (3, 4) or (size and x.shape[1:3] != (size, size)):
-    raise ValueError(f"{where}: expected uint8 images [N, H, W(, C)], got {x.dtype} "
-                     f"{x.shape}")
-  return x[..., None] if x.ndim == 3 else x
+  """uint8 `[N, H, W, 1]` from grey `[N, H, W]` or `[N, H, W, 1]` pixels (checks.py)."""
+  return check_pixels(x, where, size=size, channels=(1,))
 
 
 def _labels(y: Any, n: int, where: str) -> np.ndarray:
-  y = np.asarray(y)
-  if y.ndim == 2 and y.shape[1] == 1:
-    y = y[:, 0]
-  if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{where}: expected {n} integer labels, got {y.dtype} {y.shape}")
-  return y.astype(np.int32)
+  """int32 `[N]` labels in [0, 10), one per image (checks.py)."""
+  return check_labels(y, where, NUM_CLASSES, n)
 
 
 def read_mnist_npz(path: str | Path) -> ImageArrays:
   """Keras' `mnist.npz`: x_train [60000, 28, 28] uint8, y_train, x_test, y_test."""
   path = Path(path)
-  try:
-    with np.load(path) as f:
-      arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-  except (KeyError, ValueError, OSError) as e:
-    raise ValueError(f"{path} is not Keras' mnist.npz (keys x_train, y_train, x_test, "
-                     f"y_test): {e}") from e
-  x_tr = _images(arrays["x_train"], f"{path}[x_train]")
-  x_te = _images(arrays["x_test"], f"{path}[x_test]")
+  arrays = read_npz(path, ("x_train", "y_train", "x_test", "y_test"), "Keras' mnist.npz")
+  x_tr = _images(arrays["x_train"], f"{path}[x_train]", 28)
+  x_te = _images(arrays["x_test"], f"{path}[x_test]", 28)
   return ImageArrays(x_tr, _labels(arrays["y_train"], len(x_tr), f"{path}[y_train]"),
                      x_te, _labels(arrays["y_test"], len(x_te), f"{path}[y_test]"), path)
 
@@ -181,6 +179,12 @@ def _unit_floats_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
   guessing would silently change the data."""
   if x.dtype == np.uint8:
     return x
+  if not np.issubdtype(x.dtype, np.floating):
+    raise DataFileError(f"{where}: pixels have dtype {x.dtype}; the classic mnist.pkl.gz "
+                        f"holds float32 values in [0, 1]")
+  if not np.isfinite(x).all():
+    raise DataFileError(f"{where}: images hold NaN or inf; this is not the classic "
+                        f"mnist.pkl.gz")
   x = x.astype(np.float32)
   for scale in (256, 255):
     scaled = x * np.float32(scale)
@@ -188,7 +192,7 @@ def _unit_floats_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
     if np.abs(scaled - pixels).max(initial=0) < 1e-3 and 0 <= pixels.min(initial=0) \
         and pixels.max(initial=0) <= 255:
       return pixels.astype(np.uint8)
-  raise ValueError(f"{where}: pixel values are not whole multiples of 1/256 or 1/255 in "
+  raise DataFileError(f"{where}: pixel values are not whole multiples of 1/256 or 1/255 in "
                    f"[0, 1]; this is not the classic mnist.pkl.gz")
 
 
@@ -200,14 +204,16 @@ def read_mnist_pickle(path: str | Path) -> ImageArrays:
   try:
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{path}: expected ((x_train, y_train), (x_valid, y_valid), (x_test, "
-                     f"y_test))") from e
+    raise DataFileError(f"{path}: expected ((x_train, y_train), (x_valid, y_valid), (x_test, "
+                        f"y_test))") from e
 
   def images(x, split):
     x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != 784:
-      raise ValueError(f"{path}: {split} images must be [N, 784], got {x.shape}")
-    return _unit_floats_to_uint8(x, f"{path} ({split})").reshape(-1, 28, 28, 1)
+    if x.ndim != 2 or x.shape[1] != 784 or not len(x):
+      raise DataFileError(f"{path}: {split} images must be [N, 784] with N >= 1, got "
+                          f"{x.shape}")
+    where = f"{path} ({split} images)"
+    return _images(_unit_floats_to_uint8(x, where).reshape(-1, 28, 28), where, 28)
 
   x_train = np.concatenate([images(x_tr, "train"), images(x_va, "valid")])
   y_train = np.concatenate([_labels(y_tr, len(y_tr), f"{path} (train labels)"),
@@ -225,16 +231,18 @@ def _cifar_batch(data: bytes, where: Path) -> tuple[np.ndarray, np.ndarray]:
   """One pickled batch -> (uint8 [N, 32, 32, 3], int32 [N])."""
   batch = _unpickle(data, where)
   if not isinstance(batch, dict):
-    raise ValueError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
+    raise DataFileError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
   get = lambda key: batch.get(key, batch.get(key.encode()))  # noqa: E731  (str or bytes keys)
   if get("data") is None or get("labels") is None:
-    raise ValueError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
+    raise DataFileError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
   x = np.asarray(get("data"))
-  if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-    raise ValueError(f"{where}: data must be uint8 [N, 3072], got {x.dtype} {x.shape}")
+  if x.ndim != 2 or x.shape[1] != 3072 or not len(x):
+    raise DataFileError(f"{where}[data]: must be uint8 [N, 3072] with N >= 1, got {x.dtype} "
+                        f"{x.shape}")
   # Rows are channel-major (1024 red, 1024 green, 1024 blue values, each row-major 32x32).
-  x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return np.ascontiguousarray(x), _labels(get("labels"), len(x), str(where))
+  x = check_pixels(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), f"{where}[data]", size=32,
+                   channels=(3,))
+  return np.ascontiguousarray(x), _labels(get("labels"), len(x), f"{where}[labels]")
 
 
 def _cifar_arrays(batches: list[tuple[np.ndarray, np.ndarray]], source: Path) -> ImageArrays:
@@ -257,16 +265,19 @@ def read_cifar10_batches(folder: str | Path) -> ImageArrays:
 def read_cifar10_archive(path: str | Path) -> ImageArrays:
   """The unextracted python release `cifar-10-python.tar.gz`, read in memory."""
   path = Path(path)
+  batches, member = [], None
   try:
     with tarfile.open(path, "r:*") as tar:
       members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
       missing = [n for n in CIFAR10_BATCHES if n not in members]
       if missing:
-        raise ValueError(f"{path}: the archive lacks {', '.join(missing)}")
-      batches = [_cifar_batch(tar.extractfile(members[n]).read(), path / n)
-                 for n in CIFAR10_BATCHES]
-  except tarfile.TarError as e:
-    raise ValueError(f"{path} is not a readable tar archive ({e})") from e
+        raise DataFileError(f"{path}: the archive lacks {', '.join(missing)}")
+      for member in CIFAR10_BATCHES:
+        batches.append(_cifar_batch(tar.extractfile(members[member]).read(), path / member))
+  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    part = f" (reading {member})" if member else ""
+    raise DataFileError(f"{path}{part}: not a readable tar archive, or a truncated one "
+                        f"({type(e).__name__}: {e})") from e
   return _cifar_arrays(batches, path)
 
 

@@ -8,6 +8,8 @@ holds the input's label).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,17 +35,57 @@ class Partition:
   @classmethod
   def from_indices(cls, parts: Sequence[Sequence[int]], labels: np.ndarray,
                    num_classes: int | None = None) -> Partition:
-    """A partition from per-client index lists, its label counts taken from `labels`."""
-    labels = np.asarray(labels)
-    k = _num_classes(labels, num_classes)
-    indices = tuple(np.asarray(p, np.int64).reshape(-1) for p in parts)
+    """A partition from per-client index lists (integers in `[0, len(labels))`), its label
+    counts taken from `labels` (`[N]` integers in `[0, num_classes)`)."""
+    labels, k = check_labels(labels, num_classes)
+    indices = tuple(_client_indices(p, c, len(labels)) for c, p in enumerate(parts))
     counts = (np.stack([np.bincount(labels[ix], minlength=k) for ix in indices]) if indices
               else np.zeros((0, k), np.int64))
     return cls(indices, counts.astype(np.int64))
 
 
-def _num_classes(labels: np.ndarray, num_classes: int | None) -> int:
-  return int(num_classes if num_classes is not None else labels.max(initial=-1) + 1)
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_labels(labels: Any, num_classes: int | None = None) -> tuple[np.ndarray, int]:
+  """`(labels as an [N] integer array, K)`, K = `num_classes` or `max(labels) + 1`.
+
+  Raises:
+    ValueError: naming the argument, for labels that are not an integer vector, a negative
+      label, `num_classes` that is not a positive int, or a label >= `num_classes`.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must be a vector [N] of class ids, got shape {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
+    raise ValueError(f"labels must be integer class ids 0..K-1, got dtype {labels.dtype} "
+                     f"(first values {labels[:3].tolist()}); floats are not truncated, pass "
+                     f"labels.astype(int) if they are whole numbers")
+  if len(labels) and labels.min() < 0:
+    i = int(np.argmin(labels))
+    raise ValueError(f"labels must be class ids >= 0, got {labels[i]} at index {i}")
+  largest = int(labels.max(initial=-1))
+  if num_classes is None:
+    return labels, largest + 1
+  if not _is_int(num_classes) or num_classes < 1:
+    raise ValueError(f"num_classes={num_classes!r} must be a positive int (or None: "
+                     f"max(labels) + 1)")
+  if largest >= num_classes:
+    i = int(np.argmax(labels))
+    raise ValueError(f"labels hold class {largest} (at index {i}) but num_classes="
+                     f"{num_classes}: labels must lie in [0, {num_classes})")
+  return labels, int(num_classes)
+
+
+def _client_indices(part: Any, client: int, n: int) -> np.ndarray:
+  ix = np.asarray(part).reshape(-1)
+  if ix.size and (not np.issubdtype(ix.dtype, np.integer) or ix.dtype == np.bool_):
+    raise ValueError(f"client {client}'s indices must be integers, got dtype {ix.dtype}")
+  if ix.size and not 0 <= ix.min() <= ix.max() < n:
+    raise ValueError(f"client {client}'s indices span [{ix.min()}, {ix.max()}], outside the "
+                     f"{n} examples' [0, {n})")
+  return ix.astype(np.int64)
 
 
 def _make(parts: Sequence[Sequence[int]], labels: np.ndarray,
@@ -51,21 +93,23 @@ def _make(parts: Sequence[Sequence[int]], labels: np.ndarray,
   return Partition.from_indices(parts, labels, num_classes)
 
 
-def _check(labels: np.ndarray, num_clients: int) -> np.ndarray:
-  labels = np.asarray(labels)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be a vector, got shape {labels.shape}")
-  if num_clients < 1:
-    raise ValueError(f"num_clients={num_clients} must be >= 1")
+def _check(labels: np.ndarray, num_clients: int, seed: Any = 0,
+           num_classes: int | None = None) -> tuple[np.ndarray, int]:
+  """`(labels, K)` after checking every argument every partitioner shares."""
+  labels, k = check_labels(labels, num_classes)
+  if not _is_int(num_clients) or num_clients < 1:
+    raise ValueError(f"num_clients={num_clients!r} must be an int >= 1")
   if num_clients > len(labels):
     raise ValueError(f"num_clients={num_clients} exceeds the {len(labels)} training examples")
-  return labels
+  if not _is_int(seed) or seed < 0:
+    raise ValueError(f"seed={seed!r} must be a non-negative int")
+  return labels, k
 
 
 def partition_iid(labels: np.ndarray, num_clients: int, seed: int,
                   num_classes: int | None = None) -> Partition:
   """A seeded shuffle split into `num_clients` near-equal parts."""
-  labels = _check(labels, num_clients)
+  labels, _ = _check(labels, num_clients, seed, num_classes)
   perm = np.random.default_rng(seed).permutation(len(labels))
   return _make(np.array_split(perm, num_clients), labels, num_classes)
 
@@ -103,9 +147,9 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
 
   Returns `Partition` with `client_indices[c]` in that final order and `label_counts [C, K]`.
   """
-  labels = _check(labels, num_clients)
-  if not alpha > 0:
-    raise ValueError(f"alpha={alpha} must be > 0")
+  labels, _ = _check(labels, num_clients, seed, num_classes)
+  if not 0 < alpha < math.inf:
+    raise ValueError(f"alpha={alpha} must be > 0 (and finite)")
   rng = np.random.default_rng(seed)
   classes = np.unique(labels)  # sorted, as flwr's sorted(Dataset.unique(...))
   members_of = [np.nonzero(labels == k)[0] for k in classes]
@@ -146,9 +190,8 @@ def partition_pathological(labels: np.ndarray, num_clients: int, classes_per_cli
   """Each client holds `classes_per_client` classes; a class's examples are split evenly
   among the clients holding it. Class sets are assigned round-robin over a seeded class
   order, so every class is used when `num_clients * classes_per_client >= num_classes`."""
-  labels = _check(labels, num_clients)
-  k = _num_classes(labels, num_classes)
-  if not 1 <= classes_per_client <= k:
+  labels, k = _check(labels, num_clients, seed, num_classes)
+  if not _is_int(classes_per_client) or not 1 <= classes_per_client <= k:
     raise ValueError(f"classes_per_client={classes_per_client} must be in [1, {k}]")
   rng = np.random.default_rng(seed)
   order = rng.permutation(k)
@@ -167,8 +210,8 @@ def partition_shards(labels: np.ndarray, num_clients: int, shards_per_client: in
                      seed: int, num_classes: int | None = None) -> Partition:
   """McMahan et al. (2017): sort by label, cut into `C * shards_per_client` equal shards,
   deal each client `shards_per_client` random shards."""
-  labels = _check(labels, num_clients)
-  if shards_per_client < 1:
+  labels, _ = _check(labels, num_clients, seed, num_classes)
+  if not _is_int(shards_per_client) or shards_per_client < 1:
     raise ValueError(f"shards_per_client={shards_per_client} must be >= 1")
   num_shards = num_clients * shards_per_client
   if num_shards > len(labels):
@@ -186,7 +229,12 @@ def fixup_partition(partition: Partition, labels: np.ndarray, *, min_label_count
   client's labels with fewer than `min_label_count` examples, keep its first `max_per_client`
   examples, drop clients left with fewer than `min_client_size` and renumber the rest (order
   kept)."""
-  labels = np.asarray(labels)
+  labels, _ = check_labels(labels, partition.label_counts.shape[1])
+  for name, value, low in (("min_label_count", min_label_count, 0),
+                           ("max_per_client", max_per_client, 1),
+                           ("min_client_size", min_client_size, 0)):
+    if not _is_int(value) or value < low:
+      raise ValueError(f"{name}={value!r} must be an int >= {low}")
   kept = []
   for ix in partition.client_indices:
     counts = np.bincount(labels[ix], minlength=partition.label_counts.shape[1])

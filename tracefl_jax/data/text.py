@@ -23,19 +23,54 @@ from typing import Any
 import numpy as np
 
 from tracefl_jax.data.base import DatasetNotFoundError
+from tracefl_jax.data.checks import DataFileError, check_labels
 
 TEXT_DATASETS = {"dbpedia": 14, "yahoo": 10}
 MAX_LENGTH = 128
+# The CSV releases' columns (no header); the label counts classes from 1.
+CSV_COLUMNS = {"dbpedia": ("label", "title", "content"),
+               "yahoo": ("label", "question title", "question content", "best answer")}
+# Hugging Face's Parquet columns: (label column, text columns joined by a space).
+PARQUET_COLUMNS = {"dbpedia": ("label", ("content",)),
+                   "yahoo": ("topic", ("question_title", "question_content"))}
+
+
+def _csv_label(text: str, where: str, num_classes: int) -> int:
+  try:
+    label = int(text.strip())
+  except ValueError:
+    raise DataFileError(f"{where}: label {text!r} is not an integer (the first column holds "
+                        f"the class, 1..{num_classes})") from None
+  if not 1 <= label <= num_classes:
+    raise DataFileError(f"{where}: label {label} is outside 1..{num_classes} (the CSV release "
+                        f"counts classes from 1)")
+  return label - 1
 
 
 def _read_csv(path: Path, name: str) -> tuple[list[str], np.ndarray]:
+  """Every row checked: the release's column count and an integer label in 1..K; errors name
+  `path:line` (the row's first line)."""
+  columns, k = CSV_COLUMNS[name], TEXT_DATASETS[name]
   texts, labels = [], []
-  with open(path, newline="", encoding="utf-8") as f:
-    for row in csv.reader(f):
-      if not row:
-        continue
-      labels.append(int(row[0]) - 1)  # the CSV releases count classes from 1
-      texts.append(row[2] if name == "dbpedia" else f"{row[1]} {row[2]}".strip())
+  line = 1
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.reader(f)
+      for row in reader:
+        where, line = f"{path}:{line}", reader.line_num + 1
+        if not row:
+          continue
+        if len(row) != len(columns):
+          raise DataFileError(f"{where}: {len(row)} columns, expected {len(columns)} "
+                              f"({', '.join(columns)})")
+        labels.append(_csv_label(row[0], where, k))
+        texts.append(row[2] if name == "dbpedia" else f"{row[1]} {row[2]}".strip())
+  except csv.Error as e:
+    raise DataFileError(f"{path}:{line}: not a readable CSV row ({e})") from e
+  except UnicodeDecodeError as e:
+    raise DataFileError(f"{path}: not UTF-8 text ({e.reason})") from e
+  if not labels:
+    raise DataFileError(f"{path}: no rows")
   return texts, np.array(labels, np.int32)
 
 
@@ -45,12 +80,30 @@ def _read_parquet(path: Path, name: str) -> tuple[list[str], np.ndarray]:
   except ImportError as e:
     raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or use the CSV "
                       "release") from e
-  table = pq.read_table(path).to_pydict()
-  if name == "dbpedia":
-    return list(table["content"]), np.asarray(table["label"], np.int32)
-  texts = [f"{t} {c}".strip() for t, c in zip(table["question_title"],
-                                               table["question_content"])]
-  return texts, np.asarray(table["topic"], np.int32)
+  label_column, text_columns = PARQUET_COLUMNS[name]
+  try:
+    table = pq.read_table(path).to_pydict()
+  except Exception as e:  # pylint: disable=broad-except  (pyarrow's errors for a bad file)
+    raise DataFileError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+  missing = [c for c in (label_column, *text_columns) if c not in table]
+  if missing:
+    raise DataFileError(f"{path}: lacks the column(s) {', '.join(missing)} (it has "
+                        f"{', '.join(table) or 'none'})")
+  for column in text_columns:
+    bad = [i for i, t in enumerate(table[column]) if not isinstance(t, str)]
+    if bad:
+      raise DataFileError(f"{path}: column {column!r} row {bad[0]} holds "
+                          f"{table[column][bad[0]]!r}, not text")
+  if len(text_columns) == 1:
+    texts = list(table[text_columns[0]])
+  else:
+    texts = [" ".join(parts).strip() for parts in zip(*(table[c] for c in text_columns))]
+  if not texts:
+    raise DataFileError(f"{path}: no rows")
+  labels = check_labels(np.asarray(table[label_column]), f"{path}[{label_column}]",
+                        TEXT_DATASETS[name], len(texts))
+  return texts, labels
 
 
 def read_split(name: str, data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray]:
