@@ -81,12 +81,19 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
   assert proc.returncode == 2
   assert "clients_per_round=500 must be in [1, num_clients=20]" in proc.stderr
   proc = _cli(tmp_path, "--config.model.name=vgg")
-  assert proc.returncode == 2 and "unknown model 'vgg'; valid models" in proc.stderr
+  assert proc.returncode == 2 and "model.name='vgg' is not one of bert_base" in proc.stderr
   proc = _cli(tmp_path, "--config.clinets_per_round=5")  # a typo is an error, not a new field
   assert proc.returncode == 2 and "did you mean --config.clients_per_round?" in proc.stderr
   assert "Traceback" not in proc.stderr
   proc = _cli(tmp_path, "--config.dataset.name=imagenet")
   assert proc.returncode == 2 and "imagenet" in proc.stderr and "digits" in proc.stderr
+  # Issue 23: these passed validation (ZeroDivisionError after a round; numpy's "expected
+  # non-negative integer" without the field); now named before anything is written.
+  proc = _cli(tmp_path / "new", "--config.seed=-5", "--config.eval.batch_size=0")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "seed=-5 must be in [0, 4294967295]" in proc.stderr
+  assert "eval.batch_size=0 must be >= 1" in proc.stderr
+  assert not any((tmp_path / "new").glob("*"))  # nothing written
 
 
 def test_overrides_parse_as_the_field_types_in_both_flag_forms():

@@ -283,63 +283,18 @@ def parse_flip(text: str) -> dict[int, int]:
   return flip
 
 
-def _one_of(errors: list[str], name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    errors.append(f"{name}={value!r} is not one of {', '.join(valid)}")
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises `ValueError` listing every problem of the config at once."""
-  errors: list[str] = []
-  if c.rounds < 1:
-    errors.append(f"rounds={c.rounds} must be >= 1")
-  if c.num_clients < 1:
-    errors.append(f"num_clients={c.num_clients} must be >= 1")
-  if not 1 <= c.clients_per_round <= c.num_clients:
-    errors.append(f"clients_per_round={c.clients_per_round} must be in [1, num_clients="
-                  f"{c.num_clients}]")
-  if c.partition.max_clients < 0:
-    errors.append(f"partition.max_clients={c.partition.max_clients} must be >= 0 (0: all)")
-  elif 0 < c.partition.max_clients < c.clients_per_round:
-    errors.append(f"partition.max_clients={c.partition.max_clients} is below "
-                  f"clients_per_round={c.clients_per_round}")
-  if c.dataset.synthetic_noise < 0:
-    errors.append(f"dataset.synthetic_noise={c.dataset.synthetic_noise} must be >= 0")
-  _one_of(errors, "partition.method", c.partition.method, PARTITION_METHODS)
-  if c.partition.method == "dirichlet" and not c.partition.alpha > 0:
-    errors.append(f"partition.alpha={c.partition.alpha} must be > 0")
-  if c.client.batch_size < 1:
-    errors.append(f"client.batch_size={c.client.batch_size} must be >= 1")
-  if c.client.local_epochs < 1:
-    errors.append(f"client.local_epochs={c.client.local_epochs} must be >= 1")
-  if not c.client.learning_rate > 0:
-    errors.append(f"client.learning_rate={c.client.learning_rate} must be > 0")
-  _one_of(errors, "client.optimizer", c.client.optimizer, OPTIMIZERS)
-  _one_of(errors, "aggregation.weighting", c.aggregation.weighting, WEIGHTINGS)
-  _one_of(errors, "simulation.strategy", c.simulation.strategy, STRATEGIES)
-  _one_of(errors, "simulation.compute_dtype", c.simulation.compute_dtype,
-          ("float32", "bfloat16"))
-  if c.simulation.clients_per_chunk < 0:
-    errors.append("simulation.clients_per_chunk must be >= 0 (0: one chunk)")
-  _one_of(errors, "provenance.mode", c.provenance.mode, PROVENANCE_MODES)
-  _one_of(errors, "provenance.kernel", c.provenance.kernel, KERNELS)
-  _one_of(errors, "provenance.block_mask", c.provenance.block_mask, ("parity", "fixed"))
-  if c.provenance.feddebug_inputs < 1:
-    errors.append(f"provenance.feddebug_inputs={c.provenance.feddebug_inputs} must be >= 1")
-  if not 0 < c.provenance.decay <= 1:
-    errors.append(f"provenance.decay={c.provenance.decay} must be in (0, 1]")
-  if c.dp.enabled:
-    if not c.dp.clip_norm > 0:
-      errors.append(f"dp.clip_norm={c.dp.clip_norm} must be > 0")
-    if c.dp.noise_multiplier < 0:
-      errors.append(f"dp.noise_multiplier={c.dp.noise_multiplier} must be >= 0")
-    if not 0 < c.dp.delta < 1:
-      errors.append(f"dp.delta={c.dp.delta} must be in (0, 1)")
-  if c.client.divergence_factor < 0:
-    errors.append(f"client.divergence_factor={c.client.divergence_factor} must be >= 0 "
-                  f"(0: off)")
-  if c.checkpoint.every < 0:
-    errors.append(f"checkpoint.every={c.checkpoint.every} must be >= 0")
+  """Raises `ValueError` listing every problem of the config at once, before any work: each
+  field of `base_config()` is checked for its type, its range or choices, and against the
+  fields it depends on (config_checks.py lists the rules); one problem is one line naming the
+  field, the value and what is valid."""
+  from tracefl_jax.experiment import config_checks as checks  # pylint: disable=g-import-not-at-top
+  errors = checks.type_errors(c, config_fields(base_config()))
+  if errors:  # the value checks below assume the types
+    _raise_invalid(errors)
+  errors += checks.range_errors(c, set())
+  errors += checks.choice_errors(c)
+  errors += checks.cross_field_errors(c)
   try:
     rounds = parse_int_list(c.provenance.rounds)
     bad = [r for r in rounds if not 1 <= r <= c.rounds]
@@ -357,19 +312,33 @@ def validate(c: ml_collections.ConfigDict) -> None:
                   f"'last' or a list of round numbers")
   try:
     faulty = parse_faulty_clients(c.faulty.clients)
-    faulty = [0] if faulty is None else faulty  # "largest": one client, id known later
+  except ValueError:
+    errors.append(f"faulty.clients={c.faulty.clients!r} is not 'largest' or comma-separated "
+                  f"client ids, e.g. '0,3'")
+    faulty = []
+  faulty = [0] if faulty is None else faulty  # "largest": one client, id known later
+  try:
     flip = parse_flip(c.faulty.flip)
-    if c.provenance.mode == "faulty" and not (faulty and flip):
-      errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")
-    bad = [k for k in faulty if not 0 <= k < c.num_clients]
-    if bad:
-      errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
-    if c.faulty.every_round and not faulty:
-      errors.append("faulty.every_round needs faulty.clients")
-    if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
-      errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
-                    f"clients_per_round={c.clients_per_round}")
-  except ValueError as e:
-    errors.append(f"faulty settings: {e}")
+  except ValueError:
+    errors.append(f"faulty.flip={c.faulty.flip!r} is not 'src:dst,...' with integer labels, "
+                  f"e.g. '1:0,2:0'")
+    flip = {}
+  errors += checks.flip_errors(flip)
+  if c.provenance.mode == "faulty" and not (faulty and flip):
+    errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")
+  bad = [k for k in faulty if not 0 <= k < c.num_clients]
+  if bad:
+    errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
+  if c.faulty.every_round and not faulty:
+    errors.append("faulty.every_round needs faulty.clients")
+  if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
+    errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
+                  f"clients_per_round={c.clients_per_round}")
   if errors:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+    _raise_invalid(errors)
+
+
+def _raise_invalid(errors: list[str]) -> None:
+  if len(errors) == 1:
+    raise ValueError(f"invalid config: {errors[0]}")
+  raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,179 @@
+"""Every field of base_config() has a rule, and every rule names the field, the value and what
+is valid: a table of one bad value (or more) per field, the edge values that stay valid, and
+wrong types. No run starts: validate() is the first thing a run does."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import pytest
+
+from tracefl_jax.experiment import config_checks
+from tracefl_jax.experiment.config import base_config, config_fields, validate
+
+# field -> [(bad value, what the message says)]; base_config() has 10 rounds and 20 clients,
+# 5 per round.
+BAD_VALUES: dict[str, list[tuple[object, str]]] = {
+    "seed": [(-5, "seed=-5 must be in [0, 4294967295]"),
+             (2**32, "seed=4294967296 must be in [0, 4294967295]")],
+    "rounds": [(0, "rounds=0 must be >= 1")],
+    "num_clients": [(0, "num_clients=0 must be >= 1")],
+    "clients_per_round": [(200, "clients_per_round=200 must be in [1, num_clients=20]"),
+                          (0, "clients_per_round=0 must be in [1, num_clients=20]")],
+    "dataset.name": [("imagenet", "dataset.name='imagenet' is not one of cifar10, dbpedia, "
+                                  "digits")],
+    "dataset.data_dir": [("", "dataset.data_dir='' must be a directory or unset")],
+    "dataset.num_train": [(-1000, "dataset.num_train=-1000 must be >= 0 (0: all)")],
+    "dataset.num_test": [(-1, "dataset.num_test=-1 must be >= 0 (0: all)")],
+    "dataset.tokenizer": [("/no/such/tokenizer", "dataset.tokenizer='/no/such/tokenizer' is "
+                                                 "not an existing directory")],
+    "dataset.max_length": [(0, "dataset.max_length=0 must be >= 1")],
+    "dataset.synthetic_size": [(0, "dataset.synthetic_size=0 must be >= 1")],
+    "dataset.synthetic_shape": [("32,x", "dataset.synthetic_shape='32,x' must be positive "
+                                         "integers"),
+                                ("8,0,1", "dataset.synthetic_shape='8,0,1' must be positive")],
+    "dataset.synthetic_classes": [(1, "dataset.synthetic_classes=1 must be >= 2")],
+    "dataset.synthetic_noise": [(-0.5, "dataset.synthetic_noise=-0.5 must be >= 0"),
+                                (math.nan, "dataset.synthetic_noise=nan must be >= 0")],
+    "dataset.vocab_size": [(1, "dataset.vocab_size=1 must be 0 (from the data) or >= 2")],
+    "partition.method": [("zipf", "partition.method='zipf' is not one of iid, dirichlet")],
+    "partition.alpha": [(0.0, "partition.alpha=0.0 must be > 0"),
+                        (math.inf, "partition.alpha=inf must be > 0")],
+    "partition.min_partition_size": [(-1, "partition.min_partition_size=-1 must be >= 0")],
+    "partition.classes_per_client": [(0, "partition.classes_per_client=0 must be >= 1")],
+    "partition.shards_per_client": [(0, "partition.shards_per_client=0 must be >= 1")],
+    "partition.min_label_count": [(-1, "partition.min_label_count=-1 must be >= 0")],
+    "partition.max_per_client": [(0, "partition.max_per_client=0 must be >= 1")],
+    "partition.min_client_size": [(-1, "partition.min_client_size=-1 must be >= 0")],
+    "partition.max_clients": [(-1, "partition.max_clients=-1 must be >= 0 (0: all)"),
+                              (3, "partition.max_clients=3 is below clients_per_round=5")],
+    "model.name": [("vgg", "model.name='vgg' is not one of bert_base, bert_tiny, cnn")],
+    "model.hf_path": [("/no/such/model", "model.hf_path='/no/such/model' is not an existing "
+                                         "directory")],
+    "model.torchvision_weights": [("/no/such.pt", "model.torchvision_weights='/no/such.pt' is "
+                                                  "not an existing file")],
+    "client.optimizer": [("lion", "client.optimizer='lion' is not one of adam")],
+    "client.learning_rate": [(0.0, "client.learning_rate=0.0 must be > 0"),
+                             (math.inf, "client.learning_rate=inf must be > 0")],
+    "client.weight_decay": [(-1e-4, "client.weight_decay=-0.0001 must be >= 0")],
+    "client.momentum": [(1.0, "client.momentum=1.0 must be in [0, 1)")],
+    "client.batch_size": [(0, "client.batch_size=0 must be >= 1"),
+                          (-4, "client.batch_size=-4 must be >= 1")],
+    "client.local_epochs": [(0, "client.local_epochs=0 must be >= 1")],
+    "client.divergence_factor": [(-1.0, "client.divergence_factor=-1.0 must be >= 0 (0: off)")],
+    "aggregation.weighting": [("median", "aggregation.weighting='median' is not one of")],
+    "simulation.strategy": [("pmap", "simulation.strategy='pmap' is not one of auto, vmap")],
+    "simulation.clients_per_chunk": [(-1, "simulation.clients_per_chunk=-1 must be >= 0")],
+    "simulation.compute_dtype": [("float16", "simulation.compute_dtype='float16' is not one "
+                                             "of float32, bfloat16")],
+    "eval.batch_size": [(0, "eval.batch_size=0 must be >= 1")],
+    "eval.max_test_inputs": [(0, "eval.max_test_inputs=0 must be >= 1")],
+    "provenance.rounds": [("3,99", "provenance.rounds [99] outside 1..10"),
+                          ("a", "provenance.rounds='a' is not a list of integers")],
+    "provenance.mode": [("all", "provenance.mode='all' is not one of")],
+    "provenance.kernel": [("trak", "provenance.kernel='trak' is not one of")],
+    "provenance.decay": [(0.0, "provenance.decay=0.0 must be in (0, 1]"),
+                         (1.5, "provenance.decay=1.5 must be in (0, 1]")],
+    "provenance.per_label": [(0, "provenance.per_label=0 must be >= 1")],
+    "provenance.max_faulty_inputs": [(0, "provenance.max_faulty_inputs=0 must be >= 1")],
+    "provenance.clients_per_chunk": [(-1, "provenance.clients_per_chunk=-1 must be >= 0")],
+    "provenance.top_k": [(-1, "provenance.top_k=-1 must be >= 1"),
+                         (0, "provenance.top_k=0 must be >= 1")],
+    "provenance.block_mask": [("none", "provenance.block_mask='none' is not one of parity, "
+                                       "fixed")],
+    "provenance.feddebug_inputs": [(0, "provenance.feddebug_inputs=0 must be >= 1")],
+    "provenance.feddebug_threshold": [(-0.1, "provenance.feddebug_threshold=-0.1 must be >= 0")],
+    "provenance.store_rounds": [("11", "provenance.store_rounds [11] outside 1..10"),
+                                ("every", "provenance.store_rounds='every' is not ''")],
+    "dp.noise_multiplier": [(-1.0, "dp.noise_multiplier=-1.0 must be >= 0")],
+    "dp.clip_norm": [(0.0, "dp.clip_norm=0.0 must be > 0")],
+    "dp.delta": [(1.0, "dp.delta=1.0 must be in (0, 1)")],
+    "checkpoint.every": [(-1, "checkpoint.every=-1 must be >= 0")],
+    "faulty.clients": [("20", "faulty.clients [20] outside 0..19"),
+                       ("a", "faulty.clients='a' is not 'largest' or comma-separated")],
+    "faulty.flip": [("1-0", "faulty.flip='1-0' is not 'src:dst,...'"),
+                    ("-1:0", "faulty.flip labels [-1] must be >= 0")],
+    "faulty.every_round": [(True, "faulty.every_round needs faulty.clients")],
+}
+
+# Values at the edge of each range, valid.
+EDGE_VALUES = [("seed", 0), ("seed", 2**32 - 1), ("dataset.num_train", 0),
+               ("dataset.synthetic_noise", 0.0), ("dataset.vocab_size", 0),
+               ("dataset.vocab_size", 2), ("client.momentum", 0.0), ("provenance.decay", 1.0),
+               ("provenance.top_k", 1), ("checkpoint.every", 0), ("partition.max_clients", 5),
+               ("eval.batch_size", 1), ("eval.max_test_inputs", 1), ("clients_per_round", 20),
+               ("dataset.synthetic_shape", "16"), ("faulty.clients", "largest")]
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return config
+
+
+def test_every_field_has_a_rule_and_a_bad_value_case():
+  fields = list(config_fields(base_config()))
+  assert config_checks.uncovered_fields(fields) == [], (
+      "add these fields to config_checks (RANGES, CHOICES, CROSS_FIELD or FREE)")
+  ruled = (set(config_checks.RANGES) | set(config_checks.CHOICES)
+           | config_checks.CROSS_FIELD | config_checks.FREE)
+  assert ruled <= set(fields), f"rules for fields base_config() lacks: {ruled - set(fields)}"
+  need_case = set(fields) - config_checks.FREE
+  assert need_case <= set(BAD_VALUES), (
+      f"add a bad value to BAD_VALUES for {sorted(need_case - set(BAD_VALUES))}")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (field, value, message) for field, cases in BAD_VALUES.items() for value, message in cases])
+def test_bad_value_is_named_on_one_line(field, value, message):
+  config = _set(base_config(), field, value)
+  with pytest.raises(ValueError) as e:
+    validate(config)
+  text = str(e.value)
+  assert message in text, text
+  line = next(l for l in text.splitlines() if message in l)
+  assert line.startswith(("invalid config: ", "  - ")) and field in line
+
+
+@pytest.mark.parametrize("field,value", EDGE_VALUES)
+def test_edge_values_stay_valid(field, value):
+  validate(_set(base_config(), field, value))
+
+
+def test_defaults_and_existing_paths_are_valid(tmp_path):
+  validate(base_config())
+  weights = tmp_path / "w.pt"
+  weights.write_bytes(b"")
+  c = base_config()
+  c.model.torchvision_weights, c.dataset.tokenizer = str(weights), str(tmp_path)
+  c.model.hf_path, c.model.name = str(tmp_path), "not-a-registry-name"  # hf_path wins
+  validate(c)
+
+
+def test_every_problem_listed_at_once():
+  c = _set(_set(base_config(), "seed", -5), "eval.batch_size", 0)
+  with pytest.raises(ValueError) as e:
+    validate(c)
+  lines = str(e.value).splitlines()
+  assert lines[0] == "invalid config:" and len(lines) == 3
+  assert "seed=-5" in lines[1] and "eval.batch_size=0" in lines[2]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rounds", 2.5, "rounds=2.5 must be an integer"),
+    ("seed", True, "seed=True must be an integer"),
+    ("dp.enabled", "yes", "dp.enabled='yes' must be true or false"),
+    ("client.learning_rate", "fast", "client.learning_rate='fast' must be a number"),
+    ("imports", 3, "imports=3 must be a string"),
+    ("dataset.data_dir", 7, "dataset.data_dir=7 must be a string"),
+])
+def test_wrong_types_are_named(field, value, message):
+  """A config built without ml_collections' type safety (a dict, a loose ConfigDict)."""
+  loose = ml_collections.ConfigDict(base_config().to_dict(), type_safe=False)
+  loose.dataset.data_dir = None
+  with pytest.raises(ValueError, match=f"invalid config: {message}"):
+    validate(_set(loose, field, value))
