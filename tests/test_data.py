@@ -177,6 +177,7 @@ def test_medmnist_download_switch(tmp_path, monkeypatch):
   import hashlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import socket  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
   from tracefl_jax.data import datasets  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
   np.savez(buf, train_images=np.zeros((4, 28, 28), np.uint8),
@@ -196,7 +197,7 @@ def test_medmnist_download_switch(tmp_path, monkeypatch):
     headers = {"Content-Length": str(len(payload))}
   urls = []
   monkeypatch.setattr(socket, "create_connection", lambda *a, **k: io.BytesIO())
-  monkeypatch.setattr(datasets.urllib.request, "urlopen",
+  monkeypatch.setattr(urllib.request, "urlopen",
                       lambda url, timeout=None: urls.append(url) or Response(payload))
   with pytest.raises(ValueError, match="MD5 .* expected 866b832ed4eeba67bfb9edee1d5544e6"):
     load_dataset("organamnist", data_dir=tmp_path, download=True)

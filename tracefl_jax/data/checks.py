@@ -155,16 +155,20 @@ def read_npz(path: str | Path, keys: Sequence[str], what: str) -> dict[str, np.n
   arrays: dict[str, np.ndarray] = {}
   key = None
   try:
-    f = np.load(path, allow_pickle=False)
-    if not isinstance(f, np.lib.npyio.NpzFile):
-      raise DataFileError(f"{path} holds a single .npy array of shape {np.shape(f)}, not {what}")
-    with f:
-      missing = [k for k in keys if k not in f.files]
-      if missing:
-        raise DataFileError(f"{path} is not {what}: it lacks the key(s) {', '.join(missing)} "
-                            f"(it holds {', '.join(f.files) or 'no arrays'})")
-      for key in keys:
-        arrays[key] = f[key]
+    # Our own handle: np.load leaks the one it opens when the zip directory is unreadable.
+    with open(path, "rb") as handle:
+      f = np.load(handle, allow_pickle=False)
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataFileError(f"{path} holds a single .npy array of shape {np.shape(f)}, not "
+                            f"{what}")
+      with f:
+        missing = [k for k in keys if k not in f.files]
+        if missing:
+          held = ", ".join(f.files) or "no arrays"
+          raise DataFileError(f"{path} is not {what}: it lacks the key(s) "
+                              f"{', '.join(missing)} (it holds {held})")
+        for key in keys:
+          arrays[key] = f[key]
   except DataFileError:
     raise
   except _NPZ_ERRORS as e:

@@ -27,7 +27,6 @@ import contextlib
 import fcntl
 import io
 import logging
-import urllib.request  # noqa: F401  (tests stub datasets.urllib.request.urlopen)
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tracefl_jax.data import image_files, text
-from tracefl_jax.data.checks import check_finite, check_labels, check_pixels
+from tracefl_jax.data.checks import check_labels, check_pixels
 from tracefl_jax.data.structured import make_structured_images
 # Re-exported: these names lived here before base.py and medmnist.py held them.
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401

@@ -20,19 +20,15 @@ Accepted layouts, looked for in this order (the first complete one wins):
 Readers return uint8 images `[N, H, W, C]` and int32 labels `[N]`; resizing and normalisation
 belong to the loader (datasets.py), which applies the same helper to the tfds path.
 
-Pickles are read with an unpickler that only rebuilds NumPy arrays, so a tampered file cannot
-run code. Every array read is checked (checks.py: uint8 pixels of the right shape, integer
-labels in [0, 10), one per image); a truncated or corrupt file (a cut zip, gzip or tar, a
-broken pickle) is one `DataFileError` naming the file and the key or member.
+IDX files and pickles are decoded in file_formats.py (pickles with an unpickler that only
+rebuilds NumPy arrays, so a tampered file cannot run code). Every array read is checked
+(checks.py: integer pixels 0..255 of the right shape, integer labels in [0, 10), one per
+image); a truncated or corrupt file (a cut zip, gzip or tar, a broken pickle) is one
+`DataFileError` naming the file and the key or member.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import math
-import pickle
-import struct
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -43,6 +39,11 @@ import numpy as np
 
 from tracefl_jax.data.base import DatasetNotFoundError
 from tracefl_jax.data.checks import DataFileError, check_labels, check_pixels, read_npz
+from tracefl_jax.data.file_formats import read_idx, unpickle_arrays
+
+__all__ = ["ImageArrays", "read_idx", "read_mnist_npz", "read_mnist_idx", "read_mnist_pickle",
+           "read_cifar10_batches", "read_cifar10_archive", "find_local_images",
+           "describe_search", "MNIST_IDX_FILES", "CIFAR10_BATCHES", "LOCAL_IMAGE_DATASETS"]
 
 NUM_CLASSES = 10  # MNIST and CIFAR-10
 
@@ -63,67 +64,7 @@ class ImageArrays(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Format readers.
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/, "the IDX file format"); data is big-endian.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-  """One IDX file (plain or gzip-compressed, whatever its name says) as a native-endian array
-  of the shape its header gives."""
-  path = Path(path)
-  data = path.read_bytes()
-  if data[:2] == b"\x1f\x8b":  # gzip magic: also catches a compressed file renamed without .gz
-    data = _gunzip(data, path)
-  if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
-    raise DataFileError(f"{path} is not an IDX file (first bytes {data[:4].hex()}, expected "
-                        f"0000 + type code + rank)")
-  rank = data[3]
-  offset = 4 + 4 * rank
-  if len(data) < offset:
-    raise DataFileError(f"{path}: IDX header of rank {rank} is cut short")
-  dims = struct.unpack(f">{rank}I", data[4:offset])
-  dtype = np.dtype(_IDX_DTYPES[data[2]])
-  expected = math.prod(dims) * dtype.itemsize
-  if len(data) - offset != expected:
-    raise DataFileError(f"{path}: the IDX header promises shape {dims} ({expected} bytes) but "
-                        f"the file holds {len(data) - offset} bytes of data (truncated?)")
-  return np.frombuffer(data, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-  """Rebuilds NumPy arrays and plain containers only; any other global is refused."""
-
-  _ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-              ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
-              ("_codecs", "encode")}  # Python 3 writes bytes as _codecs.encode under protocol 2
-
-  def find_class(self, module: str, name: str) -> Any:
-    if module.startswith("numpy.core"):  # files pickled by NumPy 1.x (and the Python 2 era)
-      module = "numpy._core" + module[len("numpy.core"):]
-    if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only NumPy arrays are "
-                                   f"expected in a dataset pickle")
-    return super().find_class(module, name)
-
-
-def _gunzip(data: bytes, path: Path | str) -> bytes:
-  try:
-    return gzip.decompress(data)
-  except (OSError, EOFError, zlib.error) as e:
-    raise DataFileError(f"{path}: a truncated or damaged gzip file ({e})") from e
-
-
-def _unpickle(data: bytes, path: Path) -> Any:
-  if data[:2] == b"\x1f\x8b":
-    data = _gunzip(data, path)
-  try:
-    # latin1: the releases were pickled by Python 2; NumPy documents latin1 for its arrays.
-    return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
-  except Exception as e:  # pylint: disable=broad-except  (damaged bytes raise many kinds)
-    raise DataFileError(f"{path}: not a dataset pickle, or a truncated one "
-                        f"({type(e).__name__}: {e})") from e
+# The releases' layouts (the byte formats are decoded in file_formats.py).
 
 
 def _images(x: Any, where: str, size: int | None = None) -> np.ndarray:
@@ -200,7 +141,7 @@ def read_mnist_pickle(path: str | Path) -> ImageArrays:
   """The classic `mnist.pkl.gz`: ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)),
   float images [N, 784] in [0, 1]; train = train + valid, in file order (60,000)."""
   path = Path(path)
-  splits = _unpickle(path.read_bytes(), path)
+  splits = unpickle_arrays(path.read_bytes(), path)
   try:
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = splits
   except (TypeError, ValueError) as e:
@@ -229,7 +170,7 @@ CIFAR10_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4
 
 def _cifar_batch(data: bytes, where: Path) -> tuple[np.ndarray, np.ndarray]:
   """One pickled batch -> (uint8 [N, 32, 32, 3], int32 [N])."""
-  batch = _unpickle(data, where)
+  batch = unpickle_arrays(data, where)
   if not isinstance(batch, dict):
     raise DataFileError(f"{where}: not a CIFAR-10 batch (a dict with data and labels)")
   get = lambda key: batch.get(key, batch.get(key.encode()))  # noqa: E731  (str or bytes keys)
