@@ -177,3 +177,18 @@ def test_wrong_types_are_named(field, value, message):
   loose.dataset.data_dir = None
   with pytest.raises(ValueError, match=f"invalid config: {message}"):
     validate(_set(loose, field, value))
+
+
+def test_trace_arguments_are_checked_before_tracing(tmp_path):
+  """`trace --top_k=-2` listed fewer clients; `--out` into a missing directory or onto a
+  directory failed with a traceback after the whole trace (issue 23)."""
+  check = config_checks.trace_arg_errors
+  assert check(3, None) == [] and check(1, str(tmp_path / "rows.jsonl")) == []
+  assert check(-2, None) == ["--top_k=-2 must be >= 1 (top clients listed per input)"]
+  assert check(0, None) == ["--top_k=0 must be >= 1 (top clients listed per input)"]
+  missing = tmp_path / "no" / "rows.jsonl"
+  assert check(3, str(missing)) == [f"--out={str(missing)!r}: the directory {missing.parent} "
+                                    f"does not exist; create it first"]
+  (message,) = check(3, str(tmp_path))
+  assert message.startswith(f"--out={str(tmp_path)!r} is a directory; give the path of a file")
+  assert len(check(-1, str(tmp_path))) == 2

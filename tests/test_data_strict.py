@@ -17,7 +17,7 @@ import pytest
 
 from tracefl_jax.data import Dataset, load_dataset, make_partition
 from tracefl_jax.data import datasets, image_files, medmnist, text
-from tracefl_jax.data.checks import DataFileError
+from tracefl_jax.data.checks import DataFileError, read_npy
 from tracefl_jax.data.federated import bucket_length, stack_client_indices
 from tracefl_jax.data.partition import Partition, fixup_partition
 
@@ -436,3 +436,27 @@ def test_partition_from_indices_fixup_and_batching_arguments():
     with pytest.raises(ValueError):
       bucket_length(20, bad)
   assert bucket_length(20, 8) == 32
+
+
+def test_read_npy_names_the_file_and_what_is_wrong(tmp_path):
+  """`trace --inputs x.npz` was reported as "inputs have shape (1,)" (issue 23)."""
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  np.save(tmp_path / "x.npy", x)
+  np.testing.assert_array_equal(read_npy(tmp_path / "x.npy"), x)
+  np.savez(tmp_path / "x.npz", a=x, b=x)
+  with pytest.raises(DataFileError) as e:
+    read_npy(tmp_path / "x.npz", "--inputs")
+  _one_line(e, "--inputs", "x.npz' is an .npz archive (keys a, b)", "np.save")
+  data = (tmp_path / "x.npy").read_bytes()
+  (tmp_path / "cut.npy").write_bytes(data[:-10])
+  with pytest.raises(DataFileError) as e:
+    read_npy(tmp_path / "cut.npy")
+  _one_line(e, "cut.npy", "cannot be read as a .npy array")
+  np.save(tmp_path / "obj.npy", np.array([1, None], dtype=object), allow_pickle=True)
+  with pytest.raises(DataFileError) as e:
+    read_npy(tmp_path / "obj.npy")
+  _one_line(e, "obj.npy", "cannot be read as a .npy array")
+  for path, says in ((tmp_path / "none.npy", "does not exist"), (tmp_path, "is a directory")):
+    with pytest.raises(DataFileError) as e:
+      read_npy(path)
+    _one_line(e, says)

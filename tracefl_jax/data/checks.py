@@ -178,3 +178,33 @@ def read_npz(path: str | Path, keys: Sequence[str], what: str) -> dict[str, np.n
                         f"{reason}); a truncated or corrupt file? copy or download it again"
                         ) from e
   return arrays
+
+
+def read_npy(path: str | Path, what: str = "inputs") -> np.ndarray:
+  """The array in the `.npy` file at `path` (`what` names it in messages, e.g. the flag).
+
+  Raises:
+    DataFileError: one line naming the file for a missing file or a directory, an `.npz`
+      archive (listing its keys), a pickled object array (never loaded), or a truncated or
+      corrupt file.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise DataFileError(f"{what} {str(path)!r} does not exist")
+  if path.is_dir():
+    raise DataFileError(f"{what} {str(path)!r} is a directory, not a .npy file")
+  try:
+    with open(path, "rb") as handle:
+      array = np.load(handle, allow_pickle=False)
+      if isinstance(array, np.lib.npyio.NpzFile):
+        with array:
+          keys = ", ".join(array.files) or "none"
+        raise DataFileError(f"{what} {str(path)!r} is an .npz archive (keys {keys}); pass one "
+                            f"array saved with np.save(PATH.npy, x)")
+  except DataFileError:
+    raise
+  except _NPZ_ERRORS as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DataFileError(f"{what} {str(path)!r} cannot be read as a .npy array "
+                        f"({type(e).__name__}: {reason})") from e
+  return array
