@@ -292,7 +292,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   errors = checks.type_errors(c, config_fields(base_config()))
   if errors:  # the value checks below assume the types
     _raise_invalid(errors)
-  errors += checks.range_errors(c, set())
+  errors += checks.range_errors(c)
   errors += checks.choice_errors(c)
   errors += checks.cross_field_errors(c)
   try:

@@ -174,11 +174,13 @@ def type_errors(c: ml_collections.ConfigDict, defaults: dict[str, Any]) -> list[
   return errors
 
 
-def range_errors(c: ml_collections.ConfigDict, bad_types: set[str]) -> list[str]:
+def range_errors(c: ml_collections.ConfigDict) -> list[str]:
+  """Numbers outside their `RANGES` rule (NaN and infinities are outside every rule); the
+  types are checked first (`type_errors`)."""
   errors = []
   for field, rule in RANGES.items():
     value = _get(c, field)
-    if field not in bad_types and not rule.contains(value):
+    if not rule.contains(value):
       note = f" ({rule.note})" if rule.note else ""
       errors.append(f"{field}={value!r} must be {rule.describe()}{note}")
   return errors
