@@ -94,6 +94,13 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
   assert "seed=-5 must be in [0, 4294967295]" in proc.stderr
   assert "eval.batch_size=0 must be >= 1" in proc.stderr
   assert not any((tmp_path / "new").glob("*"))  # nothing written
+  # A truncated archive (zipfile.BadZipFile's traceback before): one line naming the file.
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "mnist.npz").write_bytes(b"PK\x03\x04 cut short")
+  proc = _cli(tmp_path / "npz", "--config.dataset.name=mnist",
+              f"--config.dataset.data_dir={tmp_path / 'data'}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert f"{tmp_path / 'data' / 'mnist.npz'}: cannot be read as Keras' mnist.npz" in proc.stderr
 
 
 def test_overrides_parse_as_the_field_types_in_both_flag_forms():
