@@ -181,7 +181,7 @@ def test_leave_one_out_recomputes_the_rule_without_each_client(setup):
   clients = [0, 1, 3, 4]
   mean = _alg(model)
   _, out = mean.round(mean.init(variables), clients, data, key)
-  loo = leave_one_out_variables(mean, out, key)
+  loo = leave_one_out_variables(out)
   w = jnp.asarray(out.weights)
   for k in range(4):
     closed = remove_client(out.variables, jax.tree.map(lambda a: a[k], out.clients.variables),
@@ -191,7 +191,9 @@ def test_leave_one_out_recomputes_the_rule_without_each_client(setup):
   med = _alg(model, aggregator=robust.median(), server_optimizer=optax.sgd(0.5, momentum=0.9))
   state = med.init(variables)
   _, out = med.round(state, clients, data, key)
-  loo = leave_one_out_variables(med, out, key)
+  jax.tree.map(np.testing.assert_array_equal, out.reaggregate(jnp.asarray(out.weights)),
+               out.variables)
+  loo = leave_one_out_variables(out, clients_per_chunk=2)
   thetas = np.asarray(out.clients.variables["params"]["Dense_1"]["kernel"], np.float64)
   for k in range(4):
     a = np.median(np.delete(thetas, k, axis=0), axis=0)
@@ -232,3 +234,29 @@ def test_round_and_algorithm_argument_errors(setup):
     tfl.federated_averaging(model, optax.sgd(0.1), batch_size=4, local_epochs=1,
                             aggregator=robust.median(),
                             dp=tfl.DPSettings(1.0, 0.1, 2))
+
+
+def test_config_translates_to_the_library_pieces():
+  from tracefl_jax.experiment.algorithms import algorithm_pieces  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.config import FIELD_HELP, base_config, validate  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  assert algorithm_pieces(c) == {"loss_fn": None, "aggregator": None, "server_optimizer": None}
+  for field in ("server.optimizer", "server.learning_rate", "aggregation.rule",
+                "client.loss", "client.prox_mu"):
+    assert field in FIELD_HELP
+  c.server.optimizer, c.server.learning_rate = "adam", 0.03
+  c.aggregation.rule, c.aggregation.trim_beta = "trimmed_mean", 0.25
+  validate(c)
+  pieces = algorithm_pieces(c)
+  assert pieces["aggregator"].name == "trimmed_mean(0.25)"
+  tree = {"w": jnp.arange(3.0)}
+  got, _ = pieces["server_optimizer"].update(tree, pieces["server_optimizer"].init(tree))
+  want, _ = optax.adam(0.03, b1=0.9, b2=0.99, eps=1e-3).update(tree, optax.adam(0.03).init(tree))
+  np.testing.assert_allclose(got["w"], want["w"])
+  c.client.loss, c.server.optimizer, c.aggregation.rule = "fedprox", "rmsprop", "krum"
+  c.aggregation.num_selected, c.dp.enabled = 9, True
+  with pytest.raises(ValueError) as err:
+    validate(c)
+  for text in ("server.optimizer='rmsprop' is not one of none, sgd, adam",
+               "aggregation.num_selected=9 exceeds", "aggregation.rule must be 'mean'"):
+    assert text in str(err.value)

@@ -59,8 +59,12 @@ class RoundOutput(NamedTuple):
   update_norms: jax.Array | None  # [K] client update norms before clipping (DP only)
   steps_needed: int = 0    # optimizer steps the clients need: sum of epochs * ceil(n_k / B)
   steps_executed: Any = 0  # int32 scalar, steps computed (idle packed lanes included)
-  previous: ServerState | None = None  # the state the round started from, kept only with a
-                                       # server optimizer (its leave-one-out needs G_{t-1})
+  previous: ServerState | None = None  # the state the round started from, kept only when
+                                       # the server update reads it (server optimizer, a
+                                       # rule over updates)
+  reaggregate: Callable[[jax.Array], Variables] | None = None  # weights [K] -> the G_t this
+                                       # round gives with them (same clients, rule, server
+                                       # state); None under DP. `leave_one_out_variables`.
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -172,6 +176,8 @@ def federated_averaging(
                                       opt_state)
     return new, opt_state
 
+  server_update_jit = jax.jit(server_update)
+
   def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
                           lanes=None, normalization=None, opt_state=None):
     keys = fold_client_keys(key, client_ids)
@@ -181,7 +187,10 @@ def federated_averaging(
     new, out, traced, norms, opt_state = average(out, weights, variables, key, opt_state)
     return new, out, traced, norms, executed, opt_state
 
-  donate = donate and server_optimizer is None
+  on_updates = aggregator is not None and not (isinstance(aggregator, AggregationRule)
+                                               and aggregator.shift_equivariant)
+  keep_previous = server_optimizer is not None or on_updates
+  donate = donate and not keep_previous
   if strategy != "loop":
     program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else (),
                       static_argnames=("lanes", "normalization"))
@@ -240,32 +249,38 @@ def federated_averaging(
       out = jax.tree.map(lambda leaf: leaf[:k], out)
       norms = None if norms is None else norms[:k]
       weights = weights[:k]
-    previous = state if server_optimizer is not None else None
+    previous = state if keep_previous else None
+    reaggregate = None
+    if dp is None:
+      base = state if keep_previous else ServerState(new, state.round)  # G_{t-1} unread
+      reaggregate = lambda w: server_update_jit(  # noqa: E731
+          base.variables, out.variables, w, key, base.opt_state)[0]
     return (ServerState(new, state.round + 1, opt_state),
             RoundOutput(new, out, client_ids, weights, traced, norms,
                         steps_needed=int(steps.sum()), steps_executed=executed,
-                        previous=previous))
+                        previous=previous, reaggregate=reaggregate))
 
-  return FederatedAlgorithm(init, round_, strategy, program, jax.jit(server_update),
-                            aggregator, server_optimizer)
+  return FederatedAlgorithm(init, round_, strategy, program, server_update_jit, aggregator,
+                            server_optimizer)
 
 
-def leave_one_out_variables(algorithm: FederatedAlgorithm, output: RoundOutput,
-                            key: jax.Array, previous: Variables | None = None) -> Variables:
+def leave_one_out_variables(output: RoundOutput,
+                            clients_per_chunk: int | None = None) -> Variables:
   """`[K, ...]` the round's global model recomputed without each of its K clients: the
-  algorithm's own server update (rule, DP noise under the round's `key`, server optimizer)
-  with client k's weight set to 0, so the leave-one-out truth is exact for every rule.
+  round's own server update (`output.reaggregate`: rule, server optimizer state) with client
+  k's weight set to 0, so the leave-one-client-out truth is exact for every rule (for the
+  mean without a server optimizer it equals the closed form `counterfactual.remove_client`).
 
-  `previous` (G_{t-1}) is needed only by updates that read it (a server optimizer, kept on
-  `output.previous`; a rule over updates; DP); the shipped rules alone do not.
+  `clients_per_chunk` computes that many at a time (`lax.map`) to bound memory.
+
+  Raises:
+    ValueError: a DP round (its leave-one-out keeps the closed form on the noisy model).
   """
-  if algorithm.server_update is None:
-    raise ValueError("this algorithm exposes no server_update")
-  opt_state = None
-  if output.previous is not None:
-    previous, opt_state = output.previous.variables, output.previous.opt_state
+  if output.reaggregate is None:
+    raise ValueError("this round has no reaggregate (DP-FedAvg): use the closed form, "
+                     "counterfactual.leave_one_out(global_vars=...)")
   weights = jnp.asarray(output.weights, jnp.float32)
   masks = weights[None, :] * (1.0 - jnp.eye(weights.shape[0], dtype=jnp.float32))
-  g = output.variables if previous is None else previous
-  return jax.vmap(lambda w: algorithm.server_update(g, output.clients.variables, w, key,
-                                                    opt_state)[0])(masks)
+  if clients_per_chunk:
+    return jax.lax.map(output.reaggregate, masks, batch_size=clients_per_chunk)
+  return jax.vmap(output.reaggregate)(masks)
