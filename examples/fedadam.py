@@ -54,8 +54,8 @@ def main(rounds: int = 10, clients: int = 20, per_round: int = 5, seed: int = 0)
                        ("FedAdam", optax.adam(0.01, b1=0.9, b2=0.99, eps=1e-3))):
     algorithm = tfl.federated_averaging(model, optax.sgd(0.05), batch_size=16, local_epochs=1,
                                         server_optimizer=server)
-    final[name], histories[name] = tfl.run_rounds(algorithm, algorithm.init(variables), rounds=rounds,
-                                        **run)
+    final[name], histories[name] = tfl.run_rounds(algorithm, algorithm.init(variables),
+                                                  rounds=rounds, **run)
     accuracies = ", ".join(f"{row['accuracy']:.2f}" for row in histories[name])
     print(f"{name}: accuracy per round {accuracies}")
 

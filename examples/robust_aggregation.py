@@ -37,8 +37,8 @@ def make_arrays(seed: int = 0, n: int = 1400, classes: int = 4):
   return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
-RULES = {"mean": lambda: None, "median": tfl.median, "trimmed_mean": lambda: tfl.trimmed_mean(0.2),
-         "krum": lambda: tfl.krum(1)}
+RULES = {"mean": lambda: None, "median": tfl.median,
+         "trimmed_mean": lambda: tfl.trimmed_mean(0.2), "krum": lambda: tfl.krum(1)}
 
 
 def main(rounds: int = 8, clients: int = 10, per_round: int = 5, faulty: int = 0,

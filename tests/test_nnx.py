@@ -90,7 +90,8 @@ def test_nnx_dropout_draws_from_the_dropout_stream():
                          num_classes=3)
   variables = model.init(jax.random.key(0))
   x = jnp.ones((2, 4, 4, 1))
-  train = lambda seed: model.apply(variables, x, train=True, rng=jax.random.key(seed))[0]  # noqa: E731
+  def train(seed):
+    return model.apply(variables, x, train=True, rng=jax.random.key(seed))[0]
   np.testing.assert_array_equal(train(1), train(1))
   assert not np.allclose(train(1), train(2))
   np.testing.assert_array_equal(model.logits(variables, x), model.logits(variables, x))

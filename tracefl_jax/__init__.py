@@ -28,8 +28,9 @@ from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, loca
                                              select_inputs, summarize_rounds, trace_round)
 
 __all__ = [
-    "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum", "leave_one_out_variables",
-    "load_round", "median", "save_round", "server_optimizer", "trimmed_mean", "weighted_mean",
+    "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum",
+    "leave_one_out_variables", "load_round", "median", "save_round", "server_optimizer",
+    "trimmed_mean", "weighted_mean",
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
     "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
     "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "canonical_conv",

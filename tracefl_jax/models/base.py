@@ -288,8 +288,8 @@ def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
   params, logits = jax.eval_shape(forward)
   missing = wanted - set(clones)
   if missing:
-    raise MissingTracedLayers(f"traced layers {sorted(missing)} never ran in an eval-mode forward pass "
-                     f"of {type(module).__name__}")
+    raise MissingTracedLayers(f"traced layers {sorted(missing)} never ran in an eval-mode "
+                              f"forward pass of {type(module).__name__}")
   owners: dict[LayerPath, str] = {}
   for leaf_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in leaf_path)
@@ -346,4 +346,5 @@ def _jitted_init(model: ModelDef) -> Callable[[jax.Array, jax.Array], Variables]
 
 
 # make_model lives in build.py (its checks); imported here, where callers find it.
-from tracefl_jax.models.build import make_model  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from tracefl_jax.models.build import make_model  # noqa: E402,F401
