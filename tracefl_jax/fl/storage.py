@@ -156,7 +156,8 @@ def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
                            f"({type(e).__name__}: {str(e)[:300]})") from e
   saved = meta.pop("checksums", None)
   if saved is not None:
-    bad = [n for n, h in array_checksums(arrays).items() if saved.get(n) != h]
+    now = array_checksums(arrays)
+    bad = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
     if bad:
       raise StoredRoundError(f"stored round {path}: arrays {bad[:5]} do not match their "
                              f"checksums (the files were changed or damaged)")
