@@ -11,9 +11,14 @@ from tracefl_jax.data.partition import Partition, fixup_partition, make_partitio
 from tracefl_jax.fl.aggregation import client_weights, fedavg
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings, dp_fedavg
+from tracefl_jax.fl.algorithm import leave_one_out_variables
+from tracefl_jax.fl.losses import cross_entropy, fedprox
+from tracefl_jax.fl.robust import AggregationRule, krum, median, trimmed_mean, weighted_mean
 from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInfo, RoundOutput,
                                    ServerState, TrainingDivergedError, federated_averaging,
                                    round_key, run_rounds, sample_clients)
+from tracefl_jax.fl.server import server_optimizer
+from tracefl_jax.fl.storage import StoredRound, load_round, save_round
 from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
 from tracefl_jax.models.layers import canonical_conv
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
@@ -23,6 +28,9 @@ from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, loca
                                              select_inputs, summarize_rounds, trace_round)
 
 __all__ = [
+    "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum",
+    "leave_one_out_variables", "load_round", "median", "save_round", "server_optimizer",
+    "trimmed_mean", "weighted_mean",
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
     "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",
     "ServerState", "TracedRound", "TrainingDivergedError", "available_models", "canonical_conv",

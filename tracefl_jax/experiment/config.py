@@ -13,8 +13,11 @@ from __future__ import annotations
 import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS
+from tracefl_jax.experiment.algorithms import LOSSES, algorithm_errors
 from tracefl_jax.fl.aggregation import WEIGHTINGS
 from tracefl_jax.fl.client import OPTIMIZERS
+from tracefl_jax.fl.robust import RULES
+from tracefl_jax.fl.server import SERVER_OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
 from tracefl_jax.provenance.attribution import KERNELS
 from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
@@ -78,9 +81,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.client.batch_size = 32
   c.client.local_epochs = 2
   c.client.divergence_factor = 1e3  # stop when a round's mean loss > factor * ln(classes)
+  c.client.loss = "cross_entropy"   # or "fedprox" (Li et al. 2020) with prox_mu
+  c.client.prox_mu = 0.01
 
   c.aggregation = ml_collections.ConfigDict()
   c.aggregation.weighting = "batches"  # the original's floor(n_k / batch_size); or examples
+  c.aggregation.rule = "mean"       # FedAvg; or median, trimmed_mean, krum (robust rules)
+  c.aggregation.trim_beta = 0.2
+  c.aggregation.num_byzantine = 0
+  c.aggregation.num_selected = 1
+
+  # The server optimizer over the pseudo-gradient G - aggregate (Reddi et al., ICLR 2021):
+  # "none" is FedAvg; sgd with momentum is FedAvgM; adam, yogi, adagrad the FedOpt family.
+  c.server = ml_collections.ConfigDict()
+  c.server.optimizer = "none"
+  c.server.learning_rate = 1.0
+  c.server.momentum = 0.0
+  c.server.b1 = 0.9
+  c.server.b2 = 0.99
+  c.server.eps = 1e-3
 
   c.simulation = ml_collections.ConfigDict()
   c.simulation.strategy = "auto"
@@ -192,6 +211,21 @@ FIELD_HELP: dict[str, str] = {
                                 "(0: off)",
     "aggregation.weighting": f"FedAvg weights: {_choices(WEIGHTINGS)} (batches: the original's "
                              f"floor(n_k / batch_size))",
+    "aggregation.rule": f"aggregation rule: {_choices(RULES)} (robust rules are unweighted "
+                        f"over the round's clients of weight > 0)",
+    "aggregation.trim_beta": "trimmed_mean: fraction of values cut from each end, in [0, 0.5)",
+    "aggregation.num_byzantine": "krum: assumed faulty clients f (neighbours scored: n - f - 2)",
+    "aggregation.num_selected": "krum: clients averaged (1: Krum, more: multi-Krum)",
+    "client.loss": f"client objective: {_choices(LOSSES)} (fedprox: + prox_mu / 2 ||w - G||^2)",
+    "client.prox_mu": "fedprox: proximal coefficient mu",
+    "server.optimizer": f"server optimizer on the pseudo-gradient G - aggregate: "
+                        f"{_choices(SERVER_OPTIMIZERS)} (none: FedAvg; sgd + momentum: "
+                        f"FedAvgM; adam/yogi/adagrad: FedOpt)",
+    "server.learning_rate": "server learning rate",
+    "server.momentum": "server sgd momentum (FedAvgM)",
+    "server.b1": "server adam/yogi beta1",
+    "server.b2": "server adam/yogi beta2",
+    "server.eps": "server adam/yogi/adagrad epsilon (tau, adaptivity)",
     "simulation.strategy": f"how the client axis runs: {_choices(STRATEGIES)}",
     "simulation.clients_per_chunk": "chunked: clients per chunk (0: one chunk)",
     "simulation.compute_dtype": "local training precision: float32, or bfloat16 with float32 "
@@ -334,6 +368,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
     errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
                   f"clients_per_round={c.clients_per_round}")
+  errors.extend(algorithm_errors(c))  # client.loss, aggregation.rule, server.*
   if errors:
     _raise_invalid(errors)
 

@@ -26,8 +26,11 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS
+from tracefl_jax.experiment.algorithms import LOSSES
 from tracefl_jax.fl.aggregation import WEIGHTINGS
 from tracefl_jax.fl.client import OPTIMIZERS
+from tracefl_jax.fl.robust import RULES
+from tracefl_jax.fl.server import SERVER_OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
 from tracefl_jax.provenance.attribution import KERNELS
 from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
@@ -97,6 +100,15 @@ RANGES: dict[str, Range] = {
     "dp.clip_norm": Range(0, low_open=True),
     "dp.delta": Range(0, 1, low_open=True, high_open=True),
     "checkpoint.every": Range(0, note="0: only at the end"),
+    "client.prox_mu": NON_NEGATIVE,
+    "aggregation.trim_beta": Range(0, 0.5, high_open=True),
+    "aggregation.num_byzantine": NON_NEGATIVE,
+    "aggregation.num_selected": POSITIVE,
+    "server.learning_rate": Range(0, low_open=True),
+    "server.momentum": Range(0, 1, high_open=True),
+    "server.b1": Range(0, 1, high_open=True),
+    "server.b2": Range(0, 1, high_open=True),
+    "server.eps": Range(0, low_open=True),
 }
 
 
@@ -120,6 +132,9 @@ CHOICES: dict[str, tuple[str, ...] | Callable[[], list[str]]] = {
     "provenance.mode": PROVENANCE_MODES,
     "provenance.kernel": KERNELS,
     "provenance.block_mask": ("parity", "fixed"),
+    "client.loss": LOSSES,
+    "aggregation.rule": RULES,
+    "server.optimizer": SERVER_OPTIMIZERS,
 }
 
 # Checked by `cross_field_errors` (their validity depends on other fields or on the disk).

@@ -18,6 +18,7 @@ vmapped lanes (fedjax's init / step / final split).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tracefl_jax.fl.losses import LossFn, cross_entropy, masked_cross_entropy
 from tracefl_jax.models.base import ModelDef, Variables
+
+__all__ = ["ClientOutput", "ClientUpdate", "LocalState", "local_steps", "make_client_update",
+           "make_optimizer", "masked_cross_entropy", "shuffle_order"]
 
 
 class ClientOutput(NamedTuple):
@@ -45,13 +50,6 @@ class LocalState(NamedTuple):
   num_steps: jax.Array       # int32, steps taken
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over the examples where `mask` is True (0 if none)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  weight = mask.astype(losses.dtype)
-  return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-
 def shuffle_order(key: jax.Array, length: int, count: jax.Array) -> jax.Array:
   """A permutation of `range(length)`: the first `count` slots in random order, then padding.
 
@@ -69,6 +67,17 @@ def local_steps(counts: Any, batch_size: int, local_epochs: int) -> Any:
   Works elementwise on NumPy arrays, JAX arrays and Python ints.
   """
   return local_epochs * ((counts + batch_size - 1) // batch_size)
+
+
+def _positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def check_local_training(batch_size: Any, local_epochs: Any) -> None:
+  """One clear error for a batch size or epoch count that is not a positive int."""
+  _positive_int("batch_size", batch_size)
+  _positive_int("local_epochs", local_epochs)
 
 
 class ClientUpdate:
@@ -91,23 +100,26 @@ class ClientUpdate:
   """
 
   def __init__(self, model: ModelDef, optimizer: optax.GradientTransformation,
-               batch_size: int, local_epochs: int, compute_dtype: Any = jnp.float32):
+               batch_size: int, local_epochs: int, compute_dtype: Any = jnp.float32,
+               loss_fn: LossFn | None = None):
+    check_local_training(batch_size, local_epochs)
     self.model, self.optimizer = model, optimizer
     self.batch_size, self.local_epochs = int(batch_size), int(local_epochs)
     self.compute_dtype = compute_dtype
+    self.loss_fn = cross_entropy if loss_fn is None else loss_fn
+    objective = self.loss_fn
 
-    def loss_fn(params, model_state, xb, yb, mb, rng):
+    def loss(params, model_state, xb, yb, mb, rng, global_params):
       if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         if jnp.issubdtype(xb.dtype, jnp.floating):
           xb = xb.astype(compute_dtype)
       # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
       # masked batch statistics); standard modules never see it.
-      logits, new_state = model.apply({"params": params, **model_state}, xb, train=True,
-                                      rng=rng, mask=mb)
-      return masked_cross_entropy(logits.astype(jnp.float32), yb, mb), new_state
+      return objective(model, {"params": params, **model_state}, xb, yb, mb, rng,
+                       global_params)
 
-    self._grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    self._grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def num_steps(self, counts: Any) -> Any:
     """`local_steps` of `counts` at this batch size and epoch count."""
@@ -158,20 +170,21 @@ class ClientUpdate:
     return idx, mask, jax.random.fold_in(step_keys[client, e], j)
 
   def step(self, state: LocalState, x: jax.Array, y: jax.Array, idx: jax.Array,
-           mask: jax.Array, rng: jax.Array, normalization: Any = None) -> LocalState:
+           mask: jax.Array, rng: jax.Array, normalization: Any = None,
+           global_params: Any = None) -> LocalState:
     """One optimizer step on the examples `x[idx]` (normalised, if asked) where `mask` is
-    True."""
+    True; `global_params` (G's params) reach the loss function (FedProx's anchor)."""
     xb = x[idx]
     if normalization is not None:
       xb = normalization(xb)
-    return self.train_step(state, xb, y[idx], mask, rng)
+    return self.train_step(state, xb, y[idx], mask, rng, global_params)
 
   def train_step(self, state: LocalState, xb: jax.Array, yb: jax.Array, mask: jax.Array,
-                 rng: jax.Array) -> LocalState:
+                 rng: jax.Array, global_params: Any = None) -> LocalState:
     """One optimizer step on the batch `xb [B, ...]`, `yb [B]` where `mask` is True (what a
     step costs without the gather: benchmarks/bench_round.py times it alone)."""
     (loss, model_state), grads = self._grad_fn(state.params, state.model_state, xb, yb, mask,
-                                               rng)
+                                               rng, global_params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     return LocalState(optax.apply_updates(state.params, updates), opt_state, model_state,
                       state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32),
@@ -194,7 +207,7 @@ class ClientUpdate:
     def body(carry):
       t, state = carry
       return t + 1, self.step(state, x, y, *self.batch(batches, step_keys, zero, count, t),
-                              normalization)
+                              normalization, variables["params"])
 
     # The trip count is the client's own step count: nothing runs for padding. (Under vmap
     # a batched trip count runs to the largest and masks; strategies.py packs lanes instead.)
@@ -215,14 +228,17 @@ def make_client_update(
     batch_size: int,
     local_epochs: int,
     compute_dtype: Any = jnp.float32,
+    loss_fn: LossFn | None = None,
 ) -> ClientUpdate:
   """Returns `client_update(variables, x, y, indices, count, key) -> ClientOutput`.
 
+  `loss_fn` is the client objective (`losses.LossFn`; default `losses.cross_entropy`, e.g.
+  `losses.fedprox(0.01)`).
   With `compute_dtype=jnp.bfloat16` the forward and backward passes run in bfloat16 on a cast
   copy of the parameters while the optimizer updates float32 master weights (mixed precision);
   the loss is reduced in float32. See `ClientUpdate` for the arguments of the returned function.
   """
-  return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype)
+  return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype, loss_fn)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

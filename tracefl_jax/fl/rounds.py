@@ -1,18 +1,8 @@
-"""Federated rounds without a config: FedAvg / DP-FedAvg as `init` + one jitted `round`, global
-evaluation, and a small loop helper with per-round callbacks.
+"""Federated rounds without a config: client sampling, global evaluation, and a small loop
+helper with per-round callbacks around an algorithm's `round` (`algorithm.py`).
 
-In the style of optax and fedjax, `federated_averaging(...)` returns a `FederatedAlgorithm`, a
-NamedTuple of pure functions over explicit state:
-
-    algorithm = federated_averaging(model, optax.adam(1e-3), batch_size=32, local_epochs=2)
-    state = algorithm.init(model.init(key))
-    state, out = algorithm.round(state, clients=[3, 7, 9], data=data, key=key)
-
-For the in-program strategies (vmap, chunked, scan, sharded) a round, local training of every
-client plus aggregation, is ONE jitted program whose shapes depend only on K, the federation's
-bucketed client length and (packed strategies) the lane count, so later rounds reuse round 1's
-compilation. No step is computed for padding under scan and loop; the packed strategies compute
-a few idle-lane steps, and every round reports `steps_executed` against `steps_needed`. Client
+No step is computed for padding under scan and loop; the packed strategies compute a few
+idle-lane steps, and every round reports `steps_executed` against `steps_needed`. Client
 sampling is a host-side function of (seed, round), so a resumed run draws exactly the clients
 an uninterrupted one would.
 """
@@ -27,59 +17,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tracefl_jax.data.federated import FederatedData
-from tracefl_jax.fl import aggregation, privacy
-from tracefl_jax.fl.client import ClientOutput, make_client_update
-from tracefl_jax.fl.privacy import DPSettings
-from tracefl_jax.fl.strategies import (fold_client_keys, resolve_strategy, round_lanes,
-                                       simulate_clients_with_steps)
+# The algorithm's pieces live in their own modules; re-exported here, where they were first.
+from tracefl_jax.fl.algorithm import (FederatedAlgorithm, RoundOutput,  # noqa: F401
+                                      federated_averaging, leave_one_out_variables)
+from tracefl_jax.fl.server import ServerState  # noqa: F401
 from tracefl_jax.models.base import ModelDef, Variables
 
 
 class TrainingDivergedError(FloatingPointError):
   """Raised when a round's training diverged: a non-finite client loss, a mean client loss
   that exploded (`run_rounds(divergence_factor=...)`), or non-finite global parameters."""
-
-
-class ServerState(NamedTuple):
-  """What the server carries from round to round."""
-  variables: Variables  # the global model G_t
-  round: int            # rounds completed (t)
-
-
-class RoundOutput(NamedTuple):
-  """Everything one round produced (client-indexed fields stacked `[K, ...]`)."""
-  variables: Variables     # the new global model G_t, which training continues from
-  clients: ClientOutput    # the round's client models, losses, example and step counts
-  client_ids: np.ndarray   # [K] global ids of the round's clients, in the round's order
-  weights: np.ndarray      # [K] aggregation weights
-  traced: Variables        # the model provenance explains (G_t, or DP's pre-noise aggregate
-                           # in the original's parity mode)
-  update_norms: jax.Array | None  # [K] client update norms before clipping (DP only)
-  steps_needed: int = 0    # optimizer steps the clients need: sum of epochs * ceil(n_k / B)
-  steps_executed: Any = 0  # int32 scalar, steps computed (idle packed lanes included)
-
-
-class FederatedAlgorithm(NamedTuple):
-  """`init(variables) -> ServerState`; `round(state, clients, data, key) -> (state, output)`.
-
-  `strategy` is the resolved client-axis strategy; `program` the jitted round program
-  `(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
-  normalization=None) -> (variables, clients, traced, update_norms, steps_executed)` for
-  inspection (compiled memory, cache size; `lanes` and `normalization` are static,
-  `strategies.round_lanes` gives a round's lanes, `data.normalization` its normalization),
-  None for the host-side "loop" strategy.
-  """
-  init: Callable[[Variables], ServerState]
-  round: Callable[..., tuple[ServerState, RoundOutput]]
-  strategy: str
-  program: Any
-
-
-# Client keys fold in client ids (< 2**31 - 1); the DP noise key folds in a value no id takes.
-_DP_NOISE_STREAM = 2**31 - 1
 
 
 def sample_clients(seed: int, round_idx: int, num_clients: int, k: int,
@@ -105,117 +54,6 @@ def sample_clients(seed: int, round_idx: int, num_clients: int, k: int,
 def round_key(root_key: jax.Array, round_idx: int) -> jax.Array:
   """The key of round `round_idx` (rounds count from 1; the model init uses fold_in 0)."""
   return jax.random.fold_in(root_key, round_idx)
-
-
-def federated_averaging(
-    model: ModelDef,
-    optimizer: optax.GradientTransformation,
-    *,
-    batch_size: int,
-    local_epochs: int,
-    weighting: str = "examples",
-    strategy: str = "auto",
-    clients_per_chunk: int = 0,
-    dp: DPSettings | None = None,
-    compute_dtype: Any = jnp.float32,
-    donate: bool = False,
-) -> FederatedAlgorithm:
-  """FedAvg (McMahan et al. 2017), or DP-FedAvg with `dp`, over stacked clients.
-
-  Args:
-    model: the clients' and the server's model.
-    optimizer: each client's local optimizer (fresh state every round, as in the original).
-    batch_size, local_epochs: local training.
-    weighting: aggregation weights from example counts: "examples", "batches" (the
-      original's floor(n_k / batch_size)) or "uniform" (`aggregation.client_weights`).
-    strategy: how the client axis runs (`strategies.STRATEGIES`; "auto" picks per backend).
-    clients_per_chunk: lanes for "chunked" (clients training side by side; 0: automatic).
-    dp: DP-FedAvg settings (server-side fixed clipping and Gaussian noise).
-    compute_dtype: `jnp.bfloat16` for mixed-precision local training.
-    donate: donate G_{t-1}'s buffers to the round (the caller must not reuse the state
-      passed to `round`; `run_rounds` does not).
-  """
-  aggregation.client_weights(np.ones(1, np.int64), weighting, batch_size)  # validates the name
-  client_update = make_client_update(model, optimizer, batch_size, local_epochs,
-                                     compute_dtype=compute_dtype)
-  strategy = resolve_strategy(strategy, jax.eval_shape(model.init, jax.random.key(0)))
-
-  def average(out, weights, previous, key):
-    if dp is None:
-      new = aggregation.fedavg(out.variables, weights)
-      return new, out, new, None
-    collections = ("params", "batch_stats") if dp.noise_batch_stats else ("params",)
-    agg = privacy.dp_fedavg(
-        out.variables, weights, previous, jax.random.fold_in(key, _DP_NOISE_STREAM),
-        clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-        clients_per_round=dp.clients_per_round, collections=collections)
-    return agg.noisy, out, agg.clean if dp.trace_clean else agg.noisy, agg.update_norms
-
-  def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
-                          lanes=None, normalization=None):
-    keys = fold_client_keys(key, client_ids)
-    out, executed = simulate_clients_with_steps(
-        client_update, variables, x, y, indices, counts, keys, strategy=strategy,
-        clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization)
-    return (*average(out, weights, variables, key), executed)
-
-  if strategy != "loop":
-    program = jax.jit(clients_and_average, donate_argnums=(0,) if donate else (),
-                      static_argnames=("lanes", "normalization"))
-    execute = program
-  else:
-    program = None
-    average_jit = jax.jit(average)
-    keys_fn = jax.jit(fold_client_keys)
-
-    def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
-                normalization=None):
-      del lanes
-      out, executed = simulate_clients_with_steps(
-          client_update, variables, x, y, indices, counts, keys_fn(key, client_ids),
-          strategy="loop", normalization=normalization)
-      return (*average_jit(out, weights, variables, key), executed)
-
-  def init(variables: Variables) -> ServerState:
-    return ServerState(dict(variables), 0)
-
-  def round_(state: ServerState, clients: Sequence[int], data: FederatedData,
-             key: jax.Array) -> tuple[ServerState, RoundOutput]:
-    client_ids = np.asarray(clients, np.int64).reshape(-1)
-    if len(client_ids) == 0 or len(set(client_ids.tolist())) != len(client_ids):
-      raise ValueError(f"a round needs distinct client ids, got {client_ids.tolist()}")
-    if client_ids.min() < 0 or client_ids.max() >= data.num_clients:
-      raise ValueError(f"client ids must lie in [0, {data.num_clients}), got "
-                       f"{client_ids.tolist()}")
-    round_data = data.round_data(client_ids, batch_size)
-    indices, counts = round_data.indices, round_data.counts
-    weights = np.asarray(aggregation.client_weights(counts, weighting, batch_size), np.float32)
-    aggregation.check_weights(weights)
-    k = len(counts)
-    ids = client_ids.astype(np.int32)
-    pad = (-k) % jax.device_count() if strategy == "sharded" else 0
-    if pad:  # empty clients with weight 0 leave the average unchanged
-      indices = np.concatenate([indices, np.zeros((pad, indices.shape[1]), indices.dtype)])
-      counts = np.concatenate([counts, np.zeros(pad, counts.dtype)])
-      ids = np.concatenate([ids, np.full(pad, -1, np.int32)])
-      weights = np.concatenate([weights, np.zeros(pad, np.float32)])
-    steps = client_update.num_steps(counts.astype(np.int64))
-    lanes = round_lanes(strategy, steps, clients_per_chunk, jax.device_count())
-    new, out, traced, norms, executed = execute(
-        state.variables, data.x, data.y, jnp.asarray(indices), jnp.asarray(counts),
-        jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes,
-        normalization=data.normalization)
-    if dp is None or not dp.trace_clean:
-      traced = new  # one object, so per-model caches (GlobalEvaluator) see one model
-    if pad:
-      out = jax.tree.map(lambda leaf: leaf[:k], out)
-      norms = None if norms is None else norms[:k]
-      weights = weights[:k]
-    return (ServerState(new, state.round + 1),
-            RoundOutput(new, out, client_ids, weights, traced, norms,
-                        steps_needed=int(steps.sum()), steps_executed=executed))
-
-  return FederatedAlgorithm(init, round_, strategy, program)
 
 
 def make_predict_fn(model: ModelDef, batch_size: int = 512) -> Callable[[Variables, jax.Array],

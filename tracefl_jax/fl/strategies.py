@@ -203,14 +203,14 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
   zeros = jnp.zeros(w, jnp.int32)
 
   batch = jax.vmap(cu.batch, in_axes=(None, None, 0, 0, 0))
-  step = jax.vmap(functools.partial(cu.step, normalization=normalization),
-                  in_axes=(0, None, None, 0, 0, 0))
+  anchor = variables["params"]  # G's params, for objectives that need them (FedProx)
+  step = jax.vmap(lambda s, i, m, r: cu.step(s, x, y, i, m, r, normalization, anchor))
 
   def body(carry):
     state, client, t, taken, results, iters = carry
     active = client < k
     c = jnp.minimum(client, k - 1)  # idle lanes compute a throwaway step on a valid row
-    state = _where_lanes(active, step(state, x, y, *batch(batches, step_keys, c, counts[c], t)),
+    state = _where_lanes(active, step(state, *batch(batches, step_keys, c, counts[c], t)),
                          state)
     t = t + active.astype(jnp.int32)
     done = active & (t >= total[c])

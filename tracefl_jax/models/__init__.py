@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 from tracefl_jax.models.base import (TRACED_UNIT_TYPES, ModelDef, TracedUnit,
                                      discover_traced_layers, get_layer, inspect_units,
                                      make_model)
+from tracefl_jax.models.build import check_shape_and_classes
 from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
 from tracefl_jax.models.resnet import DenseNet, ResNet18
 from tracefl_jax.models.transformer import BertClassifier, GPTClassifier
@@ -78,15 +78,7 @@ _IMAGE_MODELS = frozenset(n for n in _REGISTRY if not n.startswith("mlp"))
 
 def _check_shape_and_classes(name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
   """One-line errors instead of Flax/XLA tracebacks from inside the first forward pass."""
-  if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-      or num_classes < 1):
-    raise ValueError(f"num_classes={num_classes!r} must be a positive int (the number of "
-                     f"logits)")
-  shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-  if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
-                          for d in shape):
-    raise ValueError(f"input_shape={input_shape!r} must be a non-empty tuple of positive ints, "
-                     f"the shape of ONE example, e.g. (28, 28, 1) or (seq_len,)")
+  shape = check_shape_and_classes(input_shape, num_classes)
   if name in _TEXT_REGISTRY and len(shape) != 1:
     raise ValueError(f"text model {name!r} takes token ids: input_shape must be (seq_len,), "
                      f"got {shape}")

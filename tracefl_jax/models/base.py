@@ -29,7 +29,19 @@ LayerPath = tuple[str, ...]
 # The unit types traced by default. Each is affine in its own parameters once its input is
 # fixed (spec section 2), which is what makes the "grad" and "jvp" kernels exact; subclasses
 # (e.g. `layers.PatchConv`) must keep that property.
-TRACED_UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.Dense, nn.Conv, nn.LayerNorm)
+class AffineUnit(nn.Module):
+  """Marker base class of a module affine in its own parameters once its input is fixed (no
+  parameter-free term): traced by default, scored exactly by every kernel. The adapters of
+  NNX's Linear, Conv and LayerNorm (`models.nnx`) are such units."""
+
+
+TRACED_UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv,
+                                                   nn.LayerNorm, AffineUnit)
+
+# Parameterised layers TraceFL deliberately leaves untraced (as the original does): they are
+# listed on `ModelDef.untraced` but not warned about. Matched by class name, so the Flax NNX
+# layers of the same names count too.
+UNTRACED_BY_DESIGN = ("BatchNorm", "GroupNorm", "RMSNorm", "Embed")
 
 
 class TracedUnit(NamedTuple):
@@ -73,7 +85,8 @@ class ModelDef:
   - Dropout draws from the "dropout" rng stream, fed in train mode only.
   - Optional: a `mask` parameter of `__call__` receives the `[B]` real-example mask of a padded
     training batch, to keep padding out of batch statistics (the project's ResNet/DenseNet).
-  - Traced units are the `nn.Dense`, `nn.Conv` and `nn.LayerNorm` submodules that run in eval
+  - Traced units are the `TRACED_UNIT_TYPES` submodules (`nn.Dense`, `nn.DenseGeneral`,
+    `nn.Einsum`, `nn.Conv`, `nn.LayerNorm`; NNX layers through `models.nnx`) that run in eval
     mode, in execution order, each called ONCE per forward pass (shared weights are rejected);
     or explicit `traced_layers` module paths, e.g. whole blocks (non-affine: reference kernel).
   Provenance always runs the global model in eval mode: `train=False`, dropout off, BatchNorm
@@ -91,6 +104,9 @@ class ModelDef:
     input_dtype: dtype of an example (float32 images, int32 tokens).
     num_classes: number of logits.
     traced_layers: module paths of the traced units in forward order (filled by `make_model`).
+    untraced: paths of the modules that own parameters outside every traced unit (BatchNorm,
+      embeddings, a raw `self.param`), filled by `make_model`; their weights take part in
+      training but not in the client scores.
   """
 
   name: str
@@ -99,11 +115,13 @@ class ModelDef:
   num_classes: int
   input_dtype: Any = jnp.float32
   traced_layers: tuple[LayerPath, ...] = ()
+  untraced: tuple[LayerPath, ...] = ()
 
   def __post_init__(self):
     # Lists would make the model unhashable, i.e. unusable as a static jit argument.
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
     object.__setattr__(self, "traced_layers", tuple(tuple(p) for p in self.traced_layers))
+    object.__setattr__(self, "untraced", tuple(tuple(p) for p in self.untraced))
 
   def _key(self) -> tuple[Any, ...]:
     return (self.module, self.input_shape, self.num_classes, jnp.dtype(self.input_dtype),
@@ -211,21 +229,39 @@ def inspect_units(
     ValueError: a path in `traced_layers` never ran.
   """
   traced = None if traced_layers is None else tuple(tuple(p) for p in traced_layers)
-  return _inspect(_ModuleKey(module), tuple(batch_shape), jnp.dtype(dtype), traced)
+  return _inspect(_ModuleKey(module), tuple(batch_shape), jnp.dtype(dtype), traced).units
+
+
+class MissingTracedLayers(ValueError):
+  """A path of `traced_layers` never ran in the eval-mode forward pass."""
+
+
+class _Survey(NamedTuple):
+  """What one abstract eval-mode forward pass tells about a module."""
+  units: tuple[TracedUnit, ...]
+  untraced: tuple[tuple[LayerPath, str], ...]  # (owner path, owner kind) of untraced params
+  logits: jax.ShapeDtypeStruct
+
+
+def _kind(module: nn.Module) -> str:
+  """A module's class name; an NNX layer's own class name for its linen adapter."""
+  return getattr(module, "nnx_kind", None) or type(module).__name__
 
 
 @functools.lru_cache(maxsize=256)
 def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
-             traced: tuple[LayerPath, ...] | None) -> tuple[TracedUnit, ...]:
+             traced: tuple[LayerPath, ...] | None) -> _Survey:
   module = key.module
   wanted = set(traced or ())
   clones: dict[LayerPath, nn.Module] = {}  # insertion order = first-call order
   outputs: dict[LayerPath, jax.ShapeDtypeStruct] = {}
   calls: collections.Counter[LayerPath] = collections.Counter()
+  kinds: dict[LayerPath, str] = {}
   active: list[LayerPath] = []
 
   def record(next_fun, args, kwargs, context):
     path = tuple(context.module.path)
+    kinds.setdefault(path, _kind(context.module))
     is_unit = (path in wanted if traced is not None
                else isinstance(context.module, TRACED_UNIT_TYPES))
     if context.method_name != "__call__" or not is_unit or path in active:
@@ -246,14 +282,26 @@ def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
     variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x,
                             **mode)
     with nn.intercept_methods(record):
-      module.apply(variables, x, **mode)
+      logits = module.apply(variables, x, **mode)
+    return variables.get("params", {}), logits
 
-  jax.eval_shape(forward)
+  params, logits = jax.eval_shape(forward)
   missing = wanted - set(clones)
   if missing:
-    raise ValueError(f"traced layers {sorted(missing)} never ran in an eval-mode forward pass "
-                     f"of {type(module).__name__}")
-  return tuple(TracedUnit(p, m, outputs[p], calls[p]) for p, m in clones.items())
+    raise MissingTracedLayers(f"traced layers {sorted(missing)} never ran in an eval-mode "
+                              f"forward pass of {type(module).__name__}")
+  owners: dict[LayerPath, str] = {}
+  for leaf_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in leaf_path)
+    if any(path[:len(u)] == u for u in clones):
+      continue
+    owner = path[:-1]
+    known = max((p for p in kinds if owner[:len(p)] == p), key=len, default=())
+    owners.setdefault(owner, kinds.get(owner, kinds.get(known, type(module).__name__)))
+  units = tuple(TracedUnit(p, m, outputs[p], calls[p]) for p, m in clones.items())
+  logits = jax.ShapeDtypeStruct(getattr(logits, "shape", ()),
+                                getattr(logits, "dtype", jnp.float32))
+  return _Survey(units, tuple(owners.items()), logits)
 
 
 def _reject_shared(units: tuple[TracedUnit, ...]) -> None:
@@ -283,30 +331,6 @@ def discover_traced_layers(
   return tuple(u.path for u in units)
 
 
-def make_model(
-    name: str,
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    input_dtype: Any = jnp.float32,
-    traced_layers: tuple[LayerPath, ...] | None = None,
-) -> ModelDef:
-  """Builds a `ModelDef`, discovering the traced layers unless they are given.
-
-  Raises ValueError when a traced unit is called more than once per forward pass or a given
-  traced layer never runs (checked here, by the same abstract pass provenance uses).
-  """
-  explicit = traced_layers is not None
-  if not explicit:
-    traced_layers = discover_traced_layers(module, input_shape, input_dtype)
-  model = ModelDef(name=name, module=module, input_shape=tuple(input_shape),
-                   num_classes=num_classes, input_dtype=input_dtype,
-                   traced_layers=tuple(traced_layers))
-  if explicit:
-    model.units()  # each given path must run, once
-  return model
-
-
 def get_layer(tree: Mapping[str, Any], path: LayerPath) -> Any:
   """The subtree of `tree` (a params dict) at module path `path`."""
   for key in path:
@@ -319,3 +343,8 @@ def _jitted_init(model: ModelDef) -> Callable[[jax.Array, jax.Array], Variables]
   mode = {"train": False} if model.accepts_train else {}
   return jax.jit(lambda key, x: dict(model.module.init({"params": key, "dropout": key}, x,
                                                        **mode)))
+
+
+# make_model lives in build.py (its checks); imported here, where callers find it.
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from tracefl_jax.models.build import make_model  # noqa: E402,F401
