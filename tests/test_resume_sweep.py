@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tracefl_jax.experiment import runner as experiment, sweep
-from tracefl_jax.experiment.checkpointing import CheckpointError, WorkdirError
+from tracefl_jax.experiment.checkpoints import CheckpointError
+from tracefl_jax.experiment.io import WorkdirError
 from tracefl_jax.experiment.config import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,8 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   again = sweep.run_sweep(config, grid, tmp_path, progress=False)
   assert all(r["skipped_existing"] for r in again)
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
-  with pytest.raises(ValueError, match="not a config field"):
+  with pytest.raises(ValueError, match=r"unknown config field 'partition.alfa' \(sweep field "
+                     r"partition.alfa=0.1\); did you mean --config.partition.alpha\?"):
     sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)
   other = _small_config()  # the same run directories, another experiment: refused, not mixed
   other.client.batch_size = 16
