@@ -137,7 +137,7 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   assert all(r["skipped_existing"] for r in again)
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
   with pytest.raises(ValueError, match=r"unknown config field 'partition.alfa' \(sweep field "
-                     r"partition.alfa=0.1\); did you mean --config.partition.alpha\?"):
+                     r"partition.alfa\); did you mean --config.partition.alpha\?"):
     sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)
   other = _small_config()  # the same run directories, another experiment: refused, not mixed
   other.client.batch_size = 16

@@ -22,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,12 @@ class CheckpointError(RuntimeError):
 LOG_FILE = "run.log"  # orbax's messages, kept out of the terminal
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-  """`Type: first line of the message`, at most `limit` characters (the rest is in run.log)."""
+def first_line(e: BaseException, limit: int = 400) -> str:
+  """`Type: first line of the message`, at most about `limit` characters: its start and its
+  end, where TensorStore puts the cause (the whole message is in run.log)."""
   text = (str(e).strip().splitlines() or [""])[0]
   if len(text) > limit:
-    text = text[:limit] + " ..."
+    text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
   return f"{type(e).__name__}: {text}"
 
 
@@ -67,15 +71,50 @@ def quiet_orbax(workdir: str | Path | None):
     logging.getLogger("orbax").error("exception in thread %s", args.thread,
                                      exc_info=(args.exc_type, args.exc_value,
                                                args.exc_traceback))
-  threading.excepthook = to_log
+  def unraisable_to_log(args):  # may run in a thread after the block: straight to the file
+    if workdir is None:
+      return
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                              args.exc_traceback))
+    try:
+      with open(Path(workdir) / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(f"exception ignored in {args.object!r}\n{text}")
+    except OSError:
+      pass
+  threading.excepthook, unraisable = to_log, sys.unraisablehook
+  sys.unraisablehook = unraisable_to_log
   try:
     yield
   finally:
-    threading.excepthook = hook
+    threading.excepthook = hook  # orbax's futures may end after the block: keep them quiet
+    if unraisable is not sys.__unraisablehook__:
+      sys.unraisablehook = unraisable
     for lg, level, propagate, handlers in saved:
       lg.handlers, lg.propagate = handlers, propagate
       lg.setLevel(level)
     handler.close()
+
+
+@contextlib.contextmanager
+def stderr_to_log(workdir: str | Path):
+  """Sends the process's stderr (file descriptor 2) to `WORKDIR/run.log` for the block: what
+  TensorStore's threads print from C++ when a write fails ("Event loop is closed" tracebacks)
+  bypasses Python's logging."""
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = os.open(Path(workdir) / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  except OSError:  # no descriptor 2 or no room for the log: leave stderr as it is
+    yield
+    return
+  os.dup2(log, 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(log)
 
 
 def leaf_name(path) -> str:
@@ -164,15 +203,28 @@ class Checkpointer:
       return False
     if self._manager.latest_step() == round_idx:
       return False
-    ocp = self._ocp
     arrays = to_host(state)
+    try:
+      with stderr_to_log(self.directory.parent):
+        self._save(round_idx, arrays, history, seconds)
+    except Exception as e:  # a full disk, a file-size limit: orbax's words, its first line
+      logging.getLogger("orbax").exception("saving checkpoint %d", round_idx)
+      raise CheckpointError(
+          f"cannot write checkpoint {round_idx} in {self.directory} ({first_line(e)}); the "
+          f"rows of rounds 1-{round_idx} and the earlier checkpoints are kept: make room and "
+          f"run the same command again to resume (details in "
+          f"{self.directory.parent / LOG_FILE})") from e
+    return True
+
+  def _save(self, round_idx: int, arrays: dict[str, np.ndarray],
+            history: list[dict[str, Any]], seconds: float) -> None:
+    ocp = self._ocp
     self._manager.save(round_idx, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_flat_keys(arrays)),
         meta=ocp.args.JsonSave({"round": round_idx, "config": self._config_json,
                                 "history": history, "seconds": seconds,
                                 "leaves": list(arrays), "checksums": array_checksums(arrays)})))
     self._manager.wait_until_finished()
-    return True
 
   def restore(self, example_state: Any) -> tuple[Any, list[dict[str, Any]], float]:
     """The latest checkpoint as `(state, history, seconds)`, `state` of `example_state`'s
@@ -208,8 +260,9 @@ class Checkpointer:
           f"({len(meta.get('leaves') or [])} arrays, this run has {len(example)}). It was left "
           f"as it is: {REMEDY}")
     try:
-      flat = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_flat_keys(example))))["state"]
+      with stderr_to_log(self.directory.parent):
+        flat = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_flat_keys(example))))["state"]
     except Exception as e:
       logging.getLogger("orbax").exception("restoring %s", where)
       raise CheckpointError(

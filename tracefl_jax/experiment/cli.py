@@ -174,6 +174,21 @@ def _print_help() -> None:
   print("\n".join(describe_config(base_config())))
 
 
+def _fail_run(message: str, workdir: str | None, code: int = 2) -> None:
+  """The run's one error line; what orbax's threads print while the process ends (tracebacks
+  of futures on a closed event loop) goes to WORKDIR/run.log, not the terminal."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if workdir and os.path.isdir(workdir):
+    try:
+      log = os.open(os.path.join(workdir, "run.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                    0o644)
+      os.dup2(log, 2)
+      os.close(log)
+    except OSError:
+      pass
+  sys.exit(code)
+
+
 def _join(flags: dict[str, Any]) -> None:
   """Joins the processes of a multi-process run before anything else uses JAX."""
   explicit = [flags[k] for k in ("coordinator", "num_processes", "process_id")]
@@ -228,9 +243,18 @@ def _run_main(argv: list[str]) -> None:
     summary = experiment.run(config, workdir, progress=not flags["quiet"],
                              allow_cwd=flags["allow_cwd"], figures=True)
   except (ValueError, OSError, CheckpointError, experiment.TrainingDivergedError) as e:
-    _fail(str(e))
+    _fail_run(str(e), workdir)
   except KeyboardInterrupt:
-    _fail("interrupted; run the same command again to resume from the last checkpoint", 130)
+    _fail_run("interrupted; run the same command again to resume from the last checkpoint",
+              workdir, 130)
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+      raise
+    from tracefl_jax.experiment.checkpoints import first_line  # pylint: disable=g-import-not-at-top
+    _fail_run(f"process {jax.process_index()} of {jax.process_count()} lost the others "
+              f"({first_line(e)}); a process died or was stopped: run the same command again "
+              f"on every process to resume from the last checkpoint", workdir, 3)
   if is_primary():
     report.print_summary(summary, workdir)
 

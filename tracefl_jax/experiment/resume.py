@@ -59,38 +59,36 @@ def _rows(path: Path, last: int) -> tuple[list[dict[str, Any]], str | None]:
 
 
 def reconcile(workdir: Path, history: list[dict[str, Any]], last: int) -> None:
-  """Makes metrics.jsonl and provenance.jsonl hold exactly rounds 1..`last` (module doc).
+  """Makes metrics.jsonl and provenance.jsonl hold exactly rounds 1..`last` (module doc);
+  both files are checked before either is written.
 
   Raises:
     WorkdirError: naming the file and the rounds, when provenance.jsonl lacks rows of rounds
       the checkpoint holds (they cannot be rebuilt), or a row has no round number.
   """
-  path = workdir / "metrics.jsonl"
-  rows, torn = _rows(path, last)
-  if torn:
-    _note(f"dropped the torn last line of {path} (a crash mid-write; {torn})")
+  metrics, provenance = workdir / "metrics.jsonl", workdir / "provenance.jsonl"
+  rows, torn_metrics = _rows(metrics, last)
   have = {r["round"] for r in rows if r["round"] <= last}
   lost = [h["round"] for h in history if h["round"] not in have]
-  if lost:
-    _note(f"{path} lacked the rows of rounds {_span(lost)}; rebuilt them from checkpoint "
-          f"{last}")
-  write_atomic(path, "".join(json_line(h) for h in history))
-
-  path = workdir / "provenance.jsonl"
-  rows, torn = _rows(path, last)
-  if torn:
-    _note(f"dropped the torn last line of {path} (a crash mid-write; {torn})")
+  rows, torn_prov = _rows(provenance, last)
   kept = [r for r in rows if r["round"] <= last]
   count = Counter(r["round"] for r in kept)
   want = {h["round"]: (h.get("provenance") or {}).get("inputs", 0) for h in history}
   short = [r for r, n in want.items() if count.get(r, 0) != n]
   if short:
     raise WorkdirError(
-        f"{path} lacks rows of rounds {_span(short)}, which checkpoint {last} holds (their "
-        f"traced inputs cannot be rebuilt from a checkpoint); restore the file, or start "
-        f"afresh with --overwrite (the run moves to {workdir / PREVIOUS}/<time>/)")
-  if len(kept) != len(rows) or torn or (kept and not path.exists()):
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        f"{provenance} lacks rows of rounds {_span(short)}, which checkpoint {last} holds "
+        f"(their traced inputs cannot be rebuilt from a checkpoint); restore the file, or "
+        f"start afresh with --overwrite (the run moves to {workdir / PREVIOUS}/<time>/)")
+  for path, torn in ((metrics, torn_metrics), (provenance, torn_prov)):
+    if torn:
+      _note(f"dropped the torn last line of {path} (a crash mid-write; {torn})")
+  if lost:
+    _note(f"{metrics} lacked the rows of rounds {_span(lost)}; rebuilt them from checkpoint "
+          f"{last}")
+  write_atomic(metrics, "".join(json_line(h) for h in history))
+  if len(kept) != len(rows) or torn_prov:
+    write_atomic(provenance, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _span(rounds: list[int]) -> str:

@@ -16,6 +16,7 @@ the arrays from process 0, and process 0 writes `round.json`.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from tracefl_jax.data import Normalization
 from tracefl_jax.experiment.checkpoints import (CheckpointError, array_checksums, first_line,
-                                                verify_checksums)
+                                                stderr_to_log, verify_checksums)
 from tracefl_jax.experiment.stages import model_from_spec
 from tracefl_jax.experiment.tracing import top_clients
 from tracefl_jax.experiment.workdir import stored_rounds
@@ -60,9 +61,16 @@ def save_round(workdir: str | Path, round_idx: int, *, global_vars: Any, client_
       "client_ids": np.asarray(client_ids, np.int64),
       "client_sizes": np.asarray(client_sizes, np.int64)})
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path / "arrays", arrays, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  try:
+    with stderr_to_log(Path(workdir)):
+      checkpointer.save(path / "arrays", arrays, force=True)
+      checkpointer.wait_until_finished()
+  except Exception as e:  # a full disk, a file-size limit: orbax's words, its first line
+    logging.getLogger("orbax").exception("storing round %d", round_idx)
+    raise CheckpointError(f"cannot store round {round_idx} in {path} ({first_line(e)}); make "
+                          f"room and run the same command again to resume") from e
+  finally:
+    checkpointer.close()
   if primary:
     (path / "round.json").write_text(json.dumps(
         {"round": round_idx, **meta, "checksums": array_checksums(arrays)}, indent=2) + "\n")
