@@ -9,6 +9,11 @@
       prints the resolved config's fields, values and meanings.
   python -m tracefl_jax trace --workdir=runs/demo --inputs=x.npy [--round=R] [--out=F]
       traces new inputs against a round the run stored (`provenance.store_rounds`).
+  python -m tracefl_jax ... --sweep [--sweep_shard=I/N | --collect]
+      runs a sweep's grid (or one job-array shard of it), or merges the shards' results.
+  python -m tracefl_jax ... --coordinator=HOST:PORT --num_processes=N --process_id=I
+      one process of a multi-process run (`--distributed` on a cluster: README, "Running on
+      a cluster").
 
 Config files are Python files with `get_config(preset)` (big_vision style): `path.py:preset`.
 Every mistake on the command line (a misspelt field, a value of the wrong type, an unknown
