@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tracefl_jax.experiment import cli, runner
-from tracefl_jax.experiment.checkpointing import (CheckpointError, WorkdirError, load_round,
-                                                  read_jsonl)
+from tracefl_jax.experiment import cli, runner, stages
+from tracefl_jax.experiment.checkpoints import CheckpointError
+from tracefl_jax.experiment.io import WorkdirError, read_jsonl
+from tracefl_jax.experiment.stored import load_round
 from tracefl_jax.experiment.config import FIELD_HELP, base_config, config_fields
 from tracefl_jax.fl.rounds import (FederatedAlgorithm, RoundOutput, ServerState,
                                    TrainingDivergedError, run_rounds)
@@ -42,13 +43,13 @@ def _no_training(monkeypatch):
   """Fails the test if the run gets as far as loading data (checks must come first)."""
   def refuse(*_, **__):
     raise AssertionError("the dataset was loaded: the check did not come first")
-  monkeypatch.setattr(runner, "load_dataset", refuse)
+  monkeypatch.setattr(stages, "load_dataset", refuse)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
   workdir = tmp_path_factory.mktemp("finished") / "run"
-  runner.run(_config(), workdir, progress=False)
+  runner.run(_config(), workdir, progress=False, figures=True)
   return workdir
 
 
@@ -132,14 +133,13 @@ def test_finished_run_rerun_changes_nothing(run_copy, capsys):
   mtimes = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")}
   summary = runner.run(_config(), run_copy, progress=False)
   assert summary == json.loads(before["summary.json"])
-  assert capsys.readouterr().err == (f"nothing to do: {run_copy} holds this config's finished "
-                                     f"run (2 rounds); its files are unchanged\n")
+  message = (f"nothing to do: {run_copy} holds this config's finished run (2 rounds); its "
+             f"files are unchanged (a larger --config.rounds continues it, --overwrite starts "
+             f"afresh)\n")
+  assert capsys.readouterr().err == message
   proc = _cli(*TINY, f"--workdir={run_copy}", "--quiet")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.startswith(
-      f"nothing to do: {run_copy} already holds this config's finished run (2 rounds); its "
-      f"files are unchanged (a larger --config.rounds continues it, --overwrite starts "
-      f"afresh)\n")
+  assert proc.stderr == message
   assert _snapshot(run_copy) == before
   assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == mtimes
 
@@ -204,8 +204,8 @@ def test_torn_last_jsonl_line_is_dropped_on_resume(run_copy, finished, capsys):
     (run_copy / name).write_text(text[:-40])  # the last line loses its end and newline
   assert runner.run(_config(), run_copy, progress=False)["rounds"] == 2
   assert capsys.readouterr().err == "".join(
-      f"note: dropped the torn last line of {run_copy / name} (a crash mid-write; it belonged "
-      f"to a round after the checkpoint, which is run again)\n"
+      f"note: dropped the torn last line of {run_copy / name} (a crash mid-write; round 2, "
+      f"after checkpoint 1: that round runs again)\n"
       for name in ("metrics.jsonl", "provenance.jsonl"))
   for name in ("metrics.jsonl", "provenance.jsonl"):
     again, torn = read_jsonl(run_copy / name)
@@ -292,7 +292,7 @@ def test_run_rounds_reports_explosion_and_nonfinite_parameters_after_keeping_row
 
 
 def test_divergence_keeps_earlier_rows_and_checkpoints(tmp_path, monkeypatch):
-  real = runner.federated_averaging
+  real = stages.federated_averaging
 
   def exploding_in_round_2(*args, **kwargs):
     algorithm = real(*args, **kwargs)
@@ -304,7 +304,7 @@ def test_divergence_keeps_earlier_rows_and_checkpoints(tmp_path, monkeypatch):
       return state, out
     return algorithm._replace(round=round_)
 
-  monkeypatch.setattr(runner, "federated_averaging", exploding_in_round_2)
+  monkeypatch.setattr(stages, "federated_averaging", exploding_in_round_2)
   with pytest.raises(TrainingDivergedError, match=r"^round 2: training diverged.* "
                      r"client\.learning_rate is now 0\.001 \(client\.optimizer=adam\)\. The "
                      r"rows of rounds 1-1 are in .*metrics\.jsonl, checkpoints in "

@@ -1,17 +1,25 @@
-"""A real multi-process run: two processes on localhost, 2 fake CPU devices each, one mesh.
+"""Real multi-process runs: processes on localhost joined by jax.distributed (CPU devices, gloo).
 
-Each process calls `jax.distributed.initialize` (CPU collectives: gloo, jax's default) and runs
+The library: each process calls `jax.distributed.initialize` (CPU collectives: gloo, jax's default) and runs
 tests/distributed_worker.py's `round_and_trace`: a `sharded` FedAvg round and a sharded
 `trace_clients` over all 4 global devices. The test process runs the same function on its own
 4 fake devices; both must agree.
+
+The runner: `python -m tracefl_jax` as two processes of 2 devices each (the demo's quick preset,
+`sharded` strategy, sharded provenance), one of them killed (SIGKILL) after round 1: the other
+stops with an error instead of hanging, and the same command run again resumes; the rows
+written before the kill and after, and summary.json, equal one process's over 4 devices.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +65,112 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_array_equal(got["traced_client"], want["traced_client"])
   np.testing.assert_array_equal(got["predicted"], want["predicted"])
   assert got["scores"].shape == (10, distributed_worker.NUM_CLIENTS)
+
+
+# --- The experiment runner under several processes -----------------------------------------
+
+SHARDED = ["--config=configs/demo.py:quick", "--quiet", "--config.rounds=3",
+           "--config.checkpoint.every=1", "--config.simulation.strategy=sharded",
+           "--config.provenance.shard_clients=True"]
+
+
+def _runner(workdir: Path, devices: int, *extra: str, process: tuple[int, int, int] | None = None,
+            cache: Path | None = None) -> subprocess.Popen:
+  """`python -m tracefl_jax` on `devices` fake CPU devices; `process`: (id, count, port)."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  if cache is not None:  # the processes compile the same programs: later runs load them
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  joined = [] if process is None else [
+      f"--process_id={process[0]}", f"--num_processes={process[1]}",
+      f"--coordinator=localhost:{process[2]}", "--heartbeat_timeout=10"]
+  log = open(workdir.parent / f"{workdir.name}.{process[0] if process else 'single'}.log", "a",
+             encoding="utf-8")
+  with log:
+    return subprocess.Popen([sys.executable, "-m", "tracefl_jax", *SHARDED,
+                             f"--workdir={workdir}", *joined, *extra], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _processes(workdir: Path, n: int, cache: Path) -> list[subprocess.Popen]:
+  port = _free_port()
+  return [_runner(workdir, 4 // n, process=(i, n, port), cache=cache) for i in range(n)]
+
+
+def _logs(workdir: Path) -> str:
+  return "\n".join(p.read_text()[-2000:] for p in sorted(workdir.parent.glob(f"{workdir.name}.*.log")))
+
+
+def _wait(procs: list[subprocess.Popen], workdir: Path, timeout: float = 240) -> list[int]:
+  try:
+    return [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def _same(got, want, where="") -> None:
+  """Rows equal, floats to 1e-5 (cross-process sums may round differently), timings aside."""
+  if isinstance(want, dict):
+    keys = {k for k in want if "seconds" not in k}
+    assert keys == {k for k in got if "seconds" not in k}, where
+    for k in keys:
+      _same(got[k], want[k], f"{where}.{k}")
+  elif isinstance(want, list):
+    assert len(got) == len(want), where
+    for i, (g, w) in enumerate(zip(got, want)):
+      _same(g, w, f"{where}[{i}]")
+  elif isinstance(want, float):
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+  else:
+    assert got == want, where
+
+
+def _jsonl(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+  """The reference: one process over 4 devices."""
+  workdir = tmp_path_factory.mktemp("single") / "run"
+  proc = _runner(workdir, 4, cache=workdir.parent / "cache")
+  assert _wait([proc], workdir) == [0], _logs(workdir)
+  return workdir
+
+
+def _assert_equal_runs(workdir: Path, single: Path) -> None:
+  for name in ("metrics.jsonl", "provenance.jsonl"):
+    _same(_jsonl(workdir / name), _jsonl(single / name), name)
+  _same({k: v for k, v in json.loads((workdir / "summary.json").read_text()).items()
+         if k != "memory"},
+        {k: v for k, v in json.loads((single / "summary.json").read_text()).items()
+         if k != "memory"}, "summary")
+
+
+@pytest.mark.distributed
+def test_runner_kill_9_one_process_then_rerun_equals_uninterrupted(tmp_path, single):
+  workdir = tmp_path / "run"
+  procs = _processes(workdir, 2, tmp_path / "cache")
+  deadline = time.time() + 240
+  try:
+    while not (workdir / "metrics.jsonl").exists() or not _jsonl(workdir / "metrics.jsonl"):
+      assert all(p.poll() is None for p in procs), _logs(workdir)
+      assert time.time() < deadline, "the run never finished round 1"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    codes = _wait(procs, workdir, timeout=90)  # the survivor stops; it does not hang
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, _logs(workdir)
+    assert time.time() - t0 < 60
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  done = len(_jsonl(workdir / "metrics.jsonl"))
+  assert 1 <= done < 3, "the run must be killed mid-way"
+  procs = _processes(workdir, 2, tmp_path / "cache")  # the same command again: resumes
+  assert _wait(procs, workdir) == [0, 0], _logs(workdir)
+  _assert_equal_runs(workdir, single)  # every row, those before the kill and after
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tracefl_jax.experiment import runner as experiment, sweep
-from tracefl_jax.experiment.checkpointing import CheckpointError, WorkdirError
+from tracefl_jax.experiment.checkpoints import CheckpointError
+from tracefl_jax.experiment.io import WorkdirError
 from tracefl_jax.experiment.config import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,13 +136,41 @@ def test_sweep_runs_grid_skips_finished_and_writes_results(tmp_path):
   again = sweep.run_sweep(config, grid, tmp_path, progress=False)
   assert all(r["skipped_existing"] for r in again)
   assert [r["best_accuracy"] for r in again] == [r["best_accuracy"] for r in rows]
-  with pytest.raises(ValueError, match="not a config field"):
+  with pytest.raises(ValueError, match=r"unknown config field 'partition.alfa' \(sweep field "
+                     r"partition.alfa\); did you mean --config.partition.alpha\?"):
     sweep.run_sweep(config, {"partition.alfa": [0.1]}, tmp_path)
+  # A job array: two shards into another directory, then collect: the same tables.
+  shards = tmp_path / "shards"
+  first = sweep.run_sweep(config, grid, shards, progress=False, shard=(0, 2))
+  assert [r["run"] for r in first] == [rows[0]["run"], rows[2]["run"]]
+  assert not (shards / "results.csv").exists()  # a shard writes no table
+  _, missing = sweep.collect(config, grid, shards)
+  assert missing == [rows[1]["run"], rows[3]["run"]]
+  sweep.run_sweep(config, grid, shards, progress=False, shard=(1, 2))
+  collected, missing = sweep.collect(config, grid, shards)
+  assert not missing and [r["run"] for r in collected] == [r["run"] for r in rows]
+  assert _table(shards / "results.csv") == _table(tmp_path / "results.csv")
+  assert (shards / "accuracy_vs_partition.alpha.png").read_bytes()[:4] == b"\x89PNG"
+  assert sweep.shard_from_environment({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "3",
+                                       "SLURM_ARRAY_TASK_COUNT": "2"}) == (1, 2)
+  with pytest.raises(ValueError, match=r"--sweep_shard=2/2: takes I/N with 0 <= I < N"):
+    sweep.parse_shard("2/2")
   other = _small_config()  # the same run directories, another experiment: refused, not mixed
   other.client.batch_size = 16
   with pytest.raises(WorkdirError, match=r"partition.alpha=0.3,seed=1 holds a run .* of a "
                      r"different experiment \(config differs in: client.batch_size \(32 -> 16\)\)"):
     sweep.run_sweep(other, grid, tmp_path, progress=False)
+
+
+def _table(path: Path) -> list[dict]:
+  """results.csv without the columns that differ between runs (times, memory)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(path, encoding="utf-8") as f:
+    return [{k: v for k, v in row.items() if k not in _TIMED} for row in csv.DictReader(f)]
+
+
+_TIMED = ("seconds", "s_per_round", "first_round_s", "prov_s_per_round", "first_prov_s",
+          "tracefl_s_per_input", "feddebug_s_per_input", "peak_rss_mb", "device_peak_mb")
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):

@@ -9,6 +9,11 @@
       prints the resolved config's fields, values and meanings.
   python -m tracefl_jax trace --workdir=runs/demo --inputs=x.npy [--round=R] [--out=F]
       traces new inputs against a round the run stored (`provenance.store_rounds`).
+  python -m tracefl_jax ... --sweep [--sweep_shard=I/N | --collect]
+      runs a sweep's grid (or one job-array shard of it), or merges the shards' results.
+  python -m tracefl_jax ... --coordinator=HOST:PORT --num_processes=N --process_id=I
+      one process of a multi-process run (`--distributed` on a cluster: README, "Running on
+      a cluster").
 
 Config files are Python files with `get_config(preset)` (big_vision style): `path.py:preset`.
 Every mistake on the command line (a misspelt field, a value of the wrong type, an unknown
@@ -18,21 +23,21 @@ stderr with exit code 2, naming the bad input and the way out.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import difflib
-import importlib.util
 import json
 import logging
+import os
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_collections
 
+from tracefl_jax.experiment.configfile import FALSE, TRUE, field_type, load_config, set_field
+
 _USAGE = """\
 usage: python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR [flags] [--config.FIELD=VALUE ...]
        python -m tracefl_jax config [--config=PATH.py[:PRESET]] [--config.FIELD=VALUE ...]
+       python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]
        python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  (trace --help)"""
 
 # Flags of a run: name -> (metavar of its value, or "" for a bool flag; help).
@@ -47,6 +52,18 @@ _FLAGS = {
     "overwrite": ("", "move a previous run in --workdir to WORKDIR/previous/<time>/ and start "
                       "afresh (= --config.checkpoint.overwrite=True)"),
     "allow_cwd": ("", "allow --workdir to be the current directory"),
+    "sweep_shard": ("I/N", "with --sweep: run only share I of N of the grid (a job array's "
+                           "task; default from SLURM_ARRAY_TASK_ID and _COUNT when set)"),
+    "collect": ("", "with the sweep's config: merge the finished runs under --workdir into "
+                    "results.csv, results.md and plots, naming the runs not finished"),
+    "distributed": ("", "join a multi-process run (jax.distributed.initialize; on a cluster "
+                        "it reads SLURM / Open MPI / ... environment variables)"),
+    "coordinator": ("HOST:PORT", "multi-process run: process 0's address (implies "
+                                 "--distributed)"),
+    "num_processes": ("N", "multi-process run: number of processes"),
+    "process_id": ("I", "multi-process run: this process's index, 0..N-1"),
+    "heartbeat_timeout": ("SECONDS", "multi-process run: a process silent this long is dead "
+                                     "and the run stops with an error (default 60)"),
 }
 
 
@@ -59,138 +76,6 @@ class _Args(NamedTuple):
 def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(preset)` of the config file `spec` = `PATH.py[:PRESET]`, locked."""
-  path, _, preset = spec.partition(":")
-  hint = "--config takes PATH.py[:PRESET], e.g. --config=configs/demo.py:quick"
-  if not path:
-    raise ValueError(f"--config is empty; {hint}")
-  if not Path(path).is_file():
-    what = "is a directory" if Path(path).is_dir() else "does not exist"
-    raise ValueError(f"config file {path!r} {what}; {hint}")
-  module_spec = importlib.util.spec_from_file_location(f"_tracefl_config_{Path(path).stem}",
-                                                       path)
-  if module_spec is None or module_spec.loader is None:
-    raise ValueError(f"config file {path!r} is not a Python file; {hint}")
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception as e:  # a config file may raise anything while it is imported
-    raise ValueError(f"cannot load config file {path!r}: {type(e).__name__}: {e}") from e
-  if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"config file {path!r} defines no get_config(preset)")
-  try:
-    config = module.get_config(preset) if preset else module.get_config()
-  except ValueError as e:  # the file's own message, e.g. "unknown preset 'quik'; valid: ..."
-    raise ValueError(f"--config={spec}: {e}") from e
-  except Exception as e:
-    raise ValueError(f"--config={spec}: get_config({preset!r}) failed: "
-                     f"{type(e).__name__}: {e}") from e
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"--config={spec}: get_config returned a {type(config).__name__}, not "
-                     f"an ml_collections.ConfigDict")
-  config.lock()
-  return config
-
-
-def _closest_field(name: str, fields: list[str]) -> str | None:
-  """The valid dotted field a misspelt `name` most likely meant, or None."""
-  section, _, leaf = name.rpartition(".")
-  same_leaf = [f for f in fields if f.rpartition(".")[2] == leaf]
-  if len(same_leaf) == 1:  # the right name in the wrong (or no) section
-    return same_leaf[0]
-  in_section = [f for f in fields if f.rpartition(".")[0] == section]
-  pool = in_section or fields
-  close = difflib.get_close_matches(leaf, [f.rpartition(".")[2] for f in pool], n=1,
-                                    cutoff=0.6)
-  if close:
-    return next(f for f in pool if f.rpartition(".")[2] == close[0])
-  if in_section:
-    return None
-  close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)  # a misspelt section
-  return close[0] if close else None
-
-
-_TRUE, _FALSE = ("true", "t", "1", "yes"), ("false", "f", "0", "no")
-
-
-def _parse_value(field: str, text: str | None, kind: type) -> Any:
-  flag = f"--config.{field}" + ("" if text is None else f"={text}")
-  if kind is bool:
-    if text is None or text.lower() in _TRUE:
-      return True
-    if text.lower() in _FALSE:
-      return False
-    raise ValueError(f"{flag}: {field} takes true or false, got {text!r}")
-  if text is None:
-    raise ValueError(f"{flag}: {field} needs a value, e.g. --config.{field}=VALUE")
-  if kind is int:
-    try:
-      return int(text)
-    except ValueError:
-      raise ValueError(f"{flag}: {field} takes an integer, got {text!r}") from None
-  if kind is float:
-    try:
-      return float(text)
-    except ValueError:
-      raise ValueError(f"{flag}: {field} takes a number, got {text!r}") from None
-  if kind is str:
-    return text
-  try:
-    return ast.literal_eval(text)
-  except (SyntaxError, ValueError):
-    return text
-
-
-def _find_field(config: ml_collections.ConfigDict, field: str
-                ) -> tuple[ml_collections.ConfigDict, str] | None:
-  """(the section holding `field`, its leaf name), or None for an unknown field."""
-  node = config
-  *parents, leaf = field.split(".")
-  for part in parents:
-    if not isinstance(node.get(part), ml_collections.ConfigDict):
-      return None
-    node = node[part]
-  return (node, leaf) if leaf in node else None
-
-
-def apply_override(config: ml_collections.ConfigDict, field: str, text: str | None) -> None:
-  """Sets the dotted `field` from its command-line text, parsed as the field's type.
-
-  Raises:
-    ValueError: one line, for an unknown field (naming the closest valid one), a section,
-      or a value of the wrong type.
-  """
-  from tracefl_jax.experiment.config import config_fields  # pylint: disable=g-import-not-at-top
-  found = _find_field(config, field)
-  if found is None:
-    best = _closest_field(field, list(config_fields(config)))
-    section = _find_field(config, field.rpartition(".")[0]) if "." in field else (config, "")
-    if best:
-      hint = f"did you mean --config.{best}?"
-    elif section and isinstance(section[0].get(section[1], config), ml_collections.ConfigDict):
-      node = section[0][section[1]] if section[1] else config
-      hint = f"valid fields here: {', '.join(sorted(node.keys()))}"
-    else:
-      hint = "no field is named like it"
-    raise ValueError(f"unknown config field {field!r} (--config.{field}); {hint} "
-                     f"(python -m tracefl_jax --help lists every field)")
-  node, leaf = found
-  if isinstance(node[leaf], ml_collections.ConfigDict):
-    raise ValueError(f"--config.{field} is a section, not a field; set its fields, e.g. "
-                     f"--config.{field}.{next(iter(node[leaf].keys()), 'FIELD')}=VALUE")
-  value = _parse_value(field, text, node.get_type(leaf))
-  try:
-    node[leaf] = value
-  except TypeError as e:
-    raise ValueError(f"--config.{field}={text}: {e}") from e
-
-
-def _field_type(config: ml_collections.ConfigDict, field: str) -> type | None:
-  found = _find_field(config, field)
-  return None if found is None else found[0].get_type(found[1])
 
 
 def parse_args(argv: list[str], *, need_workdir: bool = True) -> _Args:
@@ -222,12 +107,12 @@ def parse_args(argv: list[str], *, need_workdir: bool = True) -> _Args:
     if name.startswith("config."):
       field = name[len("config."):]
       if not eq:  # `--config.a.b VALUE`, absl style; a bool field alone means true
-        if (_field_type(config, field) is not bool and i < len(argv)
+        if (field_type(config, field) is not bool and i < len(argv)
             and not argv[i].startswith("--")):
           text, i = argv[i], i + 1
         else:
           text = None
-      apply_override(config, field, text)
+      set_field(config, field, text)
       continue
     negated = name.startswith("no") and name[2:] in _FLAGS and not _FLAGS[name[2:]][0]
     key = name[2:] if negated else name
@@ -253,9 +138,9 @@ def parse_args(argv: list[str], *, need_workdir: bool = True) -> _Args:
 
 
 def _parse_flag_bool(name: str, text: str | None) -> bool:
-  if text is None or text.lower() in _TRUE:
+  if text is None or text.lower() in TRUE:
     return True
-  if text.lower() in _FALSE:
+  if text.lower() in FALSE:
     return False
   raise ValueError(f"--{name}={text}: takes true or false")
 
@@ -294,43 +179,89 @@ def _print_help() -> None:
   print("\n".join(describe_config(base_config())))
 
 
+def _fail_run(message: str, workdir: str | None, code: int = 2) -> None:
+  """The run's one error line; what orbax's threads print while the process ends (tracebacks
+  of futures on a closed event loop) goes to WORKDIR/run.log, not the terminal."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if workdir and os.path.isdir(workdir):
+    try:
+      log = os.open(os.path.join(workdir, "run.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                    0o644)
+      os.dup2(log, 2)
+      os.close(log)
+    except OSError:
+      pass
+  sys.exit(code)
+
+
+def _join(flags: dict[str, Any]) -> None:
+  """Joins the processes of a multi-process run before anything else uses JAX."""
+  explicit = [flags[k] for k in ("coordinator", "num_processes", "process_id")]
+  if not (flags["distributed"] or any(v is not None for v in explicit)):
+    return
+  from tracefl_jax.experiment import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    number = [None if v is None else int(v) for v in explicit[1:]]
+  except ValueError:
+    raise ValueError(f"--num_processes and --process_id take integers, got {explicit[1:]}") \
+        from None
+  distributed.initialize(explicit[0], *number,
+                         heartbeat_timeout=int(flags["heartbeat_timeout"] or 60))
+
+
+def _sweep_shard(flags: dict[str, Any]) -> tuple[int, int] | None:
+  """`--sweep_shard=i/n`, else a job array's index from the environment (SLURM), else None."""
+  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
+  if flags["sweep_shard"] is not None:
+    return sweep.parse_shard(flags["sweep_shard"])
+  return sweep.shard_from_environment(os.environ)
+
+
 def _run_main(argv: list[str]) -> None:
   try:
     args = parse_args(argv)
+    _join(args.flags)
   except ValueError as e:
     _fail(str(e))
   config, workdir, flags = args.config, args.flags["workdir"], args.flags
-  from tracefl_jax.experiment import report, results  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import report  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment import runner as experiment  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.checkpointing import (CheckpointError, check_workdir,  # pylint: disable=g-import-not-at-top
-                                                    finished_summary)
+  from tracefl_jax.experiment.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.distributed import is_primary  # pylint: disable=g-import-not-at-top
   try:
-    if flags["sweep"]:
+    if flags["sweep"] or flags["collect"]:
       from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
-      check_workdir(workdir, allow_cwd=flags["allow_cwd"])
       path, _, preset = args.config_spec.partition(":")
-      rows = sweep.run_sweep(config, sweep.load_sweep(path, preset), workdir,
-                             progress=not flags["quiet"])
+      grid = sweep.load_sweep(path, preset)
+      if flags["collect"]:
+        rows, missing = sweep.collect(config, grid, workdir)
+        report.print_sweep(rows, workdir, missing=missing)
+        if missing:
+          _fail(f"{len(missing)} of the sweep's {len(rows) + len(missing)} runs are not "
+                f"finished: {', '.join(missing)}; run their shards, then --collect again "
+                f"(the tables above cover the finished runs)", 3)
+        return
+      rows = sweep.run_sweep(config, grid, workdir, progress=not flags["quiet"],
+                             shard=_sweep_shard(flags), allow_cwd=flags["allow_cwd"])
       report.print_sweep(rows, workdir)
       return
-    summary = None
-    if not config.checkpoint.overwrite:
-      check_workdir(workdir, allow_cwd=flags["allow_cwd"])
-      summary = finished_summary(workdir, config.to_json_best_effort(indent=2), config.rounds)
-    if summary is not None:  # nothing to do, and nothing is written
-      print(f"nothing to do: {workdir} already holds this config's finished run "
-            f"({config.rounds} rounds); its files are unchanged (a larger --config.rounds "
-            f"continues it, --overwrite starts afresh)")
-      report.print_summary(summary, workdir)
-      return
     summary = experiment.run(config, workdir, progress=not flags["quiet"],
-                             allow_cwd=flags["allow_cwd"])
-    results.plot_run(workdir)
+                             allow_cwd=flags["allow_cwd"], figures=True)
   except (ValueError, OSError, CheckpointError, experiment.TrainingDivergedError) as e:
-    _fail(str(e))
+    _fail_run(str(e), workdir)
   except KeyboardInterrupt:
-    _fail("interrupted; run the same command again to resume from the last checkpoint", 130)
-  report.print_summary(summary, workdir)
+    _fail_run("interrupted; run the same command again to resume from the last checkpoint",
+              workdir, 130)
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+      raise
+    from tracefl_jax.experiment.checkpoints import first_line  # pylint: disable=g-import-not-at-top
+    _fail_run(f"process {jax.process_index()} of {jax.process_count()} lost the others "
+              f"({first_line(e)}); a process died or was stopped: run the same command again "
+              f"on every process to resume from the last checkpoint", workdir, 3)
+  if is_primary():
+    report.print_summary(summary, workdir)
 
 
 def _config_main(argv: list[str]) -> None:
@@ -351,43 +282,10 @@ def _config_main(argv: list[str]) -> None:
         if not name:
           raise ValueError(f"unexpected argument {arg!r}; config takes --config=PATH.py[:PRESET] "
                            f"and --config.FIELD=VALUE")
-        apply_override(config, name[len("config."):], text if eq else None)
+        set_field(config, name[len("config."):], text if eq else None)
   except ValueError as e:
     _fail(str(e))
   print("\n".join(describe_config(config)))
-
-
-def _trace_main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m tracefl_jax trace",
-      description="Trace new inputs against a round stored by a run "
-                  "(--config.provenance.store_rounds): which client is responsible for "
-                  "each prediction?")
-  parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--inputs", required=True,
-                      help=".npy file of inputs [N, *input_shape], preprocessed as the run's "
-                           "dataset is (or one example)")
-  parser.add_argument("--round", type=int, default=None, help="stored round (default: last)")
-  parser.add_argument("--kernel", default=None, help="provenance kernel (default: the run's)")
-  parser.add_argument("--top_k", type=int, default=3, help="top clients listed per input")
-  parser.add_argument("--out", default=None, help="write one JSON row per input here")
-  args = parser.parse_args(argv)
-  from tracefl_jax.experiment import report, stored  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.checkpointing import CheckpointError  # pylint: disable=g-import-not-at-top
-  try:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    try:
-      x = np.load(args.inputs, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read inputs {args.inputs!r} as a .npy array ({e})") from e
-    result, round_ = stored.trace_stored_round(args.workdir, x, args.round, kernel=args.kernel)
-  except (ValueError, OSError, CheckpointError) as e:
-    _fail(str(e))
-  rows = stored.attribution_rows(result, round_.round, args.top_k)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(row) + "\n" for row in rows)
-  report.print_attribution(rows, args.workdir, args.out)
 
 
 def main() -> None:
@@ -395,7 +293,8 @@ def main() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
   argv = sys.argv[1:]
   if argv[:1] == ["trace"]:
-    _trace_main(argv[1:])
+    from tracefl_jax.experiment import trace_cli  # pylint: disable=g-import-not-at-top
+    trace_cli.main(argv[1:])
   elif argv[:1] == ["config"]:
     _config_main(argv[1:])
   elif not argv or any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):

@@ -10,6 +10,8 @@ field has one); `python -m tracefl_jax --help` and `python -m tracefl_jax config
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS
@@ -273,11 +275,13 @@ FIELD_HELP: dict[str, str] = {
 }
 
 
-def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
-  """`{dotted field: value}` of every leaf field, in the config's order."""
+def config_fields(config: ml_collections.ConfigDict | Mapping[str, object],
+                  prefix: str = "") -> dict[str, object]:
+  """`{dotted field: value}` of every leaf field, in the config's order (a config, or the
+  nested dict of its JSON, e.g. a workdir's config.json)."""
   fields: dict[str, object] = {}
   for name, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
       fields.update(config_fields(value, f"{prefix}{name}."))
     else:
       fields[f"{prefix}{name}"] = value

@@ -67,7 +67,7 @@ def device_peak_bytes() -> int | None:
   """The first device's peak bytes in use (process-wide), or None where not reported (CPU)."""
   if jax.default_backend() == "cpu":
     return None
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
@@ -75,7 +75,7 @@ def available_bytes() -> int | None:
   """Memory a new cell may use: the device's limit on accelerators, else the host's
   MemAvailable (Linux); None when unknown."""
   if jax.default_backend() != "cpu":
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
       return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
   try:

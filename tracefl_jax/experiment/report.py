@@ -7,13 +7,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tracefl_jax.experiment.plotting import num as _num, pct
+
 
 def _pct(x: float | None) -> str:
-  return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None) -> str:
-  return "-" if x is None else f"{x:.2f}"
+  return pct(x, "%")
 
 
 def _ms(x: float | None) -> str:
@@ -65,8 +63,10 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
   console.print(table)
 
 
-def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | None = None) -> None:
-  """Prints one line per run of a sweep and where its table and plots are."""
+def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | None = None,
+                missing: list[str] | None = None) -> None:
+  """Prints one line per run of a sweep (and the runs `missing`, not finished) and where its
+  table and plots are."""
   console = console or Console()
   table = Table(title=f"sweep: {len(rows)} runs")
   table.add_column("run", overflow="fold")
@@ -77,6 +77,8 @@ def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | Non
     table.add_row(r["run"], _pct(prov.get("accuracy")), _pct(prov.get("random_baseline")),
                   _pct(r["best_accuracy"]), str(prov.get("rounds_skipped", "-")),
                   "reused" if r["skipped_existing"] else f"{r['seconds']:.1f} s")
+  for name in missing or ():
+    table.add_row(name, "-", "-", "-", "-", "not finished")
   console.print(table)
   console.print(f"table: {workdir}/results.csv, {workdir}/results.md; plots: {workdir}/*.png")
 

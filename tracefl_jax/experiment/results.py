@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tracefl_jax.experiment.plotting import pyplot as _pyplot
+
 # (column, summary path) pairs of the sweep table.
 _COLUMNS = (
     ("mode", ("provenance_mode",)),
@@ -65,14 +67,6 @@ def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
       return None
     row = row[key]
   return row
-
-
-def _pyplot():
-  """matplotlib's pyplot on the file-only Agg backend (no display needed), imported lazily."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
@@ -207,13 +201,18 @@ def plot_label_distribution(run_dir: str | Path, path: str | Path | None = None,
   return path
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-  """The per-run figures that its files support: label distribution, client probabilities."""
+def plot_run(run_dir: str | Path, *, only_missing: bool = False) -> list[Path]:
+  """The per-run figures that its files support (label distribution, client probabilities);
+  with `only_missing`, only those not there yet. Returns the paths drawn."""
   run_dir = Path(run_dir)
   paths = []
-  if (run_dir / "partition.json").exists():
+
+  def want(name: str) -> bool:
+    return not (only_missing and (run_dir / name).exists())
+
+  if (run_dir / "partition.json").exists() and want("label_distribution.png"):
     paths.append(plot_label_distribution(run_dir))
   prov = run_dir / "provenance.jsonl"
-  if prov.exists() and '"probs"' in prov.read_text():
+  if want("client_probs.png") and prov.exists() and '"probs"' in prov.read_text():
     paths.append(plot_client_probs(run_dir))
   return paths

@@ -16,23 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tracefl_jax.experiment.plotting import num as _num, pct as _pct, pyplot as _pyplot
+
 Table = Sequence[dict[str, Any]]
-
-
-def _pyplot():
-  """matplotlib's pyplot on the file-only Agg backend, imported lazily."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _pct(v: float | None) -> str:
-  return "-" if v is None else f"{100 * v:.1f}"
-
-
-def _num(v: float | None, digits: int = 2) -> str:
-  return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _cells(table: Table, mode: str) -> list[dict[str, Any]]:

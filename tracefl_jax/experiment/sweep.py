@@ -17,6 +17,12 @@ A run whose workdir already holds the same config's finished run is skipped (unl
 from its last checkpoint; a run directory holding another config's results stops the sweep
 with the run's workdir error.
 
+A cluster's job array shares the grid: `--sweep_shard=I/N` (or SLURM_ARRAY_TASK_ID and
+SLURM_ARRAY_TASK_COUNT in the environment) runs cells I, I+N, I+2N, ... (`shard_points`), each
+in its own run directory, and writes no table; once every shard is done,
+`--sweep --collect` (`collect`) merges the finished runs into results.csv, results.md and the
+plots, and names the runs that are missing.
+
 Memory: before each run, `memory.plan_chunks` predicts its peak from the runs measured so far
 (bytes per participant of the run with the most clients per round) and, when the prediction
 exceeds the memory available, bounds the client-stacked computations to the clients that fit
@@ -27,7 +33,6 @@ is recorded in the run's row (`memory_plan`).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import re
@@ -39,8 +44,8 @@ from typing import Any
 import ml_collections
 from tqdm.auto import tqdm
 
-from tracefl_jax.experiment import memory
-from tracefl_jax.experiment.checkpointing import finished_summary
+from tracefl_jax.experiment import configfile, memory
+from tracefl_jax.experiment.workdir import check_workdir, finished_summary
 
 Grid = Mapping[str | tuple[str, ...], Sequence[Any]]
 
@@ -51,15 +56,7 @@ def _grids(grid: Grid | Sequence[Grid]) -> list[Grid]:
 
 def load_sweep(config_path: str, preset: str = "") -> Grid | list[Grid]:
   """Calls `get_sweep(preset)` of the config file at `config_path`."""
-  spec = importlib.util.spec_from_file_location("_sweep_config", config_path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"cannot load config file {config_path}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{config_path} declares no sweep: add get_sweep(preset) returning "
-                     "{'dotted.field': [values, ...]}")
-  grids = _grids(module.get_sweep(preset))
+  grids = _grids(configfile.load_sweep(config_path, preset))
   if not grids or any(not g or any(not list(v) for v in g.values()) for g in grids):
     raise ValueError(f"{config_path}:{preset} declares an empty sweep grid: {grids}")
   return grids[0] if len(grids) == 1 else grids
@@ -104,21 +101,43 @@ def run_name(overrides: Mapping[str, Any]) -> str:
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted fields set; an unknown field is an error."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      if p not in node:
-        raise ValueError(f"sweep field {dotted!r}: {p!r} is not a config section")
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"sweep field {dotted!r} is not a config field; valid fields here: "
-                       f"{', '.join(sorted(node.keys()))}")
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
-  c.lock()
-  return c
+  """A copy of `config` with dotted fields set; an unknown field or a value of the wrong
+  type is an error."""
+  return configfile.with_overrides(config, dict(overrides))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """`"i/n"` as `(i, n)` with 0 <= i < n."""
+  i, sep, n = str(text).partition("/")
+  try:
+    shard = (int(i), int(n))
+  except ValueError:
+    shard = None
+  if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+    raise ValueError(f"--sweep_shard={text}: takes I/N with 0 <= I < N, e.g. --sweep_shard=0/4")
+  return shard
+
+
+def shard_from_environment(env: Mapping[str, str]) -> tuple[int, int] | None:
+  """A job array's task as a shard: SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN) of
+  SLURM_ARRAY_TASK_COUNT; None outside a job array."""
+  if "SLURM_ARRAY_TASK_COUNT" not in env or "SLURM_ARRAY_TASK_ID" not in env:
+    return None
+  try:
+    i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return parse_shard(f"{i}/{int(env['SLURM_ARRAY_TASK_COUNT'])}")
+  except ValueError as e:
+    raise ValueError(f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']}, "
+                     f"SLURM_ARRAY_TASK_COUNT={env['SLURM_ARRAY_TASK_COUNT']}: not a shard "
+                     f"({e}); pass --sweep_shard=I/N") from None
+
+
+def shard_points(n_points: int, shard: tuple[int, int] | None) -> list[int]:
+  """The grid indices shard `(i, n)` runs: every n-th from i (cells of one size are spread
+  over the shards); all of them without a shard."""
+  if shard is None:
+    return list(range(n_points))
+  return list(range(shard[0], n_points, shard[1]))
 
 
 # The fields `plan_memory` may set: a finished run that differs only in them is the same run.
@@ -164,12 +183,35 @@ def plan_memory(config: ml_collections.ConfigDict, measured: Sequence[Mapping[st
   return c, plan
 
 
+def _recorded_plan(run_dir: Path, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The chunking a finished run was given (`plan_memory`'s `clients_per_chunk`), read back
+  from its config.json: None where the config chose its own."""
+  if (config.simulation.strategy != "auto" or config.simulation.clients_per_chunk
+      or config.provenance.clients_per_chunk):
+    return {"clients_per_chunk": None}
+  try:
+    chunk = json.loads((run_dir / "config.json").read_text())["simulation"]["clients_per_chunk"]
+  except (OSError, ValueError, KeyError, TypeError):
+    chunk = None
+  return {"clients_per_chunk": chunk}
+
+
+def _cells(config, grid, workdir) -> list[tuple[dict[str, Any], ml_collections.ConfigDict, Path]]:
+  points = expand_grid(grid)
+  configs = [apply_overrides(config, p) for p in points]  # fail on a bad field before running
+  return [(p, c, Path(workdir) / run_name(p)) for p, c in zip(points, configs)]
+
+
 def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
               workdir: str | Path, *, progress: bool = True,
-              memory_budget: int | None = None,
-              deadline: float | None = None) -> list[dict[str, Any]]:
-  """Runs every point of the grid; returns one row per run (overrides + summary).
+              memory_budget: int | None = None, deadline: float | None = None,
+              shard: tuple[int, int] | None = None,
+              allow_cwd: bool = False) -> list[dict[str, Any]]:
+  """Runs every point of the grid (or shard `(i, n)`'s share); returns one row per run
+  (overrides + summary).
 
+  Without a shard the sweep's tables and plots are written at the end; a shard writes only
+  its runs, and `collect` merges every shard's into the tables once they are done.
   `memory_budget` (bytes) bounds what a run may plan to use; default `BUDGET_FRACTION` of the
   memory available when the run starts. `deadline` (a `time.perf_counter()` value): no run
   starts after it; the rows and tables then cover the runs done, in grid order.
@@ -177,19 +219,18 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
   from tracefl_jax.experiment import runner as experiment  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
 
-  workdir = Path(workdir)
-  points = expand_grid(grid)
-  configs = [apply_overrides(config, p) for p in points]  # fail on a bad field before running
+  workdir = check_workdir(workdir, allow_cwd=allow_cwd)
+  cells = _cells(config, grid, workdir)
+  cells = [cells[j] for j in shard_points(len(cells), shard)]
   rows: list[dict[str, Any]] = []
-  bar = tqdm(list(zip(points, configs)), desc="sweep", unit="run", disable=not progress)
-  for overrides, run_config in bar:
+  bar = tqdm(cells, desc="sweep", unit="run", disable=not progress)
+  for overrides, run_config, run_dir in bar:
     if deadline is not None and time.perf_counter() > deadline:
       break
-    run_dir = workdir / run_name(overrides)
     bar.set_postfix_str(run_dir.name)
     summary = _finished(run_dir, run_config)
     skipped = summary is not None
-    plan = None
+    plan = _recorded_plan(run_dir, run_config) if skipped else None
     if summary is None:
       budget = memory_budget
       if budget is None:
@@ -199,7 +240,31 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
       summary = experiment.run(run_config, run_dir, progress=False)
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": skipped,
                  "memory_plan": plan, **summary})
-  if rows:
+  if rows and shard is None:
     results.write_sweep_results(rows, grid_fields(grid), workdir)
     results.plot_run(workdir / rows[0]["run"])
   return rows
+
+
+def collect(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
+            workdir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+  """Merges the finished runs of a sharded sweep: writes results.csv, results.md and the
+  plots over them (in grid order) and returns `(rows, names of the runs not finished)`."""
+  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
+
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise ValueError(f"--collect: {workdir} does not exist; run the sweep's shards first "
+                     f"(--sweep --sweep_shard=I/N, --workdir={workdir})")
+  rows, missing = [], []
+  for overrides, run_config, run_dir in _cells(config, grid, workdir):
+    summary = _finished(run_dir, run_config)
+    if summary is None:
+      missing.append(run_dir.name)
+      continue
+    rows.append({"run": run_dir.name, **overrides, "skipped_existing": True,
+                 "memory_plan": _recorded_plan(run_dir, run_config), **summary})
+  if rows:
+    results.write_sweep_results(rows, grid_fields(grid), workdir)
+    results.plot_run(workdir / rows[0]["run"])
+  return rows, missing
