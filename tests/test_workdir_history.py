@@ -212,7 +212,7 @@ def test_trace_checks_out_and_inputs_before_tracing(tmp_path, monkeypatch, capsy
 
 
 def test_a_negative_seed_names_the_field(tmp_path):
-  with pytest.raises(ValueError, match=r"seed=-5 must be >= 0"):
+  with pytest.raises(ValueError, match=r"seed=-5 must be in \[0, 4294967295\]"):
     runner.run(_config("--config.seed=-5"), tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
 
