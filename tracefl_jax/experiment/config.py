@@ -16,7 +16,7 @@ from tracefl_jax.data.partition import PARTITION_METHODS
 from tracefl_jax.fl.aggregation import WEIGHTINGS
 from tracefl_jax.fl.client import OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
-from tracefl_jax.provenance.attribution import KERNELS
+from tracefl_jax.provenance.attribution import KERNELS, SCORES
 from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 
 
@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.decay = 0.9
   c.provenance.use_decay = True
   c.provenance.use_size_factor = False
+  c.provenance.score = "tracefl"    # "first_order": weight-aware w_k / (W - w_k) * (T_k - T_G)
   c.provenance.per_label = 2
   c.provenance.max_faulty_inputs = 10
   c.provenance.clients_per_chunk = 0
@@ -206,6 +207,8 @@ FIELD_HELP: dict[str, str] = {
     "provenance.decay": "per-layer decay beta of the layer weights, in (0, 1]",
     "provenance.use_decay": "weight layers by decay**depth as the paper does",
     "provenance.use_size_factor": "multiply scores by the client's data size (in batches)",
+    "provenance.score": f"client score: {_choices(SCORES)} (first_order: the weight-aware "
+                        "first-order leave-one-client-out drop, no decay)",
     "provenance.per_label": "correct mode: traced inputs per label held by the participants",
     "provenance.max_faulty_inputs": "faulty mode: traced inputs per round",
     "provenance.clients_per_chunk": "clients scored at once (0: all; bounds memory)",
@@ -288,6 +291,13 @@ def _one_of(errors: list[str], name: str, value: str, valid: tuple[str, ...]) ->
     errors.append(f"{name}={value!r} is not one of {', '.join(valid)}")
 
 
+def _validate_score(errors: list[str], p: ml_collections.ConfigDict) -> None:
+  _one_of(errors, "provenance.score", p.score, SCORES)
+  if p.score == "first_order" and p.use_size_factor:
+    errors.append("provenance.score='first_order' weighs clients by their aggregation weights;"
+                  " provenance.use_size_factor=True applies to score='tracefl' only")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises `ValueError` listing every problem of the config at once."""
   errors: list[str] = []
@@ -323,6 +333,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append("simulation.clients_per_chunk must be >= 0 (0: one chunk)")
   _one_of(errors, "provenance.mode", c.provenance.mode, PROVENANCE_MODES)
   _one_of(errors, "provenance.kernel", c.provenance.kernel, KERNELS)
+  _validate_score(errors, c.provenance)
   _one_of(errors, "provenance.block_mask", c.provenance.block_mask, ("parity", "fixed"))
   if c.provenance.feddebug_inputs < 1:
     errors.append(f"provenance.feddebug_inputs={c.provenance.feddebug_inputs} must be >= 1")

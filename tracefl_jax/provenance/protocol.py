@@ -29,7 +29,7 @@ import jax
 
 from tracefl_jax.fl.strategies import client_mesh
 from tracefl_jax.models.base import ModelDef, Variables
-from tracefl_jax.provenance.attribution import KERNELS, trace_clients
+from tracefl_jax.provenance.attribution import KERNELS, SCORES, trace_clients
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
 from tracefl_jax.provenance.feddebug import feddebug_round
 
@@ -71,18 +71,20 @@ def round_baselines(participant_label_counts: np.ndarray, labels: np.ndarray,
 
   Returns:
     random_baseline: expected accuracy of tracing a uniformly random participant.
-    largest_client_baseline: accuracy of always tracing the participant with most examples.
+    largest_client_baseline: accuracy of always tracing the participant with most examples
+      (expected, when several share the largest size: each of them equally likely).
     oracle_accuracy: correct-prediction mode only, how often the traced client is the
       participant with the most examples of the input's label (None in faulty mode).
   """
   counts = np.asarray(participant_label_counts)
   labels = np.asarray(labels)
-  largest = int(np.argmax(counts.sum(axis=1)))
+  sizes = counts.sum(axis=1)
+  largest = np.flatnonzero(sizes == sizes.max())  # ties are ties: a uniform pick among them
   if faulty_local is not None:
     faulty = np.zeros(len(counts), bool)
     faulty[list(faulty_local)] = True
     return {"random_baseline": float(faulty.mean()),
-            "largest_client_baseline": float(faulty[largest]),
+            "largest_client_baseline": float(faulty[largest].mean()),
             "oracle_accuracy": None}
   holds = counts[:, labels] > 0                      # [K, N]
   oracle = np.argmax(counts[:, labels], axis=0)      # [N], first on ties
@@ -110,8 +112,10 @@ class ProtocolSettings:
     max_faulty_inputs: faulty mode, inputs per round.
     faulty_clients: faulty mode, the global ids of the label-flipping clients.
     flip: faulty mode, the label map `{source: target}` the faulty clients trained with.
-    kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask: passed to
-      `trace_clients` (`clients_per_chunk` bounds the leave-one-out and FedDebug too).
+    kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask, score: passed
+      to `trace_clients` (`clients_per_chunk` bounds the leave-one-out and FedDebug too);
+      score="first_order" is the weight-aware score with the round's aggregation weights
+      (a round where one client holds all the weight is then skipped).
     shard_clients: score the clients sharded over all devices (`trace_clients(mesh=
       client_mesh())`, every process's devices after `jax.distributed.initialize`).
     size_unit: the data-size factor counts a client's examples in units of this many (the
@@ -139,8 +143,13 @@ class ProtocolSettings:
   feddebug: bool = True
   feddebug_inputs: int = 10
   feddebug_threshold: float = 0.003
+  score: str = "tracefl"
 
   def __post_init__(self):
+    if self.score not in SCORES:
+      raise ValueError(f"score={self.score!r} is not one of {', '.join(SCORES)}")
+    if self.score == "first_order" and self.use_size_factor:
+      raise ValueError("use_size_factor applies to score='tracefl' only")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
     if self.kernel not in KERNELS:
@@ -217,6 +226,15 @@ def trace_round(
                        np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
                                            "reason": "no test input matched the selection rule"},
                        np.zeros(0, bool), none)
+  first_order = settings.score == "first_order"
+  if first_order and (weights is None or not np.all(np.sum(weights) - np.asarray(weights) > 0)):
+    none = np.zeros(0, np.int64)
+    reason = ("score='first_order' needs the round's aggregation weights" if weights is None
+              else "one client holds all the aggregation weight (w_k / (W - w_k) undefined)")
+    return TracedRound(none, none, none, none, none,
+                       np.zeros((0, len(client_ids)), np.float32), client_ids,
+                       np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
+                                           "reason": reason}, np.zeros(0, bool), none)
   # Pad the inputs to a fixed bucket so that every round reuses one compiled kernel.
   bucket = _bucket(len(idx), settings.per_label * part_counts.shape[1])
   padded = np.concatenate([idx, np.full(bucket - len(idx), idx[0])])
@@ -228,7 +246,9 @@ def trace_round(
       client_sizes=jnp.asarray(np.asarray(client_sizes) // settings.size_unit),
       use_size_factor=settings.use_size_factor,
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
-      client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None)
+      client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None,
+      score=settings.score, weights=None if not first_order else np.asarray(weights,
+                                                                            np.float32))
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
@@ -246,6 +266,7 @@ def trace_round(
     correct = localization_correct(np.maximum(position, 0), labels, part_counts) & ok
     faulty_local = None
   summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
+                             "score": settings.score,
                              "unattributable": int(n - ok.sum()),
                              "tracefl_seconds_per_input": seconds / n}
   if ok.any():
