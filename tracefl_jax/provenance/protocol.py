@@ -32,72 +32,12 @@ from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import KERNELS, SCORES, trace_clients
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
 from tracefl_jax.provenance.feddebug import feddebug_round
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance.selection import (localization_correct, round_baselines,
+                                              select_correct_inputs, select_faulty_inputs,
+                                              select_inputs)
 
 MODES = ("correct", "faulty")
-
-
-def select_correct_inputs(pred: np.ndarray, labels: np.ndarray,
-                          participant_label_counts: np.ndarray, per_label: int = 2,
-                          max_inputs: int = 2048) -> np.ndarray:
-  """Indices (ascending) of the inputs traced in correct-prediction mode.
-
-  Args:
-    pred, labels: `[M]` G's predictions and the true labels of the server test set.
-    participant_label_counts: `[K, num_classes]` label counts of the round's participants.
-  """
-  pred, labels = np.asarray(pred)[:max_inputs], np.asarray(labels)[:max_inputs]
-  held = np.nonzero(np.asarray(participant_label_counts).sum(axis=0) > 0)[0]
-  chosen: list[int] = []
-  for label in held:
-    hits = np.nonzero((pred == labels) & (labels == label))[0]
-    if len(hits) >= per_label:
-      chosen.extend(hits[:per_label].tolist())
-  return np.array(sorted(chosen), np.int64)
-
-
-def select_faulty_inputs(pred: np.ndarray, labels: np.ndarray, flip: Mapping[int, int],
-                         max_inputs: int = 10) -> np.ndarray:
-  """Indices of the first `max_inputs` mispredictions matching the label flip."""
-  pred, labels = np.asarray(pred), np.asarray(labels)
-  match = ((pred != labels) & np.isin(labels, list(flip.keys()))
-           & np.isin(pred, list(flip.values())))
-  return np.nonzero(match)[0][:max_inputs].astype(np.int64)
-
-
-def round_baselines(participant_label_counts: np.ndarray, labels: np.ndarray,
-                    traced_local: np.ndarray,
-                    faulty_local: Sequence[int] | None = None) -> dict[str, Any]:
-  """Baselines for one traced round (positions are within the round's participants).
-
-  Returns:
-    random_baseline: expected accuracy of tracing a uniformly random participant.
-    largest_client_baseline: accuracy of always tracing the participant with most examples
-      (expected, when several share the largest size: each of them equally likely).
-    oracle_accuracy: correct-prediction mode only, how often the traced client is the
-      participant with the most examples of the input's label (None in faulty mode).
-  """
-  counts = np.asarray(participant_label_counts)
-  labels = np.asarray(labels)
-  sizes = counts.sum(axis=1)
-  largest = np.flatnonzero(sizes == sizes.max())  # ties are ties: a uniform pick among them
-  if faulty_local is not None:
-    faulty = np.zeros(len(counts), bool)
-    faulty[list(faulty_local)] = True
-    return {"random_baseline": float(faulty.mean()),
-            "largest_client_baseline": float(faulty[largest].mean()),
-            "oracle_accuracy": None}
-  holds = counts[:, labels] > 0                      # [K, N]
-  oracle = np.argmax(counts[:, labels], axis=0)      # [N], first on ties
-  return {"random_baseline": float(holds.mean(axis=0).mean()),
-          "largest_client_baseline": float(holds[largest].mean()),
-          "oracle_accuracy": float(np.mean(np.asarray(traced_local) == oracle))}
-
-
-def localization_correct(traced_local: np.ndarray, labels: np.ndarray,
-                         participant_label_counts: np.ndarray) -> np.ndarray:
-  """`[N]` bool: the traced participant's data holds the input's true label."""
-  counts = np.asarray(participant_label_counts)
-  return counts[np.asarray(traced_local), np.asarray(labels)] > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +114,6 @@ class TracedRound(NamedTuple):
   attributable: np.ndarray    # [N] bool: every score finite (else traced ids are -1)
   counterfactual_client: np.ndarray  # [N] global id whose removal lowers the logit most
                                      # (-1 where not computed)
-
-
-def select_inputs(settings: ProtocolSettings, predictions: np.ndarray, labels: np.ndarray,
-                  participant_label_counts: np.ndarray) -> np.ndarray:
-  """Indices of the round's inputs in the server test set, by the settings' mode."""
-  if settings.mode == "faulty":
-    return select_faulty_inputs(predictions, labels, settings.flip,
-                                max_inputs=settings.max_faulty_inputs)
-  return select_correct_inputs(predictions, labels, participant_label_counts,
-                               per_label=settings.per_label, max_inputs=len(labels))
 
 
 def _bucket(n: int, usual: int) -> int:
@@ -291,7 +221,8 @@ MEAN_KEYS = ("accuracy", "random_baseline", "largest_client_baseline", "oracle_a
              "counterfactual_top1", "counterfactual_spearman", "counterfactual_random_top1",
              "counterfactual_random_spearman", "counterfactual_largest_top1",
              "counterfactual_largest_spearman", "feddebug_accuracy",
-             "feddebug_seconds_per_input", "tracefl_seconds_per_input")
+             "feddebug_seconds_per_input", "tracefl_seconds_per_input",
+             "multiround_accuracy")
 
 
 def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -321,6 +252,7 @@ def provenance_callback(
     on_trace: Callable[[int, TracedRound], None] | None = None,
     seed: int = 0,
     feddebug_normalize: Callable[[jax.Array], jax.Array] | None = None,
+    multi_round: MultiRoundAccumulator | None = None,
 ) -> Callable[[Any], dict[str, Any] | None]:
   """A `run_rounds` callback tracing each round (or those in `rounds`) with the protocol.
 
@@ -330,15 +262,23 @@ def provenance_callback(
     seed, feddebug_normalize: faulty mode with `settings.feddebug`: FedDebug's random inputs
       come from `fold_in(key(seed), round)` and are normalised like the dataset's test inputs.
 
+    multi_round: an accumulator over all the federation's clients, updated after EVERY
+      round (traced or not) with the round's clients, aggregate and weights; in traced rounds
+      the inputs are also attributed over all rounds so far (`multiround.py`) and the summary
+      gains `multiround_accuracy` (by the mode's rule, the responsible client being any
+      client of the federation) and `multiround_clients` (per input, the responsible global id).
+
   The callback adds `provenance` (the round's summary) and `provenance_seconds` to the row.
   """
   wanted = None if not rounds else set(int(r) for r in rounds)
 
   def callback(info) -> dict[str, Any] | None:
+    out = info.output
+    if multi_round is not None:
+      multi_round.update(out.clients.variables, out.traced, out.weights, out.client_ids)
     if wanted is not None and info.round not in wanted:
       return None
     t0 = time.perf_counter()
-    out = info.output
     traced = trace_round(
         model, out.traced, out.clients.variables, client_ids=out.client_ids,
         client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
@@ -354,6 +294,18 @@ def provenance_callback(
             num_inputs=settings.feddebug_inputs, threshold=settings.feddebug_threshold,
             normalize=feddebug_normalize,
             clients_per_chunk=settings.clients_per_chunk or None))
+    if multi_round is not None and len(traced.inputs):
+      mr = multi_round.scores(model, out.traced, jnp.take(evaluator.x, traced.inputs, axis=0),
+                              clients_per_chunk=settings.clients_per_chunk or None)
+      mr_clients = np.asarray(mr.traced_client)
+      ok = np.asarray(mr.attributable)
+      if settings.mode == "faulty":  # the mode's rule: the traced client is a faulty one
+        right = np.isin(mr_clients, list(settings.faulty_clients))
+      else:
+        right = np.asarray(info.data.label_counts)[np.maximum(mr_clients, 0),
+                                                   traced.labels] > 0
+      traced.summary["multiround_accuracy"] = float(np.mean(right & ok))
+      traced.summary["multiround_clients"] = mr_clients.tolist()
     if on_trace is not None:
       on_trace(info.round, traced)
     return {"provenance": traced.summary, "provenance_seconds": time.perf_counter() - t0}
