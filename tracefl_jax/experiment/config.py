@@ -114,6 +114,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.store_rounds = ""    # keep rounds' client models in WORKDIR/rounds for tracing
                                     # new inputs later: "", "all", "last" or "3,7,10"
 
+  # The comparison of attribution methods against retrained federations
+  # (tracefl_jax/experiment/attribution.py, configs/attribution.py).
+  c.attribution = ml_collections.ConfigDict()
+  c.attribution.enabled = False     # run the comparison instead of the plain experiment
+  c.attribution.setting = ""        # the cell's name in the comparison table
+  c.attribution.explain_inputs = 100  # test inputs explained (correct mode: first correct)
+  c.attribution.subsets = 20        # M random half-subsets retrained for the LDS (0: no LDS)
+  c.attribution.noise_seed = 1      # the noise-floor federation's data seed is seed + this
+  c.attribution.round_decay = 1.0   # multi-round: gamma^(R - r) per round r
+  c.attribution.federations_per_chunk = 0  # retrained federations run at once (0: all)
+  c.attribution.per_round = True    # trace every round (paper's and weight-aware) for curves
+
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = False
   c.dp.noise_multiplier = 0.0       # z
@@ -223,6 +235,18 @@ FIELD_HELP: dict[str, str] = {
     "provenance.feddebug_threshold": "FedDebug: neuron activation threshold",
     "provenance.store_rounds": "keep rounds' client models in WORKDIR/rounds for tracing new "
                                "inputs later: '', 'all', 'last' or '3,7,10'",
+    "attribution.enabled": "compare attribution methods against retrained federations "
+                           "(experiment/attribution.py) instead of the plain run",
+    "attribution.setting": "the cell's name in the comparison table",
+    "attribution.explain_inputs": "test inputs explained (correct mode: the first the final "
+                                  "model predicts correctly; faulty: matching mispredictions)",
+    "attribution.subsets": "random half-subsets of clients retrained for the LDS (0: none)",
+    "attribution.noise_seed": "noise floor: the base federation retrained with data seed "
+                              "seed + noise_seed",
+    "attribution.round_decay": "multi-round provenance: weight gamma^(R - r) of round r, in "
+                               "[0, 1]",
+    "attribution.federations_per_chunk": "retrained federations run side by side (0: all)",
+    "attribution.per_round": "also trace every round (paper's and weight-aware score)",
     "dp.enabled": "DP-FedAvg: server-side clipping and Gaussian noise",
     "dp.noise_multiplier": "DP noise multiplier z (sigma = z * clip_norm / clients_per_round)",
     "dp.clip_norm": "DP clipping norm C of each client's update",
@@ -298,6 +322,21 @@ def _validate_score(errors: list[str], p: ml_collections.ConfigDict) -> None:
                   " provenance.use_size_factor=True applies to score='tracefl' only")
 
 
+def _validate_attribution(errors: list[str], c: ml_collections.ConfigDict) -> None:
+  a = c.attribution
+  for name in ("explain_inputs", "subsets", "federations_per_chunk"):
+    low = 1 if name == "explain_inputs" else 0
+    if a[name] < low:
+      errors.append(f"attribution.{name}={a[name]} must be >= {low}")
+  if 0 < a.subsets < 3:
+    errors.append(f"attribution.subsets={a.subsets}: the LDS needs at least 3 subsets (0: off)")
+  if not 0 <= a.round_decay <= 1:
+    errors.append(f"attribution.round_decay={a.round_decay} must be in [0, 1]")
+  if a.enabled and a.noise_seed == 0:
+    errors.append("attribution.noise_seed=0 retrains the base federation with its own seed; "
+                  "the noise floor needs another seed (e.g. 1)")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises `ValueError` listing every problem of the config at once."""
   errors: list[str] = []
@@ -334,6 +373,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of(errors, "provenance.mode", c.provenance.mode, PROVENANCE_MODES)
   _one_of(errors, "provenance.kernel", c.provenance.kernel, KERNELS)
   _validate_score(errors, c.provenance)
+  _validate_attribution(errors, c)
   _one_of(errors, "provenance.block_mask", c.provenance.block_mask, ("parity", "fixed"))
   if c.provenance.feddebug_inputs < 1:
     errors.append(f"provenance.feddebug_inputs={c.provenance.feddebug_inputs} must be >= 1")

@@ -37,7 +37,10 @@ from tracefl_jax.fl.strategies import round_lanes
 from tracefl_jax.models.base import Variables
 
 
-def _round_step(program, lanes, normalization):
+FEDERATION_STRATEGIES = ("vmap", "map")
+
+
+def _round_step(program, lanes, normalization, strategy):
   """(variables [F], keys [F], weights [F, K], shared round data) -> new variables [F]."""
 
   def one(variables, key, weights, x, y, indices, counts, ids):
@@ -47,16 +50,21 @@ def _round_step(program, lanes, normalization):
                   normalization=normalization)[0]
     return jax.tree.map(lambda a, b: jnp.where(total > 0, a, b), new, variables)
 
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None)))
+  if strategy == "vmap":
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None)))
+
+  def mapped(variables, keys, weights, *shared):
+    return jax.lax.map(lambda a: one(*a, *shared), (variables, keys, weights))
+  return jax.jit(mapped)
 
 
 _STEPS: dict[Any, Any] = {}
 
 
-def _step_fn(program, lanes, normalization):
-  key = (id(program), lanes, normalization)
+def _step_fn(program, lanes, normalization, strategy):
+  key = (id(program), lanes, normalization, strategy)
   if key not in _STEPS:
-    _STEPS[key] = (program, _round_step(program, lanes, normalization))
+    _STEPS[key] = (program, _round_step(program, lanes, normalization, strategy))
   return _STEPS[key][1]
 
 
@@ -112,6 +120,7 @@ def retrain(
     mesh: jax.sharding.Mesh | None = None,
     always_sampled: Sequence[int] = (),
     clients_per_chunk: int = 0,
+    federation_strategy: str = "vmap",
 ) -> Variables:
   """Trains F federations from the same initial `variables`; returns their final models.
 
@@ -129,6 +138,9 @@ def retrain(
       padded by repeating its last federation, so one compiled round serves every chunk.
     mesh: a 1-D device mesh to shard the federation axis over (default: all devices when
       there are several); a chunk is padded to a multiple of its size.
+    federation_strategy: "vmap" (the federations' steps batched together) or "map" (a loop
+      over the chunk's federations inside the one program: no batching, so a vmapped
+      convolution's grouped kernels are avoided; see benchmarks/bench_retraining.py).
 
   Returns:
     The final global variables of every federation, leaves `[F, ...]`.
@@ -146,6 +158,9 @@ def retrain(
     raise ValueError(f"algorithm.strategy={algorithm.strategy!r} has no round program to run "
                      f"over a federation axis; build it with strategy 'scan', 'vmap' or "
                      f"'chunked'")
+  if federation_strategy not in FEDERATION_STRATEGIES:
+    raise ValueError(f"federation_strategy={federation_strategy!r}; valid: "
+                     f"{', '.join(FEDERATION_STRATEGIES)}")
   if not isinstance(federations_per_chunk, (int, np.integer)) or federations_per_chunk < 0:
     raise ValueError(f"federations_per_chunk={federations_per_chunk!r} must be an int >= 0 "
                      f"(0: all federations at once)")
@@ -160,12 +175,13 @@ def retrain(
   for start in range(0, f, chunk):
     rows = np.arange(start, start + chunk).clip(max=f - 1)  # pad with the last federation
     outputs.append(_run_chunk(algorithm, variables, data, masks[rows], data_seeds[rows], plan,
-                              batch_size, local_epochs, clients_per_chunk, mesh))
+                              batch_size, local_epochs, clients_per_chunk, mesh,
+                              federation_strategy))
   return jax.tree.map(lambda *a: jnp.concatenate(a)[:f], *outputs)
 
 
 def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, local_epochs,
-               clients_per_chunk, mesh):
+               clients_per_chunk, mesh, federation_strategy):
   f = masks.shape[0]
   state = jax.tree.map(lambda a: jnp.broadcast_to(a, (f, *a.shape)), dict(variables))
   roots = [jax.random.key(int(s)) for s in data_seeds]
@@ -179,7 +195,7 @@ def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, 
       keys, weights = jax.device_put((keys, weights), sharded)
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
-    step = _step_fn(algorithm.program, lanes, data.normalization)
+    step = _step_fn(algorithm.program, lanes, data.normalization, federation_strategy)
     state = step(state, keys, weights, data.x, data.y, jnp.asarray(p["indices"]),
                  jnp.asarray(p["counts"]), jnp.asarray(p["client_ids"].astype(np.int32)))
   return state
