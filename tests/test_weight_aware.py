@@ -131,7 +131,7 @@ def test_protocol_traces_with_the_weight_aware_score(case):
   logits = np.asarray(model.logits(g, x))
   pred = logits.argmax(1)
   label_counts = np.ones((k, 4), np.int64)
-  settings = protocol.ProtocolSettings(score="first_order", per_label=1)
+  settings = protocol.ProtocolSettings(score="first_order", per_label=5)
   traced = protocol.trace_round(model, g, clients, client_ids=np.arange(k),
                                 client_sizes=np.full(k, 4), label_counts=label_counts,
                                 x_test=x, y_test=pred, predictions=pred, settings=settings,
@@ -140,6 +140,16 @@ def test_protocol_traces_with_the_weight_aware_score(case):
   np.testing.assert_allclose(traced.probs, fo.probs, rtol=1e-5, atol=1e-7)
   assert traced.summary["score"] == "first_order"
   assert traced.summary["counterfactual_top1"] >= 0.75
+  # The paper's score reports the weight-aware one beside it, against the same truth.
+  paper = protocol.trace_round(model, g, clients, client_ids=np.arange(k),
+                               client_sizes=np.full(k, 4), label_counts=label_counts,
+                               x_test=x, y_test=pred, predictions=pred,
+                               settings=protocol.ProtocolSettings(per_label=5), weights=w)
+  assert paper.summary["first_order_counterfactual_top1"] == pytest.approx(
+      traced.summary["counterfactual_top1"])
+  assert (paper.summary["first_order_counterfactual_spearman"]
+          > paper.summary["counterfactual_spearman"] + 0.1)
+  assert paper.summary["first_order_accuracy"] == 1.0  # every client holds every label here
   skipped = protocol.trace_round(model, g, clients, client_ids=np.arange(k),
                                  client_sizes=np.full(k, 4), label_counts=label_counts,
                                  x_test=x, y_test=pred, predictions=pred, settings=settings)

@@ -212,8 +212,35 @@ def trace_round(
       drops = np.asarray(cf.drops)[:n]
       cf_client[ok] = client_ids[np.argmax(drops[ok], axis=1)]
       summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
+      if settings.score == "tracefl":  # the weight-aware score beside the paper's
+        summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
+                                            labels, part_counts, client_ids, settings))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
+
+
+def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok, labels,
+                         part_counts, client_ids, settings) -> dict[str, Any]:
+  """The weight-aware score (`score="first_order"`) of the same inputs against the same
+  truths: its leave-one-out agreement and its accuracy by the mode's rule."""
+  n = len(labels)
+  fo = trace_clients(model, global_vars, client_vars, x, kernel=settings.kernel,
+                     clients_per_chunk=settings.clients_per_chunk or None,
+                     block_mask=settings.block_mask, score="first_order",
+                     weights=np.asarray(weights, np.float32))
+  fo_scores = np.asarray(fo.scores, np.float64)[:n]
+  keep = ok & np.asarray(fo.attributable)[:n]
+  if not keep.any():
+    return {}
+  report = counterfactual_report(fo_scores[keep], drops[keep], np.ones(fo_scores.shape[1]))
+  top = np.argmax(fo_scores[keep], axis=1)
+  if settings.mode == "faulty":
+    right = np.isin(np.asarray(client_ids)[top], list(settings.faulty_clients))
+  else:
+    right = localization_correct(top, labels[keep], part_counts)
+  return {"first_order_counterfactual_top1": report["counterfactual_top1"],
+          "first_order_counterfactual_spearman": report["counterfactual_spearman"],
+          "first_order_accuracy": float(np.mean(right))}
 
 
 # Per-round numbers a run summary averages over its traced rounds.
@@ -222,7 +249,8 @@ MEAN_KEYS = ("accuracy", "random_baseline", "largest_client_baseline", "oracle_a
              "counterfactual_random_spearman", "counterfactual_largest_top1",
              "counterfactual_largest_spearman", "feddebug_accuracy",
              "feddebug_seconds_per_input", "tracefl_seconds_per_input",
-             "multiround_accuracy")
+             "multiround_accuracy", "first_order_counterfactual_top1",
+             "first_order_counterfactual_spearman", "first_order_accuracy")
 
 
 def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
