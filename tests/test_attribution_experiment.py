@@ -57,3 +57,21 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
   assert (cell / "attribution.json").stat().st_mtime_ns == before
   assert np.isfinite(s["noise_floor_mean"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("provenance.score", "loo", "provenance.score='loo' is not one of tracefl, first_order"),
+    ("attribution.subsets", 2, "attribution.subsets=2: the LDS needs at least 3"),
+    ("attribution.round_decay", 1.5, r"attribution.round_decay=1.5 must be in \[0, 1\]"),
+    ("attribution.explain_inputs", 0, "attribution.explain_inputs=0 must be >= 1"),
+])
+def test_bad_attribution_fields_are_named(field, value, message):
+  config = apply_overrides(_module().get_config("smoke"), {field: value})
+  with pytest.raises(ValueError, match=message):
+    validate(config)
+  if field == "provenance.score":  # and the weight-aware score takes no size factor
+    config = apply_overrides(_module().get_config("smoke"),
+                             {"provenance.score": "first_order",
+                              "provenance.use_size_factor": True})
+    with pytest.raises(ValueError, match="use_size_factor=True applies to score='tracefl'"):
+      validate(config)

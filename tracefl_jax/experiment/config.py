@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.use_decay = True
   c.provenance.use_size_factor = False
   c.provenance.score = "tracefl"    # "first_order": weight-aware w_k / (W - w_k) * (T_k - T_G)
+  c.provenance.multi_round = False  # also attribute over all rounds so far (multiround.py)
   c.provenance.per_label = 2
   c.provenance.max_faulty_inputs = 10
   c.provenance.clients_per_chunk = 0
@@ -221,6 +222,8 @@ FIELD_HELP: dict[str, str] = {
     "provenance.use_size_factor": "multiply scores by the client's data size (in batches)",
     "provenance.score": f"client score: {_choices(SCORES)} (first_order: the weight-aware "
                         "first-order leave-one-client-out drop, no decay)",
+    "provenance.multi_round": "also attribute each traced prediction over all rounds so far "
+                              "(multi-round provenance; one [clients, params] accumulator)",
     "provenance.per_label": "correct mode: traced inputs per label held by the participants",
     "provenance.max_faulty_inputs": "faulty mode: traced inputs per round",
     "provenance.clients_per_chunk": "clients scored at once (0: all; bounds memory)",
