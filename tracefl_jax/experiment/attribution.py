@@ -261,7 +261,9 @@ def main(argv: list[str]) -> None:
   path, _, preset = spec.partition(":")
   cells = []
   for overrides in expand_grid(load_sweep(path, preset)):
-    name = run_name(overrides)
+    # A cell is named by its setting (a full override list can exceed a file name's limit).
+    name = run_name({"attribution.setting": overrides["attribution.setting"]}
+                    if overrides.get("attribution.setting") else overrides)
     out = workdir / name
     done = out / "attribution.json"
     summary = (json.loads(done.read_text()) if done.exists()
