@@ -5,7 +5,8 @@ Row: seconds for F = M + 1 federations batched (steady state, compile apart), se
 federation through the plain round program, and their ratio to F x one (the issue's bound:
 at most 1.3).
 
-  python benchmarks/bench_retraining.py --federations=5 --out=benchmarks/results/retraining_cpu.jsonl
+  python benchmarks/bench_retraining.py --federations=5 \
+      --out=benchmarks/results/retraining_cpu.jsonl
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def fed():
   parts = np.split(rng.permutation(120), np.cumsum(sizes)[:-1])
   model = make_model("mlp", MLP(), (4,), 3)
   algorithm = federated_averaging(model, optax.sgd(0.3), batch_size=BATCH,
-                                  local_epochs=EPOCHS, strategy="scan")  # one compiled round (no lanes)
+                                  local_epochs=EPOCHS, strategy="scan")  # one compilation
   # A seed whose 3 rounds of 3 of 6 clients never sample some client.
   seed = next(s for s in range(200) if not retraining.participation(
       retraining.round_plan(federate(x, y, parts), rounds=ROUNDS, clients_per_round=PER_ROUND,

@@ -253,8 +253,9 @@ def main(argv: list[str]) -> None:
   """`--config=PATH.py:PRESET --workdir=DIR`: every cell of the preset's sweep, then the
   table (WORKDIR/table.md)."""
   from tracefl_jax.experiment.cli import load_config  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.sweep import (apply_overrides, expand_grid, load_sweep,  # pylint: disable=g-import-not-at-top
-                                            run_name)
+  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
+  apply_overrides, expand_grid = sweep.apply_overrides, sweep.expand_grid
+  load_sweep, run_name = sweep.load_sweep, sweep.run_name
   args = dict(a.removeprefix("--").split("=", 1) for a in argv)
   spec, workdir = args["config"], Path(args["workdir"])
   base = load_config(spec)

@@ -17,7 +17,8 @@ Leaving k out of every round it took part in is, to first order, the sum of thes
 rounds. Approximating J_r by gamma^{R - r} I (gamma = `round_decay`, 1 by default: a
 perturbation of G_r is carried to G_R unchanged, gamma < 1: later training shrinks it):
 
-    MR[n, k] = sum_{r : k in S_r} gamma^{R - r} w_k^r / (W^r - w_k^r) <grad s_n(G_R), theta_k^r - G_r>,
+    MR[n, k] = sum_{r : k in S_r} gamma^{R - r} w_k^r / (W^r - w_k^r)
+                                  * <grad s_n(G_R), theta_k^r - G_r>,
 
 restricted to the traced units. The inner products are TraceFL's kernels applied to the final
 model with "client parameters" D_k = sum_r gamma^{R - r} w_k^r / (W^r - w_k^r) (theta_k^r - G_r)
