@@ -102,6 +102,15 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "server.b1": [(1.0, "server.b1=1.0 must be in [0, 1)")],
     "server.b2": [(-0.5, "server.b2=-0.5 must be in [0, 1)")],
     "server.eps": [(0.0, "server.eps=0.0 must be > 0")],
+    "provenance.score": [("loo", "provenance.score='loo' is not one of tracefl, first_order")],
+    "provenance.use_size_factor": [],  # cross-field with provenance.score: its own test
+    "attribution.explain_inputs": [(0, "attribution.explain_inputs=0 must be >= 1")],
+    "attribution.federations_per_chunk": [(-1, "attribution.federations_per_chunk=-1 must be "
+                                                ">= 0")],
+    "attribution.round_decay": [(1.5, "attribution.round_decay=1.5 must be in [0, 1]")],
+    "attribution.subsets": [(2, "attribution.subsets=2 must be 0 (no LDS) or >= 3"),
+                            (-1, "attribution.subsets=-1 must be 0 (no LDS) or >= 3")],
+    "attribution.noise_seed": [(-1, "attribution.noise_seed=-1 must be >= 1")],
     "faulty.clients": [("20", "faulty.clients [20] outside 0..19"),
                        ("a", "faulty.clients='a' is not 'largest' or comma-separated")],
     "faulty.flip": [("1-0", "faulty.flip='1-0' is not 'src:dst,...'"),

@@ -32,6 +32,7 @@ from tracefl_jax.experiment.stored import save_round
 from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.fl.privacy import dp_epsilon
 from tracefl_jax.fl.rounds import RoundInfo
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.protocol import ProtocolSettings, provenance_callback
 
 
@@ -52,7 +53,7 @@ def protocol_settings(c: ml_collections.ConfigDict,
       size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
       clients_per_chunk=p.clients_per_chunk, block_mask=p.block_mask,
       shard_clients=p.shard_clients,
-      counterfactual=p.counterfactual, feddebug=p.feddebug,
+      counterfactual=p.counterfactual, feddebug=p.feddebug, score=p.score,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
@@ -121,9 +122,18 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
   prov_log = ProvenanceLog(writer, data.data.label_counts, top_k=c.provenance.top_k)
   if c.provenance.enabled:
     settings = dataclasses.replace(protocol_settings(c, data.faulty), flip=data.flip)
+    multi_round = None
+    if c.provenance.multi_round:
+      if start.state.round:  # the accumulated sums are not checkpointed
+        raise ValueError(
+            f"provenance.multi_round sums every round since round 1, which a run resumed "
+            f"after round {start.state.round} cannot rebuild; rerun with --overwrite, or "
+            f"trace the stored rounds (provenance.multiround.multi_round_scores)")
+      multi_round = MultiRoundAccumulator(model.variables["params"], data.data.num_clients)
     callbacks.append(provenance_callback(
         model.model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
-        on_trace=prov_log.write_round, seed=c.seed, feddebug_normalize=feddebug_normalize(ds)))
+        on_trace=prov_log.write_round, seed=c.seed, feddebug_normalize=feddebug_normalize(ds),
+        multi_round=multi_round))
   if c.dp.enabled:
     rate = c.clients_per_round / data.data.num_clients
     callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,

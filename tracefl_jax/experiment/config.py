@@ -21,7 +21,7 @@ from tracefl_jax.fl.client import OPTIMIZERS
 from tracefl_jax.fl.robust import RULES
 from tracefl_jax.fl.server import SERVER_OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
-from tracefl_jax.provenance.attribution import KERNELS
+from tracefl_jax.provenance.attribution import KERNELS, SCORES
 from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 
 
@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.decay = 0.9
   c.provenance.use_decay = True
   c.provenance.use_size_factor = False
+  c.provenance.score = "tracefl"    # "first_order": weight-aware w_k / (W - w_k) * (T_k - T_G)
+  c.provenance.multi_round = False  # also attribute over all rounds so far (multiround.py)
   c.provenance.per_label = 2
   c.provenance.max_faulty_inputs = 10
   c.provenance.clients_per_chunk = 0
@@ -133,6 +135,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.provenance.feddebug_threshold = 0.003
   c.provenance.store_rounds = ""    # keep rounds' client models in WORKDIR/rounds for tracing
                                     # new inputs later: "", "all", "last" or "3,7,10"
+
+  # The comparison of attribution methods against retrained federations
+  # (tracefl_jax/experiment/attribution.py, configs/attribution.py).
+  c.attribution = ml_collections.ConfigDict()
+  c.attribution.enabled = False     # run the comparison instead of the plain experiment
+  c.attribution.setting = ""        # the cell's name in the comparison table
+  c.attribution.explain_inputs = 100  # test inputs explained (correct mode: first correct)
+  c.attribution.subsets = 20        # M random half-subsets retrained for the LDS (0: no LDS)
+  c.attribution.noise_seed = 1      # the noise-floor federation's data seed is seed + this
+  c.attribution.round_decay = 1.0   # multi-round: gamma^(R - r) per round r
+  c.attribution.federations_per_chunk = 0  # retrained federations run at once (0: all)
+  c.attribution.per_round = True    # trace every round (paper's and weight-aware) for curves
 
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = False
@@ -242,6 +256,10 @@ FIELD_HELP: dict[str, str] = {
     "provenance.decay": "per-layer decay beta of the layer weights, in (0, 1]",
     "provenance.use_decay": "weight layers by decay**depth as the paper does",
     "provenance.use_size_factor": "multiply scores by the client's data size (in batches)",
+    "provenance.score": f"client score: {_choices(SCORES)} (first_order: the weight-aware "
+                        "first-order leave-one-client-out drop, no decay)",
+    "provenance.multi_round": "also attribute each traced prediction over all rounds so far "
+                              "(multi-round provenance; one [clients, params] accumulator)",
     "provenance.per_label": "correct mode: traced inputs per label held by the participants",
     "provenance.max_faulty_inputs": "faulty mode: traced inputs per round",
     "provenance.clients_per_chunk": "clients scored at once (0: all; bounds memory)",
@@ -256,6 +274,18 @@ FIELD_HELP: dict[str, str] = {
     "provenance.feddebug_threshold": "FedDebug: neuron activation threshold",
     "provenance.store_rounds": "keep rounds' client models in WORKDIR/rounds for tracing new "
                                "inputs later: '', 'all', 'last' or '3,7,10'",
+    "attribution.enabled": "compare attribution methods against retrained federations "
+                           "(experiment/attribution.py) instead of the plain run",
+    "attribution.setting": "the cell's name in the comparison table",
+    "attribution.explain_inputs": "test inputs explained (correct mode: the first the final "
+                                  "model predicts correctly; faulty: matching mispredictions)",
+    "attribution.subsets": "random half-subsets of clients retrained for the LDS (0: none)",
+    "attribution.noise_seed": "noise floor: the base federation retrained with data seed "
+                              "seed + noise_seed",
+    "attribution.round_decay": "multi-round provenance: weight gamma^(R - r) of round r, in "
+                               "[0, 1]",
+    "attribution.federations_per_chunk": "retrained federations run side by side (0: all)",
+    "attribution.per_round": "also trace every round (paper's and weight-aware score)",
     "dp.enabled": "DP-FedAvg: server-side clipping and Gaussian noise",
     "dp.noise_multiplier": "DP noise multiplier z (sigma = z * clip_norm / clients_per_round)",
     "dp.clip_norm": "DP clipping norm C of each client's update",

@@ -32,7 +32,7 @@ from tracefl_jax.fl.client import OPTIMIZERS
 from tracefl_jax.fl.robust import RULES
 from tracefl_jax.fl.server import SERVER_OPTIMIZERS
 from tracefl_jax.fl.strategies import STRATEGIES
-from tracefl_jax.provenance.attribution import KERNELS
+from tracefl_jax.provenance.attribution import KERNELS, SCORES
 from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits (without x64): 2**32 is seed 0 again
@@ -109,6 +109,9 @@ RANGES: dict[str, Range] = {
     "server.b1": Range(0, 1, high_open=True),
     "server.b2": Range(0, 1, high_open=True),
     "server.eps": Range(0, low_open=True),
+    "attribution.explain_inputs": POSITIVE,
+    "attribution.federations_per_chunk": Range(0, note="0: all"),
+    "attribution.round_decay": Range(0, 1),
 }
 
 
@@ -135,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...] | Callable[[], list[str]]] = {
     "client.loss": LOSSES,
     "aggregation.rule": RULES,
     "server.optimizer": SERVER_OPTIMIZERS,
+    "provenance.score": SCORES,
 }
 
 # Checked by `cross_field_errors` (their validity depends on other fields or on the disk).
@@ -142,12 +146,14 @@ CROSS_FIELD = frozenset({
     "clients_per_round", "dataset.synthetic_shape", "dataset.vocab_size", "dataset.data_dir",
     "dataset.tokenizer", "model.name", "model.hf_path", "model.torchvision_weights",
     "provenance.rounds", "provenance.store_rounds", "faulty.clients", "faulty.flip",
-    "faulty.every_round"})
+    "faulty.every_round", "attribution.subsets", "attribution.noise_seed",
+    "provenance.use_size_factor"})
 
 # Booleans and free text: only their type is checked.
 FREE = frozenset({
     "imports", "dataset.download", "partition.self_balancing", "partition.fixup",
-    "provenance.enabled", "provenance.use_decay", "provenance.use_size_factor",
+    "provenance.enabled", "provenance.use_decay", "provenance.multi_round",
+    "attribution.enabled", "attribution.setting", "attribution.per_round",
     "provenance.shard_clients", "provenance.counterfactual", "provenance.feddebug",
     "dp.enabled", "dp.parity", "checkpoint.resume", "checkpoint.overwrite"})
 
@@ -256,7 +262,22 @@ def cross_field_errors(c: ml_collections.ConfigDict) -> list[str]:
                   f">= 2")
   if not c.model.hf_path and c.model.name not in _models():
     errors.append(f"model.name={c.model.name!r} is not one of {', '.join(_models())}")
-  return errors + _shape_errors(c) + _path_errors(c)
+  return errors + _attribution_errors(c) + _shape_errors(c) + _path_errors(c)
+
+
+def _attribution_errors(c: ml_collections.ConfigDict) -> list[str]:
+  errors = []
+  if c.provenance.score == "first_order" and c.provenance.use_size_factor:
+    errors.append("provenance.score='first_order' weighs clients by their aggregation weights;"
+                  " provenance.use_size_factor=True applies to score='tracefl' only")
+  a = c.attribution
+  if a.subsets < 0 or 0 < a.subsets < 3:
+    errors.append(f"attribution.subsets={a.subsets} must be 0 (no LDS) or >= 3 (the LDS "
+                  f"needs at least 3 subsets)")
+  if a.noise_seed < 0 or (a.enabled and a.noise_seed == 0):
+    errors.append(f"attribution.noise_seed={a.noise_seed} must be >= 1 (0 retrains the base "
+                  f"federation with its own seed; the noise floor needs another seed)")
+  return errors
 
 
 def flip_errors(flip: dict[int, int]) -> list[str]:

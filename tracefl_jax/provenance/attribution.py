@@ -4,6 +4,19 @@ T[n, k] = sum_l beta_l c[l, n, k], beta_l = decay ** (L - 1 - l); P = softmax_k 
 temperature 1); the traced client is argmax_k P, the first in the round's order on ties.
 Optional data-size factor p_k = n_k / sum_j n_j multiplies every client parameter (paper
 Eq. 5); for affine units that scales client k's scores by p_k.
+
+score="first_order" (weight-aware provenance) scores client k by the first-order
+leave-one-client-out drop of the explained logit (spec section 8):
+
+  F[n, k] = w_k / (W - w_k) * (T[n, k] - T_G[n]),   T = sum_l c[l, n, k] (no decay),
+
+with the round's aggregation weights w_k, W = sum_k w_k, and T_G the same sum for G's own
+parameters. For affine traced units T[n, k] - T_G[n] = < grad s_n(G), theta_k - G > restricted
+to the traced units, and G_{-k} - G = w_k (G - theta_k) / (W - w_k), so F[n, k] is
+s_n(G) - s_n(G_{-k}) to first order (exact for a model linear in its parameters). TraceFL's T
+drops the factor w_k / (W - w_k) and the decay; with unequal weights its argmax is then not the
+counterfactual's. The kernels, sharding and chunking are TraceFL's; G is scored as one more
+client (cost K + 1 instead of K).
 """
 
 from __future__ import annotations
@@ -17,9 +30,12 @@ import numpy as np
 
 from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
 from tracefl_jax.provenance import kernels
+from tracefl_jax.provenance.checks import (check_client_ids, check_inputs, check_removal_weights,
+                                           check_sizes, check_target, check_variables)
 from tracefl_jax.provenance.capture import target_logits
 
 KERNELS = ("auto", "grad", "jvp", "reference")
+SCORES = ("tracefl", "first_order")
 
 
 class ProvenanceResult(NamedTuple):
@@ -111,12 +127,14 @@ def _replicated(tree, mesh: jax.sharding.Mesh | None):
 
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
-                                             "clients_per_chunk", "block_mask", "mesh"))
-def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, *, kernel,
-           decay, use_decay, use_size_factor, return_layers, clients_per_chunk, block_mask,
-           mesh):
+                                             "clients_per_chunk", "block_mask", "mesh",
+                                             "score"))
+def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, weights, *,
+           kernel, decay, use_decay, use_size_factor, return_layers, clients_per_chunk,
+           block_mask, mesh, score):
   num_layers = len(model.traced_layers)
-  betas = layer_betas(num_layers, decay, use_decay)
+  first_order = score == "first_order"
+  betas = layer_betas(num_layers, decay, use_decay and not first_order)
   if use_size_factor:
     p = client_sizes.astype(jnp.float32) / jnp.sum(client_sizes)
     if kernel == "reference":  # a non-affine unit: scale the parameters themselves
@@ -130,29 +148,36 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
     make = {"grad": kernels.grad_scorer, "jvp": kernels.jvp_scorer,
             "reference": functools.partial(kernels.reference_scorer,
                                            block_mask=block_mask)}[kernel]
+  g_params = jax.tree.map(lambda a: a[None], global_vars["params"])  # G as one client
   if mesh is None:
-    score, predicted = make(model, global_vars, x, target, clients_per_chunk)
-    c = score(client_vars["params"])
+    scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
+    c = scorer(client_vars["params"])
+    c_g = scorer(g_params) if first_order else None
   elif kernel == "jvp":
     # G's linearisation cannot be closed over by a shard_map (its residuals carry the outer
     # mesh), so each device linearises G itself: one more linear pass next to its K / D.
     _, predicted = target_logits(model.logits(global_vars, x), target)
     c = _score_sharded(lambda th: make(model, global_vars, x, target, clients_per_chunk)[0](th),
                        client_vars["params"], mesh)
+    c_g = make(model, global_vars, x, target, None)[0](g_params) if first_order else None
   else:
     # G's forward/backward is split over the devices by input and its results gathered into
     # every device's scorer, not repeated on each device.
     x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
-    score, predicted = make(model, global_vars, x, target, clients_per_chunk)
-    c = _score_sharded(score, client_vars["params"], mesh)
+    scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
+    c = _score_sharded(scorer, client_vars["params"], mesh)
+    c_g = scorer(g_params) if first_order else None
   c, predicted = _replicated((c, predicted), mesh)
+  if first_order:  # [L, N, K] - [L, N, 1], then w_k / (W - w_k) per client
+    w = weights.astype(jnp.float32)
+    c = (c - c_g) * (w / (jnp.sum(w) - w))[None, None, :]
   if totals_only:
     layer_scores, scores = None, c[0]
   else:
     layer_scores = c * betas[:, None, None]
     scores = jnp.sum(layer_scores, axis=0)
-  if use_size_factor and kernel != "reference":
+  if use_size_factor and kernel != "reference" and not first_order:
     scores = scores * p[None, :]
     layer_scores = None if layer_scores is None else layer_scores * p[None, None, :]
   scores = scores.astype(jnp.float32)
@@ -166,106 +191,6 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   return _replicated(ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
                                       layer_scores if return_layers else None, attributable),
                      mesh)
-
-
-def _concrete(value) -> bool:
-  return not isinstance(value, jax.core.Tracer)
-
-
-def _check_variables(global_vars: Variables, client_vars: Variables) -> int:
-  """Client leaves must be G's leaves stacked `[K, ...]`; returns K (>= 1).
-
-  Every collection both hold is compared; the first mismatching leaf is named.
-  """
-  for name, tree in (("global_vars", global_vars), ("client_vars", client_vars)):
-    if not hasattr(tree, "keys") or "params" not in tree:
-      raise ValueError(f"{name} must be Flax variables, a dict of collections with 'params', "
-                       f"got {type(tree).__name__}"
-                       + (f" with keys {sorted(tree.keys())}" if hasattr(tree, "keys") else ""))
-
-  def named_leaves(col, tree):
-    return {f"{col}/{jax.tree_util.keystr(p, simple=True, separator='/')}": leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(tree[col])[0]}
-
-  num_clients, first = None, None
-  for col in ["params", *sorted(k for k in global_vars if k != "params" and k in client_vars)]:
-    g_names, c_names = named_leaves(col, global_vars), named_leaves(col, client_vars)
-    extra = [name for name in c_names if name not in g_names]
-    for name, g_leaf in g_names.items():
-      if name not in c_names:
-        raise ValueError(f"client_vars lacks leaf {name} of global_vars; G and the clients must "
-                         f"be the same model (client leaves stacked [K, ...])")
-      g_shape, c_shape = tuple(np.shape(g_leaf)), tuple(np.shape(c_names[name]))
-      if c_shape[1:] != g_shape or len(c_shape) != len(g_shape) + 1:
-        raise ValueError(
-            f"client_vars leaf {name} has shape {c_shape}; global_vars has shape {g_shape} "
-            f"there, so it must be [{', '.join(['K', *map(str, g_shape)])}] (stacked over the "
-            f"round's clients)")
-      if num_clients is None:
-        num_clients, first = c_shape[0], name
-      elif c_shape[0] != num_clients:
-        raise ValueError(f"client_vars leaf {name} stacks {c_shape[0]} clients but {first} "
-                         f"stacks {num_clients}; every leaf's leading axis is the round's K "
-                         f"clients")
-    if extra:
-      raise ValueError(f"client_vars has leaf {extra[0]} that global_vars lacks; G and the "
-                       f"clients must be the same model (client leaves stacked [K, ...])")
-  if num_clients is None:
-    raise ValueError("global_vars['params'] has no leaves; nothing to trace")
-  if num_clients == 0:
-    raise ValueError(f"client_vars holds K = 0 clients (leading axis of {first}); trace at "
-                     f"least one client")
-  return num_clients
-
-
-def _check_inputs(model: ModelDef, x) -> None:
-  expected = f"[N, {', '.join(map(str, model.input_shape))}]"
-  if x.ndim != 1 + len(model.input_shape) or tuple(x.shape[1:]) != model.input_shape:
-    raise ValueError(f"x has shape {tuple(x.shape)}; model {model.name!r} takes inputs of "
-                     f"shape {expected} (a batch of examples of shape {model.input_shape})")
-  if x.shape[0] == 0:
-    raise ValueError(f"x holds N = 0 inputs (shape {tuple(x.shape)}); trace at least one")
-  tokens = np.issubdtype(np.dtype(model.input_dtype), np.integer)
-  kind_ok = (np.issubdtype(x.dtype, np.integer) if tokens
-             else np.issubdtype(x.dtype, np.floating))
-  if not kind_ok:
-    raise ValueError(f"x has dtype {np.dtype(x.dtype)}; model {model.name!r} takes "
-                     f"{'integer token ids' if tokens else 'floating-point inputs'} "
-                     f"({np.dtype(model.input_dtype)})")
-
-
-def _check_target(model: ModelDef, target, num_inputs: int):
-  if not hasattr(target, "shape"):
-    target = np.asarray(target)
-  if tuple(target.shape) != (num_inputs,) or not np.issubdtype(target.dtype, np.integer):
-    raise ValueError(f"target has shape {tuple(target.shape)} and dtype "
-                     f"{np.dtype(target.dtype)}; it must be [N] = ({num_inputs},) integer class "
-                     f"ids in [0, {model.num_classes})")
-  if _concrete(target):
-    t = np.asarray(target)
-    bad = np.flatnonzero((t < 0) | (t >= model.num_classes))
-    if bad.size:
-      raise ValueError(f"target={t[bad[0]]} (input {bad[0]}) is out of range; model "
-                       f"{model.name!r} has classes [0, {model.num_classes})")
-  return target
-
-
-def _check_sizes(client_sizes, num_clients: int, use_size_factor: bool):
-  if not hasattr(client_sizes, "shape"):
-    client_sizes = np.asarray(client_sizes)
-  if tuple(client_sizes.shape) != (num_clients,):
-    raise ValueError(f"client_sizes has shape {tuple(client_sizes.shape)}; it must be [K] = "
-                     f"({num_clients},), one size per client of the round")
-  if _concrete(client_sizes):
-    n = np.asarray(client_sizes, np.float64)
-    bad = np.flatnonzero(~np.isfinite(n) | (n < 0))
-    if bad.size:
-      raise ValueError(f"client_sizes must be finite and >= 0, got "
-                       f"{np.asarray(client_sizes).tolist()} (bad at positions {bad.tolist()})")
-    if use_size_factor and n.sum() <= 0:
-      raise ValueError(f"client_sizes are all 0 ({np.asarray(client_sizes).tolist()}); "
-                       f"use_size_factor=True needs a positive total for p_k = n_k / sum n")
-  return client_sizes
 
 
 def trace_clients(
@@ -285,6 +210,8 @@ def trace_clients(
     block_mask: str = "fixed",
     client_ids: jax.Array | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    score: str = "tracefl",
+    weights: jax.Array | None = None,
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -304,8 +231,13 @@ def trace_clients(
       all at once).
     block_mask: for whole-block units with an attention mask (BERT): "fixed" evaluates the
       client's block with G's mask; "parity" without it, as the original did.
-    client_ids: `[K]` global ids of the round's clients; `traced_client` then holds ids
-      (default: positions 0..K-1).
+    client_ids: `[K]` integer global ids of the round's clients in [0, 2**31 - 1);
+      `traced_client` then holds ids (default: positions 0..K-1).
+    score: "tracefl" (the paper's T) or "first_order" (weight-aware: w_k / (W - w_k) *
+      (T_k - T_G) over all traced units, no decay; see the module docstring). `scores`,
+      `probs` (softmax of the scores) and `layer_scores` (per-layer terms of the sum) then
+      hold that score.
+    weights: `[K]` the round's aggregation weights w_k (needed by "first_order" only).
 
   Returns:
     `ProvenanceResult`; inputs with a non-finite score have `attributable` False and
@@ -318,8 +250,15 @@ def trace_clients(
     (integer inputs for a float model, float inputs for a token model), a target not `[N]`
     integers or (when concrete) outside [0, num_classes), `client_sizes` not `[K]`, negative,
     non-finite or (with `use_size_factor`) all zero, `clients_per_chunk` < 0, decay outside
-    (0, 1], unknown kernel or block_mask names, a mesh that is not 1-D.
+    (0, 1], unknown kernel, block_mask or score names, a mesh that is not 1-D; client_ids
+    that are not `[K]` integers in [0, 2**31 - 1); for "first_order": missing weights, weights
+    not `[K]`, negative or non-finite, a client holding all the weight, or use_size_factor.
   """
+  if score not in SCORES:
+    raise ValueError(f"score={score!r}; valid: {', '.join(SCORES)}")
+  if score == "first_order" and use_size_factor:
+    raise ValueError("use_size_factor=True applies to score='tracefl' only; score="
+                     "'first_order' weighs clients by their aggregation weights")
   if block_mask not in ("fixed", "parity"):
     raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
   if kernel not in KERNELS:
@@ -335,12 +274,16 @@ def trace_clients(
                      f"mesh (tracefl_jax.fl.strategies.client_mesh())")
   # Checks at the Python boundary: inside the jitted kernels these are JAX/Flax tracebacks
   # or, for values, silent wrong answers (a target of -1 wraps around).
-  num_clients = _check_variables(global_vars, client_vars)
+  num_clients = check_variables(global_vars, client_vars)
   if not hasattr(x, "shape"):
     x = np.asarray(x)
-  _check_inputs(model, x)
+  check_inputs(model, x)
   if target is not None:
-    target = _check_target(model, target, x.shape[0])
+    target = check_target(model, target, x.shape[0])
+  if score == "first_order":
+    weights = check_removal_weights(weights, num_clients, score)
+  else:
+    weights = None
   if kernel == "auto":
     kernel = choose_kernel(model, x.shape[0], num_clients)
   elif kernel in ("grad", "jvp") and not is_affine(model):
@@ -351,23 +294,20 @@ def trace_clients(
   if client_sizes is None:
     client_sizes = jnp.ones(num_clients, jnp.float32)
   else:
-    client_sizes = _check_sizes(client_sizes, num_clients, use_size_factor)
+    client_sizes = check_sizes(client_sizes, num_clients, use_size_factor)
   if client_ids is None:
     client_ids = jnp.arange(num_clients, dtype=jnp.int32)
-  client_ids = jnp.asarray(client_ids, jnp.int32)
-  if client_ids.shape != (num_clients,):
-    raise ValueError(f"client_ids has shape {client_ids.shape}; the round has {num_clients} "
-                     f"clients (leading axis of client_vars), so it must be ({num_clients},)")
+  client_ids = check_client_ids(client_ids, num_clients)
   client_sizes = jnp.asarray(client_sizes)
   if mesh is not None:
     # Every device needs these whole. Left uncommitted, they may be given an uneven input
     # sharding by XLA's propagation (from the split of G's work over inputs) that jax cannot
     # express as a NamedSharding (IndivisibleError at compile).
-    global_vars, x, target, client_sizes, client_ids = jax.device_put(
-        (global_vars, x, target, client_sizes, client_ids),
+    global_vars, x, target, client_sizes, client_ids, weights = jax.device_put(
+        (global_vars, x, target, client_sizes, client_ids, weights),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return _trace(model, global_vars, client_vars, x, target,
-                client_sizes, client_ids, kernel=kernel, decay=float(decay),
+                client_sizes, client_ids, weights, score=score, kernel=kernel, decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,

@@ -29,73 +29,15 @@ import jax
 
 from tracefl_jax.fl.strategies import client_mesh
 from tracefl_jax.models.base import ModelDef, Variables
-from tracefl_jax.provenance.attribution import KERNELS, trace_clients
+from tracefl_jax.provenance.attribution import KERNELS, SCORES, trace_clients
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
 from tracefl_jax.provenance.feddebug import feddebug_round
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance.selection import (localization_correct, round_baselines,
+                                              select_correct_inputs, select_faulty_inputs,
+                                              select_inputs)
 
 MODES = ("correct", "faulty")
-
-
-def select_correct_inputs(pred: np.ndarray, labels: np.ndarray,
-                          participant_label_counts: np.ndarray, per_label: int = 2,
-                          max_inputs: int = 2048) -> np.ndarray:
-  """Indices (ascending) of the inputs traced in correct-prediction mode.
-
-  Args:
-    pred, labels: `[M]` G's predictions and the true labels of the server test set.
-    participant_label_counts: `[K, num_classes]` label counts of the round's participants.
-  """
-  pred, labels = np.asarray(pred)[:max_inputs], np.asarray(labels)[:max_inputs]
-  held = np.nonzero(np.asarray(participant_label_counts).sum(axis=0) > 0)[0]
-  chosen: list[int] = []
-  for label in held:
-    hits = np.nonzero((pred == labels) & (labels == label))[0]
-    if len(hits) >= per_label:
-      chosen.extend(hits[:per_label].tolist())
-  return np.array(sorted(chosen), np.int64)
-
-
-def select_faulty_inputs(pred: np.ndarray, labels: np.ndarray, flip: Mapping[int, int],
-                         max_inputs: int = 10) -> np.ndarray:
-  """Indices of the first `max_inputs` mispredictions matching the label flip."""
-  pred, labels = np.asarray(pred), np.asarray(labels)
-  match = ((pred != labels) & np.isin(labels, list(flip.keys()))
-           & np.isin(pred, list(flip.values())))
-  return np.nonzero(match)[0][:max_inputs].astype(np.int64)
-
-
-def round_baselines(participant_label_counts: np.ndarray, labels: np.ndarray,
-                    traced_local: np.ndarray,
-                    faulty_local: Sequence[int] | None = None) -> dict[str, Any]:
-  """Baselines for one traced round (positions are within the round's participants).
-
-  Returns:
-    random_baseline: expected accuracy of tracing a uniformly random participant.
-    largest_client_baseline: accuracy of always tracing the participant with most examples.
-    oracle_accuracy: correct-prediction mode only, how often the traced client is the
-      participant with the most examples of the input's label (None in faulty mode).
-  """
-  counts = np.asarray(participant_label_counts)
-  labels = np.asarray(labels)
-  largest = int(np.argmax(counts.sum(axis=1)))
-  if faulty_local is not None:
-    faulty = np.zeros(len(counts), bool)
-    faulty[list(faulty_local)] = True
-    return {"random_baseline": float(faulty.mean()),
-            "largest_client_baseline": float(faulty[largest]),
-            "oracle_accuracy": None}
-  holds = counts[:, labels] > 0                      # [K, N]
-  oracle = np.argmax(counts[:, labels], axis=0)      # [N], first on ties
-  return {"random_baseline": float(holds.mean(axis=0).mean()),
-          "largest_client_baseline": float(holds[largest].mean()),
-          "oracle_accuracy": float(np.mean(np.asarray(traced_local) == oracle))}
-
-
-def localization_correct(traced_local: np.ndarray, labels: np.ndarray,
-                         participant_label_counts: np.ndarray) -> np.ndarray:
-  """`[N]` bool: the traced participant's data holds the input's true label."""
-  counts = np.asarray(participant_label_counts)
-  return counts[np.asarray(traced_local), np.asarray(labels)] > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +52,10 @@ class ProtocolSettings:
     max_faulty_inputs: faulty mode, inputs per round.
     faulty_clients: faulty mode, the global ids of the label-flipping clients.
     flip: faulty mode, the label map `{source: target}` the faulty clients trained with.
-    kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask: passed to
-      `trace_clients` (`clients_per_chunk` bounds the leave-one-out and FedDebug too).
+    kernel, decay, use_decay, use_size_factor, clients_per_chunk, block_mask, score: passed
+      to `trace_clients` (`clients_per_chunk` bounds the leave-one-out and FedDebug too);
+      score="first_order" is the weight-aware score with the round's aggregation weights
+      (a round where one client holds all the weight is then skipped).
     shard_clients: score the clients sharded over all devices (`trace_clients(mesh=
       client_mesh())`, every process's devices after `jax.distributed.initialize`).
     size_unit: the data-size factor counts a client's examples in units of this many (the
@@ -139,8 +83,13 @@ class ProtocolSettings:
   feddebug: bool = True
   feddebug_inputs: int = 10
   feddebug_threshold: float = 0.003
+  score: str = "tracefl"
 
   def __post_init__(self):
+    if self.score not in SCORES:
+      raise ValueError(f"score={self.score!r} is not one of {', '.join(SCORES)}")
+    if self.score == "first_order" and self.use_size_factor:
+      raise ValueError("use_size_factor applies to score='tracefl' only")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
     if self.kernel not in KERNELS:
@@ -165,16 +114,6 @@ class TracedRound(NamedTuple):
   attributable: np.ndarray    # [N] bool: every score finite (else traced ids are -1)
   counterfactual_client: np.ndarray  # [N] global id whose removal lowers the logit most
                                      # (-1 where not computed)
-
-
-def select_inputs(settings: ProtocolSettings, predictions: np.ndarray, labels: np.ndarray,
-                  participant_label_counts: np.ndarray) -> np.ndarray:
-  """Indices of the round's inputs in the server test set, by the settings' mode."""
-  if settings.mode == "faulty":
-    return select_faulty_inputs(predictions, labels, settings.flip,
-                                max_inputs=settings.max_faulty_inputs)
-  return select_correct_inputs(predictions, labels, participant_label_counts,
-                               per_label=settings.per_label, max_inputs=len(labels))
 
 
 def _bucket(n: int, usual: int) -> int:
@@ -217,6 +156,15 @@ def trace_round(
                        np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
                                            "reason": "no test input matched the selection rule"},
                        np.zeros(0, bool), none)
+  first_order = settings.score == "first_order"
+  if first_order and (weights is None or not np.all(np.sum(weights) - np.asarray(weights) > 0)):
+    none = np.zeros(0, np.int64)
+    reason = ("score='first_order' needs the round's aggregation weights" if weights is None
+              else "one client holds all the aggregation weight (w_k / (W - w_k) undefined)")
+    return TracedRound(none, none, none, none, none,
+                       np.zeros((0, len(client_ids)), np.float32), client_ids,
+                       np.zeros(0, bool), {"skipped": True, "inputs": 0, "mode": settings.mode,
+                                           "reason": reason}, np.zeros(0, bool), none)
   # Pad the inputs to a fixed bucket so that every round reuses one compiled kernel.
   bucket = _bucket(len(idx), settings.per_label * part_counts.shape[1])
   padded = np.concatenate([idx, np.full(bucket - len(idx), idx[0])])
@@ -228,7 +176,9 @@ def trace_round(
       client_sizes=jnp.asarray(np.asarray(client_sizes) // settings.size_unit),
       use_size_factor=settings.use_size_factor,
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
-      client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None)
+      client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None,
+      score=settings.score, weights=None if not first_order else np.asarray(weights,
+                                                                            np.float32))
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
@@ -246,6 +196,7 @@ def trace_round(
     correct = localization_correct(np.maximum(position, 0), labels, part_counts) & ok
     faulty_local = None
   summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
+                             "score": settings.score,
                              "unattributable": int(n - ok.sum()),
                              "tracefl_seconds_per_input": seconds / n}
   if ok.any():
@@ -261,8 +212,35 @@ def trace_round(
       drops = np.asarray(cf.drops)[:n]
       cf_client[ok] = client_ids[np.argmax(drops[ok], axis=1)]
       summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
+      if settings.score == "tracefl":  # the weight-aware score beside the paper's
+        summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
+                                            labels, part_counts, client_ids, settings))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
+
+
+def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok, labels,
+                         part_counts, client_ids, settings) -> dict[str, Any]:
+  """The weight-aware score (`score="first_order"`) of the same inputs against the same
+  truths: its leave-one-out agreement and its accuracy by the mode's rule."""
+  n = len(labels)
+  fo = trace_clients(model, global_vars, client_vars, x, kernel=settings.kernel,
+                     clients_per_chunk=settings.clients_per_chunk or None,
+                     block_mask=settings.block_mask, score="first_order",
+                     weights=np.asarray(weights, np.float32))
+  fo_scores = np.asarray(fo.scores, np.float64)[:n]
+  keep = ok & np.asarray(fo.attributable)[:n]
+  if not keep.any():
+    return {}
+  report = counterfactual_report(fo_scores[keep], drops[keep], np.ones(fo_scores.shape[1]))
+  top = np.argmax(fo_scores[keep], axis=1)
+  if settings.mode == "faulty":
+    right = np.isin(np.asarray(client_ids)[top], list(settings.faulty_clients))
+  else:
+    right = localization_correct(top, labels[keep], part_counts)
+  return {"first_order_counterfactual_top1": report["counterfactual_top1"],
+          "first_order_counterfactual_spearman": report["counterfactual_spearman"],
+          "first_order_accuracy": float(np.mean(right))}
 
 
 # Per-round numbers a run summary averages over its traced rounds.
@@ -270,7 +248,9 @@ MEAN_KEYS = ("accuracy", "random_baseline", "largest_client_baseline", "oracle_a
              "counterfactual_top1", "counterfactual_spearman", "counterfactual_random_top1",
              "counterfactual_random_spearman", "counterfactual_largest_top1",
              "counterfactual_largest_spearman", "feddebug_accuracy",
-             "feddebug_seconds_per_input", "tracefl_seconds_per_input")
+             "feddebug_seconds_per_input", "tracefl_seconds_per_input",
+             "multiround_accuracy", "first_order_counterfactual_top1",
+             "first_order_counterfactual_spearman", "first_order_accuracy")
 
 
 def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -300,6 +280,7 @@ def provenance_callback(
     on_trace: Callable[[int, TracedRound], None] | None = None,
     seed: int = 0,
     feddebug_normalize: Callable[[jax.Array], jax.Array] | None = None,
+    multi_round: MultiRoundAccumulator | None = None,
 ) -> Callable[[Any], dict[str, Any] | None]:
   """A `run_rounds` callback tracing each round (or those in `rounds`) with the protocol.
 
@@ -309,15 +290,23 @@ def provenance_callback(
     seed, feddebug_normalize: faulty mode with `settings.feddebug`: FedDebug's random inputs
       come from `fold_in(key(seed), round)` and are normalised like the dataset's test inputs.
 
+    multi_round: an accumulator over all the federation's clients, updated after EVERY
+      round (traced or not) with the round's clients, aggregate and weights; in traced rounds
+      the inputs are also attributed over all rounds so far (`multiround.py`) and the summary
+      gains `multiround_accuracy` (by the mode's rule, the responsible client being any
+      client of the federation) and `multiround_clients` (per input, the responsible global id).
+
   The callback adds `provenance` (the round's summary) and `provenance_seconds` to the row.
   """
   wanted = None if not rounds else set(int(r) for r in rounds)
 
   def callback(info) -> dict[str, Any] | None:
+    out = info.output
+    if multi_round is not None:
+      multi_round.update(out.clients.variables, out.traced, out.weights, out.client_ids)
     if wanted is not None and info.round not in wanted:
       return None
     t0 = time.perf_counter()
-    out = info.output
     traced = trace_round(
         model, out.traced, out.clients.variables, client_ids=out.client_ids,
         client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
@@ -333,6 +322,18 @@ def provenance_callback(
             num_inputs=settings.feddebug_inputs, threshold=settings.feddebug_threshold,
             normalize=feddebug_normalize,
             clients_per_chunk=settings.clients_per_chunk or None))
+    if multi_round is not None and len(traced.inputs):
+      mr = multi_round.scores(model, out.traced, jnp.take(evaluator.x, traced.inputs, axis=0),
+                              clients_per_chunk=settings.clients_per_chunk or None)
+      mr_clients = np.asarray(mr.traced_client)
+      ok = np.asarray(mr.attributable)
+      if settings.mode == "faulty":  # the mode's rule: the traced client is a faulty one
+        right = np.isin(mr_clients, list(settings.faulty_clients))
+      else:
+        right = np.asarray(info.data.label_counts)[np.maximum(mr_clients, 0),
+                                                   traced.labels] > 0
+      traced.summary["multiround_accuracy"] = float(np.mean(right & ok))
+      traced.summary["multiround_clients"] = mr_clients.tolist()
     if on_trace is not None:
       on_trace(info.round, traced)
     return {"provenance": traced.summary, "provenance_seconds": time.perf_counter() - t0}

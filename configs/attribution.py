@@ -1,0 +1,67 @@
+r"""Which client is responsible for the final model's prediction? Attribution methods against
+retrained federations (tracefl_jax/experiment/attribution.py).
+
+  python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:cpu \
+      --workdir=runs/attribution
+
+Each cell trains one federation, explains up to `attribution.explain_inputs` test inputs of
+its final model with every method (TraceFL's last round, the weight-aware score, multi-round
+provenance, the exact single-round leave-one-client-out, the largest client, a random
+participant) and scores them against every truth (the paper's rule, the last round's exact
+leave-one-client-out, leave-one-client-out RETRAINING top-1 and Spearman, the LDS over
+`attribution.subsets` random half-subsets), with the noise floor. The 2 + C + M retrained
+federations run side by side as one program (`provenance.retraining`).
+
+Presets:
+  smoke   6 digits clients, 4 per round, an MLP, 2 rounds, 3 subsets: the code paths, for
+          the tests.
+  cpu     digits, 20 clients (no fix-up: 35-105 images each) all taking part for 15 rounds;
+          the same with 5 per round for 30 rounds; 100 clients at 10 per round for 10 rounds
+          on the synthetic paper-shaped set (configs/scale.py's data and LeNet); 10 digits
+          clients all taking part for 8 rounds, client 4's labels 1..9 flipped to 0 (faulty
+          mode). 10 subsets for the LDS; 100 inputs explained (20 in faulty mode).
+"""
+
+from tracefl_jax.experiment.config import base_config
+
+PRESETS = ("smoke", "cpu")
+FLIP = ",".join(f"{k}:0" for k in range(1, 10))
+
+
+def get_config(preset: str = "smoke"):
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+  c = base_config()
+  c.attribution.enabled = True
+  c.checkpoint.every = 0
+  c.partition.fixup = False
+  c.num_clients = 20
+  c.clients_per_round = 20
+  c.rounds = 15
+  c.attribution.subsets = 10
+  if preset == "smoke":
+    c.model.name = "mlp"
+    c.num_clients, c.clients_per_round = 6, 4
+    c.rounds = 2
+    c.attribution.subsets = 3
+    c.attribution.explain_inputs = 10
+  return c
+
+
+def get_sweep(preset: str = "smoke"):
+  if preset == "smoke":
+    return {"attribution.setting": ["smoke"]}
+  digits = ("attribution.setting", "clients_per_round", "rounds")
+  paper = ("attribution.setting", "num_clients", "partition.max_clients",
+           "dataset.synthetic_size", "dataset.name", "dataset.synthetic_shape",
+           "dataset.synthetic_noise", "model.name", "client.learning_rate", "partition.fixup",
+           "clients_per_round", "rounds", "attribution.per_round")
+  faulty = ("attribution.setting", "num_clients", "clients_per_round", "rounds",
+            "partition.alpha", "partition.fixup", "provenance.mode", "faulty.clients",
+            "faulty.flip", "attribution.explain_inputs")
+  return [
+      {digits: [("digits 20/20", 20, 15), ("digits 5/20", 5, 30)]},
+      {paper: [("synthetic 10/100", 115, 100, 115 * 128, "synthetic_structured", "8,8,1",
+                1.5, "lenet", 3e-3, True, 10, 10, False)]},
+      {faulty: [("digits flip 10/10", 10, 10, 8, 0.5, True, "faulty", "4", FLIP, 20)]},
+  ]

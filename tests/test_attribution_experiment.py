@@ -1,0 +1,77 @@
+"""configs/attribution.py: the comparison of attribution methods against retrained federations,
+its smoke preset end to end (experiment/attribution.py) and every cpu cell validated."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracefl_jax.experiment import attribution
+from tracefl_jax.experiment.config import validate
+from tracefl_jax.experiment.sweep import apply_overrides, expand_grid
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "attribution.py"
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("attribution_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_cpu_cells_validate_and_unknown_preset_is_named():
+  module = _module()
+  base = module.get_config("cpu")
+  cells = expand_grid(module.get_sweep("cpu"))
+  assert len(cells) == 4
+  for overrides in cells:
+    validate(apply_overrides(base, overrides))
+  with pytest.raises(ValueError, match="unknown preset 'gpu'"):
+    module.get_config("gpu")
+
+
+def test_smoke_preset_end_to_end(tmp_path, capsys):
+  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
+  table = capsys.readouterr().out
+  (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+  s = json.loads((cell / "attribution.json").read_text())
+  assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
+  assert s["federations"] == 2 + 6 + 3 and s["inputs"] == 10
+  assert len(s["curve"]) == 2 and "prov_first_order_accuracy" in s["curve"][-1]
+  rows = {r["method"]: r for r in s["rows"]}
+  assert rows["loo_last"]["loo_last_top1"] == 1.0  # the truth itself
+  for r in s["rows"]:
+    for key in ("paper_rule", "loo_last_top1", "retrain_top1"):
+      assert 0.0 <= r[key] <= 1.0
+  assert rows["first_order"]["lds"] is not None and -1 <= rows["first_order"]["lds"] <= 1
+  # The base federation retrained side by side is the trained run, up to float rounding.
+  assert s["base_reproduced_max_abs"] < 1e-2
+  assert table.count("| smoke |") == len(attribution.METHODS)
+  # A finished cell is read back, not rerun.
+  before = (cell / "attribution.json").stat().st_mtime_ns
+  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
+  assert (cell / "attribution.json").stat().st_mtime_ns == before
+  assert np.isfinite(s["noise_floor_mean"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("provenance.score", "loo", "provenance.score='loo' is not one of tracefl, first_order"),
+    ("attribution.subsets", 2, r"attribution.subsets=2 must be 0 \(no LDS\) or >= 3"),
+    ("attribution.round_decay", 1.5, r"attribution.round_decay=1.5 must be in \[0, 1\]"),
+    ("attribution.explain_inputs", 0, "attribution.explain_inputs=0 must be >= 1"),
+])
+def test_bad_attribution_fields_are_named(field, value, message):
+  config = apply_overrides(_module().get_config("smoke"), {field: value})
+  with pytest.raises(ValueError, match=message):
+    validate(config)
+  if field == "provenance.score":  # and the weight-aware score takes no size factor
+    config = apply_overrides(_module().get_config("smoke"),
+                             {"provenance.score": "first_order",
+                              "provenance.use_size_factor": True})
+    with pytest.raises(ValueError, match="use_size_factor=True applies to score='tracefl'"):
+      validate(config)

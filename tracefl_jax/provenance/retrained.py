@@ -1,0 +1,119 @@
+"""Truths from retrained federations (`retraining.retrain`): leave-one-client-out retraining,
+the noise floor, and the linear datamodeling score (LDS).
+
+For inputs x_n and the base federation's final model G (all clients), s_n(.) is the logit of
+the explained class (G's prediction by default).
+
+  LOO retraining:  drop[n, c] = s_n(G) - s_n(G^{-c}), G^{-c} retrained from scratch with client
+                   c left out of every round (positive: c pushed the prediction up).
+  Noise floor:     noise[n] = |s_n(G) - s_n(G')|, G' the base federation retrained under another
+                   data-order seed: a drop within it cannot be told from retraining noise.
+  LDS (Park et al., "TRAK", ICML 2023): M random half-subsets S_m of the clients, each retrained;
+                   a method's scores tau[n, c] predict s_n(G^{S_m}) by sum_{c in S_m} tau[n, c];
+                   LDS[n] = Spearman over m of (predicted, retrained), averaged over inputs.
+
+Rows of the `[F, C]` masks built here: 0 the base, 1 the noise-floor federation (same mask,
+another data seed), 2..C+1 one client left out each, then the M subsets.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.provenance.counterfactual import spearman
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def explained_logits(model: ModelDef, federations: Variables, x: jax.Array,
+                     target: jax.Array) -> jax.Array:
+  """`[F, N]` eval-mode logit of class `target[n]` under every federation's model (leaves
+  `[F, ...]`)."""
+  def one(variables):
+    logits = model.logits(variables, x)
+    return jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return jax.vmap(one)(federations).astype(jnp.float32)
+
+
+def subset_masks(num_clients: int, num_subsets: int, seed: int = 0) -> np.ndarray:
+  """`[M, C]` float32 masks, each keeping a uniformly random half (floor(C / 2)) of the
+  clients."""
+  if num_clients < 2 or num_subsets < 0:
+    raise ValueError(f"subset_masks needs num_clients >= 2 and num_subsets >= 0, got "
+                     f"{num_clients}, {num_subsets}")
+  rng = np.random.default_rng([seed, 0x1d5])
+  out = np.zeros((num_subsets, num_clients), np.float32)
+  for m in range(num_subsets):
+    out[m, rng.choice(num_clients, num_clients // 2, replace=False)] = 1.0
+  return out
+
+
+def truth_masks(num_clients: int, num_subsets: int = 0, seed: int = 0) -> np.ndarray:
+  """`[2 + C + M, C]`: base, noise floor (both all ones), C leave-one-out rows, M subsets."""
+  loo = 1.0 - np.eye(num_clients, dtype=np.float32)
+  return np.concatenate([np.ones((2, num_clients), np.float32), loo,
+                         subset_masks(num_clients, num_subsets, seed)])
+
+
+class RetrainingTruth(NamedTuple):
+  """Truths for N inputs over the federation's C clients (columns are global client ids)."""
+  base_logit: np.ndarray     # [N] s_n(G)
+  drops: np.ndarray          # [N, C] s_n(G) - s_n(G^{-c})
+  noise: np.ndarray          # [N] |s_n(G) - s_n(G')|, G' retrained under another data seed
+  top_client: np.ndarray     # [N] argmax_c drops (first on ties)
+  top_above_noise: np.ndarray  # [N] bool: the top drop exceeds the noise floor
+  subset_masks: np.ndarray   # [M, C] the LDS subsets
+  subset_logits: np.ndarray  # [M, N] s_n(G^{S_m})
+
+
+def truth_from_logits(logits: Any, num_clients: int) -> RetrainingTruth:
+  """Splits `explained_logits` of the `truth_masks` federations `[2 + C + M, N]`."""
+  logits = np.asarray(logits, np.float64)
+  base, other = logits[0], logits[1]
+  drops = (base[None, :] - logits[2:2 + num_clients]).T
+  noise = np.abs(base - other)
+  top = np.argmax(drops, axis=1)
+  return RetrainingTruth(base, drops, noise, top, drops[np.arange(len(top)), top] > noise,
+                         np.zeros((0, num_clients)), logits[2 + num_clients:])
+
+
+def with_subsets(truth: RetrainingTruth, masks: np.ndarray) -> RetrainingTruth:
+  """The truth with its LDS subsets' masks `[M, C]` attached (rows 2 + C .. of the masks)."""
+  return truth._replace(subset_masks=np.asarray(masks, np.float64))
+
+
+def lds(scores: Any, masks: Any, subset_logits: Any) -> np.ndarray:
+  """`[N]` per-input linear datamodeling score of `scores [N, C]`: the Spearman correlation
+  over the M subsets of sum_{c in S_m} scores[n, c] with the retrained `subset_logits [M, N]`
+  (NaN where either is constant)."""
+  scores, masks = np.asarray(scores, np.float64), np.asarray(masks, np.float64)
+  subset_logits = np.asarray(subset_logits, np.float64)
+  if scores.ndim != 2 or masks.shape != (subset_logits.shape[0], scores.shape[1]) or (
+      subset_logits.shape[1] != scores.shape[0]):
+    raise ValueError(f"lds needs scores [N, C], masks [M, C] and subset_logits [M, N]; got "
+                     f"{scores.shape}, {masks.shape}, {subset_logits.shape}")
+  predicted = scores @ masks.T  # [N, M]
+  return spearman(predicted, subset_logits.T)
+
+
+def compare(scores: Any, truth: RetrainingTruth) -> dict[str, float | None]:
+  """One method's `[N, C]` scores against the retraining truths: top-1 agreement with the LOO
+  retraining drop (first on ties), mean Spearman with the drops, and the mean LDS."""
+  scores = np.asarray(scores, np.float64)
+  top1 = float(np.mean(np.argmax(scores, axis=1) == truth.top_client))
+  rho = spearman(scores, truth.drops)
+  out: dict[str, float | None] = {"retrain_top1": top1,
+                                  "retrain_spearman": _mean(rho)}
+  out["lds"] = (_mean(lds(scores, truth.subset_masks, truth.subset_logits))
+                if len(truth.subset_masks) >= 3 else None)
+  return out
+
+
+def _mean(values: np.ndarray) -> float | None:
+  values = np.asarray(values)[np.isfinite(values)]
+  return float(values.mean()) if values.size else None

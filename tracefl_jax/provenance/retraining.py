@@ -1,0 +1,236 @@
+"""Retrained federations as ground truth: F federations run side by side as one program.
+
+The federations differ only in a `[F, C]` participation mask over the C clients (1: takes
+part, 0: left out). Sampling is shared: round t draws `sample_clients(seed, t, C, K)` for every
+federation, and a left-out client that is drawn gets aggregation weight 0, so every federation
+has the same shapes and one compiled round serves them all. Client training keys are shared
+too (`round_key(key(data_seed), t)` folded with client ids), so two federations with the same
+mask and data seed are the same federation; a different `data_seeds[f]` retrains it under
+another data order (the noise floor).
+
+One round of all F federations is `vmap` of the algorithm's round program over a leading
+federation axis of (variables, round key, weights); x, y and the round's client indices are
+shared. Federations are run `federations_per_chunk` at a time when memory binds, and dealt to
+the devices of a 1-D mesh (the federation axis sharded) when there are several.
+
+A round in which none of a federation's sampled clients takes part (every weight 0) leaves
+that federation's model unchanged: without its clients the round has nothing to average.
+
+With full masks and `data_seeds == seed`, federation f reproduces `fl.rounds.run_rounds(...,
+seed=seed)` on the same algorithm (tested), so the base federation is the run being explained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tracefl_jax.data.federated import FederatedData
+from tracefl_jax.fl import aggregation
+from tracefl_jax.fl.client import local_steps
+from tracefl_jax.fl.rounds import round_key, sample_clients
+from tracefl_jax.fl.strategies import round_lanes
+from tracefl_jax.models.base import Variables
+
+
+FEDERATION_STRATEGIES = ("vmap", "map")
+
+
+def _round_step(program, lanes, normalization, strategy):
+  """(variables [F], keys [F], weights [F, K], shared round data) -> new variables [F]."""
+
+  def one(variables, key, weights, x, y, indices, counts, ids):
+    total = jnp.sum(weights)
+    safe = jnp.where(total > 0, weights, jnp.ones_like(weights))
+    new = program(variables, x, y, indices, counts, ids, key, safe, lanes=lanes,
+                  normalization=normalization)[0]
+    return jax.tree.map(lambda a, b: jnp.where(total > 0, a, b), new, variables)
+
+  if strategy == "vmap":
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None)))
+
+  def mapped(variables, keys, weights, *shared):
+    return jax.lax.map(lambda a: one(*a, *shared), (variables, keys, weights))
+  return jax.jit(mapped)
+
+
+_STEPS: dict[Any, Any] = {}
+
+
+def _step_fn(program, lanes, normalization, strategy):
+  key = (id(program), lanes, normalization, strategy)
+  if key not in _STEPS:
+    _STEPS[key] = (program, _round_step(program, lanes, normalization, strategy))
+  return _STEPS[key][1]
+
+
+def round_plan(data: FederatedData, *, rounds: int, clients_per_round: int, seed: int,
+               batch_size: int, weighting: str = "examples",
+               always_sampled: Sequence[int] = ()) -> list[dict[str, np.ndarray]]:
+  """Per round (1..rounds), what `run_rounds` would feed the round program: the sampled
+  `client_ids [K]`, `indices [K, M]`, `counts [K]` and base aggregation `weights [K]`."""
+  plan = []
+  for r in range(1, rounds + 1):
+    ids = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
+    rd = data.round_data(ids, batch_size)
+    weights = np.asarray(aggregation.client_weights(rd.counts, weighting, batch_size),
+                         np.float32)
+    plan.append({"round": r, "client_ids": ids, "indices": rd.indices, "counts": rd.counts,
+                 "weights": weights})
+  return plan
+
+
+def participation(plan: Sequence[dict[str, np.ndarray]], num_clients: int) -> np.ndarray:
+  """`[R, C]` bool: client c was sampled in round r (positive weight or not)."""
+  out = np.zeros((len(plan), num_clients), bool)
+  for i, p in enumerate(plan):
+    out[i, p["client_ids"]] = True
+  return out
+
+
+def _check_masks(masks, num_clients: int) -> np.ndarray:
+  m = np.asarray(masks)
+  if m.ndim != 2 or m.shape[1] != num_clients or m.shape[0] < 1:
+    raise ValueError(f"masks has shape {m.shape}; it must be [F, C] = [F >= 1, {num_clients}]"
+                     f", one row per federation over the federation's {num_clients} clients")
+  m = m.astype(np.float32)
+  if not np.all(np.isfinite(m)) or np.any(m < 0):
+    raise ValueError("masks must be finite and >= 0 (1: the client takes part, 0: left out)")
+  return m
+
+
+def retrain(
+    algorithm: Any,
+    variables: Variables,
+    data: FederatedData,
+    masks: Any,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    seed: int,
+    batch_size: int,
+    local_epochs: int,
+    weighting: str = "examples",
+    data_seeds: Sequence[int] | None = None,
+    federations_per_chunk: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    always_sampled: Sequence[int] = (),
+    clients_per_chunk: int = 0,
+    federation_strategy: str = "vmap",
+) -> Variables:
+  """Trains F federations from the same initial `variables`; returns their final models.
+
+  Args:
+    algorithm: a `FederatedAlgorithm` with a round program (any strategy but "loop"), built
+      with the same `batch_size`, `local_epochs`, `weighting` (and `clients_per_chunk` for
+      "chunked") as given here.
+    variables: the initial global model (the run's `model.init`).
+    data: the federation's data (C clients).
+    masks: `[F, C]` participation (1 / 0; any non-negative value multiplies client c's
+      aggregation weight).
+    rounds, clients_per_round, seed, always_sampled: as `run_rounds`; sampling is shared.
+    data_seeds: `[F]` seeds of the training keys (data order, dropout); default `seed` for all.
+    federations_per_chunk: run this many federations at once (0: all F); the last chunk is
+      padded by repeating its last federation, so one compiled round serves every chunk.
+    mesh: a 1-D device mesh to shard the federation axis over (default: all devices when
+      there are several); a chunk is padded to a multiple of its size.
+    federation_strategy: "vmap" (the federations' steps batched together) or "map" (a loop
+      over the chunk's federations inside the one program: no batching, so a vmapped
+      convolution's grouped kernels are avoided; see benchmarks/bench_retraining.py).
+
+  Returns:
+    The final global variables of every federation, leaves `[F, ...]`.
+
+  Raises:
+    ValueError: masks not `[F, C]`, negative or non-finite; `data_seeds` not of length F; an
+      algorithm without a round program (strategy "loop") or with a server optimizer;
+      federations_per_chunk < 0.
+  """
+  masks = _check_masks(masks, data.num_clients)
+  f = masks.shape[0]
+  data_seeds = np.full(f, seed, np.int64) if data_seeds is None else np.asarray(data_seeds)
+  if data_seeds.shape != (f,):
+    raise ValueError(f"data_seeds has shape {data_seeds.shape}; it must be [F] = ({f},)")
+  if algorithm.program is None:
+    raise ValueError(f"algorithm.strategy={algorithm.strategy!r} has no round program to run "
+                     f"over a federation axis; build it with strategy 'scan', 'vmap' or "
+                     f"'chunked'")
+  if getattr(algorithm, "server_optimizer", None) is not None:
+    raise ValueError("retrain runs the round program without a server optimizer's state; "
+                     "build the algorithm with server_optimizer=None (FedAvg's mean)")
+  if federation_strategy not in FEDERATION_STRATEGIES:
+    raise ValueError(f"federation_strategy={federation_strategy!r}; valid: "
+                     f"{', '.join(FEDERATION_STRATEGIES)}")
+  if not isinstance(federations_per_chunk, (int, np.integer)) or federations_per_chunk < 0:
+    raise ValueError(f"federations_per_chunk={federations_per_chunk!r} must be an int >= 0 "
+                     f"(0: all federations at once)")
+  if mesh is None and jax.device_count() > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("federations",))
+  chunk = min(federations_per_chunk or f, f)
+  if mesh is not None:
+    chunk += (-chunk) % mesh.size
+  plan = round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
+                    batch_size=batch_size, weighting=weighting, always_sampled=always_sampled)
+  outputs = []
+  for start in range(0, f, chunk):
+    rows = np.arange(start, start + chunk).clip(max=f - 1)  # pad with the last federation
+    outputs.append(_run_chunk(algorithm, variables, data, masks[rows], data_seeds[rows], plan,
+                              batch_size, local_epochs, clients_per_chunk, mesh,
+                              federation_strategy))
+  return jax.tree.map(lambda *a: jnp.concatenate(a)[:f], *outputs)
+
+
+def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, local_epochs,
+               clients_per_chunk, mesh, federation_strategy):
+  f = masks.shape[0]
+  state = jax.tree.map(lambda a: jnp.broadcast_to(a, (f, *a.shape)), dict(variables))
+  roots = [jax.random.key(int(s)) for s in data_seeds]
+  if mesh is not None:
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    state = jax.device_put(state, sharded)
+  for p in plan:
+    keys = jnp.stack([round_key(root, p["round"]) for root in roots])
+    weights = jnp.asarray(p["weights"][None, :] * masks[:, p["client_ids"]])
+    if mesh is not None:
+      keys, weights = jax.device_put((keys, weights), sharded)
+    steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
+    lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
+    step = _step_fn(algorithm.program, lanes, data.normalization, federation_strategy)
+    state = step(state, keys, weights, data.x, data.y, jnp.asarray(p["indices"]),
+                 jnp.asarray(p["counts"]), jnp.asarray(p["client_ids"].astype(np.int32)))
+  return state
+
+
+def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData, mask: Any,
+                       *, rounds: int, clients_per_round: int, seed: int, batch_size: int,
+                       local_epochs: int, weighting: str = "examples",
+                       data_seed: int | None = None,
+                       always_sampled: Sequence[int] = (), clients_per_chunk: int = 0
+                       ) -> Variables:
+  """One federation of `retrain`, round by round through the plain round program (no
+  federation axis): the reference `retrain` is tested against, and the cost of one
+  federation in the benchmark."""
+  mask = _check_masks(np.asarray(mask)[None], data.num_clients)[0]
+  root = jax.random.key(seed if data_seed is None else int(data_seed))
+  state = dict(variables)
+  for p in round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
+                      batch_size=batch_size, weighting=weighting,
+                      always_sampled=always_sampled):
+    weights = p["weights"] * mask[p["client_ids"]]
+    if weights.sum() <= 0:
+      continue
+    steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
+    lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
+    state = algorithm.program(state, data.x, data.y, jnp.asarray(p["indices"]),
+                              jnp.asarray(p["counts"]),
+                              jnp.asarray(p["client_ids"].astype(np.int32)),
+                              round_key(root, p["round"]), jnp.asarray(weights), lanes=lanes,
+                              normalization=data.normalization)[0]
+  return state
+
+
+__all__ = ["participation", "retrain", "retrain_sequential", "round_plan"]
