@@ -198,17 +198,16 @@ def test_trace_checks_out_and_inputs_before_tracing(tmp_path, monkeypatch, capsy
   np.save(x, np.zeros((2, 8, 8, 1), np.float32))
   common = ["--workdir", str(tmp_path), "--inputs", str(x)]
   out = tmp_path / "missing" / "rows.jsonl"
-  assert _trace([*common, "--out", str(out)], monkeypatch, capsys) == (
-      f"error: --out={out}: directory {out.parent} does not exist; create it or write "
-      f"elsewhere\n")
-  assert _trace([*common, "--out", str(tmp_path)], monkeypatch, capsys) == (
-      f"error: --out={tmp_path} is a directory; give a file name for the JSONL rows, e.g. "
-      f"--out={tmp_path / 'attribution.jsonl'}\n")
+  err = _trace([*common, "--out", str(out)], monkeypatch, capsys)
+  assert err.startswith(f"error: --out='{out}'") and "does not exist" in err
+  assert err.count("\n") == 1
+  err = _trace([*common, "--out", str(tmp_path)], monkeypatch, capsys)
+  assert err.startswith(f"error: --out='{tmp_path}' is a directory") and err.count("\n") == 1
   npz = tmp_path / "x.npz"
   np.savez(npz, images=np.zeros(3), labels=np.zeros(3))
-  assert _trace(["--workdir", str(tmp_path), "--inputs", str(npz)], monkeypatch, capsys) == (
-      f"error: inputs {str(npz)!r} is an .npz archive (arrays: images, labels); --inputs takes "
-      f"one .npy array [N, *input_shape]: save the one to trace with np.save\n")
+  err = _trace(["--workdir", str(tmp_path), "--inputs", str(npz)], monkeypatch, capsys)
+  assert err.startswith(f"error: --inputs {str(npz)!r} is an .npz archive (keys images, labels)")
+  assert err.count("\n") == 1
 
 
 def test_a_negative_seed_names_the_field(tmp_path):

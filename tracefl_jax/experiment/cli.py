@@ -248,7 +248,9 @@ def _run_main(argv: list[str]) -> None:
     summary = experiment.run(config, workdir, progress=not flags["quiet"],
                              allow_cwd=flags["allow_cwd"], figures=True)
   except (ValueError, OSError, CheckpointError, experiment.TrainingDivergedError) as e:
-    _fail_run(str(e), workdir)
+    from tracefl_jax.experiment.io import WorkdirError  # pylint: disable=g-import-not-at-top
+    # A refused workdir (the current directory, another run's, ...) gets no run.log.
+    _fail_run(str(e), None if isinstance(e, WorkdirError) else workdir)
   except KeyboardInterrupt:
     _fail_run("interrupted; run the same command again to resume from the last checkpoint",
               workdir, 130)
