@@ -20,7 +20,6 @@ Orbax's own failures (thread tracebacks, TensorStore spec dumps) go to `WORKDIR/
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.experiment.workdir import config_diff, fingerprint
+from tracefl_jax.fl.storage import array_checksums  # one checksum for checkpoints and rounds
 
 
 class CheckpointError(RuntimeError):
@@ -119,17 +119,6 @@ def stderr_to_log(workdir: str | Path):
 
 def leaf_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def array_checksums(tree: Any) -> dict[str, str]:
-  """`{leaf path: SHA-256 of dtype, shape and bytes}` of every array of a pytree."""
-  sums = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = np.ascontiguousarray(np.asarray(leaf))
-    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    digest.update(a.tobytes())
-    sums[leaf_name(path)] = digest.hexdigest()
-  return sums
 
 
 def verify_checksums(what: str, saved: dict[str, str] | None, tree: Any, remedy: str) -> None:

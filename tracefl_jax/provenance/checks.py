@@ -97,18 +97,28 @@ def check_target(model: ModelDef, target, num_inputs: int):
   return target
 
 
+def _nonnegative_per_client(name: str, values, num_clients: int, meaning: str):
+  """`values` as a `[K]` array (unchanged if it has a shape); shape always checked, finite and
+  >= 0 when concrete. Returns (values, float64 copy or None when traced)."""
+  if not hasattr(values, "shape"):
+    values = np.asarray(values)
+  if tuple(values.shape) != (num_clients,):
+    raise ValueError(f"{name} has shape {tuple(values.shape)}; it must be [K] = "
+                     f"({num_clients},), {meaning}")
+  if not concrete(values):
+    return values, None
+  v = np.asarray(values, np.float64)
+  bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+  if bad.size:
+    raise ValueError(f"{name} must be finite and >= 0, got {np.asarray(values).tolist()} "
+                     f"(bad at positions {bad.tolist()})")
+  return values, v
+
+
 def check_sizes(client_sizes, num_clients: int, use_size_factor: bool):
-  if not hasattr(client_sizes, "shape"):
-    client_sizes = np.asarray(client_sizes)
-  if tuple(client_sizes.shape) != (num_clients,):
-    raise ValueError(f"client_sizes has shape {tuple(client_sizes.shape)}; it must be [K] = "
-                     f"({num_clients},), one size per client of the round")
-  if concrete(client_sizes):
-    n = np.asarray(client_sizes, np.float64)
-    bad = np.flatnonzero(~np.isfinite(n) | (n < 0))
-    if bad.size:
-      raise ValueError(f"client_sizes must be finite and >= 0, got "
-                       f"{np.asarray(client_sizes).tolist()} (bad at positions {bad.tolist()})")
+  client_sizes, n = _nonnegative_per_client("client_sizes", client_sizes, num_clients,
+                                            "one size per client of the round")
+  if n is not None:
     if use_size_factor and n.sum() <= 0:
       raise ValueError(f"client_sizes are all 0 ({np.asarray(client_sizes).tolist()}); "
                        f"use_size_factor=True needs a positive total for p_k = n_k / sum n")
@@ -146,17 +156,9 @@ def check_removal_weights(weights, num_clients: int, score: str):
   if weights is None:
     raise ValueError(f"score={score!r} needs weights, the round's [K] = ({num_clients},) "
                      f"aggregation weights w_k (RoundOutput.weights)")
-  if not hasattr(weights, "shape"):
-    weights = np.asarray(weights)
-  if tuple(weights.shape) != (num_clients,):
-    raise ValueError(f"weights has shape {tuple(weights.shape)}; it must be [K] = "
-                     f"({num_clients},), one aggregation weight per client of the round")
-  if concrete(weights):
-    w = np.asarray(weights, np.float64)
-    bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
-    if bad.size:
-      raise ValueError(f"weights must be finite and >= 0, got {w.tolist()} (bad at positions "
-                       f"{bad.tolist()})")
+  weights, w = _nonnegative_per_client("weights", weights, num_clients,
+                                       "one aggregation weight per client of the round")
+  if w is not None:
     alone = np.flatnonzero(w.sum() - w <= 0)
     if alone.size:
       raise ValueError(f"weights={w.tolist()}: client position(s) {alone.tolist()} hold all "
