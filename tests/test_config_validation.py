@@ -85,7 +85,9 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "provenance.feddebug_inputs": [(0, "provenance.feddebug_inputs=0 must be >= 1")],
     "provenance.feddebug_threshold": [(-0.1, "provenance.feddebug_threshold=-0.1 must be >= 0")],
     "provenance.store_rounds": [("11", "provenance.store_rounds [11] outside 1..10"),
-                                ("every", "provenance.store_rounds='every' is not ''")],
+                                ("0,last", "provenance.store_rounds='0,last' is not 'last', "
+                                           "'all', a list of round numbers like '3,7,10', or "
+                                           "'none' (or '')")],
     "dp.noise_multiplier": [(-1.0, "dp.noise_multiplier=-1.0 must be >= 0")],
     "dp.clip_norm": [(0.0, "dp.clip_norm=0.0 must be > 0")],
     "dp.delta": [(1.0, "dp.delta=1.0 must be in (0, 1)")],
@@ -124,7 +126,9 @@ EDGE_VALUES = [("seed", 0), ("seed", 2**32 - 1), ("dataset.num_train", 0),
                ("dataset.vocab_size", 2), ("client.momentum", 0.0), ("provenance.decay", 1.0),
                ("provenance.top_k", 1), ("checkpoint.every", 0), ("partition.max_clients", 5),
                ("eval.batch_size", 1), ("eval.max_test_inputs", 1), ("clients_per_round", 20),
-               ("dataset.synthetic_shape", "16"), ("faulty.clients", "largest")]
+               ("dataset.synthetic_shape", "16"), ("faulty.clients", "largest"),
+               ("provenance.store_rounds", "none"), ("provenance.store_rounds", ""),
+               ("provenance.store_rounds", "all")]
 
 
 def _set(config, field, value):

@@ -147,7 +147,8 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
         out = info.output
         save_round(plan.workdir, info.round, global_vars=out.traced,
                    client_vars=out.clients.variables, client_ids=out.client_ids,
-                   client_sizes=np.asarray(out.clients.num_examples), meta=meta)
+                   client_sizes=np.asarray(out.clients.num_examples), meta=meta,
+                   model=model.model)
     callbacks.append(keep_round)
   recorder = Recorder(plan, checkpointer, start, c.rounds, primary=primary, progress=progress)
   return RunCallbacks([*callbacks, recorder], recorder,

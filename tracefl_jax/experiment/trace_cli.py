@@ -20,13 +20,15 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m tracefl_jax trace",
-      description="Trace new inputs against a round stored by a run "
-                  "(--config.provenance.store_rounds): which client is responsible for "
-                  "each prediction?")
+      description="Trace new inputs against a round stored by a run (its last round by "
+                  "default, --config.provenance.store_rounds): which client is responsible "
+                  "for each prediction? The run's --config.imports are imported first.")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
   parser.add_argument("--inputs", required=True,
-                      help=".npy file of inputs [N, *input_shape], preprocessed as the run's "
-                           "dataset is (or one example)")
+                      help=".npy file of inputs [N, *input_shape] (or one example) in the "
+                           "dataset's own form: uint8 images as raw pixels (normalised as "
+                           "the run did), or already normalised floats; token ids for text. "
+                           "Inputs of another form are refused with the form expected")
   parser.add_argument("--round", type=int, default=None, help="stored round (default: last)")
   parser.add_argument("--kernel", default=None, help="provenance kernel (default: the run's)")
   parser.add_argument("--top_k", type=int, default=3, help="top clients listed per input")

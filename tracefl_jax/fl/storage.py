@@ -103,8 +103,10 @@ def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = 
   if missing:
     raise ValueError(f"save_round needs a RoundOutput or {', '.join(missing)}")
   path = Path(path).resolve()
+  primary = jax.process_index() == 0  # several processes: each saves, orbax and process 0 write
   path.mkdir(parents=True, exist_ok=True)
-  (path / ROUND_FILE).unlink(missing_ok=True)
+  if primary:
+    (path / ROUND_FILE).unlink(missing_ok=True)
   arrays = {"global": global_vars, "clients": client_vars,
             "client_ids": np.asarray(client_ids, np.int64),
             "client_sizes": np.asarray(client_sizes, np.int64)}
@@ -117,7 +119,8 @@ def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = 
             "checksums": array_checksums(arrays)}
   if model is not None:
     record["model_def"] = describe_model(model)
-  (path / ROUND_FILE).write_text(json.dumps(record, indent=2) + "\n")
+  if primary:
+    (path / ROUND_FILE).write_text(json.dumps(record, indent=2) + "\n")
   return path
 
 
@@ -127,6 +130,41 @@ def _abstract(model: ModelDef, k: int) -> dict[str, Any]:
   return {"global": jax.tree.map(sds, g), "clients": jax.tree.map(lambda a: sds(a, (k,)), g),
           "client_ids": jax.ShapeDtypeStruct((k,), np.int64),
           "client_sizes": jax.ShapeDtypeStruct((k,), np.int64)}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {jax.tree_util.keystr(p, simple=True, separator="/"):
+          (tuple(a.shape), np.dtype(a.dtype).name)
+          for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(path: Path, metadata: Any, target: Any, model: ModelDef) -> None:
+  """Compares the stored arrays' shapes and dtypes (orbax's metadata) with `model`'s before
+  restoring (a restore that fails midway leaves orbax's reads pending)."""
+  tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+  if not isinstance(tree, dict):
+    return  # an orbax without tree metadata: the restore itself checks
+  stored, wanted = _shapes(tree), _shapes(target)
+  for name in sorted(set(stored) | set(wanted)):
+    if stored.get(name) != wanted.get(name):
+      has = stored.get(name, "missing")
+      raise StoredRoundError(
+          f"stored round {path} does not hold the variables of model {model.name!r}: array "
+          f"{name} is {has} in the round, {wanted.get(name, 'absent')} in the model")
+
+
+def _verify_checksums(path: Path, saved: dict[str, str] | None, arrays: Any) -> None:
+  """Raises `StoredRoundError` naming the first array whose data differs from its checksum
+  (rounds stored before checksums existed have none: nothing to check)."""
+  if saved is None:
+    return
+  now = array_checksums(arrays)
+  for name in sorted(set(saved) | set(now)):
+    if saved.get(name) != now.get(name):
+      problem = ("is missing" if name not in now else "was not written with a checksum"
+                 if name not in saved else "does not match the SHA-256 checksum written with "
+                 "it")
+      raise StoredRoundError(f"stored round {path} is corrupt: array {name} {problem}.")
 
 
 def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
@@ -148,19 +186,18 @@ def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
     if model is None or k is None:  # rounds of older stores do not record K
       arrays = checkpointer.restore(path / "arrays")
     else:
-      arrays = checkpointer.restore(path / "arrays", _abstract(model, int(k)))
+      target = _abstract(model, int(k))
+      _check_shapes(path, checkpointer.metadata(path / "arrays"), target, model)
+      arrays = checkpointer.restore(path / "arrays", target)
     checkpointer.close()
+  except StoredRoundError:
+    raise
   except Exception as e:  # orbax raises many types for unreadable or mismatched arrays
     what = "" if model is None else f" or not the variables of model {model.name!r}"
+    first = (str(e).strip().splitlines() or [""])[0][:300]  # one line, as orbax's first
     raise StoredRoundError(f"stored round {path} is unreadable{what} "
-                           f"({type(e).__name__}: {str(e)[:300]})") from e
-  saved = meta.pop("checksums", None)
-  if saved is not None:
-    now = array_checksums(arrays)
-    bad = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
-    if bad:
-      raise StoredRoundError(f"stored round {path}: arrays {bad[:5]} do not match their "
-                             f"checksums (the files were changed or damaged)")
+                           f"({type(e).__name__}: {first})") from e
+  _verify_checksums(path, meta.pop("checksums", None), arrays)
   described = meta.get("model_def")
   if model is not None and described is not None:
     now = describe_model(model)
