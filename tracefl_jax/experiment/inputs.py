@@ -59,10 +59,10 @@ def model_inputs(x: Any, model: ModelDef, norm: Normalization | None,
       (and range where that is the problem) and the form expected (`expected_form`).
   """
   x = np.asarray(x)
-  shape = tuple(model.input_shape)
+  shape, given = tuple(model.input_shape), list(x.shape)  # errors name the inputs as given
 
   def refuse(problem: str) -> ValueError:
-    return ValueError(f"inputs have shape {list(x.shape)} and dtype {x.dtype}{problem}; "
+    return ValueError(f"inputs have shape {given} and dtype {x.dtype}{problem}; "
                       f"{where} traces {expected_form(model, norm, vocab_size)}")
 
   if x.dtype == np.bool_ or not (_is_int(x.dtype) or np.issubdtype(x.dtype, np.floating)):
