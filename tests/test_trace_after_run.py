@@ -81,7 +81,8 @@ def _checkpoint_meta(workdir: Path, step: int) -> dict:
 
 def _forget_module(monkeypatch) -> None:
   """As a fresh process: the user's module not imported, its model not registered."""
-  monkeypatch.delitem(models._REGISTRY, "own_mlp_issue20", raising=False)  # pylint: disable=protected-access
+  registry = models._REGISTRY  # pylint: disable=protected-access
+  monkeypatch.delitem(registry, "own_mlp_issue20", raising=False)
   monkeypatch.delitem(sys.modules, MODULE, raising=False)
 
 

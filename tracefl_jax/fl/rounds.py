@@ -97,7 +97,8 @@ def _check_diverged(round_idx: int, mean_loss: float, losses: np.ndarray, limit:
 
 
 class GlobalEvaluator:
-  """The global model on the server's test set: a per-round callback adding `accuracy`, and
+  """The global model on the server's test set: a per-round callback adding `accuracy` (G's
+  test accuracy; `row["provenance"]["accuracy"]` is TraceFL's localization accuracy), and
   the predictions other callbacks need (computed once per model and round).
 
   `x` is held as the model's inputs: `normalization(x)` when given (uint8 test images), so

@@ -161,7 +161,11 @@ class ModelDef:
       rng: jax.Array | None = None,
       mask: jax.Array | None = None,
   ) -> tuple[jax.Array, Variables]:
-    """Logits `[B, num_classes]` and the updated non-parameter state.
+    """`(logits [B, num_classes], state)`: logits AND the non-parameter state, always a pair.
+
+    Unlike linen's `Module.apply` (logits alone, or `(logits, mutated)` only when given
+    `mutable=`), this returns the pair in both modes, so a training step reads the BatchNorm
+    statistics the same way for every model: `logits, _ = model.apply(variables, x)`.
 
     In train mode mutable collections (BatchNorm statistics) are updated and returned; in
     eval mode the state comes back unchanged. `rng` feeds the "dropout" stream in train mode.

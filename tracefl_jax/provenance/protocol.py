@@ -297,6 +297,10 @@ def provenance_callback(
       client of the federation) and `multiround_clients` (per input, the responsible global id).
 
   The callback adds `provenance` (the round's summary) and `provenance_seconds` to the row.
+  Two accuracies, two meanings: `row["provenance"]["accuracy"]` is TraceFL's localization
+  accuracy (the share of traced inputs whose responsible client it names correctly, beside
+  `random_baseline` and `largest_client_baseline`); `row["accuracy"]` is the global model's
+  test accuracy (`GlobalEvaluator`).
   """
   wanted = None if not rounds else set(int(r) for r in rounds)
 
