@@ -116,7 +116,7 @@ def einsum_scores(g_params, client_params, x):
   for l, name in enumerate(names):
     a, g, th = inputs[l], grads[l], client_params[name]
     if name.startswith("Conv_"):
-      kh, kw, cin, cout = th["kernel"].shape
+      _, kh, kw, cin, cout = th["kernel"].shape
       patches = jax.lax.conv_general_dilated_patches(
           a, (kh, kw), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
           precision=HI)  # [N, H, W, cin * kh * kw], channel-major
