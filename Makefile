@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_round.py --model=lenet_xla --image=16 --repeats=2 --out=benchmarks/results/round_cpu.jsonl
 	$(PY) benchmarks/bench_round.py --model=lenet_patches --image=16 --repeats=2 --strategies=vmap,scan --out=benchmarks/results/round_cpu.jsonl
 	$(PY) benchmarks/bench_provenance.py --out=benchmarks/results/provenance_cpu.jsonl
+	$(PY) benchmarks/bench_reference.py --clients=10,100,1000 --prov-clients=10,100,1000,10000 --repeats=3 --out=benchmarks/results/reference_cpu.jsonl
 
 # One H100/H200, at most 8 minutes, self-checking (exit 1 if a check fails); needs only jax,
 # flax, optax, numpy (+ torch for the original procedure) on PATH's python: no venv.

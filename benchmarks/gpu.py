@@ -19,6 +19,11 @@ is skipped with a row saying so):
                procedure (tests/torch_reference.py's hook procedure, run on the same GPU), and
                1000 clients x 100 inputs; achieved FLOP/s of the contraction (2 P per pair) as
                a fraction of a dense matmul probe's on the same device (item 8).
+  reference    the speed-of-light comparison (benchmarks/bench_reference.py): the library's
+               round and `trace_clients` against hand-written JAX on the same work, interleaved
+               in this process (MLP 64-32-10 and FedAvg CNN, K = 1000 rounds, K = 1000 and
+               10,000 traces of 256 inputs); each row the library/reference ratio of medians,
+               compile times, XLA bytes of both programs, and the results' agreement.
   scale        the scale study (configs/scale.py:gpu, issue 14; :smoke in smoke mode): its
                cells in order until the section's budget, one row per cell (localization,
                leave-one-out top-1, seconds per round, device peak), then the study's
@@ -59,12 +64,25 @@ SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
                 repeats=5, time_limit=450, targets=True, scale_preset="gpu", scale_cells=None,
-                budgets=dict(correctness=100, round=140, provenance=130, scale=80)),
+                budgets=dict(correctness=100, round=140, provenance=130, scale=80,
+                             reference=120),
+                reference=dict(round_models=("mlp", "cnn"), round_ks=(1000,), samples=20,
+                               batch=10, epochs=2, image=28, prov_models=("mlp", "cnn"),
+                               prov_ks=(1000, 10000), inputs=256, kernels="auto,grad,jvp",
+                               repeats=5, cnn_max_clients=1000, kinds=("equal", "paper"),
+                               memory=True)),
     "smoke": dict(image=8, check_image=8, round_ks=(4,), samples=8, batch=4,
                   prov_ks=(3,), prov_inputs=4, big=(12, 5), torch_pairs=24,
                   repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
                   # generous: a loaded CI machine runs every row rather than skipping
-                  budgets=dict(correctness=300, round=150, provenance=150, scale=300)),
+                  budgets=dict(correctness=300, round=150, provenance=150, scale=300,
+                               reference=120),
+                  # tiny: one MLP trace (a round's two compilations would add 10-15 s to
+                  # the smoke test; bench_reference.py checks its rounds itself)
+                  reference=dict(round_models=(), round_ks=(2,), samples=4, batch=4,
+                                 epochs=1, image=8, prov_models=("mlp",), prov_ks=(3,),
+                                 inputs=4, kernels="grad", repeats=1, cnn_max_clients=0,
+                                 kinds=("equal",), memory=False)),
 }
 STRATEGIES = ("vmap", "chunked", "scan")
 CHECK_SIZES = (3, 40, 7, 130, 0)
@@ -420,6 +438,55 @@ def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
     report.write("scale", sweep.run_name(overrides), "skipped", summary="section budget spent")
 
 
+def reference_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
+  """bench_reference.py's rows at the mode's sizes (each one a check: the library's result
+  equals the reference's, 1e-4)."""
+  import bench_reference as br  # pylint: disable=g-import-not-at-top
+  c = cfg["reference"]
+  args = argparse.Namespace(batch=c["batch"], epochs=c["epochs"], lr=0.05, inputs=c["inputs"],
+                            kernels=c["kernels"], repeats=c["repeats"],
+                            memory=c["memory"])
+  rng = np.random.default_rng(0)
+  with jax.default_matmul_precision("float32"):  # no TF32: both sides compute the same
+    _reference_rows(report, c, args, rng, budget)
+
+
+def _reference_rows(report, c, args, rng, budget):
+  import bench_reference as br  # pylint: disable=g-import-not-at-top
+
+  def row(name, cmp, diff, **fields):
+    status = "pass" if np.isfinite(diff) and diff <= 1e-4 else "fail"
+    report.write("reference", name, status, **cmp, max_rel_diff=diff, **fields,
+                 summary=f"library {cmp['library_s'] * 1e3:.1f} ms, reference "
+                         f"{cmp['reference_s'] * 1e3:.1f} ms: {cmp['ratio']:.2f}x "
+                         f"(compile {cmp['compile_ratio']:.2f}x, diff {diff:.1e})")
+  for name in c["round_models"]:
+    model = br.build_model(name, c["image"])
+    for kind in c["kinds"]:
+      for k in c["round_ks"]:
+        if budget.spent:
+          report.write("reference", f"round {name} {kind} K={k}", "skipped",
+                       summary="section budget spent")
+          continue
+        stats, lb, rb, diff, info = br.bench_round(
+            model, br.client_sizes(kind, k, c["samples"]), args, rng)
+        row(f"round {name} {kind} K={k}", br.compare(stats["library"], stats["reference"],
+                                                     lb, rb), diff, **info)
+  for name in c["prov_models"]:
+    model = br.build_model(name, c["image"])
+    for k in c["prov_ks"]:
+      if budget.spent or (name == "cnn" and k > c["cnn_max_clients"]):
+        report.write("reference", f"trace {name} K={k}", "skipped",
+                     summary="section budget spent" if budget.spent else "too large")
+        continue
+      stats, nbytes, diffs = br.bench_provenance(model, k, args, rng)
+      best = min(("einsum", "plain_jvp"), key=lambda r: stats[r]["median_s"])
+      for kernel in c["kernels"].split(","):
+        row(f"trace {name} K={k} N={c['inputs']} {kernel} vs {best}",
+            br.compare(stats[kernel], stats[best], nbytes[kernel], nbytes[best]),
+            diffs[kernel])
+
+
 # ------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--smoke", action="store_true", help="CPU-sized, same code paths (< 2 min)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="folder for gpu.jsonl (appended) and gpu.md (this run)")
-  p.add_argument("--sections", default="correctness,round,provenance,scale")
+  p.add_argument("--sections", default="correctness,round,provenance,reference,scale")
   p.add_argument("--time-limit", type=float, default=0,
                  help="seconds for the whole run (0: 450 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
@@ -439,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warning: no GPU backend ({jax.default_backend()}); full sizes on this device",
           flush=True)
   sections = {"correctness": correctness, "round": round_section,
-              "provenance": provenance_section, "scale": scale_section}
+              "provenance": provenance_section, "reference": reference_section,
+              "scale": scale_section}
   t_start = time.perf_counter()
   deadline = t_start + (args.time_limit or cfg["time_limit"])
   for name in args.sections.split(","):

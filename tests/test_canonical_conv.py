@@ -68,3 +68,34 @@ def test_gradient_in_a_loop_uses_canonical_convolutions():
   labels = re.findall(r"convolution\(.*?dim_labels=([^,]+)", hlo)
   assert len(labels) == 5  # 2 forward, 2 kernel gradients, 1 input gradient
   assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_plain_conv_model_gets_canonical_convolutions_through_modeldef():
+  """A user's plain `nn.Conv` (no conv_general_dilated) trained through `ModelDef.apply` on
+  CPU: canonical convolutions in the loop's gradient (issue 21's silent 7x trap), and the
+  same loss and gradient as the module applied directly."""
+  from tracefl_jax.models import make_model  # pylint: disable=g-import-not-at-top
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))
+      x = nn.Conv(2, (3, 3), padding="SAME")(x)
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = make_model("plain_conv", Plain(), (8, 8, 3), 3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+  params = model.init(jax.random.key(0))["params"]
+  loss = lambda p: jnp.sum(model.logits({"params": p}, x) ** 2)  # noqa: E731
+  direct = lambda p: jnp.sum(model.module.apply({"params": p}, x) ** 2)  # noqa: E731
+  np.testing.assert_allclose(loss(params), direct(params), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)),
+                  jax.tree.leaves(jax.grad(direct)(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def steps(params):
+    return jax.lax.fori_loop(0, 2, lambda i, p: jax.tree.map(
+        lambda a, g: a - 0.1 * g, p, jax.grad(loss)(p)), params)
+  hlo = jax.jit(steps).lower(params).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=([^,]+)", hlo)
+  assert labels and set(labels) == {"b01f_01io->b01f"}, labels

@@ -206,6 +206,24 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
   anchor = variables["params"]  # G's params, for objectives that need them (FedProx)
   step = jax.vmap(lambda s, i, m, r: cu.step(s, x, y, i, m, r, normalization, anchor))
 
+  if w == k:
+    # One lane per client (what the queue would give): lane c trains client c and then
+    # stays put, so its final state is the client's result; no queue, no per-iteration
+    # write-back of results, no reset (1.3x faster at K = 1000, MLP, equal sizes).
+    own = jnp.arange(k, dtype=jnp.int32)
+
+    def body_own(carry):
+      state, t, iters = carry
+      active = t < total
+      state = _where_lanes(active, step(state, *batch(batches, step_keys, own, counts, t)),
+                           state)
+      return state, t + active.astype(jnp.int32), iters + 1
+
+    state, _, iters = jax.lax.while_loop(lambda carry: jnp.any(carry[1] < total), body_own,
+                                         (state, zeros, jnp.zeros((), jnp.int32)))
+    out = jax.vmap(cu.finish)(state._replace(opt_state=None), counts)
+    return out, iters
+
   def body(carry):
     state, client, t, taken, results, iters = carry
     active = client < k

@@ -13,6 +13,7 @@ construction, provenance capture and the kernel choice all read it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -22,6 +23,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tracefl_jax.models.layers import plain_convs_canonical
 
 Variables = dict[str, Any]
 LayerPath = tuple[str, ...]
@@ -177,11 +180,15 @@ class ModelDef:
     kwargs: dict[str, Any] = {"train": train} if self.accepts_train else {}
     if train and mask is not None and self.accepts_mask:
       kwargs["mask"] = mask
-    if train and state:
-      logits, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state),
-                                            **kwargs)
-      return logits, dict(new_state)
-    logits = self.module.apply(variables, x, rngs=rngs, **kwargs)
+    # Plain nn.Conv layers get canonical_conv's derivatives on CPU (same numbers; fast in
+    # the clients' step loops): `layers.plain_convs_canonical`.
+    with (nn.intercept_methods(plain_convs_canonical) if jax.default_backend() == "cpu"
+          else contextlib.nullcontext()):
+      if train and state:
+        logits, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state),
+                                              **kwargs)
+        return logits, dict(new_state)
+      logits = self.module.apply(variables, x, rngs=rngs, **kwargs)
     return logits, state
 
   def logits(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:

@@ -201,3 +201,20 @@ def canonical_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding:
   return _canonical_conv(lhs, rhs, tuple(window_strides), padding,
                          tuple(lhs_dilation or (1, 1)), tuple(rhs_dilation or (1, 1)),
                          precision)
+
+
+def plain_convs_canonical(next_fun, args, kwargs, context):
+  """An `nn.intercept_methods` interceptor giving every plain `nn.Conv` (no
+  `conv_general_dilated` of its own) `canonical_conv` for the call: the same values and
+  derivatives, and XLA:CPU's fast convolution inside the clients' step loops, without
+  changing the user's model (`ModelDef.apply` installs it on CPU). A plain `nn.Conv`
+  FedAvg CNN's round otherwise ran 7x slower on CPU (issue 21)."""
+  module = context.module
+  if (context.method_name == "__call__" and isinstance(module, nn.Conv)
+      and module.conv_general_dilated is None and module.conv_general_dilated_cls is None):
+    object.__setattr__(module, "conv_general_dilated", canonical_conv)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "conv_general_dilated", None)
+  return next_fun(*args, **kwargs)
