@@ -1,6 +1,9 @@
 """Strict test setup: 4 fake CPU devices, rank promotion is an error, float32 throughout."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere in the test session.
 # One Eigen thread per test process: `pytest -n 2` runs two processes on the 2 cores, and the
@@ -9,6 +12,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache for the whole session: most of the suite's time is
+# compilation, and many tests compile the same programs (the same model and round in another
+# jit object, the other pytest-xdist worker, the runner's subprocesses, which inherit the
+# variable). A fresh directory per session (removed at its end) keeps runs independent; set
+# JAX_COMPILATION_CACHE_DIR yourself to keep one across sessions.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="tracefl-jax-test-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -74,13 +74,14 @@ SHARDED = ["--config=configs/demo.py:quick", "--quiet", "--config.rounds=3",
            "--config.provenance.shard_clients=True"]
 
 
-def _runner(workdir: Path, devices: int, *extra: str, process: tuple[int, int, int] | None = None,
-            cache: Path | None = None) -> subprocess.Popen:
-  """`python -m tracefl_jax` on `devices` fake CPU devices; `process`: (id, count, port)."""
+def _runner(workdir: Path, devices: int, *extra: str,
+            process: tuple[int, int, int] | None = None) -> subprocess.Popen:
+  """`python -m tracefl_jax` on `devices` fake CPU devices; `process`: (id, count, port).
+
+  The processes compile the same programs: later runs load them from the session's
+  compilation cache (tests/conftest.py; the environment carries it)."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  if cache is not None:  # the processes compile the same programs: later runs load them
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   joined = [] if process is None else [
       f"--process_id={process[0]}", f"--num_processes={process[1]}",
       f"--coordinator=localhost:{process[2]}", "--heartbeat_timeout=10"]
@@ -92,9 +93,9 @@ def _runner(workdir: Path, devices: int, *extra: str, process: tuple[int, int, i
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def _processes(workdir: Path, n: int, cache: Path) -> list[subprocess.Popen]:
+def _processes(workdir: Path, n: int) -> list[subprocess.Popen]:
   port = _free_port()
-  return [_runner(workdir, 4 // n, process=(i, n, port), cache=cache) for i in range(n)]
+  return [_runner(workdir, 4 // n, process=(i, n, port)) for i in range(n)]
 
 
 def _logs(workdir: Path) -> str:
@@ -135,7 +136,7 @@ def _jsonl(path: Path) -> list[dict]:
 def single(tmp_path_factory) -> Path:
   """The reference: one process over 4 devices."""
   workdir = tmp_path_factory.mktemp("single") / "run"
-  proc = _runner(workdir, 4, cache=workdir.parent / "cache")
+  proc = _runner(workdir, 4)
   assert _wait([proc], workdir) == [0], _logs(workdir)
   return workdir
 
@@ -152,7 +153,7 @@ def _assert_equal_runs(workdir: Path, single: Path) -> None:
 @pytest.mark.distributed
 def test_runner_kill_9_one_process_then_rerun_equals_uninterrupted(tmp_path, single):
   workdir = tmp_path / "run"
-  procs = _processes(workdir, 2, tmp_path / "cache")
+  procs = _processes(workdir, 2)
   deadline = time.time() + 240
   try:
     while not (workdir / "metrics.jsonl").exists() or not _jsonl(workdir / "metrics.jsonl"):
@@ -170,7 +171,7 @@ def test_runner_kill_9_one_process_then_rerun_equals_uninterrupted(tmp_path, sin
         p.kill()
   done = len(_jsonl(workdir / "metrics.jsonl"))
   assert 1 <= done < 3, "the run must be killed mid-way"
-  procs = _processes(workdir, 2, tmp_path / "cache")  # the same command again: resumes
+  procs = _processes(workdir, 2)  # the same command again: resumes
   assert _wait(procs, workdir) == [0, 0], _logs(workdir)
   _assert_equal_runs(workdir, single)  # every row, those before the kill and after
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
