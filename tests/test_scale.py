@@ -102,8 +102,8 @@ def test_smoke_study_runs_end_to_end(tmp_path):
       (20, 5), (20, 20), (40, 5), (40, 20)]  # exactly max_clients after the fix-up
   for t in main:
     for column in ("localization_acc", "random_baseline", "largest_client_baseline",
-                   "oracle_acc", "cf_top1", "cf_spearman", "s_per_round", "prov_s_per_round",
-                   "peak_rss_mb", "final_global_acc"):
+                   "oracle_acc", "cf_top1", "cf_weight_aware_top1", "cf_spearman",
+                   "s_per_round", "prov_s_per_round", "peak_rss_mb", "final_global_acc"):
       assert t[column] not in ("", None), (column, t)
   faulty = [t for t in table if t["mode"] == "faulty"]
   assert len(faulty) == 1 and faulty[0]["feddebug_acc"] not in ("", None)
@@ -116,7 +116,8 @@ def test_smoke_study_runs_end_to_end(tmp_path):
   assert flippable[bad] == flippable.max()
   for line in (faulty_dir / "metrics.jsonl").read_text().splitlines():
     assert bad in json.loads(line)["clients"]  # the faulty client took part in every round
-  assert "| 40 | 20 |" in (tmp_path / "scale.md").read_text()
+  scale_md = (tmp_path / "scale.md").read_text()
+  assert "| 40 | 20 |" in scale_md and "weight-aware LOO top-1 %" in scale_md
   assert "localization_acc" in (tmp_path / "results.md").read_text()
   for png in ("scale_vs_clients_per_round.png", "time_vs_clients_per_round.png"):
     assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

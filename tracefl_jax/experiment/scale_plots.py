@@ -2,10 +2,11 @@
 
   scale.md                           compact tables: the correct-prediction cells (localization
                                      by the paper's rule beside its baselines, then the
-                                     leave-one-client-out agreement that does not saturate),
-                                     and the faulty-client cells (TraceFL, FedDebug, chance);
-  scale_vs_clients_per_round.png     localization and leave-one-out top-1 agreement against
-                                     clients per round, one line per total-client count, with
+                                     leave-one-client-out agreement that does not saturate,
+                                     TraceFL's and the weight-aware score's), and the faulty-client cells (TraceFL, FedDebug, chance);
+  scale_vs_clients_per_round.png     localization and leave-one-out top-1 agreement (TraceFL,
+                                     weight-aware, largest client) against clients per round,
+                                     one line per total-client count, with
                                      the random participant's expectation dashed;
   time_vs_clients_per_round.png      seconds per round of training and of provenance.
 """
@@ -32,15 +33,17 @@ def scale_markdown(table: Table) -> str:
   correct = _cells(table, "correct")
   if correct:
     out += ["| total clients | per round | global acc % | localization % | random % | "
-            "largest % | max-count agree % | LOO top-1 % | LOO random % | LOO largest % | "
-            "LOO Spearman | s / round | provenance s / round | peak RSS MB |",
-            "|" + "---|" * 14]
+            "largest % | max-count agree % | LOO top-1 % | weight-aware LOO top-1 % | "
+            "LOO random % | LOO largest % | LOO Spearman | s / round | provenance s / round | "
+            "peak RSS MB |",
+            "|" + "---|" * 15]
     for t in correct:
       out.append(
           f"| {t['clients_after_fixup']:,} | {t['participants']:,} | "
           f"{_pct(t['final_global_acc'])} | {_pct(t['localization_acc'])} | "
           f"{_pct(t['random_baseline'])} | {_pct(t['largest_client_baseline'])} | "
-          f"{_pct(t['oracle_acc'])} | {_pct(t['cf_top1'])} | {_pct(t['cf_random_top1'])} | "
+          f"{_pct(t['oracle_acc'])} | {_pct(t['cf_top1'])} | "
+          f"{_pct(t['cf_weight_aware_top1'])} | {_pct(t['cf_random_top1'])} | "
           f"{_pct(t['cf_largest_top1'])} | {_num(t['cf_spearman'])} | "
           f"{_num(t['s_per_round'])} | {_num(t['prov_s_per_round'])} | "
           f"{_num(t['peak_rss_mb'], 0)} |")
@@ -94,6 +97,8 @@ def plot_scale(table: Table, path: Path) -> Path:
     _series(axes[0], rows, "random_baseline", f"random participant, {total:,}", c,
             linestyle="--", alpha=0.7)
     _series(axes[1], rows, "cf_top1", f"TraceFL, {total:,} clients", c)
+    _series(axes[1], rows, "cf_weight_aware_top1", f"weight-aware, {total:,}", c,
+            linestyle="-.", alpha=0.9)
     _series(axes[1], rows, "cf_largest_top1", f"largest client, {total:,}", c,
             linestyle=":", alpha=0.7)
   all_rows = [t for rows in groups.values() for t in rows]
