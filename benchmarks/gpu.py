@@ -24,6 +24,10 @@ is skipped with a row saying so):
                in this process (MLP 64-32-10 and FedAvg CNN, K = 1000 rounds, K = 1000 and
                10,000 traces of 256 inputs); each row the library/reference ratio of medians,
                compile times, XLA bytes of both programs, and the results' agreement.
+  attribution  configs/attribution.py:gpu (issue 19; :smoke in smoke mode): attribution methods
+               against retrained federations at 1,000 clients, cells in order while the
+               budget lasts, one row per (cell, method) with global accuracy, retrain top-1,
+               Spearman and LDS, and the table under <out>/attribution/.
   scale        the scale study (configs/scale.py:gpu, issue 14; :smoke in smoke mode): its
                cells in order until the section's budget, one row per cell (localization,
                leave-one-out top-1, seconds per round, device peak), then the study's
@@ -64,8 +68,9 @@ SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
                 repeats=5, time_limit=450, targets=True, scale_preset="gpu", scale_cells=None,
-                budgets=dict(correctness=100, round=140, provenance=130, scale=80,
-                             reference=120),
+                attribution_preset="gpu",
+                budgets=dict(correctness=100, round=140, provenance=130, reference=120,
+                             attribution=90, scale=80),
                 reference=dict(round_models=("mlp", "cnn"), round_ks=(1000,), samples=20,
                                batch=10, epochs=2, image=28, prov_models=("mlp", "cnn"),
                                prov_ks=(1000, 10000), inputs=256, kernels="auto,grad,jvp",
@@ -74,9 +79,10 @@ SIZES = {
     "smoke": dict(image=8, check_image=8, round_ks=(4,), samples=8, batch=4,
                   prov_ks=(3,), prov_inputs=4, big=(12, 5), torch_pairs=24,
                   repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
+                  attribution_preset="smoke",
                   # generous: a loaded CI machine runs every row rather than skipping
-                  budgets=dict(correctness=300, round=150, provenance=150, scale=300,
-                               reference=120),
+                  budgets=dict(correctness=300, round=150, provenance=150, reference=120,
+                               attribution=300, scale=300),
                   # tiny: one MLP trace (a round's two compilations would add 10-15 s to
                   # the smoke test; bench_reference.py checks its rounds itself)
                   reference=dict(round_models=(), round_ks=(2,), samples=4, batch=4,
@@ -438,6 +444,36 @@ def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
     report.write("scale", sweep.run_name(overrides), "skipped", summary="section budget spent")
 
 
+def attribution_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
+  """configs/attribution.py at the mode's preset (gpu: 1,000 clients): its cells in order
+  while the budget lasts, one row per (cell, method), the table under <out>/attribution/."""
+  from tracefl_jax.experiment import attribution, sweep  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.configfile import load_config  # pylint: disable=g-import-not-at-top
+  path = ROOT / "configs" / "attribution.py"
+  preset = cfg["attribution_preset"]
+  base = load_config(f"{path}:{preset}")
+  cells = []
+  for overrides in sweep.expand_grid(sweep.load_sweep(str(path), preset)):
+    name = overrides.get("attribution.setting") or sweep.run_name(overrides)
+    if budget.spent:
+      report.write("attribution", name, "skipped", summary="section budget spent")
+      continue
+    s = attribution.run_comparison(sweep.apply_overrides(base, overrides),
+                                   report.out / "attribution" / sweep.run_name(
+                                       {"attribution.setting": name}))
+    cells.append((name, s))
+    for r in s["rows"]:
+      lds = "-" if r["lds"] is None else f"{r['lds']:.2f}"
+      report.write("attribution", f"{name}: {r['method']}", "ok", **r,
+                   global_accuracy=s["global_accuracy"], federations=s["federations"],
+                   seconds=s["seconds"],
+                   summary=f"global {100 * s['global_accuracy']:.1f}%, retrain top-1 "
+                           f"{r['retrain_top1']:.2f}, LDS {lds}, {s['seconds']['retrain']:.0f}"
+                           f" s for {s['federations']} federations")
+  if cells:
+    (report.out / "attribution" / "table.md").write_text(attribution.table(cells) + "\n")
+
+
 def reference_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
   """bench_reference.py's rows at the mode's sizes (each one a check: the library's result
   equals the reference's, 1e-4)."""
@@ -489,12 +525,22 @@ def _reference_rows(report, c, args, rng, budget):
 
 # ------------------------------------------------------------------------------------ main
 
+# Sections that run the experiment layer (configs, sweeps): they need its extra packages.
+EXPERIMENT_SECTIONS = ("attribution", "scale")
+
+
+def _missing_experiment_packages() -> list[str]:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return [m for m in ("ml_collections", "orbax.checkpoint", "matplotlib", "rich", "tabulate")
+          if importlib.util.find_spec(m.split(".")[0]) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--smoke", action="store_true", help="CPU-sized, same code paths (< 2 min)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="folder for gpu.jsonl (appended) and gpu.md (this run)")
-  p.add_argument("--sections", default="correctness,round,provenance,reference,scale")
+  p.add_argument("--sections", default="correctness,round,provenance,reference,attribution,scale")
   p.add_argument("--time-limit", type=float, default=0,
                  help="seconds for the whole run (0: 450 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
@@ -507,11 +553,16 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
   sections = {"correctness": correctness, "round": round_section,
               "provenance": provenance_section, "reference": reference_section,
-              "scale": scale_section}
+              "attribution": attribution_section, "scale": scale_section}
   t_start = time.perf_counter()
   deadline = t_start + (args.time_limit or cfg["time_limit"])
   for name in args.sections.split(","):
     t_section = time.perf_counter()
+    missing = _missing_experiment_packages() if name in EXPERIMENT_SECTIONS else []
+    if missing:  # e.g. the GPU machine's python: jax, flax, optax, torch, no experiment extras
+      report.write(name, "section", "skipped", summary=f"needs {', '.join(missing)} "
+                   "(pip install -e '.[experiment]')")
+      continue
     try:
       sections[name](report, cfg, Budget(cfg["budgets"][name], deadline))
     except Exception as e:  # pylint: disable=broad-except  # one section's failure keeps the rest

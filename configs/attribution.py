@@ -20,11 +20,15 @@ Presets:
           on the synthetic paper-shaped set (configs/scale.py's data and LeNet); 10 digits
           clients all taking part for 8 rounds, client 4's labels 1..9 flipped to 0 (faulty
           mode). 10 subsets for the LDS; 100 inputs explained (20 in faulty mode).
+  gpu     the synthetic paper-shaped set at 1,000 clients (configs/scale.py's data and
+          LeNet), 10 per round for 20 rounds, then 100 per round for 10 rounds; a client
+          never sampled is not retrained (its federation is the base one). The one-command
+          GPU benchmark (benchmarks/gpu.sh) runs its cells within its budget.
 """
 
 from tracefl_jax.experiment.config import base_config
 
-PRESETS = ("smoke", "cpu")
+PRESETS = ("smoke", "cpu", "gpu")
 FLIP = ",".join(f"{k}:0" for k in range(1, 10))
 
 
@@ -45,6 +49,8 @@ def get_config(preset: str = "smoke"):
     c.rounds = 2
     c.attribution.subsets = 3
     c.attribution.explain_inputs = 10
+  if preset == "gpu":
+    c.attribution.federations_per_chunk = 64  # up to 6,400 client lanes at once
   return c
 
 
@@ -59,6 +65,10 @@ def get_sweep(preset: str = "smoke"):
   faulty = ("attribution.setting", "num_clients", "clients_per_round", "rounds",
             "partition.alpha", "partition.fixup", "provenance.mode", "faulty.clients",
             "faulty.flip", "attribution.explain_inputs")
+  if preset == "gpu":  # 1,000 clients kept of 1,150 partitioned (the fix-up), 128 images each
+    return [{paper: [
+        (f"synthetic {k}/1000", 1150, 1000, 1150 * 128, "synthetic_structured", "8,8,1", 1.5,
+         "lenet", 3e-3, True, k, rounds, False) for k, rounds in ((10, 20), (100, 10))]}]
   return [
       {digits: [("digits 20/20", 20, 15), ("digits 5/20", 5, 30)]},
       {paper: [("synthetic 10/100", 115, 100, 115 * 128, "synthetic_structured", "8,8,1",

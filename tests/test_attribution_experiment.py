@@ -31,8 +31,8 @@ def test_cpu_cells_validate_and_unknown_preset_is_named():
   assert len(cells) == 4
   for overrides in cells:
     validate(apply_overrides(base, overrides))
-  with pytest.raises(ValueError, match="unknown preset 'gpu'"):
-    module.get_config("gpu")
+  with pytest.raises(ValueError, match="unknown preset 'tpu'"):
+    module.get_config("tpu")
 
 
 def test_smoke_preset_end_to_end(tmp_path, capsys):
@@ -41,7 +41,8 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
   s = json.loads((cell / "attribution.json").read_text())
   assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
-  assert s["federations"] == 2 + 6 + 3 and s["inputs"] == 10
+  # base, noise floor, one per client sampled in some round, 3 subsets
+  assert s["federations"] == 2 + (6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 10
   assert len(s["curve"]) == 2 and "prov_first_order_accuracy" in s["curve"][-1]
   rows = {r["method"]: r for r in s["rows"]}
   assert rows["loo_last"]["loo_last_top1"] == 1.0  # the truth itself

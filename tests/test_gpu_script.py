@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_script_smoke(tmp_path):
   out = tmp_path / "gpu"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(),
          "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke",
                          f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -35,6 +36,10 @@ def test_gpu_script_smoke(tmp_path):
   # Every section measured something: the round against its limit, provenance at each size.
   assert any(r["section"] == "round" and r.get("limit_fraction") for r in rows)
   assert any(r["section"] == "provenance" and r.get("pairs_per_s") for r in rows)
+  attribution = [r for r in rows if r["section"] == "attribution" and "method" in r]
+  assert {r["method"] for r in attribution} >= {"tracefl", "first_order", "multi_round"}
+  assert all(0 <= r["retrain_top1"] <= 1 for r in attribution)
+  assert (out / "attribution" / "table.md").exists()
   table = (out / "gpu.md").read_text()
   assert "| correctness | strategy vmap == loop | pass |" in table
   assert "trace_clients" in table

@@ -3,7 +3,8 @@ r"""The comparison of attribution methods against retrained federations (configs
 One cell (`run_comparison(config, workdir)`): train the federation of `config` (the base run),
 trace its last round, accumulate multi-round provenance online, pick the inputs to explain
 from the final model's predictions, then retrain `2 + C + M` federations side by side
-(`provenance.retraining`: base, noise floor, each client left out, M half-subsets) and score
+(`provenance.retraining`: base, noise floor, each client left out, M half-subsets; a client
+never sampled in any round is not retrained: its federation is the base one) and score
 every method against every truth. Writes `WORKDIR/attribution.json` (rows, per-round curve,
 timings) and returns it.
 
@@ -180,18 +181,27 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   scores = _method_scores(c, model, final, last, acc, x, sizes)
   t_methods = time.perf_counter() - t1
   num = data.num_clients
+  always = faulty if c.faulty.every_round else ()
   masks = retrained.truth_masks(num, c.attribution.subsets, c.seed)
-  seeds = np.full(len(masks), c.seed)
+  # A client never sampled leaves its leave-one-out federation equal to the base one (tested
+  # in tests/test_retraining.py): only the sampled clients' federations are retrained.
+  sampled = retraining.participation(retraining.round_plan(
+      data, rounds=c.rounds, clients_per_round=c.clients_per_round, seed=c.seed,
+      batch_size=c.client.batch_size, weighting=c.aggregation.weighting,
+      always_sampled=always), num).any(axis=0)
+  rows = np.concatenate([[0, 1], 2 + np.flatnonzero(sampled), np.arange(2 + num, len(masks))])
+  seeds = np.full(len(rows), c.seed)
   seeds[1] = c.seed + c.attribution.noise_seed
   t2 = time.perf_counter()
   feds = retraining.retrain(
-      algorithm, init, data, masks, rounds=c.rounds, clients_per_round=c.clients_per_round,
-      seed=c.seed, batch_size=c.client.batch_size, local_epochs=c.client.local_epochs,
-      weighting=c.aggregation.weighting, data_seeds=seeds,
-      federations_per_chunk=c.attribution.federations_per_chunk,
-      always_sampled=faulty if c.faulty.every_round else (),
+      algorithm, init, data, masks[rows], rounds=c.rounds,
+      clients_per_round=c.clients_per_round, seed=c.seed, batch_size=c.client.batch_size,
+      local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting, data_seeds=seeds,
+      federations_per_chunk=c.attribution.federations_per_chunk, always_sampled=always,
       clients_per_chunk=c.simulation.clients_per_chunk)
-  logits = np.asarray(retrained.explained_logits(model, feds, x, target))
+  retrained_logits = np.asarray(retrained.explained_logits(model, feds, x, target))
+  logits = np.repeat(retrained_logits[:1], len(masks), axis=0)  # never sampled: the base
+  logits[rows] = retrained_logits
   t_retrain = time.perf_counter() - t2
   truth = retrained.with_subsets(retrained.truth_from_logits(logits, num),
                                  masks[2 + num:])
@@ -207,7 +217,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   summary = {
       "global_accuracy": curve[-1]["accuracy"], "clients": num,
       "clients_per_round": c.clients_per_round, "rounds": c.rounds, "inputs": int(len(idx)),
-      "mode": c.provenance.mode, "federations": int(len(masks)),
+      "mode": c.provenance.mode, "federations": int(len(rows)),
+      "clients_never_sampled": int(num - sampled.sum()),
       "noise_floor_mean": float(truth.noise.mean()),
       "top_drop_above_noise": float(truth.top_above_noise.mean()),
       "base_reproduced_max_abs": float(np.abs(base - truth.base_logit).max()),
