@@ -5,11 +5,13 @@ import os
 import shutil
 import tempfile
 
-# Must be set before jax is imported anywhere in the test session.
-# One Eigen thread per test process: `pytest -n 2` runs two processes on the 2 cores, and the
-# tests' small ops lose more to thread hand-offs than they gain (the suite ran ~8% faster).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
-                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+from tests.xla_env import xla_flags
+
+# Must be set before jax is imported anywhere in the test session. XLA:CPU optimisation level
+# 1 (tests/xla_env.py: faster compilation). One Eigen thread per test process: `pytest -n 2`
+# runs two processes on the 2 cores, and the tests' small ops lose more to thread hand-offs
+# than they gain (the suite ran ~8% faster).
+os.environ.setdefault("XLA_FLAGS", xla_flags(4) + " --xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the whole session: most of the suite's time is

@@ -12,6 +12,7 @@ import pytest
 
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.models import get_model
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_unknown_model_lists_valid_names():
 
 
 def _cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run(
       [sys.executable, "-m", "tracefl_jax", "--config=configs/demo.py:quick",
        f"--workdir={workdir}", "--quiet", *overrides],

@@ -26,6 +26,7 @@ from tracefl_jax.experiment.stored import load_round
 from tracefl_jax.experiment.config import FIELD_HELP, base_config, config_fields
 from tracefl_jax.fl.rounds import (FederatedAlgorithm, RoundOutput, ServerState,
                                    TrainingDivergedError, run_rounds)
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = f"--config={ROOT / 'configs' / 'demo.py'}:quick"
@@ -66,7 +67,7 @@ def _snapshot(workdir: Path) -> dict[str, bytes]:
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-m", "tracefl_jax", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
 

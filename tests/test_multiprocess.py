@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from tests import distributed_worker
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_two_processes_equal_one(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(2),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   port, out = _free_port(), tmp_path / "result.npz"
   procs = [subprocess.Popen(
@@ -69,9 +70,13 @@ def test_two_processes_equal_one(tmp_path):
 
 # --- The experiment runner under several processes -----------------------------------------
 
+# The leave-one-client-out truth (and the weight-aware score beside it) is off: neither is
+# sharded (every process would compute the same replicated programs, tested in one process by
+# test_counterfactual and test_weight_aware), so here it would only add compilation to every
+# process of every run.
 SHARDED = ["--config=configs/demo.py:quick", "--quiet", "--config.rounds=3",
            "--config.checkpoint.every=1", "--config.simulation.strategy=sharded",
-           "--config.provenance.shard_clients=True"]
+           "--config.provenance.shard_clients=True", "--config.provenance.counterfactual=False"]
 
 
 def _runner(workdir: Path, devices: int, *extra: str,
@@ -80,7 +85,7 @@ def _runner(workdir: Path, devices: int, *extra: str,
 
   The processes compile the same programs: later runs load them from the session's
   compilation cache (tests/conftest.py; the environment carries it)."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   joined = [] if process is None else [
       f"--process_id={process[0]}", f"--num_processes={process[1]}",
@@ -175,3 +180,13 @@ def test_runner_kill_9_one_process_then_rerun_equals_uninterrupted(tmp_path, sin
   assert _wait(procs, workdir) == [0, 0], _logs(workdir)
   _assert_equal_runs(workdir, single)  # every row, those before the kill and after
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
+
+
+@pytest.mark.distributed
+def test_runner_four_processes_equal_one(tmp_path, single):
+  # One device per process: every collective of the sharded round and trace crosses processes.
+  workdir = tmp_path / "run"
+  assert _wait(_processes(workdir, 4), workdir, timeout=400) == [0, 0, 0, 0], _logs(workdir)
+  _assert_equal_runs(workdir, single)
+  written = sorted(p.name for p in workdir.iterdir() if p.is_file())
+  assert {"metrics.jsonl", "provenance.jsonl", "summary.json"} <= set(written)

@@ -17,6 +17,7 @@ from tracefl_jax.experiment import runner as experiment, sweep
 from tracefl_jax.experiment.checkpoints import CheckpointError
 from tracefl_jax.experiment.io import WorkdirError
 from tracefl_jax.experiment.config import base_config
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.num_clients=20", "--config.clients_per_round=5",
@@ -27,12 +28,12 @@ SMALL = ["--config.num_clients=20", "--config.clients_per_round=5",
 def _cli(workdir: Path, *extra: str) -> subprocess.Popen:
   # The runs compile the same programs: the later ones load them from the session's
   # compilation cache (tests/conftest.py; the environment carries it).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   workdir.mkdir(parents=True, exist_ok=True)
   with open(workdir.parent / f"{workdir.name}.stderr", "a", encoding="utf-8") as log:
     return subprocess.Popen(
         [sys.executable, "-m", "tracefl_jax", "--config=configs/demo.py",
-         f"--workdir={workdir}", "--quiet", "--config.rounds=8", *SMALL, *extra],
+         f"--workdir={workdir}", "--quiet", "--config.rounds=5", *SMALL, *extra],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -63,13 +64,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
   proc = _cli(killed)
   deadline = time.time() + 240
-  while len(_rows(killed, "metrics.jsonl")) < 3 and proc.poll() is None:
-    assert time.time() < deadline, "the run never reached round 3"
+  while len(_rows(killed, "metrics.jsonl")) < 2 and proc.poll() is None:
+    assert time.time() < deadline, "the run never reached round 2"
     time.sleep(0.02)
   os.kill(proc.pid, signal.SIGKILL)
   assert proc.wait(timeout=30) == -signal.SIGKILL
   done_at_kill = len(_rows(killed, "metrics.jsonl"))
-  assert 3 <= done_at_kill < 8, "the run must be killed mid-way"
+  assert 2 <= done_at_kill < 5, "the run must be killed mid-way"
 
   proc = _cli(killed)
   assert proc.wait(timeout=300) == 0, _stderr(killed)

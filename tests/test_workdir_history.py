@@ -24,6 +24,7 @@ from tests.test_faults import TINY, _cli, _config, _snapshot, _untimed
 from tracefl_jax.experiment import runner, stored, summary as outputs, trace_cli
 from tracefl_jax.experiment.io import WorkdirError, read_jsonl
 from tracefl_jax.experiment.lock import LOCK_FILE, WorkdirBusyError
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def test_summary_times_are_steady_state_and_seconds_count_every_invocation():
 
 def test_a_full_disk_is_one_line_logged_in_the_workdir_and_resumes(tmp_path):
   workdir = tmp_path / "run"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   # Every file the run writes may hold at most 200 KB: the checkpoint does not fit.
   cmd = ["bash", "-c", 'ulimit -f 200 && exec "$0" "$@"', sys.executable, "-m", "tracefl_jax",
          *TINY, f"--workdir={workdir}", "--quiet"]
