@@ -472,6 +472,7 @@ def attribution_section(report: Report, cfg: dict[str, Any], budget: Budget) -> 
                            f" s for {s['federations']} federations")
   if cells:
     (report.out / "attribution" / "table.md").write_text(attribution.table(cells) + "\n")
+    attribution.plot_attribution(cells, report.out / "attribution" / "attribution.png")
 
 
 def reference_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
@@ -525,6 +526,7 @@ def _reference_rows(report, c, args, rng, budget):
 
 # ------------------------------------------------------------------------------------ main
 
+SECTIONS = ("correctness", "round", "provenance", "reference", "attribution", "scale")
 # Sections that run the experiment layer (configs, sweeps): they need its extra packages.
 EXPERIMENT_SECTIONS = ("attribution", "scale")
 
@@ -540,11 +542,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--smoke", action="store_true", help="CPU-sized, same code paths (< 2 min)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="folder for gpu.jsonl (appended) and gpu.md (this run)")
-  p.add_argument("--sections", default="correctness,round,provenance,reference,attribution,scale")
+  p.add_argument("--sections", default=",".join(SECTIONS))
   p.add_argument("--time-limit", type=float, default=0,
                  help="seconds for the whole run (0: 450 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
   args = p.parse_args(argv)
+  unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
+  if unknown:
+    p.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
   mode = "smoke" if args.smoke else "gpu"
   cfg = SIZES[mode]
   report = Report(Path(args.out), mode)

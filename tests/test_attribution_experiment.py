@@ -53,11 +53,31 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   # The base federation retrained side by side is the trained run, up to float rounding.
   assert s["base_reproduced_max_abs"] < 1e-2
   assert table.count("| smoke |") == len(attribution.METHODS)
+  assert (tmp_path / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A finished cell is read back, not rerun.
   before = (cell / "attribution.json").stat().st_mtime_ns
   attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
   assert (cell / "attribution.json").stat().st_mtime_ns == before
   assert np.isfinite(s["noise_floor_mean"])
+  # The GPU benchmark's attribution section runs this very preset in smoke mode (here, in
+  # this process, its programs are compiled already; tests/test_gpu_script.py runs the rest).
+  gpu = _gpu_script()
+  report = gpu.Report(tmp_path / "gpu", "smoke")
+  gpu.attribution_section(report, gpu.SIZES["smoke"], gpu.Budget(600))
+  rows = [r for r in report.rows if r["section"] == "attribution"]
+  assert [r["method"] for r in rows] == [*attribution.METHODS]
+  assert all(r["status"] == "ok" and r["global_accuracy"] == s["global_accuracy"]
+             for r in rows)
+  assert (tmp_path / "gpu" / "attribution" / "table.md").read_text().count("| smoke |") == len(
+      attribution.METHODS)
+
+
+def _gpu_script():
+  spec = importlib.util.spec_from_file_location(
+      "gpu_benchmark", CONFIG.parents[1] / "benchmarks" / "gpu.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from tracefl_jax.experiment import stages
+from tracefl_jax.experiment.attribution_plot import plot_attribution
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.rounds import federated_averaging, run_rounds
@@ -248,7 +249,7 @@ def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
 
 def main(argv: list[str]) -> None:
   """`--config=PATH.py:PRESET --workdir=DIR`: every cell of the preset's sweep, then the
-  table (WORKDIR/table.md)."""
+  table (WORKDIR/table.md) and its figure (WORKDIR/attribution.png)."""
   from tracefl_jax.experiment.configfile import load_config  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
   apply_overrides, expand_grid = sweep.apply_overrides, sweep.expand_grid
@@ -271,6 +272,7 @@ def main(argv: list[str]) -> None:
     cells.append((overrides.get("attribution.setting") or name, summary))
   text = table(cells)
   (workdir / "table.md").write_text(text + "\n")
+  plot_attribution(cells, workdir / "attribution.png")
   print(text)
 
 
