@@ -446,22 +446,13 @@ def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
 
 def attribution_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
   """configs/attribution.py at the mode's preset (gpu: 1,000 clients): its cells in order
-  while the budget lasts, one row per (cell, method), the table under <out>/attribution/."""
-  from tracefl_jax.experiment import attribution, sweep  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.configfile import load_config  # pylint: disable=g-import-not-at-top
-  path = ROOT / "configs" / "attribution.py"
-  preset = cfg["attribution_preset"]
-  base = load_config(f"{path}:{preset}")
-  cells = []
-  for overrides in sweep.expand_grid(sweep.load_sweep(str(path), preset)):
-    name = overrides.get("attribution.setting") or sweep.run_name(overrides)
-    if budget.spent:
-      report.write("attribution", name, "skipped", summary="section budget spent")
-      continue
-    s = attribution.run_comparison(sweep.apply_overrides(base, overrides),
-                                   report.out / "attribution" / sweep.run_name(
-                                       {"attribution.setting": name}))
-    cells.append((name, s))
+  while the budget lasts, one row per (cell, method), the table and figure under
+  <out>/attribution/."""
+  from tracefl_jax.experiment import attribution  # pylint: disable=g-import-not-at-top
+  cells, left = attribution.run_cells(
+      f"{ROOT / 'configs' / 'attribution.py'}:{cfg['attribution_preset']}",
+      report.out / "attribution", deadline=budget.end)
+  for name, s in cells:
     for r in s["rows"]:
       lds = "-" if r["lds"] is None else f"{r['lds']:.2f}"
       report.write("attribution", f"{name}: {r['method']}", "ok", **r,
@@ -470,9 +461,8 @@ def attribution_section(report: Report, cfg: dict[str, Any], budget: Budget) -> 
                    summary=f"global {100 * s['global_accuracy']:.1f}%, retrain top-1 "
                            f"{r['retrain_top1']:.2f}, LDS {lds}, {s['seconds']['retrain']:.0f}"
                            f" s for {s['federations']} federations")
-  if cells:
-    (report.out / "attribution" / "table.md").write_text(attribution.table(cells) + "\n")
-    attribution.plot_attribution(cells, report.out / "attribution" / "attribution.png")
+  for name in left:
+    report.write("attribution", name, "skipped", summary="section budget spent")
 
 
 def reference_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:

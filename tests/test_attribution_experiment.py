@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_gpu_script import _gpu_script
 from tracefl_jax.experiment import attribution
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.sweep import apply_overrides, expand_grid
@@ -71,13 +72,6 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   assert (tmp_path / "gpu" / "attribution" / "table.md").read_text().count("| smoke |") == len(
       attribution.METHODS)
 
-
-def _gpu_script():
-  spec = importlib.util.spec_from_file_location(
-      "gpu_benchmark", CONFIG.parents[1] / "benchmarks" / "gpu.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.parametrize("field,value,message", [

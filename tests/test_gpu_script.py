@@ -46,8 +46,8 @@ def test_gpu_script_smoke(tmp_path):
   assert "trace_clients" in table
 
 
-
 def _gpu_script():
+  """benchmarks/gpu.py as a module (its sections and sizes), without running it."""
   spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

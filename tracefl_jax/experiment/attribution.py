@@ -247,33 +247,43 @@ def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  """`--config=PATH.py:PRESET --workdir=DIR`: every cell of the preset's sweep, then the
-  table (WORKDIR/table.md) and its figure (WORKDIR/attribution.png)."""
+def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf")
+              ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+  """Every cell of the sweep of `spec` (`PATH.py:PRESET`) under `workdir`, a finished cell
+  read back instead of rerun, then WORKDIR/table.md and WORKDIR/attribution.png. A cell not
+  started by `deadline` (time.perf_counter) is left out. Returns `(cells, names left out)`."""
   from tracefl_jax.experiment.configfile import load_config  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
-  apply_overrides, expand_grid = sweep.apply_overrides, sweep.expand_grid
-  load_sweep, run_name = sweep.load_sweep, sweep.run_name
-  args = dict(a.removeprefix("--").split("=", 1) for a in argv)
-  spec, workdir = args["config"], Path(args["workdir"])
+  workdir = Path(workdir)
   base = load_config(spec)
   path, _, preset = spec.partition(":")
-  cells = []
-  for overrides in expand_grid(load_sweep(path, preset)):
+  cells, left = [], []
+  for overrides in sweep.expand_grid(sweep.load_sweep(path, preset)):
+    setting = overrides.get("attribution.setting")
     # A cell is named by its setting (a full override list can exceed a file name's limit).
-    name = run_name({"attribution.setting": overrides["attribution.setting"]}
-                    if overrides.get("attribution.setting") else overrides)
+    name = sweep.run_name({"attribution.setting": setting} if setting else overrides)
+    if time.perf_counter() > deadline:
+      left.append(setting or name)
+      continue
     out = workdir / name
     done = out / "attribution.json"
     summary = (json.loads(done.read_text()) if done.exists()
-               else run_comparison(apply_overrides(base, overrides), out))
+               else run_comparison(sweep.apply_overrides(base, overrides), out))
     print(f"{name}: global accuracy {summary['global_accuracy']:.3f}, "
           f"{summary['seconds']['total']:.0f} s", file=sys.stderr, flush=True)
-    cells.append((overrides.get("attribution.setting") or name, summary))
-  text = table(cells)
-  (workdir / "table.md").write_text(text + "\n")
-  plot_attribution(cells, workdir / "attribution.png")
-  print(text)
+    cells.append((setting or name, summary))
+  if cells:
+    (workdir / "table.md").write_text(table(cells) + "\n")
+    plot_attribution(cells, workdir / "attribution.png")
+  return cells, left
+
+
+def main(argv: list[str]) -> None:
+  """`--config=PATH.py:PRESET --workdir=DIR`: every cell of the preset's sweep, then the
+  table (WORKDIR/table.md, also printed) and its figure (WORKDIR/attribution.png)."""
+  args = dict(a.removeprefix("--").split("=", 1) for a in argv)
+  cells, _ = run_cells(args["config"], args["workdir"])
+  print(table(cells))
 
 
 if __name__ == "__main__":
