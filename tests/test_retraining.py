@@ -99,7 +99,19 @@ def test_never_sampled_and_zero_weight_clients(fed):
   masks[2, gone] = 0
   out = retraining.retrain(algorithm, init, data, masks, **_kw(seed))
   for a in _leaves(out):
-    np.testing.assert_array_equal(a[1], a[0])  # never sampled: nothing changes
+    np.testing.assert_array_equal(a[1], a[0])
+  # Never sampled: nothing changes, shown without `retrain`'s sharing of equal federations.
+  plan = retraining.round_plan(data, rounds=ROUNDS, clients_per_round=PER_ROUND, seed=seed,
+                               batch_size=BATCH)
+  rows, inverse = retraining.distinct_federations(plan, masks, np.full(3, seed))
+  np.testing.assert_array_equal(rows, [0, 2])
+  np.testing.assert_array_equal(inverse, [0, 0, 1])
+  rows, _ = retraining.distinct_federations(plan, masks, [seed, seed + 1, seed])
+  np.testing.assert_array_equal(rows, [0, 1, 2])  # another data seed is another federation
+  full = retraining.retrain_sequential(algorithm, init, data, masks[0], **_kw(seed))
+  for a, b in zip(_leaves(full), _leaves(retraining.retrain_sequential(
+      algorithm, init, data, masks[1], **_kw(seed)))):
+    np.testing.assert_array_equal(a, b)
   without = [p if c != gone else np.zeros(0, np.int64) for c, p in enumerate(parts)]
   built = retraining.retrain_sequential(algorithm, init, federate(x, y, without),
                                         np.ones(6), **_kw(seed))

@@ -184,25 +184,22 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   num = data.num_clients
   always = faulty if c.faulty.every_round else ()
   masks = retrained.truth_masks(num, c.attribution.subsets, c.seed)
-  # A client never sampled leaves its leave-one-out federation equal to the base one (tested
-  # in tests/test_retraining.py): only the sampled clients' federations are retrained.
-  sampled = retraining.participation(retraining.round_plan(
-      data, rounds=c.rounds, clients_per_round=c.clients_per_round, seed=c.seed,
-      batch_size=c.client.batch_size, weighting=c.aggregation.weighting,
-      always_sampled=always), num).any(axis=0)
-  rows = np.concatenate([[0, 1], 2 + np.flatnonzero(sampled), np.arange(2 + num, len(masks))])
-  seeds = np.full(len(rows), c.seed)
+  seeds = np.full(len(masks), c.seed)
   seeds[1] = c.seed + c.attribution.noise_seed
+  plan = retraining.round_plan(
+      data, rounds=c.rounds, clients_per_round=c.clients_per_round, seed=c.seed,
+      batch_size=c.client.batch_size, weighting=c.aggregation.weighting, always_sampled=always)
+  # A client never sampled leaves its leave-one-out federation equal to the base one:
+  # `retrain` trains each distinct federation once.
+  distinct, _ = retraining.distinct_federations(plan, masks, seeds)
   t2 = time.perf_counter()
   feds = retraining.retrain(
-      algorithm, init, data, masks[rows], rounds=c.rounds,
+      algorithm, init, data, masks, rounds=c.rounds,
       clients_per_round=c.clients_per_round, seed=c.seed, batch_size=c.client.batch_size,
       local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting, data_seeds=seeds,
       federations_per_chunk=c.attribution.federations_per_chunk, always_sampled=always,
       clients_per_chunk=c.simulation.clients_per_chunk)
-  retrained_logits = np.asarray(retrained.explained_logits(model, feds, x, target))
-  logits = np.repeat(retrained_logits[:1], len(masks), axis=0)  # never sampled: the base
-  logits[rows] = retrained_logits
+  logits = np.asarray(retrained.explained_logits(model, feds, x, target))
   t_retrain = time.perf_counter() - t2
   truth = retrained.with_subsets(retrained.truth_from_logits(logits, num),
                                  masks[2 + num:])
@@ -218,8 +215,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   summary = {
       "global_accuracy": curve[-1]["accuracy"], "clients": num,
       "clients_per_round": c.clients_per_round, "rounds": c.rounds, "inputs": int(len(idx)),
-      "mode": c.provenance.mode, "federations": int(len(rows)),
-      "clients_never_sampled": int(num - sampled.sum()),
+      "mode": c.provenance.mode, "federations": int(len(distinct)),
+      "clients_never_sampled": int(num - retraining.participation(plan, num).any(0).sum()),
       "noise_floor_mean": float(truth.noise.mean()),
       "top_drop_above_noise": float(truth.top_above_noise.mean()),
       "base_reproduced_max_abs": float(np.abs(base - truth.base_logit).max()),
