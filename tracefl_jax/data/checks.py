@@ -11,7 +11,7 @@ Policies (one for all loaders):
           lies in [0, max_value] (the conversion is exact); floating point is refused, whatever
           its range: [0, 1] floats would have to be scaled and rounded, and guessing the scale
           silently changes the data (the one float format read, the classic mnist.pkl.gz, has
-          its own exact conversion in image_files.py);
+          its own exact conversion in image_readers.py);
   labels  integer dtype (bool and floats refused, even whole-valued ones), shape [N] or
           [N, 1], one per image, every value in [0, num_classes);
   floats  finite (no NaN or inf), for float inputs built or loaded in memory.

@@ -14,8 +14,9 @@ Built-in datasets:
              message listing the files looked for and where;
   pathmnist, MedMNIST's official 28x28 .npz files from a local directory (downloaded from
   organamnist  Zenodo with an MD5 check only when asked), resized to 32x32 RGB;
-mnist, cifar10 and the MedMNIST sets keep uint8 pixels (resized to 32x32x3 and rounded) and
-carry their `Normalization`, applied where a batch is used (on the device);
+mnist, cifar10 and the MedMNIST sets keep uint8 pixels (resized to 32x32x3 and rounded, a
+chunk at a time) and carry their `Normalization`, applied where a batch is used (on the
+device); prepared from local files, they are cached beside them (prepared_cache.py);
   dbpedia,   local CSV / Parquet files, tokenised (text.py);
   yahoo
 and `synthetic` / `synthetic_text` generate learnable datasets of any size in memory.
@@ -27,15 +28,17 @@ import contextlib
 import fcntl
 import io
 import logging
+import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tracefl_jax.data import image_files, text
+from tracefl_jax.data import image_files, prepared_cache, text
 from tracefl_jax.data.checks import check_labels, check_pixels
+from tracefl_jax.data.resize import prepare_splits
 from tracefl_jax.data.structured import make_structured_images
 # Re-exported: these names lived here before base.py and medmnist.py held them.
 from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # noqa: F401
@@ -44,7 +47,8 @@ from tracefl_jax.data.base import (CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN,  # no
                                    DatasetNotFoundError, Normalization, check_network,
                                    default_data_dir)
 from tracefl_jax.data.medmnist import (MEDMNIST, MEDMNIST_MD5, MEDMNIST_URL,  # noqa: F401
-                                       download_medmnist, read_medmnist)
+                                       download_medmnist, find_medmnist, read_medmnist,
+                                       read_medmnist_file)
 
 
 @contextlib.contextmanager
@@ -104,24 +108,22 @@ def _load_digits(data_dir: Path) -> Dataset:
   return Dataset("digits", norm(x_tr), y_tr, norm(x_te), y_te, 10)
 
 
-def _resize_rgb(x: np.ndarray, size: int) -> np.ndarray:
-  """uint8 `[N, H, W, C]` -> uint8 `[N, size, size, 3]`: grey repeated to RGB, bilinear
-  resizing rounded back to uint8 (as torchvision's PIL `Resize` returns uint8 images)."""
+def _check_size(image_size: Any) -> int:
+  if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) \
+      or image_size < 1:
+    raise ValueError(f"image_size={image_size!r} must be an int >= 1 (pixels per side)")
+  return int(image_size)
+
+
+def _cached(name: str, data_dir: Path, files: Sequence[Path], size: int, num_classes: int,
+            read: Callable[[], Sequence[np.ndarray]], cache: bool) -> prepared_cache.Arrays:
+  """The prepared arrays of local source `files` (prepared_cache.py): read from the cache
+  beside them, else read, prepared and cached. Keyed also by the size and by the backend
+  that resizes (whose float rounding decides the pixels)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  if x.shape[1:3] != (size, size):
-    resized = np.asarray(jax.image.resize(x.astype(np.float32), (x.shape[0], size, size, 3),
-                                          "bilinear"))
-    x = np.clip(np.round(resized), 0, 255)
-  return x.astype(np.uint8)
-
-
-def _prepare_images(x: np.ndarray) -> np.ndarray:
-  """uint8 `[N, H, W, C]` -> uint8 `[N, 32, 32, 3]`, one helper for every source of the same
-  dataset; the paper's normalisation (spec section 4, `(x / 255 - mean) / std`) travels with
-  the dataset as a `Normalization` and runs on the device, batch by batch."""
-  return _resize_rgb(x, IMAGE_SIZE)
+  return prepared_cache.load_prepared(
+      name, data_dir, files, f"{size}-{jax.default_backend()}", size, num_classes,
+      lambda: prepare_splits(read(), size), cache=cache)
 
 
 # Where tfds' builders fetch the raw files from (checked before a download starts).
@@ -149,34 +151,40 @@ def _read_tfds_images(name: str, data_dir: Path, download: bool
 
 
 def _load_image_dataset(name: str, data_dir: Path, mean: Any, std: Any,
-                        download: bool = False) -> Dataset:
+                        download: bool = False, image_size: int = IMAGE_SIZE,
+                        cache: bool = True) -> Dataset:
   """mnist / cifar10: local copies of the original files (in their order) when present, else
-  tfds-prepared data, else a tfds download when asked; the same preprocessing for all."""
-  local = image_files.find_local_images(name, data_dir)
+  tfds-prepared data, else a tfds download when asked; the same preprocessing for all. Local
+  files' prepared arrays are cached beside them unless `cache=False` (prepared_cache.py)."""
+  size = _check_size(image_size)
+  local = image_files.locate_local_images(name, data_dir)
   if local is not None:
-    arrays = local[:4]
+    arrays = _cached(name, data_dir, local.files, size, 10, local.read, cache)
   else:
-    arrays = _read_tfds_images(name, data_dir, download)
-  if arrays is None:
-    raise DatasetNotFoundError(
-        f"dataset {name!r}: no local copy under {data_dir} (tracefl_jax never downloads "
-        f"unless asked). Looked for any one of:\n"
-        f"{image_files.describe_search(name, data_dir)}\n"
-        f"  - a tensorflow-datasets array_record directory {data_dir / name}/<version>/\n"
-        f"Copy the files of any one of these into {data_dir} (or point "
-        f"--config.dataset.data_dir, or TRACEFL_DATA_DIR, at the directory that holds them), "
-        f"or pass --config.dataset.download=True on a machine with network access.")
-  x_tr, y_tr, x_te, y_te = arrays
-  return Dataset(name, _prepare_images(x_tr), y_tr, _prepare_images(x_te), y_te, 10,
-                 normalization=Normalization(mean, std))
+    raw = _read_tfds_images(name, data_dir, download)
+    if raw is None:
+      raise DatasetNotFoundError(
+          f"dataset {name!r}: no local copy under {data_dir} (tracefl_jax never downloads "
+          f"unless asked). Looked for any one of:\n"
+          f"{image_files.describe_search(name, data_dir)}\n"
+          f"  - a tensorflow-datasets array_record directory {data_dir / name}/<version>/\n"
+          f"Copy the files of any one of these into {data_dir} (or point "
+          f"--config.dataset.data_dir, or TRACEFL_DATA_DIR, at the directory that holds "
+          f"them), or pass --config.dataset.download=True on a machine with network access.")
+    arrays = prepare_splits(raw, size)
+  return Dataset(name, *arrays, 10, normalization=Normalization(mean, std))
 
 
-def _load_medmnist(name: str, data_dir: Path, download: bool = False) -> Dataset:
+def _load_medmnist(name: str, data_dir: Path, download: bool = False,
+                   image_size: int = IMAGE_SIZE, cache: bool = True) -> Dataset:
   """MedMNIST's official 28x28 `.npz` release, checked (medmnist.py), resized to 32x32 RGB
-  and normalised with 0.5 / 0.5 as in the paper."""
-  x_tr, y_tr, x_te, y_te, _ = read_medmnist(name, data_dir, download)
-  return Dataset(name, _prepare_images(x_tr), y_tr, _prepare_images(x_te), y_te,
-                 MEDMNIST[name], normalization=Normalization(MEDMNIST_MEAN, MEDMNIST_STD))
+  (cached beside it unless `cache=False`) and normalised with 0.5 / 0.5 as in the paper."""
+  size = _check_size(image_size)
+  path = find_medmnist(name, data_dir, download)
+  arrays = _cached(name, data_dir, (path,), size, MEDMNIST[name],
+                   lambda: read_medmnist_file(name, path), cache)
+  return Dataset(name, *arrays, MEDMNIST[name],
+                 normalization=Normalization(MEDMNIST_MEAN, MEDMNIST_STD))
 
 
 def make_synthetic(num_train: int = 1000, num_test: int = 200,
@@ -224,14 +232,17 @@ def _or_default(data_dir: Path | None) -> Path:
 # default_data_dir(); a registered loader receives None when no directory was given.
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda data_dir, **_: _load_digits(_or_default(data_dir)),
-    "mnist": lambda data_dir, download=False, **_: _load_image_dataset(
-        "mnist", _or_default(data_dir), MNIST_MEAN, MNIST_STD, download),
-    "cifar10": lambda data_dir, download=False, **_: _load_image_dataset(
-        "cifar10", _or_default(data_dir), CIFAR10_MEAN, CIFAR10_STD, download),
+    "mnist": lambda data_dir, download=False, image_size=IMAGE_SIZE, cache=True, **_:
+        _load_image_dataset("mnist", _or_default(data_dir), MNIST_MEAN, MNIST_STD, download,
+                            image_size, cache),
+    "cifar10": lambda data_dir, download=False, image_size=IMAGE_SIZE, cache=True, **_:
+        _load_image_dataset("cifar10", _or_default(data_dir), CIFAR10_MEAN, CIFAR10_STD,
+                            download, image_size, cache),
     "synthetic": lambda data_dir, **options: make_synthetic(**options),
     "synthetic_structured": lambda data_dir, **options: make_structured_images(**options),
-    **{name: (lambda data_dir, name=name, download=False, **_: _load_medmnist(
-        name, _or_default(data_dir), download)) for name in MEDMNIST},
+    **{name: (lambda data_dir, name=name, download=False, image_size=IMAGE_SIZE, cache=True,
+              **_: _load_medmnist(name, _or_default(data_dir), download, image_size, cache))
+       for name in MEDMNIST},
     "dbpedia": lambda data_dir, **options: _load_text("dbpedia", _or_default(data_dir),
                                                       **options),
     "yahoo": lambda data_dir, **options: _load_text("yahoo", _or_default(data_dir), **options),
@@ -267,7 +278,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, **options: An
   `options`: for `synthetic`/`synthetic_text` their generator's arguments; for the text
   datasets `tokenizer` (a local tokenizer directory) and `max_length` (default 128); for
   mnist, cifar10, pathmnist and organamnist `download=True` fetches missing data into
-  `data_dir` first (off by default: nothing is downloaded unless asked); for a registered
+  `data_dir` first (off by default: nothing is downloaded unless asked), `image_size` (default
+  32) sets the side of the RGB images, and `cache=False` neither reads nor writes the cache of
+  prepared arrays kept beside local files (`data_dir/.tracefl_cache/`); for a registered
   dataset whatever its loader takes. The built-ins read `data_dir`, else TRACEFL_DATA_DIR,
   else ~/.cache/tracefl_jax/tfds.
   """

@@ -59,14 +59,12 @@ def download_medmnist(name: str, data_dir: Path) -> Path:
   return final
 
 
-def read_medmnist(name: str, data_dir: Path, download: bool = False) -> ImageArrays:
-  """`data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz` (fetched first when missing and
-  `download`), checked: uint8 `[N, H, W, C]` images (C = 1 for organamnist, 3 for pathmnist)
-  and int32 `[N]` labels in [0, classes).
+def find_medmnist(name: str, data_dir: Path, download: bool = False) -> Path:
+  """`data_dir/<name>.npz` or `data_dir/medmnist/<name>.npz`, fetched first when missing and
+  `download`.
 
   Raises:
     DatasetNotFoundError: no file (and no download asked for).
-    DataFileError: a file that is not a valid release (see the module docstring).
   """
   candidates = [data_dir / f"{name}.npz", data_dir / "medmnist" / f"{name}.npz"]
   path = next((p for p in candidates if p.exists()), None)
@@ -78,6 +76,16 @@ def read_medmnist(name: str, data_dir: Path, download: bool = False) -> ImageArr
         f"(tracefl_jax never downloads at run time). Get the official 28x28 file from the "
         f"MedMNIST v2 release ({MEDMNIST_URL.format(name=name)}) and copy {name}.npz "
         f"there, set --config.dataset.data_dir, or pass --config.dataset.download=True.")
+  return path
+
+
+def read_medmnist_file(name: str, path: Path) -> ImageArrays:
+  """Dataset `name`'s `.npz` at `path`, checked: uint8 `[N, H, W, C]` images (C = 1 for
+  organamnist, 3 for pathmnist) and int32 `[N]` labels in [0, classes).
+
+  Raises:
+    DataFileError: a file that is not a valid release (see the module docstring).
+  """
   arrays = read_npz(path, KEYS, f"a MedMNIST .npz file (keys {', '.join(KEYS)})")
   channels = (MEDMNIST_CHANNELS[name],)
   split = {}
@@ -87,3 +95,8 @@ def read_medmnist(name: str, data_dir: Path, download: bool = False) -> ImageArr
                      len(x))
     split[part] = x, y
   return ImageArrays(*split["train"], *split["test"], path)
+
+
+def read_medmnist(name: str, data_dir: Path, download: bool = False) -> ImageArrays:
+  """`find_medmnist` then `read_medmnist_file`: the checked arrays of dataset `name`."""
+  return read_medmnist_file(name, find_medmnist(name, data_dir, download))
