@@ -64,9 +64,12 @@ def _cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_smoke_run(tmp_path):
+  cache = tmp_path.parent / f"{tmp_path.name}-xla"
   proc = _cli(tmp_path, "--config.rounds=2", "--config.num_clients=20",
-              "--config.clients_per_round=5", "--config.client.local_epochs=1")
+              "--config.clients_per_round=5", "--config.client.local_epochs=1",
+              f"--compilation_cache={cache}")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any(cache.iterdir())  # the round (compiled for over a second) was kept
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in rows] == [1, 2]
   assert all(0.0 <= r["accuracy"] <= 1.0 and len(r["clients"]) == 5 for r in rows)

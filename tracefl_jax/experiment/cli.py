@@ -23,16 +23,16 @@ stderr with exit code 2, naming the bad input and the way out.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import ml_collections
 
-from tracefl_jax.experiment.configfile import FALSE, TRUE, field_type, load_config, set_field
+from tracefl_jax.experiment.cli_args import FLAGS, parse_args
+from tracefl_jax.experiment.configfile import set_field
 
 _USAGE = """\
 usage: python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR [flags] [--config.FIELD=VALUE ...]
@@ -40,109 +40,10 @@ usage: python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR [flags] [--
        python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]
        python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  (trace --help)"""
 
-# Flags of a run: name -> (metavar of its value, or "" for a bool flag; help).
-_FLAGS = {
-    "config": ("PATH.py[:PRESET]", "experiment config file, optionally with a preset (e.g. "
-                                   "configs/demo.py:quick)"),
-    "workdir": ("DIR", "directory of the run's results (config.json, metrics.jsonl, "
-                       "provenance.jsonl, summary.json, checkpoints/); one run per workdir"),
-    "quiet": ("", "no progress bar"),
-    "sweep": ("", "run the grid the config file declares in get_sweep(preset), one run per "
-                  "sub-directory of --workdir, then write the sweep's table and plots"),
-    "overwrite": ("", "move a previous run in --workdir to WORKDIR/previous/<time>/ and start "
-                      "afresh (= --config.checkpoint.overwrite=True)"),
-    "allow_cwd": ("", "allow --workdir to be the current directory"),
-    "sweep_shard": ("I/N", "with --sweep: run only share I of N of the grid (a job array's "
-                           "task; default from SLURM_ARRAY_TASK_ID and _COUNT when set)"),
-    "collect": ("", "with the sweep's config: merge the finished runs under --workdir into "
-                    "results.csv, results.md and plots, naming the runs not finished"),
-    "distributed": ("", "join a multi-process run (jax.distributed.initialize; on a cluster "
-                        "it reads SLURM / Open MPI / ... environment variables)"),
-    "coordinator": ("HOST:PORT", "multi-process run: process 0's address (implies "
-                                 "--distributed)"),
-    "num_processes": ("N", "multi-process run: number of processes"),
-    "process_id": ("I", "multi-process run: this process's index, 0..N-1"),
-    "heartbeat_timeout": ("SECONDS", "multi-process run: a process silent this long is dead "
-                                     "and the run stops with an error (default 60)"),
-}
-
-
-class _Args(NamedTuple):
-  config: ml_collections.ConfigDict
-  config_spec: str
-  flags: dict[str, Any]
-
 
 def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
-
-
-def parse_args(argv: list[str], *, need_workdir: bool = True) -> _Args:
-  """Flags and `--config.FIELD[=VALUE]` overrides (`--name=value` or `--name value`; a bool
-  flag or field alone means true, `--noquiet` false).
-
-  Raises:
-    ValueError: one line naming the bad argument and what is valid.
-  """
-  spec = None
-  for k, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      spec = arg[len("--config="):]
-    elif arg == "--config":
-      spec = argv[k + 1] if k + 1 < len(argv) else ""
-  if spec is None:
-    raise ValueError("--config is required, e.g. --config=configs/demo.py:quick "
-                     "(python -m tracefl_jax --help lists the flags and every config field)")
-  config = load_config(spec)
-  flags: dict[str, Any] = {name: None if meta else False for name, (meta, _) in _FLAGS.items()}
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    i += 1
-    if not arg.startswith("--") or arg == "--":
-      raise ValueError(f"unexpected argument {arg!r}; flags look like --name=value "
-                       f"(python -m tracefl_jax --help)")
-    name, eq, text = arg[2:].partition("=")
-    if name.startswith("config."):
-      field = name[len("config."):]
-      if not eq:  # `--config.a.b VALUE`, absl style; a bool field alone means true
-        if (field_type(config, field) is not bool and i < len(argv)
-            and not argv[i].startswith("--")):
-          text, i = argv[i], i + 1
-        else:
-          text = None
-      set_field(config, field, text)
-      continue
-    negated = name.startswith("no") and name[2:] in _FLAGS and not _FLAGS[name[2:]][0]
-    key = name[2:] if negated else name
-    if key not in _FLAGS:
-      close = difflib.get_close_matches(key, list(_FLAGS), n=1)
-      raise ValueError(f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close
-                                                    else "") +
-                       f" (flags: {', '.join('--' + f for f in _FLAGS)})")
-    if _FLAGS[key][0]:
-      if not eq:
-        if i >= len(argv):
-          raise ValueError(f"--{key} needs a value")
-        text, i = argv[i], i + 1
-      flags[key] = text
-    else:
-      flags[key] = not negated and _parse_flag_bool(key, text if eq else None)
-  if need_workdir and flags["workdir"] is None:
-    raise ValueError("--workdir is required: the directory for the run's results, e.g. "
-                     "--workdir=runs/demo")
-  if flags["overwrite"]:
-    config.checkpoint.overwrite = True
-  return _Args(config, spec, flags)
-
-
-def _parse_flag_bool(name: str, text: str | None) -> bool:
-  if text is None or text.lower() in TRUE:
-    return True
-  if text.lower() in FALSE:
-    return False
-  raise ValueError(f"--{name}={text}: takes true or false")
 
 
 def _format_value(value: Any) -> str:
@@ -171,7 +72,7 @@ def _print_help() -> None:
   print(_USAGE)
   print("\nRuns one federated experiment with TraceFL provenance; rerunning the same command "
         "resumes it.\n\nflags:")
-  for name, (meta, meaning) in _FLAGS.items():
+  for name, (meta, meaning) in FLAGS.items():
     print(f"  {'--' + name + ('=' + meta if meta else ''):<42} {meaning}")
   print("\nconfig fields, with the defaults of base_config() (a config file changes some; "
         "`python -m tracefl_jax config --config=PATH.py[:PRESET]` shows its values); set one "
@@ -195,18 +96,19 @@ def _fail_run(message: str, workdir: str | None, code: int = 2) -> None:
 
 
 def _join(flags: dict[str, Any]) -> None:
-  """Joins the processes of a multi-process run before anything else uses JAX."""
-  explicit = [flags[k] for k in ("coordinator", "num_processes", "process_id")]
-  if not (flags["distributed"] or any(v is not None for v in explicit)):
-    return
+  """Joins the processes of a multi-process run before anything else uses JAX, then turns on
+  the compilation cache."""
   from tracefl_jax.experiment import distributed  # pylint: disable=g-import-not-at-top
   try:
-    number = [None if v is None else int(v) for v in explicit[1:]]
+    number = [None if flags[k] is None else int(flags[k])
+              for k in ("num_processes", "process_id")]
   except ValueError:
-    raise ValueError(f"--num_processes and --process_id take integers, got {explicit[1:]}") \
-        from None
-  distributed.initialize(explicit[0], *number,
-                         heartbeat_timeout=int(flags["heartbeat_timeout"] or 60))
+    raise ValueError(f"--num_processes and --process_id take integers, got "
+                     f"{flags['num_processes']!r}, {flags['process_id']!r}") from None
+  if flags["distributed"] or flags["coordinator"] is not None or number != [None, None]:
+    distributed.initialize(flags["coordinator"], *number,
+                           heartbeat_timeout=int(flags["heartbeat_timeout"] or 60))
+  distributed.use_compilation_cache(flags["compilation_cache"])
 
 
 def _sweep_shard(flags: dict[str, Any]) -> tuple[int, int] | None:

@@ -35,6 +35,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              heartbeat_timeout_seconds=heartbeat_timeout)
 
 
+def use_compilation_cache(directory: str | None) -> None:
+  """Keeps compiled programs in `directory` (JAX's persistent compilation cache; None: the
+  `JAX_COMPILATION_CACHE_DIR` JAX read, if any). A resumed or rerun experiment then loads its
+  round, evaluation and provenance programs instead of compiling them again. The cache is
+  keyed by the program, the compile options and the devices; point hosts of different CPU
+  kinds at different directories. (JAX's `jax_share_binary_between_hosts`, one process
+  compiling for all, deadlocked the runner's 4-process test on CPU: not used.)"""
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def is_primary() -> bool:
   """Whether this process writes the run's files (process 0)."""
   return jax.process_index() == 0
