@@ -90,7 +90,9 @@ def _check_shapes(stacked: Any, weights: Any) -> None:
 
 def _average(stacked: Any, w: jax.Array) -> Any:
   def mean(leaf):
-    avg = jnp.tensordot(w, leaf.astype(jnp.float32), axes=1)
+    # HIGHEST: a GPU's default would round the f32 operands to TF32.
+    avg = jnp.tensordot(w, leaf.astype(jnp.float32), axes=1,
+                        precision=jax.lax.Precision.HIGHEST)
     if jnp.issubdtype(leaf.dtype, jnp.integer):
       return jnp.round(avg).astype(leaf.dtype)
     return avg.astype(leaf.dtype)

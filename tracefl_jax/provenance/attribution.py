@@ -22,6 +22,7 @@ client (cost K + 1 instead of K).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -90,6 +91,14 @@ def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
   """
   del num_inputs, num_clients
   return "grad" if is_affine(model) else "reference"
+
+
+def layer_sum(c: jax.Array, betas: jax.Array) -> jax.Array:
+  """sum_l betas[l] * c[l] over the short leading layer axis of c [L, N, K], as L - 1
+  elementwise adds: XLA:CPU (jax 0.10, its YNNPACK reduce fusion) runs it as a reduction
+  80-2,500x slower ([2, 256, 10,000]: 4.8 s against 2 ms; benchmarks/README.md). Not a dot:
+  a dot may round two equal columns differently, and equal clients must tie exactly."""
+  return functools.reduce(operator.add, [c[l] * betas[l] for l in range(c.shape[0])])
 
 
 def _pad_clients(tree, pad: int):
@@ -179,7 +188,7 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
     layer_scores, scores = None, c[0]
   else:
     layer_scores = c * betas[:, None, None]
-    scores = jnp.sum(layer_scores, axis=0)
+    scores = layer_sum(c, betas)
   if use_size_factor and kernel != "reference" and not first_order:
     scores = scores * p[None, :]
     layer_scores = None if layer_scores is None else layer_scores * p[None, None, :]
