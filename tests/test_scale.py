@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_gpu_script import _gpu_script
 from tracefl_jax.data.structured import make_structured_images
 from tracefl_jax.experiment import memory, sweep
 from tracefl_jax.fl.rounds import sample_clients
@@ -124,3 +125,10 @@ def test_smoke_study_runs_end_to_end(tmp_path):
   again = sweep.run_sweep(scale.get_config("smoke"), scale.get_sweep("smoke"), tmp_path,
                           progress=False)
   assert all(r["skipped_existing"] for r in again)
+  # The GPU benchmark's scale section runs this study's first cell in smoke mode (here, in
+  # this process, its programs are compiled already; tests/test_gpu_script.py runs the rest).
+  gpu = _gpu_script()
+  report = gpu.Report(tmp_path / "gpu", "smoke")
+  gpu.scale_section(report, gpu.SIZES["smoke"], gpu.Budget(600))
+  (row,) = [r for r in report.rows if r["section"] == "scale"]
+  assert row["status"] == "ok" and row["final_accuracy"] == rows[0]["final_accuracy"]

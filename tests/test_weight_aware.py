@@ -72,6 +72,14 @@ def test_first_order_equals_a_plain_gradient_recomputation(case):
   # The paper's score is unchanged by default and differs from the weight-aware one.
   paper = trace_clients(model, g, clients, x)
   assert np.mean(np.asarray(paper.traced_position) != np.asarray(res.traced_position)) > 0.2
+  assert paper.first_order_scores is None
+  # Given the weights, the paper's score carries the weight-aware one from the same pass,
+  # with every kernel (jvp then scores per layer), and its own scores are unchanged.
+  for kernel in ("grad", "jvp", "reference"):
+    both = trace_clients(model, g, clients, x, weights=w, kernel=kernel)
+    np.testing.assert_allclose(both.first_order_scores, res.scores, atol=2e-5 * scale)
+    np.testing.assert_allclose(both.scores, paper.scores, rtol=1e-5,
+                               atol=1e-6 * np.abs(paper.scores).max())
 
 
 def test_first_order_ranks_clients_as_the_exact_removal(case):

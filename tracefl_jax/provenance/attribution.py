@@ -60,6 +60,9 @@ class ProvenanceResult(NamedTuple):
   predicted: jax.Array            # [N] int32, G's eval-mode argmax
   layer_scores: jax.Array | None  # c [L, N, K] with beta applied, when requested
   attributable: jax.Array         # [N] bool, every score of the input finite
+  # [N, K] the weight-aware score beside the paper's T, from the same kernel pass, when
+  # score="tracefl" got the round's weights (see `trace_clients`).
+  first_order_scores: jax.Array | None = None
 
 
 def layer_betas(num_layers: int, decay: float = 0.9, use_decay: bool = True) -> jax.Array:
@@ -140,12 +143,13 @@ def _replicated(tree, mesh: jax.sharding.Mesh | None):
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
                                              "clients_per_chunk", "block_mask", "mesh",
-                                             "score"))
+                                             "score", "with_first_order"))
 def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, weights, *,
            kernel, decay, use_decay, use_size_factor, return_layers, clients_per_chunk,
-           block_mask, mesh, score):
+           block_mask, mesh, score, with_first_order=False):
   num_layers = len(model.traced_layers)
   first_order = score == "first_order"
+  need_g = first_order or with_first_order  # G scored as one more client
   betas = layer_betas(num_layers, decay, use_decay and not first_order)
   if use_size_factor:
     p = client_sizes.astype(jnp.float32) / jnp.sum(client_sizes)
@@ -153,7 +157,7 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
       client_vars = {**client_vars, "params": jax.tree.map(
           lambda a: a * p.reshape(-1, *([1] * (a.ndim - 1))).astype(a.dtype),
           client_vars["params"])}
-  totals_only = kernel == "jvp" and not return_layers
+  totals_only = kernel == "jvp" and not return_layers and not with_first_order
   if totals_only:
     make = functools.partial(kernels.jvp_scorer, per_layer=False, betas=betas)
   else:
@@ -164,14 +168,14 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   if mesh is None:
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = scorer(client_vars["params"])
-    c_g = scorer(g_params) if first_order else None
+    c_g = scorer(g_params) if need_g else None
   elif kernel == "jvp":
     # G's linearisation cannot be closed over by a shard_map (its residuals carry the outer
     # mesh), so each device linearises G itself: one more linear pass next to its K / D.
     _, predicted = target_logits(model.logits(global_vars, x), target)
     c = _score_sharded(lambda th: make(model, global_vars, x, target, clients_per_chunk)[0](th),
                        client_vars["params"], mesh)
-    c_g = make(model, global_vars, x, target, None)[0](g_params) if first_order else None
+    c_g = make(model, global_vars, x, target, None)[0](g_params) if need_g else None
   else:
     # G's forward/backward is split over the devices by input and its results gathered into
     # every device's scorer, not repeated on each device.
@@ -179,11 +183,16 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
         mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = _score_sharded(scorer, client_vars["params"], mesh)
-    c_g = scorer(g_params) if first_order else None
+    c_g = scorer(g_params) if need_g else None
   c, predicted = _replicated((c, predicted), mesh)
-  if first_order:  # [L, N, K] - [L, N, 1], then w_k / (W - w_k) per client
+  fo_scores = None
+  if need_g:  # [L, N, K] - [L, N, 1], then w_k / (W - w_k) per client, all layers alike
     w = weights.astype(jnp.float32)
-    c = (c - c_g) * (w / (jnp.sum(w) - w))[None, None, :]
+    fo = (c - c_g) * (w / (jnp.sum(w) - w))[None, None, :]
+    if first_order:
+      c = fo
+    else:
+      fo_scores = layer_sum(fo, jnp.ones(num_layers, jnp.float32)).astype(jnp.float32)
   if totals_only:
     layer_scores, scores = None, c[0]
   else:
@@ -201,8 +210,8 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   probs = jnp.where(attributable[:, None], probs, jnp.nan)
   traced = jnp.where(attributable, client_ids[jnp.maximum(position, 0)], -1)
   return _replicated(ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
-                                      layer_scores if return_layers else None, attributable),
-                     mesh)
+                                      layer_scores if return_layers else None, attributable,
+                                      fo_scores), mesh)
 
 
 def trace_clients(
@@ -249,7 +258,10 @@ def trace_clients(
       (T_k - T_G) over all traced units, no decay; see the module docstring). `scores`,
       `probs` (softmax of the scores) and `layer_scores` (per-layer terms of the sum) then
       hold that score.
-    weights: `[K]` the round's aggregation weights w_k (needed by "first_order" only).
+    weights: `[K]` the round's aggregation weights w_k: needed by "first_order"; with
+      "tracefl" (and not `use_size_factor` with the reference kernel, which scales the
+      clients' parameters), `first_order_scores` then holds the weight-aware score too,
+      from the same kernel pass (one compiled program for both).
 
   Returns:
     `ProvenanceResult`; inputs with a non-finite score have `attributable` False and
@@ -292,15 +304,17 @@ def trace_clients(
   check_inputs(model, x)
   if target is not None:
     target = check_target(model, target, x.shape[0])
-  if score == "first_order":
-    weights = check_removal_weights(weights, num_clients, score)
-  else:
-    weights = None
   if kernel == "auto":
     kernel = choose_kernel(model, x.shape[0], num_clients)
   elif kernel in ("grad", "jvp") and not is_affine(model):
     raise ValueError(f"kernel {kernel!r} is exact only for affine traced units; this model "
                      f"has whole-block units: use kernel='reference' or 'auto'")
+  with_first_order = (score == "tracefl" and weights is not None
+                      and not (use_size_factor and kernel == "reference"))
+  if score == "first_order" or with_first_order:
+    weights = check_removal_weights(weights, num_clients, "first_order")
+  else:
+    weights = None
   if use_size_factor and client_sizes is None:
     raise ValueError("use_size_factor=True needs client_sizes")
   if client_sizes is None:
@@ -323,4 +337,4 @@ def trace_clients(
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,
-                block_mask=block_mask, mesh=mesh)
+                block_mask=block_mask, mesh=mesh, with_first_order=with_first_order)

@@ -169,6 +169,10 @@ def trace_round(
   bucket = _bucket(len(idx), settings.per_label * part_counts.shape[1])
   padded = np.concatenate([idx, np.full(bucket - len(idx), idx[0])])
   x = jnp.take(jnp.asarray(x_test), jnp.asarray(padded), axis=0)
+  # With the leave-one-out truth, the weight-aware score comes beside TraceFL's from the same
+  # kernel pass (`first_order_scores`).
+  beside = (not first_order and settings.counterfactual and weights is not None
+            and bool(np.all(np.sum(weights) - np.asarray(weights) > 0)))
   t0 = time.perf_counter()
   result = trace_clients(
       model, global_vars, client_vars, x,
@@ -177,8 +181,8 @@ def trace_round(
       use_size_factor=settings.use_size_factor,
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
       client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None,
-      score=settings.score, weights=None if not first_order else np.asarray(weights,
-                                                                            np.float32))
+      score=settings.score,
+      weights=np.asarray(weights, np.float32) if first_order or beside else None)
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
@@ -214,22 +218,25 @@ def trace_round(
       summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
       if settings.score == "tracefl":  # the weight-aware score beside the paper's
         summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
-                                            labels, part_counts, client_ids, settings))
+                                            labels, part_counts, client_ids, settings,
+                                            result.first_order_scores))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
 
 
 def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok, labels,
-                         part_counts, client_ids, settings) -> dict[str, Any]:
+                         part_counts, client_ids, settings, fo_scores=None) -> dict[str, Any]:
   """The weight-aware score (`score="first_order"`) of the same inputs against the same
-  truths: its leave-one-out agreement and its accuracy by the mode's rule."""
+  truths: its leave-one-out agreement and its accuracy by the mode's rule. `fo_scores`: the
+  score from TraceFL's own kernel pass, else traced here."""
   n = len(labels)
-  fo = trace_clients(model, global_vars, client_vars, x, kernel=settings.kernel,
-                     clients_per_chunk=settings.clients_per_chunk or None,
-                     block_mask=settings.block_mask, score="first_order",
-                     weights=np.asarray(weights, np.float32))
-  fo_scores = np.asarray(fo.scores, np.float64)[:n]
-  keep = ok & np.asarray(fo.attributable)[:n]
+  if fo_scores is None:
+    fo_scores = trace_clients(model, global_vars, client_vars, x, kernel=settings.kernel,
+                              clients_per_chunk=settings.clients_per_chunk or None,
+                              block_mask=settings.block_mask, score="first_order",
+                              weights=np.asarray(weights, np.float32)).scores
+  fo_scores = np.asarray(fo_scores, np.float64)[:n]
+  keep = ok & np.all(np.isfinite(fo_scores), axis=1)
   if not keep.any():
     return {}
   report = counterfactual_report(fo_scores[keep], drops[keep], np.ones(fo_scores.shape[1]))
