@@ -14,7 +14,7 @@ import pytest
 from tracefl_jax.data.federated import federate
 from tracefl_jax.fl.rounds import GlobalEvaluator, federated_averaging, run_rounds
 from tracefl_jax.models import make_model
-from tracefl_jax.provenance import protocol, trace_clients
+from tracefl_jax.provenance import protocol, round_callback, trace_clients
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator, multi_round_scores
 
 
@@ -39,7 +39,7 @@ def run():
   evaluator = GlobalEvaluator(model, x[:30], y[:30])
   acc = MultiRoundAccumulator(model.init(jax.random.key(0))["params"], 6, round_decay=0.5)
   traced = []
-  traced_cb = protocol.provenance_callback(model, evaluator, settings, rounds=[3],
+  traced_cb = round_callback.provenance_callback(model, evaluator, settings, rounds=[3],
                                            multi_round=acc,
                                            on_trace=lambda r, t: traced.append(t))
 

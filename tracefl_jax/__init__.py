@@ -23,9 +23,10 @@ from tracefl_jax.models import ModelDef, available_models, get_model, make_model
 from tracefl_jax.models.layers import canonical_conv
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
 from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, localization_correct,
-                                             provenance_callback, round_baselines,
-                                             select_correct_inputs, select_faulty_inputs,
-                                             select_inputs, summarize_rounds, trace_round)
+                                             round_baselines, select_correct_inputs,
+                                             select_faulty_inputs, select_inputs,
+                                             summarize_rounds, trace_round)
+from tracefl_jax.provenance.round_callback import provenance_callback
 
 __all__ = [
     "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum",

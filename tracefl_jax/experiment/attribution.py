@@ -43,7 +43,8 @@ from tracefl_jax.experiment.attribution_plot import plot_attribution
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.rounds import federated_averaging, run_rounds
-from tracefl_jax.provenance import protocol, retrained, retraining, trace_clients
+from tracefl_jax.provenance import (protocol, retrained, retraining, round_callback,
+                                    trace_clients)
 from tracefl_jax.provenance.counterfactual import leave_one_out
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.selection import select_faulty_inputs
@@ -92,7 +93,7 @@ def _train(c, data, model, variables, algorithm, evaluator, faulty, flip):
   callbacks: list[Any] = [evaluator]
   if c.attribution.per_round:
     for score in ("tracefl", "first_order"):
-      callbacks.append(_tagged(score, protocol.provenance_callback(
+      callbacks.append(_tagged(score, round_callback.provenance_callback(
           model, evaluator, _settings(c, score, faulty, flip))))
 
   def keep(info):

@@ -33,7 +33,8 @@ from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.fl.privacy import dp_epsilon
 from tracefl_jax.fl.rounds import RoundInfo
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
-from tracefl_jax.provenance.protocol import ProtocolSettings, provenance_callback
+from tracefl_jax.provenance.protocol import ProtocolSettings
+from tracefl_jax.provenance.round_callback import provenance_callback
 
 
 def protocol_settings(c: ml_collections.ConfigDict,
