@@ -85,12 +85,10 @@ def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
   """The fastest exact kernel for the shapes.
 
   Non-affine units need "reference". Otherwise "grad": one forward/backward of G plus a
-  2 N P K contraction, measured fastest at every K (benchmarks/bench_provenance.py, FedAvg
-  CNN, 20 inputs, 2 CPU cores: grad 8.2 ms vs reference 10.6 ms at K = 10, 19 ms vs 149 ms
-  at K = 100, 0.20 s vs 1.6 s at K = 1000; "jvp", K linearised forward passes, 3.0 s; and
-  benchmarks/bench_reference.py, MLP 64-32-10, 256 inputs, K = 1000: grad 0.18 s, jvp 0.30 s,
-  once grad contracts a Dense unit in the order with the smaller intermediate; before that
-  jvp was 2x faster there).
+  2 N P K contraction, measured fastest at every K (benchmarks/README.md, "Speed of light",
+  256 inputs, 2 CPU cores: MLP 64-32-10 grad 22 ms vs jvp 60 ms at K = 1,000, 0.19 s vs
+  0.57 s at K = 10,000, both within 1.3x of each other below; FedAvg CNN grad 0.32 s vs jvp
+  2.1 s at K = 10; benchmarks/bench_provenance.py: grad 0.20 s vs reference 1.6 s at K = 1000).
   """
   del num_inputs, num_clients
   return "grad" if is_affine(model) else "reference"
