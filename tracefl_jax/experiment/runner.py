@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
   stages.import_modules(c.imports)
   validate(c)
   if c.attribution.enabled:  # the comparison against retrained federations (issue 19)
-    from tracefl_jax.experiment.attribution import run_comparison  # pylint: disable=g-import-not-at-top
+    from tracefl_jax.experiment.comparison import run_comparison  # pylint: disable=g-import-not-at-top
     return run_comparison(c, workdir)
   memory.reset_peak_rss()  # this run's peak, not an earlier run's of the same process
   primary = distributed.is_primary()

@@ -1,0 +1,228 @@
+r"""One cell of the comparison of attribution methods against retrained federations
+(configs/attribution.py).
+
+One cell (`run_comparison(config, workdir)`): train the federation of `config` (the base run),
+trace its last round, accumulate multi-round provenance online, pick the inputs to explain
+from the final model's predictions, then retrain `2 + C + M` federations side by side
+(`provenance.retraining`: base, noise floor, each client left out, M half-subsets; each
+distinct federation is trained once, so a client never sampled costs nothing) and score
+every method against every truth. Writes `WORKDIR/attribution.json` (rows, per-round curve,
+timings) and returns it.
+
+Methods (scores `[N, C]` over all C clients; a method that only sees the last round scores
+the others 0):
+  tracefl        the paper's P over the last round's participants
+  first_order    the weight-aware score of the last round (`score="first_order"`)
+  multi_round    `provenance.multiround` over all rounds
+  loo_last       the exact single-round leave-one-client-out drops of the last round
+  largest        the client's example count (the largest client named for every input)
+  random         a uniformly random last-round participant, in expectation
+Truths: `paper_rule` (correct mode: the named client holds the input's label; faulty mode: it
+is a faulty client), `loo_last_top1` (the named client is the last round's exact LOO client),
+`retrain_top1` / `retrain_spearman` (leave-one-client-out retraining), `lds`.
+
+The runner (`experiment.runner.run`, for a config with `attribution.enabled`) runs one cell;
+`experiment/attribution.py` runs every cell of a sweep and writes the table and figure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tracefl_jax.experiment import stages
+from tracefl_jax.experiment.config import validate
+from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.rounds import federated_averaging, run_rounds
+from tracefl_jax.provenance import (protocol, retrained, retraining, round_callback,
+                                    trace_clients)
+from tracefl_jax.provenance.counterfactual import leave_one_out
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance.selection import select_faulty_inputs
+
+METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "largest", "random")
+
+
+def _setup(c: ml_collections.ConfigDict):
+  """The runner's data, model and evaluator stages; the algorithm is plain FedAvg with an
+  in-program strategy (the retrained federations run its round program)."""
+  d = stages.load_data(c)
+  m = stages.build_model(c, d)
+  algorithm = federated_averaging(
+      m.model, make_optimizer(c.client.optimizer, c.client.learning_rate, c.client.weight_decay,
+                              c.client.momentum),
+      batch_size=c.client.batch_size, local_epochs=c.client.local_epochs,
+      weighting=c.aggregation.weighting,
+      strategy="scan" if c.simulation.strategy in ("auto", "loop") else c.simulation.strategy,
+      clients_per_chunk=c.simulation.clients_per_chunk)
+  evaluator = stages.build_evaluator(c, m, d)
+  return d.data, m.model, m.variables, algorithm, evaluator, d.faulty, d.flip
+
+
+def _settings(c, score: str, faulty, flip) -> protocol.ProtocolSettings:
+  p = c.provenance
+  return protocol.ProtocolSettings(
+      mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
+      faulty_clients=tuple(faulty), flip=flip, kernel=p.kernel, decay=p.decay,
+      use_decay=p.use_decay, clients_per_chunk=p.clients_per_chunk, counterfactual=True,
+      feddebug=False, score=score)
+
+
+def _spread(values, ids, num_clients: int) -> np.ndarray:
+  """`[N, K]` scores over the round's participants -> `[N, C]`, 0 for the others."""
+  values = np.asarray(values, np.float64)
+  out = np.zeros((values.shape[0], num_clients))
+  out[:, np.asarray(ids)] = values
+  return out
+
+
+def _train(c, data, model, variables, algorithm, evaluator, faulty, flip):
+  """The base run: per-round accuracy and (optionally) both scores traced every round."""
+  acc = MultiRoundAccumulator(variables["params"], data.num_clients, c.attribution.round_decay)
+  kept: dict[str, Any] = {}
+  curve: list[dict[str, Any]] = []
+  callbacks: list[Any] = [evaluator]
+  if c.attribution.per_round:
+    for score in ("tracefl", "first_order"):
+      callbacks.append(_tagged(score, round_callback.provenance_callback(
+          model, evaluator, _settings(c, score, faulty, flip))))
+
+  def keep(info):
+    out = info.output
+    acc.update(out.clients.variables, out.traced, out.weights, out.client_ids)
+    kept["last"] = out
+    curve.append({"round": info.round, "accuracy": info.metrics["accuracy"],
+                  **{k: v for k, v in info.metrics.items() if k.startswith("prov_")}})
+
+  state, _ = run_rounds(algorithm, algorithm.init(variables), data, rounds=c.rounds,
+                        clients_per_round=c.clients_per_round, seed=c.seed,
+                        callbacks=[*callbacks, keep],
+                        always_sampled=faulty if c.faulty.every_round else ())
+  return state.variables, kept["last"], acc, curve
+
+
+def _tagged(score: str, callback):
+  def run(info):
+    out = callback(info)
+    if not out or out["provenance"].get("skipped"):
+      return None
+    p = out["provenance"]
+    return {f"prov_{score}_{k}": p.get(k) for k in ("accuracy", "counterfactual_top1")}
+  return run
+
+
+def _explained(c, evaluator, final, flip) -> np.ndarray:
+  pred = evaluator.predictions(final)
+  if c.provenance.mode == "faulty":
+    return select_faulty_inputs(pred, evaluator.y, flip, c.attribution.explain_inputs)
+  return np.flatnonzero(pred == evaluator.y)[: c.attribution.explain_inputs]
+
+
+def _method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray]:
+  ids, num = last.client_ids, len(sizes)
+  kw = dict(kernel=c.provenance.kernel,
+            clients_per_chunk=c.provenance.clients_per_chunk or None)
+  paper = trace_clients(model, last.traced, last.clients.variables, x, decay=c.provenance.decay,
+                        use_decay=c.provenance.use_decay, client_ids=ids, **kw)
+  fo = trace_clients(model, last.traced, last.clients.variables, x, score="first_order",
+                     weights=last.weights, client_ids=ids, **kw)
+  loo = leave_one_out(model, last.clients.variables, last.weights, x,
+                      global_vars=last.traced, clients_per_chunk=kw["clients_per_chunk"])
+  return {"tracefl": _spread(paper.probs, ids, num),
+          "first_order": _spread(fo.scores, ids, num),
+          "multi_round": np.asarray(acc.scores(model, final, x, **kw).scores, np.float64),
+          "loo_last": _spread(loo.drops, ids, num),
+          "largest": np.broadcast_to(np.asarray(sizes, np.float64), (x.shape[0], num))}
+
+
+def _rows(scores, truth, loo_last_top, rule, participants) -> list[dict[str, Any]]:
+  """One row per method: every truth. `rule(clients [N]) -> [N] bool` is the paper's rule."""
+  rows = []
+  for name, s in scores.items():
+    top = np.argmax(s, axis=1)
+    rows.append({"method": name, "paper_rule": float(rule(top).mean()),
+                 "loo_last_top1": float(np.mean(top == loo_last_top)),
+                 **retrained.compare(s, truth)})
+  k = len(participants)  # a uniformly random participant, in expectation
+  n = len(truth.top_client)
+  rule_rand = np.mean([rule(np.full(n, p)) for p in participants], axis=0)
+  rows.append({"method": "random", "paper_rule": float(rule_rand.mean()),
+               "loo_last_top1": 1.0 / k,
+               "retrain_top1": float(np.isin(truth.top_client, participants).mean() / k),
+               "retrain_spearman": None, "lds": None})
+  return rows
+
+
+def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """One cell of the comparison (see the module docstring); writes WORKDIR/attribution.json."""
+  validate(config)
+  c = config
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  data, model, init, algorithm, evaluator, faulty, flip = _setup(c)
+  final, last, acc, curve = _train(c, data, model, init, algorithm, evaluator, faulty, flip)
+  t_train = time.perf_counter() - t0
+  idx = _explained(c, evaluator, final, flip)
+  if len(idx) == 0:
+    raise ValueError("no test input to explain (no correct prediction, or no misprediction "
+                     "matching the flip in faulty mode)")
+  x = jnp.take(evaluator.x, jnp.asarray(idx), axis=0)
+  target = jnp.asarray(evaluator.predictions(final)[idx], jnp.int32)
+  sizes = data.partition.client_sizes
+  t1 = time.perf_counter()
+  scores = _method_scores(c, model, final, last, acc, x, sizes)
+  t_methods = time.perf_counter() - t1
+  num = data.num_clients
+  always = faulty if c.faulty.every_round else ()
+  masks = retrained.truth_masks(num, c.attribution.subsets, c.seed)
+  seeds = np.full(len(masks), c.seed)
+  seeds[1] = c.seed + c.attribution.noise_seed
+  plan = retraining.round_plan(
+      data, rounds=c.rounds, clients_per_round=c.clients_per_round, seed=c.seed,
+      batch_size=c.client.batch_size, weighting=c.aggregation.weighting, always_sampled=always)
+  # A client never sampled leaves its leave-one-out federation equal to the base one:
+  # `retrain` trains each distinct federation once.
+  distinct, _ = retraining.distinct_federations(plan, masks, seeds)
+  t2 = time.perf_counter()
+  feds = retraining.retrain(
+      algorithm, init, data, masks, rounds=c.rounds,
+      clients_per_round=c.clients_per_round, seed=c.seed, batch_size=c.client.batch_size,
+      local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting, data_seeds=seeds,
+      federations_per_chunk=c.attribution.federations_per_chunk, always_sampled=always,
+      clients_per_chunk=c.simulation.clients_per_chunk)
+  logits = np.asarray(retrained.explained_logits(model, feds, x, target))
+  t_retrain = time.perf_counter() - t2
+  truth = retrained.with_subsets(retrained.truth_from_logits(logits, num),
+                                 masks[2 + num:])
+  base = np.asarray(retrained.explained_logits(
+      model, jax.tree.map(lambda a: a[None], final), x, target))[0]
+  labels = evaluator.y[idx]
+  if c.provenance.mode == "faulty":
+    rule = lambda clients: np.isin(clients, faulty)  # noqa: E731
+  else:
+    rule = lambda clients: data.label_counts[clients, labels] > 0  # noqa: E731
+  loo_top = np.argmax(scores["loo_last"] + np.where(
+      np.isin(np.arange(num), last.client_ids), 0.0, -np.inf), axis=1)
+  summary = {
+      "global_accuracy": curve[-1]["accuracy"], "clients": num,
+      "clients_per_round": c.clients_per_round, "rounds": c.rounds, "inputs": int(len(idx)),
+      "mode": c.provenance.mode, "federations": int(len(distinct)),
+      "clients_never_sampled": int(num - retraining.participation(plan, num).any(0).sum()),
+      "noise_floor_mean": float(truth.noise.mean()),
+      "top_drop_above_noise": float(truth.top_above_noise.mean()),
+      "base_reproduced_max_abs": float(np.abs(base - truth.base_logit).max()),
+      "rows": _rows(scores, truth, loo_top, rule, np.asarray(last.client_ids)),
+      "curve": curve,
+      "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain,
+                  "total": time.perf_counter() - t0},
+  }
+  (workdir / "attribution.json").write_text(json.dumps(summary, indent=1) + "\n")
+  return summary
