@@ -48,7 +48,8 @@ def test_finite_inputs_are_all_attributable(case):
   res = trace_clients(model, g, clients, x)
   assert res.attributable.dtype == jnp.bool_ and res.attributable.shape == (N,)
   assert bool(np.all(res.attributable))
-  assert res[-1] is res.attributable  # the new field is last: positional users keep working
+  # New fields come last: positional users keep working.
+  assert res[7] is res.attributable and res[-1] is res.first_order_scores is None
   np.testing.assert_array_equal(res[2], res.traced_client)
 
 
