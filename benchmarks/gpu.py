@@ -472,7 +472,7 @@ def reference_section(report: Report, cfg: dict[str, Any], budget: Budget) -> No
   c = cfg["reference"]
   args = argparse.Namespace(batch=c["batch"], epochs=c["epochs"], lr=0.05, inputs=c["inputs"],
                             kernels=c["kernels"], repeats=c["repeats"],
-                            memory=c["memory"])
+                            memory=c["memory"], references="einsum,plain_jvp")
   rng = np.random.default_rng(0)
   with jax.default_matmul_precision("float32"):  # no TF32: both sides compute the same
     _reference_rows(report, c, args, rng, budget)
