@@ -43,6 +43,7 @@ from tracefl_jax.fl.strategies import client_mesh  # noqa: E402
 from tracefl_jax.models import get_model  # noqa: E402
 from tracefl_jax.models.base import get_layer  # noqa: E402
 from tracefl_jax.provenance import trace_clients  # noqa: E402
+from tracefl_jax.provenance.kernels import contract_blocked  # noqa: E402
 
 
 def matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
@@ -53,6 +54,24 @@ def matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
   f = jax.jit(lambda u, v: jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
   t = time_fn(lambda: f(a, b), repeats)
   return {"probe_n": n, "probe_s": t["steady_s"], "peak_flops_per_s": 2 * n**3 / t["steady_s"]}
+
+
+def contraction_probe(n: int, p: int, k: int, peak: float, repeats: int = 3) -> dict[str, float]:
+  """The contraction alone on random `[n, p] x [k, p]` float32: the kernel's blocked dot
+  (`contract_blocked`) and one plain `jnp.einsum`, as fractions of `peak`. What XLA's own dot
+  reaches on the shape a trace contracts (skinny N streams the client weights at a few GB/s
+  on CPU), apart from G's forward/backward and the per-input weight gradients."""
+  x = jax.random.normal(jax.random.key(0), (n, p), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (k, p), jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  blocked_fn = jax.jit(contract_blocked)
+  plain_fn = jax.jit(lambda a, b: jnp.einsum("np,kp->nk", a, b, precision=hi))
+  blocked = time_fn(lambda: blocked_fn(x, w), repeats)["steady_s"]
+  plain = time_fn(lambda: plain_fn(x, w), repeats)["steady_s"]
+  flops = 2 * n * p * k
+  return {"inputs": n, "traced_params": p, "K": k, "blocked_s": blocked, "plain_s": plain,
+          "blocked_fraction_of_peak": flops / blocked / peak,
+          "plain_fraction_of_peak": flops / plain / peak}
 
 
 def traced_params(model, params) -> int:
@@ -151,6 +170,9 @@ def main() -> None:
                  help="shard the clients over the first D devices (0: one device, unsharded)")
   p.add_argument("--probe", type=int, default=0,
                  help="matmul probe size n (0: 8192 on GPU, 2048 otherwise)")
+  p.add_argument("--contraction-probe", action="store_true",
+                 help="after each K, time the contraction alone on random [inputs, P] x [K, P]"
+                      " (the kernel's blocked dot and one plain einsum; P x K floats twice)")
   p.add_argument("--out", default="")
   args = p.parse_args()
 
@@ -203,6 +225,10 @@ def main() -> None:
                   "speedup_vs_original": rate / torch_pairs_per_s if torch_pairs_per_s else None,
                   "contraction_flops": flops, "achieved_flops_per_s": flops / t["steady_s"],
                   "fraction_of_peak": flops / t["steady_s"] / peak})
+    del clients  # the probe's [K, P] operands take their place (10,000 x P: gigabytes)
+    if args.contraction_probe:
+      sink.write({"bench": "contraction_probe", "model": args.model, "image": args.image,
+                  **contraction_probe(args.inputs, p_traced, k, peak, args.repeats)})
 
 
 if __name__ == "__main__":
