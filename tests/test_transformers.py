@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from tracefl_jax.models.hf_import import load_hf_classifier  # noqa: E402
 from tracefl_jax.models.transformer import BertClassifier, GPTClassifier  # noqa: E402
-from tracefl_jax.models.base import make_model  # noqa: E402
+from tracefl_jax.models import make_model  # noqa: E402
 from tracefl_jax.provenance import trace_clients  # noqa: E402
 
 T = 12

@@ -8,9 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tracefl_jax.models.base import (TRACED_UNIT_TYPES, ModelDef, TracedUnit,
-                                     discover_traced_layers, get_layer, inspect_units,
-                                     make_model)
-from tracefl_jax.models.build import check_shape_and_classes
+                                     discover_traced_layers, get_layer, inspect_units)
+from tracefl_jax.models.build import check_shape_and_classes, make_model
 from tracefl_jax.models.cnn import LeNet, FedAvgCNN, MLP
 from tracefl_jax.models.resnet import DenseNet, ResNet18
 from tracefl_jax.models.transformer import BertClassifier, GPTClassifier

@@ -366,8 +366,3 @@ def _jitted_init(model: ModelDef, cpu: bool) -> Callable[[jax.Array, jax.Array],
   return jax.jit(lambda key, x: dict(model.module.init({"params": key, "dropout": key}, x,
                                                        **mode)),
                  compiler_options=_CPU_INIT_OPTIONS if cpu else None)
-
-
-# make_model lives in build.py (its checks); imported here, where callers find it.
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from tracefl_jax.models.build import make_model  # noqa: E402,F401

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from tracefl_jax.models.base import ModelDef, make_model
+from tracefl_jax.models.base import ModelDef
+from tracefl_jax.models.build import make_model
 from tracefl_jax.models.transformer import ACTIVATIONS, BertClassifier, GPTClassifier
 
 # Module-name pieces whose underscores are part of the Hugging Face name.
