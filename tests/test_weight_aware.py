@@ -162,3 +162,32 @@ def test_protocol_traces_with_the_weight_aware_score(case):
                                  client_sizes=np.full(k, 4), label_counts=label_counts,
                                  x_test=x, y_test=pred, predictions=pred, settings=settings)
   assert skipped.summary["skipped"] and "weights" in skipped.summary["reason"]
+
+
+def test_protocol_judges_the_leave_one_out_client_by_the_modes_rule(case):
+  # counterfactual_accuracy: the localization rule applied to the client whose removal lowers
+  # the predicted logit most (the fade's question: does the truth itself pass the rule?).
+  model, clients, w, g, x = case
+  k = len(w)
+  pred = np.asarray(model.logits(g, x)).argmax(1)
+  label_counts = np.asarray(jax.random.bernoulli(jax.random.key(3), 0.5, (k, 4)), np.int64)
+  settings = protocol.ProtocolSettings(per_label=5)
+  traced = protocol.trace_round(model, g, clients, client_ids=np.arange(k),
+                                client_sizes=np.full(k, 4), label_counts=label_counts,
+                                x_test=x, y_test=pred, predictions=pred, settings=settings,
+                                weights=w)
+  drops = np.asarray(cf.leave_one_out(model, clients, w, x[traced.inputs], global_vars=g).drops)
+  top = drops.argmax(1)
+  np.testing.assert_array_equal(traced.counterfactual_client, top)
+  want = np.mean(label_counts[top, pred[traced.inputs]] > 0)
+  assert 0.0 < want < 1.0  # the case tells a rule that holds from one that does not
+  assert traced.summary["counterfactual_accuracy"] == pytest.approx(want)
+  faulty = protocol.trace_round(
+      model, g, clients, client_ids=np.arange(k), client_sizes=np.full(k, 4),
+      label_counts=label_counts, x_test=x, y_test=(pred + 1) % 4, predictions=pred,
+      settings=protocol.ProtocolSettings(mode="faulty", faulty_clients=(int(top[0]),),
+                                         flip={c: int(pred[traced.inputs][0]) for c in range(4)}),
+      weights=w)
+  drops = np.asarray(cf.leave_one_out(model, clients, w, x[faulty.inputs], global_vars=g).drops)
+  assert faulty.summary["counterfactual_accuracy"] == pytest.approx(
+      np.mean(drops.argmax(1) == top[0]))

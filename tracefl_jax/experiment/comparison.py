@@ -114,7 +114,8 @@ def _tagged(score: str, callback):
     if not out or out["provenance"].get("skipped"):
       return None
     p = out["provenance"]
-    return {f"prov_{score}_{k}": p.get(k) for k in ("accuracy", "counterfactual_top1")}
+    keys = ("accuracy", "counterfactual_top1", "counterfactual_accuracy")
+    return {f"prov_{score}_{k}": p.get(k) for k in keys}
   return run
 
 

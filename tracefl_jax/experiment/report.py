@@ -53,6 +53,9 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
                     f"{_pct(prov['counterfactual_random_top1'])} / 0.00")
       table.add_row("  largest client", f"{_pct(prov['counterfactual_largest_top1'])} / "
                                         f"{_num(prov.get('counterfactual_largest_spearman'))}")
+      if prov.get("counterfactual_accuracy") is not None:
+        table.add_row("  the leave-one-out client by the localization rule",
+                      _pct(prov["counterfactual_accuracy"]))
     if prov.get("feddebug_accuracy") is not None:
       table.add_row("FedDebug localization accuracy", _pct(prov["feddebug_accuracy"]))
       table.add_row("time per input: TraceFL / FedDebug",

@@ -42,6 +42,7 @@ _COLUMNS = (
     ("cf_largest_spearman", ("provenance", "counterfactual_largest_spearman")),
     ("cf_weight_aware_top1", ("provenance", "first_order_counterfactual_top1")),
     ("weight_aware_acc", ("provenance", "first_order_accuracy")),
+    ("cf_client_rule_acc", ("provenance", "counterfactual_accuracy")),
     ("feddebug_acc", ("provenance", "feddebug_accuracy")),
     ("tracefl_s_per_input", ("provenance", "tracefl_seconds_per_input")),
     ("feddebug_s_per_input", ("provenance", "feddebug_seconds_per_input")),
