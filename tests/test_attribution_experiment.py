@@ -32,18 +32,34 @@ def test_cpu_cells_validate_and_unknown_preset_is_named():
   assert len(cells) == 4
   for overrides in cells:
     validate(apply_overrides(base, overrides))
+  (mnist,) = expand_grid(module.get_sweep("mnist"))
+  validate(apply_overrides(module.get_config("mnist"), mnist))
   with pytest.raises(ValueError, match="unknown preset 'tpu'"):
     module.get_config("tpu")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--sweep"], "--sweep is a flag of python -m tracefl_jax, not of the comparison"),
+    (["--config.dataset.data_dri=x"], "did you mean --config.dataset.data_dir"),
+    ([], "--workdir is required"),
+])
+def test_comparison_command_names_a_bad_argument(argv, message, capsys):
+  workdir = [] if not argv else ["--workdir=unused"]
+  with pytest.raises(SystemExit) as e:
+    attribution.main([f"--config={CONFIG}:smoke", *workdir, *argv])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_smoke_preset_end_to_end(tmp_path, capsys):
-  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
+  # An override reaches every cell (the preset explains 10 inputs).
+  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+                    "--config.attribution.explain_inputs=8"])
   table = capsys.readouterr().out
   (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
   s = json.loads((cell / "attribution.json").read_text())
   assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
   # base, noise floor, one per client sampled in some round, 3 subsets
-  assert s["federations"] == 2 + (6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 10
+  assert s["federations"] == 2 + (6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 8
   assert len(s["curve"]) == 2 and "prov_first_order_accuracy" in s["curve"][-1]
   rows = {r["method"]: r for r in s["rows"]}
   assert rows["loo_last"]["loo_last_top1"] == 1.0  # the truth itself

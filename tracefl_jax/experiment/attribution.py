@@ -4,7 +4,8 @@ methods and truths), its table and its figure.
 
   python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:cpu \
       --workdir=runs/attribution
-runs every cell of the preset's sweep (skipping finished ones) and prints the table.
+runs every cell of the preset's sweep (skipping finished ones) and prints the table;
+`--config.FIELD=VALUE` sets a field of every cell (e.g. `--config.dataset.data_dir=DIR`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tracefl_jax.experiment import sweep
+import ml_collections
+
+from tracefl_jax.experiment import cli_args, sweep
 from tracefl_jax.experiment.attribution_plot import plot_attribution
 from tracefl_jax.experiment.comparison import METHODS, run_comparison  # noqa: F401
 from tracefl_jax.experiment.configfile import load_config
@@ -36,13 +39,15 @@ def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
   return "\n".join(lines)
 
 
-def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf")
+def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf"),
+              base: ml_collections.ConfigDict | None = None
               ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
   """Every cell of the sweep of `spec` (`PATH.py:PRESET`) under `workdir`, a finished cell
   read back instead of rerun, then WORKDIR/table.md and WORKDIR/attribution.png. A cell not
-  started by `deadline` (time.perf_counter) is left out. Returns `(cells, names left out)`."""
+  started by `deadline` (time.perf_counter) is left out; `base`: the preset's config with
+  the user's overrides (default: the preset's). Returns `(cells, names left out)`."""
   workdir = Path(workdir)
-  base = load_config(spec)
+  base = load_config(spec) if base is None else base
   path, _, preset = spec.partition(":")
   cells, left = [], []
   for overrides in sweep.expand_grid(sweep.load_sweep(path, preset)):
@@ -66,10 +71,20 @@ def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf")
 
 
 def main(argv: list[str]) -> None:
-  """`--config=PATH.py:PRESET --workdir=DIR`: every cell of the preset's sweep, then the
-  table (WORKDIR/table.md, also printed) and its figure (WORKDIR/attribution.png)."""
-  args = dict(a.removeprefix("--").split("=", 1) for a in argv)
-  cells, _ = run_cells(args["config"], args["workdir"])
+  """`--config=PATH.py:PRESET --workdir=DIR [--config.FIELD=VALUE ...]`: every cell of the
+  preset's sweep, then the table (WORKDIR/table.md, also printed) and its figure
+  (WORKDIR/attribution.png). A bad argument is one line on stderr and exit code 2."""
+  try:
+    args = cli_args.parse_args(argv)
+    own = ("config", "workdir", "quiet")
+    other = sorted(k for k, v in args.flags.items() if v and k not in own)
+    if other:
+      raise ValueError(f"--{other[0]} is a flag of python -m tracefl_jax, not of the "
+                       f"comparison; it takes --config, --workdir and --config.FIELD=VALUE")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  cells, _ = run_cells(args.config_spec, args.flags["workdir"], base=args.config)
   print(table(cells))
 
 
