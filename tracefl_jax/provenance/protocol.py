@@ -188,13 +188,10 @@ def trace_round(
   position = np.asarray(result.traced_position)[:n]
   traced = np.asarray(result.traced_client)[:n].astype(np.int64)
   labels = y_test[idx]
-  if settings.mode == "faulty":
-    faulty = set(settings.faulty_clients)
-    correct = np.isin(traced, list(faulty)) & ok
-    faulty_local = [k for k, c in enumerate(client_ids) if int(c) in faulty]
-  else:
-    correct = localization_correct(np.maximum(position, 0), labels, part_counts) & ok
-    faulty_local = None
+  correct = _passes_rule(settings, np.maximum(position, 0), labels, part_counts,
+                         client_ids) & ok
+  faulty_local = ([k for k, c in enumerate(client_ids) if int(c) in settings.faulty_clients]
+                  if settings.mode == "faulty" else None)
   summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
                              "score": settings.score,
                              "unattributable": int(n - ok.sum()),
@@ -217,14 +214,21 @@ def trace_round(
       # a faulty client)? Where this falls with TraceFL's accuracy, the lenient rule fades,
       # not the method (README, "the fade").
       summary["counterfactual_accuracy"] = float(np.mean(
-          np.isin(cf_client[ok], list(faulty)) if settings.mode == "faulty"
-          else localization_correct(cf_position, labels[ok], part_counts)))
+          _passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
       if settings.score == "tracefl":  # the weight-aware score beside the paper's
         summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
                                             labels, part_counts, client_ids, settings,
                                             result.first_order_scores))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
+
+
+def _passes_rule(settings, positions, labels, part_counts, client_ids) -> np.ndarray:
+  """`[N]` bool: the participant at each of `positions` passes the mode's rule (faulty mode:
+  it is a faulty client; correct mode: its data holds the input's label)."""
+  if settings.mode == "faulty":
+    return np.isin(np.asarray(client_ids)[positions], list(settings.faulty_clients))
+  return localization_correct(positions, labels, part_counts)
 
 
 def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok, labels,
@@ -244,10 +248,7 @@ def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok,
     return {}
   report = counterfactual_report(fo_scores[keep], drops[keep], np.ones(fo_scores.shape[1]))
   top = np.argmax(fo_scores[keep], axis=1)
-  if settings.mode == "faulty":
-    right = np.isin(np.asarray(client_ids)[top], list(settings.faulty_clients))
-  else:
-    right = localization_correct(top, labels[keep], part_counts)
+  right = _passes_rule(settings, top, labels[keep], part_counts, client_ids)
   return {"first_order_counterfactual_top1": report["counterfactual_top1"],
           "first_order_counterfactual_spearman": report["counterfactual_spearman"],
           "first_order_accuracy": float(np.mean(right))}
