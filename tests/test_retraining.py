@@ -10,7 +10,10 @@ import optax
 import pytest
 
 from tracefl_jax.data.federated import federate
+from tracefl_jax.fl import losses, robust
+from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.rounds import federated_averaging, run_rounds
+from tracefl_jax.fl.server import server_optimizer
 from tracefl_jax.models import make_model
 from tracefl_jax.provenance import retrained, retraining
 
@@ -118,6 +121,78 @@ def test_never_sampled_and_zero_weight_clients(fed):
   for a, b in zip(_leaves(out), _leaves(built)):
     np.testing.assert_allclose(a[2], b, rtol=1e-5, atol=1e-6)
   assert max(np.abs(a[2] - a[0]).max() for a in _leaves(out)) > 1e-3
+
+
+def _assert_close(a, b):
+  for u, v in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def _row(batched, f):
+  return jax.tree.map(lambda v: v[f], batched)
+
+
+def test_server_optimizer_robust_rule_and_fedprox_retrain_like_run_rounds(fed):
+  """FedAdam + trimmed mean + FedProx: each federation carries its own Adam state; batched
+  (all at once, and chunked through `lax.map`) == sequential == `run_rounds`."""
+  model, _, x, y, parts, seed, init = fed
+  data = federate(x, y, parts)
+  per_round = 5  # 5 present clients: trimmed_mean(0.2) cuts one from each end
+  kw = dict(_kw(seed), clients_per_round=per_round)
+  pieces = dict(batch_size=BATCH, local_epochs=EPOCHS, strategy="scan",
+                loss_fn=losses.fedprox(0.5), aggregator=robust.trimmed_mean(0.2))
+  algorithm = federated_averaging(model, optax.sgd(0.3), **pieces,
+                                  server_optimizer=server_optimizer("adam", 0.05))
+  plan = retraining.round_plan(data, rounds=ROUNDS, clients_per_round=per_round, seed=seed,
+                               batch_size=BATCH)
+  absent = int(np.setdiff1d(np.arange(6), plan[0]["client_ids"])[0])  # not in round 1
+  gone = int(plan[1]["client_ids"][0])  # sampled in round 2
+  masks = np.ones((4, 6), np.float32)
+  masks[2, gone] = 0  # leave-one-out
+  masks[3] = np.eye(6)[absent]  # round 1 has no participant: Adam's state must not move
+  data_seeds = np.full(4, seed)
+  data_seeds[1] = seed + 1
+  batched = retraining.retrain(algorithm, init, data, masks, data_seeds=data_seeds, **kw)
+  chunked = retraining.retrain(algorithm, init, data, masks, data_seeds=data_seeds,
+                               federations_per_chunk=3, federation_strategy="map", **kw)
+  _assert_close(chunked, batched)
+  for f in range(len(masks)):
+    _assert_close(_row(batched, f), retraining.retrain_sequential(
+        algorithm, init, data, masks[f], data_seed=data_seeds[f], **kw))
+  state, _ = run_rounds(algorithm, algorithm.init(init), data, rounds=ROUNDS,
+                        clients_per_round=per_round, seed=seed)
+  _assert_close(_row(batched, 0), state.variables)
+  finals = np.stack([np.concatenate([a.ravel() for a in _leaves(_row(batched, f))])
+                     for f in range(len(masks))])
+  assert np.abs(finals[1:] - finals[0]).max(axis=1).min() > 1e-3
+  # The server optimizer mattered: without it the same federation ends elsewhere.
+  plain = federated_averaging(model, optax.sgd(0.3), **pieces)
+  without = retraining.retrain_sequential(plain, init, data, masks[0], **kw)
+  assert max(np.abs(a - b).max() for a, b in zip(
+      _leaves(without), _leaves(state.variables))) > 1e-3
+
+
+def test_dp_fedavg_retrains_like_run_rounds(fed):
+  """DP-FedAvg's noise comes from the federation's round key: batched == sequential ==
+  `run_rounds`, and a left-out client's federation shares the base one's noise draws."""
+  model, _, x, y, parts, seed, init = fed
+  data = federate(x, y, parts)
+  dp = DPSettings(clip_norm=0.5, noise_multiplier=0.5, clients_per_round=PER_ROUND)
+  algorithm = federated_averaging(model, optax.sgd(0.3), batch_size=BATCH,
+                                  local_epochs=EPOCHS, strategy="scan", dp=dp)
+  plan = retraining.round_plan(data, rounds=ROUNDS, clients_per_round=PER_ROUND, seed=seed,
+                               batch_size=BATCH)
+  masks = np.ones((3, 6), np.float32)
+  masks[2, int(plan[0]["client_ids"][0])] = 0
+  data_seeds = np.array([seed, seed + 1, seed])
+  batched = retraining.retrain(algorithm, init, data, masks, data_seeds=data_seeds,
+                               **_kw(seed))
+  for f in range(len(masks)):
+    _assert_close(_row(batched, f), retraining.retrain_sequential(
+        algorithm, init, data, masks[f], data_seed=data_seeds[f], **_kw(seed)))
+  state, _ = run_rounds(algorithm, algorithm.init(init), data, rounds=ROUNDS,
+                        clients_per_round=PER_ROUND, seed=seed)
+  _assert_close(_row(batched, 0), state.variables)
 
 
 def test_lds_and_compare_match_their_definitions():

@@ -13,8 +13,17 @@ federation axis of (variables, round key, weights); x, y and the round's client 
 shared. Federations are run `federations_per_chunk` at a time when memory binds, and dealt to
 the devices of a 1-D mesh (the federation axis sharded) when there are several.
 
+Any algorithm with a round program retrains: its aggregation rule (`robust`: a robust rule
+counts a client as present or absent, so only a mask's zeros matter to it), its client
+objective (FedProx's anchor is each federation's own G_{t-1}), its server optimizer (each
+federation carries its own state, `algorithm.init(variables).opt_state` broadcast to `[F, ...]`
+and vmapped, chunked and sharded with the variables; Adam's doubles the memory per
+federation) and DP-FedAvg (the noise is drawn from the federation's round key, so federations
+of one data seed share their noise draws and another data seed draws other noise).
+
 A round in which none of a federation's sampled clients takes part (every weight 0) leaves
-that federation's model unchanged: without its clients the round has nothing to average.
+that federation's model and server optimizer state unchanged: without its clients the round
+has nothing to average.
 
 Federations that differ only in clients the shared sampling never draws are the same
 federation (such a client's mask multiplies no weight in any round): `retrain` trains each
@@ -46,20 +55,23 @@ FEDERATION_STRATEGIES = ("vmap", "map")
 
 
 def _round_step(program, lanes, normalization, strategy):
-  """(variables [F], keys [F], weights [F, K], shared round data) -> new variables [F]."""
+  """((variables, opt_state) [F], keys [F], weights [F, K], shared round data) -> the new
+  (variables, opt_state) [F]; opt_state is None without a server optimizer."""
 
-  def one(variables, key, weights, x, y, indices, counts, ids):
+  def one(state, key, weights, x, y, indices, counts, ids):
     total = jnp.sum(weights)
+    # All weights 0: run the round on ones (no 0 / 0 in any rule) and keep the old state.
     safe = jnp.where(total > 0, weights, jnp.ones_like(weights))
-    new = program(variables, x, y, indices, counts, ids, key, safe, lanes=lanes,
-                  normalization=normalization)[0]
-    return jax.tree.map(lambda a, b: jnp.where(total > 0, a, b), new, variables)
+    variables, opt_state = state
+    out = program(variables, x, y, indices, counts, ids, key, safe, lanes=lanes,
+                  normalization=normalization, opt_state=opt_state)
+    return jax.tree.map(lambda a, b: jnp.where(total > 0, a, b), (out[0], out[5]), state)
 
   if strategy == "vmap":
     return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None)))
 
-  def mapped(variables, keys, weights, *shared):
-    return jax.lax.map(lambda a: one(*a, *shared), (variables, keys, weights))
+  def mapped(state, keys, weights, *shared):
+    return jax.lax.map(lambda a: one(*a, *shared), (state, keys, weights))
   return jax.jit(mapped)
 
 
@@ -153,7 +165,7 @@ def retrain(
     variables: the initial global model (the run's `model.init`).
     data: the federation's data (C clients).
     masks: `[F, C]` participation (1 / 0; any non-negative value multiplies client c's
-      aggregation weight).
+      aggregation weight, which a robust rule reads only as present (> 0) or absent).
     rounds, clients_per_round, seed, always_sampled: as `run_rounds`; sampling is shared.
     data_seeds: `[F]` seeds of the training keys (data order, dropout); default `seed` for all.
     federations_per_chunk: run this many federations at once (0: all F); the last chunk is
@@ -165,13 +177,14 @@ def retrain(
       convolution's grouped kernels are avoided; see benchmarks/bench_retraining.py).
 
   Returns:
-    The final global variables of every federation, leaves `[F, ...]`. Federations equal
-    under the shared sampling (`distinct_federations`) are trained once.
+    The final global variables of every federation, leaves `[F, ...]` (a server optimizer's
+    final states are not returned). Federations equal under the shared sampling
+    (`distinct_federations`) are trained once.
 
   Raises:
     ValueError: masks not `[F, C]`, negative or non-finite; `data_seeds` not of length F; an
-      algorithm without a round program (strategy "loop") or with a server optimizer;
-      federations_per_chunk < 0.
+      algorithm without a round program (strategy "loop"); federations_per_chunk < 0. Every
+      aggregation rule, client objective and server optimizer is supported, DP-FedAvg too.
   """
   masks = _check_masks(masks, data.num_clients)
   f = masks.shape[0]
@@ -182,9 +195,6 @@ def retrain(
     raise ValueError(f"algorithm.strategy={algorithm.strategy!r} has no round program to run "
                      f"over a federation axis; build it with strategy 'scan', 'vmap' or "
                      f"'chunked'")
-  if getattr(algorithm, "server_optimizer", None) is not None:
-    raise ValueError("retrain runs the round program without a server optimizer's state; "
-                     "build the algorithm with server_optimizer=None (FedAvg's mean)")
   if federation_strategy not in FEDERATION_STRATEGIES:
     raise ValueError(f"federation_strategy={federation_strategy!r}; valid: "
                      f"{', '.join(FEDERATION_STRATEGIES)}")
@@ -213,7 +223,9 @@ def retrain(
 def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, local_epochs,
                clients_per_chunk, mesh, federation_strategy):
   f = masks.shape[0]
-  state = jax.tree.map(lambda a: jnp.broadcast_to(a, (f, *a.shape)), dict(variables))
+  # (G_0, the server optimizer's fresh state or None), one copy per federation.
+  start = (dict(variables), algorithm.init(variables).opt_state)
+  state = jax.tree.map(lambda a: jnp.broadcast_to(a, (f, *jnp.shape(a))), start)
   roots = [jax.random.key(int(s)) for s in data_seeds]
   if mesh is not None:
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
@@ -228,7 +240,7 @@ def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, 
     step = _step_fn(algorithm.program, lanes, data.normalization, federation_strategy)
     state = step(state, keys, weights, data.x, data.y, jnp.asarray(p["indices"]),
                  jnp.asarray(p["counts"]), jnp.asarray(p["client_ids"].astype(np.int32)))
-  return state
+  return state[0]
 
 
 def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData, mask: Any,
@@ -239,10 +251,11 @@ def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData
                        ) -> Variables:
   """One federation of `retrain`, round by round through the plain round program (no
   federation axis): the reference `retrain` is tested against, and the cost of one
-  federation in the benchmark."""
+  federation in the benchmark. A round without participants is skipped (the model and the
+  server optimizer state stay as they are)."""
   mask = _check_masks(np.asarray(mask)[None], data.num_clients)[0]
   root = jax.random.key(seed if data_seed is None else int(data_seed))
-  state = dict(variables)
+  state, opt_state = dict(variables), algorithm.init(variables).opt_state
   for p in round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
                       batch_size=batch_size, weighting=weighting,
                       always_sampled=always_sampled):
@@ -251,11 +264,12 @@ def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData
       continue
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
-    state = algorithm.program(state, data.x, data.y, jnp.asarray(p["indices"]),
-                              jnp.asarray(p["counts"]),
-                              jnp.asarray(p["client_ids"].astype(np.int32)),
-                              round_key(root, p["round"]), jnp.asarray(weights), lanes=lanes,
-                              normalization=data.normalization)[0]
+    out = algorithm.program(state, data.x, data.y, jnp.asarray(p["indices"]),
+                            jnp.asarray(p["counts"]),
+                            jnp.asarray(p["client_ids"].astype(np.int32)),
+                            round_key(root, p["round"]), jnp.asarray(weights), lanes=lanes,
+                            normalization=data.normalization, opt_state=opt_state)
+    state, opt_state = out[0], out[5]
   return state
 
 
