@@ -65,6 +65,16 @@ class RoundOutput(NamedTuple):
   reaggregate: Callable[[jax.Array], Variables] | None = None  # weights [K] -> the G_t this
                                        # round gives with them (same clients, rule, server
                                        # state); None under DP. `leave_one_out_variables`.
+                                       # A `jax.tree_util.Partial`: it can be passed into a
+                                       # jitted function as an argument.
+  aggregation: str = "mean"  # the round's server side in words: "mean" (FedAvg), a rule's
+                             # name, "+ server optimizer", or "dp_fedavg"
+
+  @property
+  def closed_form_exact(self) -> bool:
+    """FedAvg's closed form G_{-k} = (W G - w_k theta_k) / (W - w_k) is this round's own
+    leave-one-client-out model: the weighted mean with no server optimizer and no DP."""
+    return self.aggregation == "mean"
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -178,6 +188,11 @@ def federated_averaging(
 
   server_update_jit = jax.jit(server_update)
 
+  def reaggregate_fn(previous, client_variables, key, opt_state, weights):
+    return server_update_jit(previous, client_variables, weights, key, opt_state)[0]
+
+  description = describe_server(aggregator, server_optimizer, dp)
+
   def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
                           lanes=None, normalization=None, opt_state=None):
     keys = fold_client_keys(key, client_ids)
@@ -253,15 +268,30 @@ def federated_averaging(
     reaggregate = None
     if dp is None:
       base = state if keep_previous else ServerState(new, state.round)  # G_{t-1} unread
-      reaggregate = lambda w: server_update_jit(  # noqa: E731
-          base.variables, out.variables, w, key, base.opt_state)[0]
+      # One function object for every round: a jitted consumer compiles once.
+      reaggregate = jax.tree_util.Partial(reaggregate_fn, base.variables, out.variables, key,
+                                          base.opt_state)
     return (ServerState(new, state.round + 1, opt_state),
             RoundOutput(new, out, client_ids, weights, traced, norms,
                         steps_needed=int(steps.sum()), steps_executed=executed,
-                        previous=previous, reaggregate=reaggregate))
+                        previous=previous, reaggregate=reaggregate, aggregation=description))
 
   return FederatedAlgorithm(init, round_, strategy, program, server_update_jit, aggregator,
                             server_optimizer)
+
+
+def describe_server(aggregator: Any, server_optimizer: Any, dp: DPSettings | None) -> str:
+  """The round's server side in words (`RoundOutput.aggregation`): "mean" only for FedAvg's
+  weighted mean without a server optimizer, the one case FedAvg's closed-form removal of a
+  client is exact."""
+  if dp is not None:
+    return "dp_fedavg"
+  if aggregator is None:
+    rule = "mean"
+  else:
+    rule = getattr(aggregator, "name", None) or (
+        f"custom rule {getattr(aggregator, '__name__', '')}".strip())
+  return rule if server_optimizer is None else f"{rule} + server optimizer"
 
 
 def leave_one_out_variables(output: RoundOutput,

@@ -17,13 +17,24 @@ s_n(G) - s_n(G_{-k}) to first order (exact for a model linear in its parameters)
 drops the factor w_k / (W - w_k) and the decay; with unequal weights its argmax is then not the
 counterfactual's. The kernels, sharding and chunking are TraceFL's; G is scored as one more
 client (cost K + 1 instead of K).
+
+That closed form is FedAvg's. For any other server side (median, trimmed mean, Krum, a server
+optimizer), `trace_clients(score="first_order", weights=w, reaggregate=output.reaggregate)`
+scores the round's own removal (`removal.py`):
+
+  F[n, k] = < grad s_n(G), G - G_{-k} >  over the traced units,
+
+with G and every G_{-k} re-computed by the round's rule and server step (K + 1
+re-aggregations, then the same kernels and contraction). Under FedAvg the two are equal
+(G - G_{-k} = w_k (theta_k - G) / (W - w_k)); for a whole-block (non-affine) unit the
+difference of the unit's outputs replaces the inner product.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +45,7 @@ from tracefl_jax.provenance import kernels
 from tracefl_jax.provenance.checks import (check_client_ids, check_inputs, check_removal_weights,
                                            check_sizes, check_target, check_variables)
 from tracefl_jax.provenance.capture import target_logits
+from tracefl_jax.provenance.removal import map_models, removal_masks
 
 KERNELS = ("auto", "grad", "jvp", "reference")
 SCORES = ("tracefl", "first_order")
@@ -130,6 +142,31 @@ def _score_sharded(score: kernels.Scorer, client_params, mesh: jax.sharding.Mesh
   return c[:, :, :k]
 
 
+def _removal_scores(score: kernels.Scorer, reaggregate, weights: jax.Array,
+                    clients_per_chunk: int | None,
+                    mesh: jax.sharding.Mesh | None) -> jax.Array:
+  """`[L, N, K + 1]`: `score` of G re-computed by the round's server side (column 0) and of
+  every G_{-k} (column k + 1), built `clients_per_chunk` at a time, the models dealt to the
+  devices of `mesh` (padded with copies of G, dropped here)."""
+  masks = removal_masks(weights)
+
+  def on_masks(m):
+    out = map_models(lambda models: jnp.moveaxis(score(models["params"]), -1, 0),
+                     reaggregate, m, clients_per_chunk)  # [r, L, N]
+    return jnp.moveaxis(out, 0, -1)
+
+  if mesh is None:
+    return on_masks(masks)
+  rows, k = masks.shape
+  pad = (-rows) % mesh.size
+  masks = jnp.concatenate([masks, jnp.broadcast_to(masks[:1], (pad, k))])
+  axis = mesh.axis_names[0]
+  out = jax.shard_map(on_masks, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(axis),),
+                      out_specs=jax.sharding.PartitionSpec(None, None, axis),
+                      check_vma=False)(masks)
+  return out[:, :, :rows]
+
+
 def _replicated(tree, mesh: jax.sharding.Mesh | None):
   """Gathers every leaf onto every device of `mesh` (every process can read the result)."""
   if mesh is None:
@@ -142,9 +179,9 @@ def _replicated(tree, mesh: jax.sharding.Mesh | None):
                                              "use_size_factor", "return_layers",
                                              "clients_per_chunk", "block_mask", "mesh",
                                              "score", "with_first_order"))
-def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, weights, *,
-           kernel, decay, use_decay, use_size_factor, return_layers, clients_per_chunk,
-           block_mask, mesh, score, with_first_order=False):
+def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, weights,
+           reaggregate=None, *, kernel, decay, use_decay, use_size_factor, return_layers,
+           clients_per_chunk, block_mask, mesh, score, with_first_order=False):
   num_layers = len(model.traced_layers)
   first_order = score == "first_order"
   need_g = first_order or with_first_order  # G scored as one more client
@@ -163,17 +200,25 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
             "reference": functools.partial(kernels.reference_scorer,
                                            block_mask=block_mask)}[kernel]
   g_params = jax.tree.map(lambda a: a[None], global_vars["params"])  # G as one client
+  by_rule = need_g and reaggregate is not None
   if mesh is None:
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = scorer(client_vars["params"])
-    c_g = scorer(g_params) if need_g else None
+    if by_rule:
+      c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, None)
+    else:
+      c_g = scorer(g_params) if need_g else None
   elif kernel == "jvp":
     # G's linearisation cannot be closed over by a shard_map (its residuals carry the outer
     # mesh), so each device linearises G itself: one more linear pass next to its K / D.
     _, predicted = target_logits(model.logits(global_vars, x), target)
-    c = _score_sharded(lambda th: make(model, global_vars, x, target, clients_per_chunk)[0](th),
-                       client_vars["params"], mesh)
-    c_g = make(model, global_vars, x, target, None)[0](g_params) if need_g else None
+    def per_device(th):
+      return make(model, global_vars, x, target, clients_per_chunk)[0](th)
+    c = _score_sharded(per_device, client_vars["params"], mesh)
+    if by_rule:
+      c_g = _removal_scores(per_device, reaggregate, weights, clients_per_chunk, mesh)
+    else:
+      c_g = make(model, global_vars, x, target, None)[0](g_params) if need_g else None
   else:
     # G's forward/backward is split over the devices by input and its results gathered into
     # every device's scorer, not repeated on each device.
@@ -181,12 +226,18 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
         mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = _score_sharded(scorer, client_vars["params"], mesh)
-    c_g = scorer(g_params) if need_g else None
-  c, predicted = _replicated((c, predicted), mesh)
+    if by_rule:
+      c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, mesh)
+    else:
+      c_g = scorer(g_params) if need_g else None
+  c, predicted, c_g = _replicated((c, predicted, c_g), mesh)
   fo_scores = None
-  if need_g:  # [L, N, K] - [L, N, 1], then w_k / (W - w_k) per client, all layers alike
+  if by_rule:  # [L, N, 1] (G re-computed) - [L, N, K] (each G_{-k}): < grad s, G - G_{-k} >
+    fo = c_g[:, :, :1] - c_g[:, :, 1:]
+  elif need_g:  # [L, N, K] - [L, N, 1], then w_k / (W - w_k) per client, all layers alike
     w = weights.astype(jnp.float32)
     fo = (c - c_g) * (w / (jnp.sum(w) - w))[None, None, :]
+  if need_g:
     if first_order:
       c = fo
     else:
@@ -231,6 +282,7 @@ def trace_clients(
     mesh: jax.sharding.Mesh | None = None,
     score: str = "tracefl",
     weights: jax.Array | None = None,
+    reaggregate: Any = None,
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -260,6 +312,10 @@ def trace_clients(
       "tracefl" (and not `use_size_factor` with the reference kernel, which scales the
       clients' parameters), `first_order_scores` then holds the weight-aware score too,
       from the same kernel pass (one compiled program for both).
+    reaggregate: the round's server side (`RoundOutput.reaggregate`, weights -> G): the
+      first-order score (`score="first_order"`, or `first_order_scores` beside TraceFL) then
+      removes each client by the round's own rule and server optimizer, < grad s(G),
+      G - G_{-k} > (module docstring), instead of FedAvg's closed form. Needs `weights`.
 
   Returns:
     `ProvenanceResult`; inputs with a non-finite score have `attributable` False and
@@ -313,6 +369,13 @@ def trace_clients(
     weights = check_removal_weights(weights, num_clients, "first_order")
   else:
     weights = None
+  if reaggregate is not None and weights is None:
+    raise ValueError("reaggregate= scores the round's own removal of each client: it needs "
+                     "the round's aggregation weights (weights=output.weights) and "
+                     "score='first_order' (or score='tracefl' for first_order_scores beside)")
+  if reaggregate is not None and not callable(reaggregate):
+    raise TypeError(f"reaggregate must be the round's RoundOutput.reaggregate (weights -> "
+                    f"global variables), got {type(reaggregate).__name__}")
   if use_size_factor and client_sizes is None:
     raise ValueError("use_size_factor=True needs client_sizes")
   if client_sizes is None:
@@ -327,11 +390,12 @@ def trace_clients(
     # Every device needs these whole. Left uncommitted, they may be given an uneven input
     # sharding by XLA's propagation (from the split of G's work over inputs) that jax cannot
     # express as a NamedSharding (IndivisibleError at compile).
-    global_vars, x, target, client_sizes, client_ids, weights = jax.device_put(
-        (global_vars, x, target, client_sizes, client_ids, weights),
+    global_vars, x, target, client_sizes, client_ids, weights, reaggregate = jax.device_put(
+        (global_vars, x, target, client_sizes, client_ids, weights, reaggregate),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return _trace(model, global_vars, client_vars, x, target,
-                client_sizes, client_ids, weights, score=score, kernel=kernel, decay=float(decay),
+                client_sizes, client_ids, weights, reaggregate, score=score, kernel=kernel,
+                decay=float(decay),
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,

@@ -9,6 +9,11 @@ traced: TraceFL's argmax is the first-order counterfactual. Here the counterfact
 every G_{-k} is built from the stacked client parameters and evaluated in one vmapped (or
 client-chunked) call, K eval-mode forward passes of the input batch.
 
+That closed form is FedAvg's. For any other server side (a robust rule, a server optimizer),
+`leave_one_out(reaggregate=output.reaggregate)` removes k by the round's own rule and server
+step (`removal.py`): G and every G_{-k} are re-computed in one program, K + 1 re-aggregations
+and forward passes.
+
 `spearman` and `counterfactual_agreement` compare any client scores `[N, K]` (TraceFL's T or
 P) with the drops.
 """
@@ -25,6 +30,7 @@ import numpy as np
 from tracefl_jax.fl.aggregation import check_weights, fedavg
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.capture import target_logits
+from tracefl_jax.provenance.removal import map_removals
 
 
 class CounterfactualResult(NamedTuple):
@@ -52,26 +58,36 @@ def remove_client(global_vars: Any, client: Any, weight: jax.Array, total: jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("model", "clients_per_chunk"))
-def _leave_one_out(model, client_vars, weights, x, target, global_vars, *, clients_per_chunk):
+def _leave_one_out(model, client_vars, weights, x, target, global_vars, reaggregate, *,
+                   clients_per_chunk):
   weights = weights.astype(jnp.float32)
   total = jnp.sum(weights)
   if global_vars is None:
-    global_vars = fedavg(client_vars, weights)
+    global_vars = fedavg(client_vars, weights) if reaggregate is None else reaggregate(weights)
   s, predicted = target_logits(model.logits(global_vars, x), target)
   explained = predicted if target is None else target.astype(jnp.int32)
 
-  def without(args):
-    client, weight = args
-    logits = model.logits(remove_client(global_vars, client, weight, total), x)
+  def explained_logit(variables):
+    logits = model.logits(variables, x)
     return jnp.take_along_axis(logits, explained[:, None], axis=-1)[:, 0]  # [N]
 
-  if clients_per_chunk:
-    loo = jax.lax.map(without, (client_vars, weights), batch_size=clients_per_chunk)
-  else:
-    loo = jax.vmap(without)((client_vars, weights))
-  loo = jnp.transpose(loo).astype(jnp.float32)  # [N, K]
+  def without(args):
+    client, weight = args
+    return explained_logit(remove_client(global_vars, client, weight, total))
+
   s = s.astype(jnp.float32)
-  drops = s[:, None] - loo
+  if reaggregate is not None:  # the round's own rule: [K + 1, N], row 0 G re-computed
+    both = map_removals(jax.vmap(explained_logit), reaggregate, weights, clients_per_chunk)
+    both = both.astype(jnp.float32)
+    loo = jnp.transpose(both[1:])
+    drops = both[0][:, None] - loo
+  else:
+    if clients_per_chunk:
+      loo = jax.lax.map(without, (client_vars, weights), batch_size=clients_per_chunk)
+    else:
+      loo = jax.vmap(without)((client_vars, weights))
+    loo = jnp.transpose(loo).astype(jnp.float32)  # [N, K]
+    drops = s[:, None] - loo
   top = jnp.argmax(drops, axis=1).astype(jnp.int32)  # first on ties
   return CounterfactualResult(drops, top, predicted, s, loo)
 
@@ -85,8 +101,9 @@ def leave_one_out(
     target: jax.Array | None = None,
     global_vars: Variables | None = None,
     clients_per_chunk: int | None = None,
+    reaggregate: Any = None,
 ) -> CounterfactualResult:
-  """Exact effect of removing each client from FedAvg on G's logits (spec section 8).
+  """Exact effect of removing each client from the round on G's logits (spec section 8).
 
   Args:
     model: the `ModelDef` of G and the clients; every model runs in eval mode.
@@ -97,6 +114,11 @@ def leave_one_out(
     global_vars: G, when already at hand; it must be `fedavg(client_vars, weights)` (for any
       other G, e.g. a DP-noised aggregate, the formula removes w_k theta_k / W from that G).
     clients_per_chunk: evaluate this many G_{-k} at a time (`lax.map`) to bound memory.
+    reaggregate: the round's server side, `RoundOutput.reaggregate` (weights -> G): each
+      G_{-k} is then the round re-run without k (its rule and server optimizer), and the
+      drops are taken from G re-computed in the same program (`removal.py`), so a removal
+      that changes nothing drops exactly 0. Default: FedAvg's closed form, exact only for
+      the weighted mean without a server optimizer (`RoundOutput.closed_form_exact`).
 
   Raises:
     ValueError: a client holds all the weight (W - w_k = 0): without it nothing is left to
@@ -115,7 +137,7 @@ def leave_one_out(
           f" removing one leaves no client to average, so its leave-one-out model is "
           f"undefined. Give another client positive weight or leave such rounds out.")
   return _leave_one_out(model, client_vars, jnp.asarray(weights, jnp.float32), x, target,
-                        global_vars,
+                        global_vars, reaggregate,
                         clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None)
 
 

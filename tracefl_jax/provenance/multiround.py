@@ -27,6 +27,15 @@ all C clients, updated online after every round (`MultiRoundAccumulator.update`)
 rounds (`multi_round_scores`), and one trace of the final model. With R = 1 (or gamma = 0) it
 is the weight-aware single-round score (`trace_clients(score="first_order")`) of the last round.
 
+Any server side. The derivation only needs each round's removal delta_k^r = G_r^{-k} - G_r,
+and FedAvg's closed form above is one way to get it. Under any other rule or server optimizer
+(median, trimmed mean, Krum, FedAdam) `update(..., reaggregate=output.reaggregate)` takes it
+from the round's own server side re-run without k (`removal.py`), so D_k sums
+gamma^{R - r} (G_r - G_r^{-k}) exactly for each round. What stays assumed is the carry from
+round r to R (J_r ~ gamma^{R - r} I): a server optimizer's state (Adam's moments) also
+remembers round r's update and rescales later steps, which J_r ~ I ignores, as it ignores
+the other clients' reaction.
+
 What it approximates: the leave-one-client-out-of-training drop (`retrained.py`'s LOO
 retraining truth), to first order in each round's removal. When it fails:
   * J_r is not the identity: local training pulls a perturbed model back toward the data's
@@ -55,6 +64,7 @@ import numpy as np
 
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import ProvenanceResult, is_affine, trace_clients
+from tracefl_jax.provenance.removal import map_removals
 
 
 @functools.partial(jax.jit, static_argnames=("num_clients",))
@@ -71,6 +81,23 @@ def _accumulate(directions, client_params, global_params, weights, client_ids, r
 
   del num_clients
   return jax.tree.map(leaf, directions, client_params, global_params)
+
+
+@functools.partial(jax.jit, static_argnames=("clients_per_chunk",))
+def _accumulate_by_rule(directions, reaggregate, weights, client_ids, round_decay, *,
+                        clients_per_chunk):
+  # [K + 1, ...] params of G re-computed (row 0) and every G_r^{-k}: D_k += G_r - G_r^{-k}.
+  models = map_removals(lambda m: m["params"], reaggregate, weights, clients_per_chunk)
+
+  w = weights.astype(jnp.float32)
+  alone = jnp.sum(w) - w <= 0  # removing k leaves nothing to aggregate: the round is skipped
+
+  def leaf(d, m):
+    shift = m[:1].astype(jnp.float32) - m[1:].astype(jnp.float32)
+    shift = jnp.where(alone.reshape(-1, *([1] * (shift.ndim - 1))), 0.0, shift)
+    return (round_decay * d).at[client_ids].add(shift, mode="drop")
+
+  return jax.tree.map(leaf, directions, models)
 
 
 class MultiRoundAccumulator:
@@ -92,9 +119,14 @@ class MultiRoundAccumulator:
     self.rounds = 0
 
   def update(self, client_vars: Variables, global_vars: Variables, weights: Any,
-             client_ids: Any) -> None:
+             client_ids: Any, *, reaggregate: Any = None,
+             clients_per_chunk: int | None = None) -> None:
     """Adds one round: its client models (leaves `[K, ...]`), the aggregate G_r they formed,
-    the aggregation weights `[K]` and the clients' global ids `[K]` in [0, C)."""
+    the aggregation weights `[K]` and the clients' global ids `[K]` in [0, C).
+
+    `reaggregate` (`RoundOutput.reaggregate`): remove each client by the round's own rule and
+    server step (`clients_per_chunk` models at a time) instead of FedAvg's closed form, which
+    is exact only for the weighted mean without a server optimizer (module docstring)."""
     ids = np.asarray(client_ids)
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1 or (
         ids.size and (ids.min() < 0 or ids.max() >= self.num_clients)):
@@ -103,10 +135,16 @@ class MultiRoundAccumulator:
     w = np.asarray(weights, np.float32)
     if w.shape != ids.shape or not np.all(np.isfinite(w) & (w >= 0)):
       raise ValueError(f"weights={w.tolist()} must be [K] = {ids.shape} finite values >= 0")
-    self.directions = _accumulate(self.directions, client_vars["params"],
-                                  global_vars["params"], jnp.asarray(w),
-                                  jnp.asarray(ids, jnp.int32),
-                                  jnp.float32(self.round_decay), num_clients=self.num_clients)
+    if reaggregate is not None:
+      self.directions = _accumulate_by_rule(
+          self.directions, reaggregate, jnp.asarray(w), jnp.asarray(ids, jnp.int32),
+          jnp.float32(self.round_decay),
+          clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None)
+    else:
+      self.directions = _accumulate(self.directions, client_vars["params"],
+                                    global_vars["params"], jnp.asarray(w),
+                                    jnp.asarray(ids, jnp.int32),
+                                    jnp.float32(self.round_decay), num_clients=self.num_clients)
     self.rounds += 1
 
   def scores(self, model: ModelDef, global_vars: Variables, x: jax.Array, *,

@@ -29,6 +29,7 @@ from tracefl_jax.fl.strategies import client_mesh
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import KERNELS, SCORES, trace_clients
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
+from tracefl_jax.provenance.removal import removal_kind
 from tracefl_jax.provenance.selection import (localization_correct, round_baselines,
                                               select_correct_inputs, select_faulty_inputs,
                                               select_inputs)
@@ -130,6 +131,8 @@ def trace_round(
     predictions: np.ndarray,
     settings: ProtocolSettings = ProtocolSettings(),
     weights: np.ndarray | None = None,
+    reaggregate: Any = None,
+    aggregation: str | None = None,
 ) -> TracedRound:
   """Selects the round's inputs, traces them over its participants and scores the traces.
 
@@ -140,7 +143,14 @@ def trace_round(
     x_test, y_test: the server test set; `predictions`: `[M]` G's predictions on it.
     weights: `[K]` the round's aggregation weights, for the leave-one-client-out truth
       (`settings.counterfactual`; skipped without them).
+    reaggregate, aggregation: the round's server side (`RoundOutput.reaggregate`,
+      `RoundOutput.aggregation`; `removal.round_removal` picks them): the truth and the
+      first-order score then remove each client by the round's own rule and server step.
+      Without `reaggregate` both use FedAvg's closed form, which is refused for an
+      `aggregation` other than "mean" or "dp_fedavg". The summary names the removal used
+      (`counterfactual_removal`: "closed_form", "rule" or "dp_closed_form").
   """
+  removal = removal_kind(reaggregate, aggregation)
   client_ids = np.asarray(client_ids)
   y_test = np.asarray(y_test)
   part_counts = np.asarray(label_counts)[client_ids]           # [K, classes]
@@ -178,7 +188,8 @@ def trace_round(
       clients_per_chunk=settings.clients_per_chunk or None, block_mask=settings.block_mask,
       client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None,
       score=settings.score,
-      weights=np.asarray(weights, np.float32) if first_order or beside else None)
+      weights=np.asarray(weights, np.float32) if first_order or beside else None,
+      reaggregate=reaggregate if first_order or beside else None)
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
@@ -193,7 +204,8 @@ def trace_round(
   faulty_local = ([k for k, c in enumerate(client_ids) if int(c) in settings.faulty_clients]
                   if settings.mode == "faulty" else None)
   summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
-                             "score": settings.score,
+                             "score": settings.score, "aggregation": aggregation or "mean",
+                             "counterfactual_removal": removal,
                              "unattributable": int(n - ok.sum()),
                              "tracefl_seconds_per_input": seconds / n}
   if ok.any():
@@ -205,7 +217,8 @@ def trace_round(
     w = np.asarray(weights, np.float64)
     if np.all(w.sum() - w > 0):  # else removing a client leaves nothing to average
       cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars,
-                         clients_per_chunk=settings.clients_per_chunk or None)
+                         clients_per_chunk=settings.clients_per_chunk or None,
+                         reaggregate=reaggregate)
       drops = np.asarray(cf.drops)[:n]
       cf_position = np.argmax(drops[ok], axis=1)
       cf_client[ok] = client_ids[cf_position]
@@ -218,7 +231,7 @@ def trace_round(
       if settings.score == "tracefl":  # the weight-aware score beside the paper's
         summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
                                             labels, part_counts, client_ids, settings,
-                                            result.first_order_scores))
+                                            result.first_order_scores, reaggregate))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
 
@@ -232,16 +245,19 @@ def _passes_rule(settings, positions, labels, part_counts, client_ids) -> np.nda
 
 
 def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok, labels,
-                         part_counts, client_ids, settings, fo_scores=None) -> dict[str, Any]:
-  """The weight-aware score (`score="first_order"`) of the same inputs against the same
-  truths: its leave-one-out agreement and its accuracy by the mode's rule. `fo_scores`: the
-  score from TraceFL's own kernel pass, else traced here."""
+                         part_counts, client_ids, settings, fo_scores=None,
+                         reaggregate=None) -> dict[str, Any]:
+  """The first-order score (`score="first_order"`: the weight-aware score under FedAvg, the
+  round's own removal with `reaggregate`) of the same inputs against the same truths: its
+  leave-one-out agreement and its accuracy by the mode's rule. `fo_scores`: the score from
+  TraceFL's own kernel pass, else traced here."""
   n = len(labels)
   if fo_scores is None:
     fo_scores = trace_clients(model, global_vars, client_vars, x, kernel=settings.kernel,
                               clients_per_chunk=settings.clients_per_chunk or None,
                               block_mask=settings.block_mask, score="first_order",
-                              weights=np.asarray(weights, np.float32)).scores
+                              weights=np.asarray(weights, np.float32),
+                              reaggregate=reaggregate).scores
   fo_scores = np.asarray(fo_scores, np.float64)[:n]
   keep = ok & np.all(np.isfinite(fo_scores), axis=1)
   if not keep.any():
@@ -280,4 +296,8 @@ def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       "unattributable": int(sum(t.get("unattributable", 0) for t in used)),
   }
   summary.update({key: mean(key) for key in MEAN_KEYS})
+  # What the truths and first-order scores above removed clients by (one value per run).
+  for key in ("aggregation", "counterfactual_removal"):
+    values = sorted({str(t[key]) for t in used if t.get(key) is not None})
+    summary[key] = ", ".join(values) if values else None
   return summary

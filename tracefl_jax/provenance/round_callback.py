@@ -16,6 +16,7 @@ from tracefl_jax.models.base import ModelDef
 from tracefl_jax.provenance.feddebug import feddebug_round
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.protocol import ProtocolSettings, TracedRound, trace_round
+from tracefl_jax.provenance.removal import round_removal
 
 
 def provenance_callback(
@@ -53,8 +54,11 @@ def provenance_callback(
 
   def callback(info) -> dict[str, Any] | None:
     out = info.output
+    reaggregate, _ = round_removal(out)  # None where FedAvg's closed form is used
     if multi_round is not None:
-      multi_round.update(out.clients.variables, out.traced, out.weights, out.client_ids)
+      multi_round.update(out.clients.variables, out.traced, out.weights, out.client_ids,
+                         reaggregate=reaggregate,
+                         clients_per_chunk=settings.clients_per_chunk or None)
     if wanted is not None and info.round not in wanted:
       return None
     t0 = time.perf_counter()
@@ -62,7 +66,8 @@ def provenance_callback(
         model, out.traced, out.clients.variables, client_ids=out.client_ids,
         client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
         x_test=evaluator.x, y_test=evaluator.y, predictions=evaluator.predictions(out.traced),
-        settings=settings, weights=out.weights)
+        settings=settings, weights=out.weights, reaggregate=reaggregate,
+        aggregation=out.aggregation)
     if (settings.mode == "faulty" and settings.feddebug and not traced.summary["skipped"]
         and not jnp.issubdtype(model.input_dtype, jnp.integer)):
       faulty = [k for k, c in enumerate(out.client_ids) if int(c) in settings.faulty_clients]
