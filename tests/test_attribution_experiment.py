@@ -56,7 +56,8 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
                     "--config.attribution.explain_inputs=8"])
   table = capsys.readouterr().out
   (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-  s = json.loads((cell / "attribution.json").read_text())
+  s = json.loads((cell / "summary.json").read_text())
+  assert s["aggregation"] == "mean" and s["counterfactual_removal"] == "closed_form"
   assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
   # base, noise floor, one per client sampled in some round, 3 subsets
   assert s["federations"] == 2 + (6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 8
@@ -71,10 +72,20 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   assert s["base_reproduced_max_abs"] < 1e-2
   assert table.count("| smoke |") == len(attribution.METHODS)
   assert (tmp_path / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  # A finished cell is read back, not rerun.
-  before = (cell / "attribution.json").stat().st_mtime_ns
-  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}"])
-  assert (cell / "attribution.json").stat().st_mtime_ns == before
+  # A finished cell of the same config is read back, not rerun; of another, refused at once
+  # (one line, exit 2) and left as it was.
+  before = (cell / "summary.json").stat().st_mtime_ns
+  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+                    "--config.attribution.explain_inputs=8"])
+  assert (cell / "summary.json").stat().st_mtime_ns == before
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+                      "--config.rounds=3", "--config.aggregation.rule=median"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+  assert "config differs in: aggregation.rule ('mean' -> 'median')" in err
+  assert (cell / "summary.json").stat().st_mtime_ns == before
   assert np.isfinite(s["noise_floor_mean"])
   # The GPU benchmark's attribution section runs this very preset in smoke mode (here, in
   # this process, its programs are compiled already; tests/test_gpu_script.py runs the rest).
@@ -106,3 +117,62 @@ def test_bad_attribution_fields_are_named(field, value, message):
                               "provenance.use_size_factor": True})
     with pytest.raises(ValueError, match="use_size_factor=True applies to score='tracefl'"):
       validate(config)
+
+
+def test_comparison_runs_the_configured_algorithm(tmp_path, capsys):
+  from tracefl_jax.experiment import comparison, report
+  config = apply_overrides(_module().get_config("smoke"), {
+      "aggregation.rule": "trimmed_mean", "aggregation.trim_beta": 0.25,
+      "server.optimizer": "adam", "server.learning_rate": 0.01, "client.loss": "fedprox",
+      "attribution.subsets": 0, "attribution.per_round": False})
+  s = comparison.run_comparison(config, tmp_path / "cell")
+  # The trained federation ran the configured rule and server optimizer, its truths removed
+  # clients by them, and the retrained base federation (the same algorithm) reproduces it.
+  assert s["aggregation"] == "trimmed_mean(0.25) + server optimizer"
+  assert s["counterfactual_removal"] == "rule"
+  assert s["base_reproduced_max_abs"] < 1e-2
+  assert {r["method"]: r for r in s["rows"]}["loo_last"]["loo_last_top1"] == 1.0
+  saved = json.loads((tmp_path / "cell" / "config.json").read_text())
+  assert saved["aggregation"]["rule"] == "trimmed_mean" and saved["client"]["loss"] == "fedprox"
+  report.print_summary(s, str(tmp_path / "cell"))  # the run command's printout: a table
+  assert "trimmed_mean(0.25) + server optimizer" in capsys.readouterr().out
+
+
+def test_comparison_refusals_are_one_line(tmp_path, capsys):
+  from tracefl_jax.experiment import comparison, runner, stages
+  from tracefl_jax.experiment.lock import WorkdirBusyError, WorkdirLock
+
+  def refused(*argv):
+    with pytest.raises(SystemExit) as e:
+      attribution.main([*argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  assert "is a file" in refused(f"--config={CONFIG}:smoke", f"--workdir={a_file}")
+  assert "simulation.strategy='loop' cannot run the comparison" in refused(
+      f"--config={CONFIG}:smoke", f"--workdir={tmp_path / 'w'}",
+      "--config.simulation.strategy=loop")
+  assert "aggregation.trim_beta" in refused(
+      f"--config={CONFIG}:smoke", f"--workdir={tmp_path / 'w'}",
+      "--config.aggregation.rule=trimmed_mean", "--config.aggregation.trim_beta=0.1")
+  demo = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+  assert "get_sweep" in refused(f"--config={demo}", f"--workdir={tmp_path / 'w'}")
+  # A second comparison (or a run) in a workdir in use is refused at once.
+  (tmp_path / "busy").mkdir()
+  with WorkdirLock(tmp_path / "busy"):
+    assert "in use by another run" in refused(f"--config={CONFIG}:smoke",
+                                              f"--workdir={tmp_path / 'busy'}")
+    (tmp_path / "busy" / "smoke").mkdir()
+  with WorkdirLock(tmp_path / "busy" / "smoke"), pytest.raises(WorkdirBusyError):
+    runner.run(_module().get_config("smoke"), tmp_path / "busy" / "smoke")
+  # A summary torn by a full disk is no finished cell: the plan computes it again.
+  config = _module().get_config("smoke")
+  cell = tmp_path / "torn"
+  cell.mkdir()
+  (cell / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (cell / "summary.json").write_text('{"rows": [')
+  assert stages.plan(config, cell).action == "resume"
+  assert comparison.comparison_errors(config) == []

@@ -4,13 +4,12 @@ methods and truths), its table and its figure.
 
   python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:cpu \
       --workdir=runs/attribution
-runs every cell of the preset's sweep (skipping finished ones) and prints the table;
+runs every cell of the preset's sweep (reading finished ones back) and prints the table;
 `--config.FIELD=VALUE` sets a field of every cell (e.g. `--config.dataset.data_dir=DIR`).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,53 +19,90 @@ import ml_collections
 
 from tracefl_jax.experiment import cli_args, sweep
 from tracefl_jax.experiment.attribution_plot import plot_attribution
-from tracefl_jax.experiment.comparison import METHODS, run_comparison  # noqa: F401
+from tracefl_jax.experiment.comparison import (METHODS, comparison_errors,  # noqa: F401
+                                               run_comparison)
+from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.configfile import load_config
+from tracefl_jax.experiment.io import write_atomic
+from tracefl_jax.experiment.lock import WorkdirLock
+from tracefl_jax.experiment.workdir import check_workdir, plan_run
+from tracefl_jax.fl.rounds import TrainingDivergedError
 
 
 def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
-  """A Markdown table: one line per (cell, method)."""
+  """A Markdown table: one line per (cell, method); `algorithm` is the cell's server side
+  (the rule, "+ server optimizer", or dp_fedavg), which every truth and score follows."""
   def f(v):
     return "-" if v is None else f"{v:.2f}"
-  lines = ["| setting | global acc | method | paper rule | LOO last top-1 | retrain top-1 | "
-           "retrain Spearman | LDS | top drop > noise |", "|" + "---|" * 9]
+  lines = ["| setting | algorithm | global acc | method | paper rule | LOO last top-1 | "
+           "retrain top-1 | retrain Spearman | LDS | top drop > noise |", "|" + "---|" * 10]
   for name, s in cells:
     for r in s["rows"]:
-      lines.append(f"| {name} | {s['global_accuracy']:.3f} | {r['method']} | "
-                   f"{f(r['paper_rule'])} | {f(r['loo_last_top1'])} | {f(r['retrain_top1'])} | "
-                   f"{f(r['retrain_spearman'])} | {f(r['lds'])} | "
+      lines.append(f"| {name} | {s.get('aggregation', 'mean')} | {s['global_accuracy']:.3f} | "
+                   f"{r['method']} | {f(r['paper_rule'])} | {f(r['loo_last_top1'])} | "
+                   f"{f(r['retrain_top1'])} | {f(r['retrain_spearman'])} | {f(r['lds'])} | "
                    f"{s['top_drop_above_noise']:.2f} |")
   return "\n".join(lines)
+
+
+def _cells(spec: str, base: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+  """(name, config) of every cell of the sweep of `spec`, each validated and checked for
+  fields the comparison cannot honour (`comparison_errors`) before any is run."""
+  path, _, preset = spec.partition(":")
+  cells = []
+  for overrides in sweep.expand_grid(sweep.load_sweep(path, preset)):
+    setting = overrides.get("attribution.setting")
+    # A cell is named by its setting (a full override list can exceed a file name's limit).
+    name = sweep.run_name({"attribution.setting": setting} if setting else overrides)
+    config = sweep.apply_overrides(base, overrides)
+    try:
+      validate(config)
+      errors = comparison_errors(config)
+      if errors:
+        raise ValueError(errors[0])
+    except ValueError as e:
+      raise ValueError(f"cell {name}: {e}") from None
+    cells.append((name, config))
+  return cells
+
+
+def _check_finished_cells(cells, workdir: Path) -> None:
+  """Refuses, before anything runs, a sweep whose workdir holds a cell of another config
+  (`workdir.plan_run`'s rules, as `run_comparison` would apply them one cell at a time)."""
+  for name, config in cells:
+    if (workdir / name).is_dir():
+      c = config
+      plan_run(workdir / name, c.to_json_best_effort(indent=2), rounds=c.rounds,
+               resume=c.checkpoint.resume, overwrite=c.checkpoint.overwrite)
 
 
 def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf"),
               base: ml_collections.ConfigDict | None = None
               ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-  """Every cell of the sweep of `spec` (`PATH.py:PRESET`) under `workdir`, a finished cell
-  read back instead of rerun, then WORKDIR/table.md and WORKDIR/attribution.png. A cell not
-  started by `deadline` (time.perf_counter) is left out; `base`: the preset's config with
-  the user's overrides (default: the preset's). Returns `(cells, names left out)`."""
-  workdir = Path(workdir)
+  """Every cell of the sweep of `spec` (`PATH.py:PRESET`) under `workdir` (locked for the
+  sweep), each a `run_comparison` in `workdir/<cell>` (a finished cell of the same config is
+  read back; one of another config refuses the whole sweep before anything runs), then
+  WORKDIR/table.md and WORKDIR/attribution.png. A cell not started by `deadline`
+  (time.perf_counter) is left out; `base`: the preset's config with the user's overrides
+  (default: the preset's). Returns `(cells, names left out)`."""
   base = load_config(spec) if base is None else base
-  path, _, preset = spec.partition(":")
+  todo = _cells(spec, base)
+  workdir = check_workdir(workdir)
   cells, left = [], []
-  for overrides in sweep.expand_grid(sweep.load_sweep(path, preset)):
-    setting = overrides.get("attribution.setting")
-    # A cell is named by its setting (a full override list can exceed a file name's limit).
-    name = sweep.run_name({"attribution.setting": setting} if setting else overrides)
-    if time.perf_counter() > deadline:
-      left.append(setting or name)
-      continue
-    out = workdir / name
-    done = out / "attribution.json"
-    summary = (json.loads(done.read_text()) if done.exists()
-               else run_comparison(sweep.apply_overrides(base, overrides), out))
-    print(f"{name}: global accuracy {summary['global_accuracy']:.3f}, "
-          f"{summary['seconds']['total']:.0f} s", file=sys.stderr, flush=True)
-    cells.append((setting or name, summary))
-  if cells:
-    (workdir / "table.md").write_text(table(cells) + "\n")
-    plot_attribution(cells, workdir / "attribution.png")
+  with WorkdirLock(workdir):
+    _check_finished_cells(todo, workdir)
+    for name, config in todo:
+      if time.perf_counter() > deadline:
+        left.append(config.attribution.setting or name)
+        continue
+      summary = run_comparison(config, workdir / name)
+      print(f"{name}: {summary['aggregation']}, global accuracy "
+            f"{summary['global_accuracy']:.3f}, {summary['seconds']['total']:.0f} s",
+            file=sys.stderr, flush=True)
+      cells.append((config.attribution.setting or name, summary))
+    if cells:
+      write_atomic(workdir / "table.md", table(cells) + "\n")
+      plot_attribution(cells, workdir / "attribution.png")
   return cells, left
 
 
@@ -84,7 +120,11 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  cells, _ = run_cells(args.config_spec, args.flags["workdir"], base=args.config)
+  try:
+    cells, _ = run_cells(args.config_spec, args.flags["workdir"], base=args.config)
+  except (ValueError, OSError, TrainingDivergedError) as e:  # WorkdirError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   print(table(cells))
 
 

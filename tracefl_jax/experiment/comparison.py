@@ -6,20 +6,28 @@ trace its last round, accumulate multi-round provenance online, pick the inputs 
 from the final model's predictions, then retrain `2 + C + M` federations side by side
 (`provenance.retraining`: base, noise floor, each client left out, M half-subsets; each
 distinct federation is trained once, so a client never sampled costs nothing) and score
-every method against every truth. Writes `WORKDIR/attribution.json` (rows, per-round curve,
+every method against every truth. Writes `WORKDIR/summary.json` (rows, per-round curve,
 timings) and returns it.
 
 Methods (scores `[N, C]` over all C clients; a method that only sees the last round scores
 the others 0):
   tracefl        the paper's P over the last round's participants
-  first_order    the weight-aware score of the last round (`score="first_order"`)
-  multi_round    `provenance.multiround` over all rounds
-  loo_last       the exact single-round leave-one-client-out drops of the last round
+  first_order    the first-order leave-one-out score of the last round (`score="first_order"`;
+                 FedAvg: the weight-aware score; any other rule or server optimizer: each
+                 client removed by the round's own server side, `provenance/removal.py`)
+  multi_round    `provenance.multiround` over all rounds (each round's own removal)
+  loo_last       the exact single-round leave-one-client-out drops of the last round (its
+                 own rule and server step; DP: FedAvg's closed form, `dp_closed_form`)
   largest        the client's example count (the largest client named for every input)
   random         a uniformly random last-round participant, in expectation
 Truths: `paper_rule` (correct mode: the named client holds the input's label; faulty mode: it
 is a faulty client), `loo_last_top1` (the named client is the last round's exact LOO client),
 `retrain_top1` / `retrain_spearman` (leave-one-client-out retraining), `lds`.
+
+The federation is the config's own (`stages.build_algorithm`: client objective, rule, server
+optimizer, DP, compute dtype), and the retrained federations run its round program; a field
+the comparison cannot honour is refused (`comparison_errors`). The summary names the
+algorithm (`aggregation`) and how its truths removed a client (`counterfactual_removal`).
 
 The runner (`experiment.runner.run`, for a config with `attribution.enabled`) runs one cell;
 `experiment/attribution.py` runs every cell of a sweep and writes the table and figure.
@@ -37,31 +45,48 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tracefl_jax.experiment import stages
+from tracefl_jax.experiment import resume, stages
 from tracefl_jax.experiment.config import validate
-from tracefl_jax.fl.client import make_optimizer
-from tracefl_jax.fl.rounds import federated_averaging, run_rounds
+from tracefl_jax.experiment.io import write_atomic
+from tracefl_jax.experiment.lock import WorkdirLock
+from tracefl_jax.experiment.workdir import check_workdir
+from tracefl_jax.fl.rounds import run_rounds
 from tracefl_jax.provenance import (protocol, retrained, retraining, round_callback,
                                     trace_clients)
 from tracefl_jax.provenance.counterfactual import leave_one_out
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance.removal import round_removal
 from tracefl_jax.provenance.selection import select_faulty_inputs
 
 METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "largest", "random")
 
 
+# Strategies whose round program cannot run the retrained federations: "loop" has none, and
+# "sharded" pads a round's clients to the device count, which `retraining.retrain` does not
+# (it shards the federation axis over the devices instead).
+_NO_FEDERATION_AXIS = ("loop", "sharded")
+
+
+def comparison_errors(c: ml_collections.ConfigDict) -> list[str]:
+  """The fields the comparison cannot honour, one line each (it runs every other field of
+  the config: data, model, client objective and optimizer, aggregation rule, server
+  optimizer, DP, compute dtype)."""
+  errors = []
+  if c.simulation.strategy in _NO_FEDERATION_AXIS:
+    errors.append(f"simulation.strategy={c.simulation.strategy!r} cannot run the comparison's "
+                  f"retrained federations (they run the round program over a federation "
+                  f"axis): use 'auto', 'scan', 'vmap' or 'chunked', which train the same "
+                  f"federation")
+  return errors
+
+
 def _setup(c: ml_collections.ConfigDict):
-  """The runner's data, model and evaluator stages; the algorithm is plain FedAvg with an
-  in-program strategy (the retrained federations run its round program)."""
+  """The runner's own stages: data, model, the configured algorithm (client objective, rule,
+  server optimizer, DP, compute dtype) and the evaluator. Buffers are not donated: the
+  initial variables are trained again by the retrained federations."""
   d = stages.load_data(c)
   m = stages.build_model(c, d)
-  algorithm = federated_averaging(
-      m.model, make_optimizer(c.client.optimizer, c.client.learning_rate, c.client.weight_decay,
-                              c.client.momentum),
-      batch_size=c.client.batch_size, local_epochs=c.client.local_epochs,
-      weighting=c.aggregation.weighting,
-      strategy="scan" if c.simulation.strategy in ("auto", "loop") else c.simulation.strategy,
-      clients_per_chunk=c.simulation.clients_per_chunk)
+  algorithm = stages.build_algorithm(c, m, d, donate=False)
   evaluator = stages.build_evaluator(c, m, d)
   return d.data, m.model, m.variables, algorithm, evaluator, d.faulty, d.flip
 
@@ -96,7 +121,9 @@ def _train(c, data, model, variables, algorithm, evaluator, faulty, flip):
 
   def keep(info):
     out = info.output
-    acc.update(out.clients.variables, out.traced, out.weights, out.client_ids)
+    acc.update(out.clients.variables, out.traced, out.weights, out.client_ids,
+               reaggregate=round_removal(out)[0],
+               clients_per_chunk=c.provenance.clients_per_chunk or None)
     kept["last"] = out
     curve.append({"round": info.round, "accuracy": info.metrics["accuracy"],
                   **{k: v for k, v in info.metrics.items() if k.startswith("prov_")}})
@@ -130,12 +157,16 @@ def _method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray
   ids, num = last.client_ids, len(sizes)
   kw = dict(kernel=c.provenance.kernel,
             clients_per_chunk=c.provenance.clients_per_chunk or None)
+  reaggregate, _ = round_removal(last)  # the last round's own rule and server step
   paper = trace_clients(model, last.traced, last.clients.variables, x, decay=c.provenance.decay,
-                        use_decay=c.provenance.use_decay, client_ids=ids, **kw)
+                        use_decay=c.provenance.use_decay, client_ids=ids,
+                        block_mask=c.provenance.block_mask, **kw)
   fo = trace_clients(model, last.traced, last.clients.variables, x, score="first_order",
-                     weights=last.weights, client_ids=ids, **kw)
+                     weights=last.weights, client_ids=ids, reaggregate=reaggregate,
+                     block_mask=c.provenance.block_mask, **kw)
   loo = leave_one_out(model, last.clients.variables, last.weights, x,
-                      global_vars=last.traced, clients_per_chunk=kw["clients_per_chunk"])
+                      global_vars=last.traced, clients_per_chunk=kw["clients_per_chunk"],
+                      reaggregate=reaggregate)
   return {"tracefl": _spread(paper.probs, ids, num),
           "first_order": _spread(fo.scores, ids, num),
           "multi_round": np.asarray(acc.scores(model, final, x, **kw).scores, np.float64),
@@ -161,12 +192,38 @@ def _rows(scores, truth, loo_last_top, rule, participants) -> list[dict[str, Any
   return rows
 
 
-def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """One cell of the comparison (see the module docstring); writes WORKDIR/attribution.json."""
+def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                   allow_cwd: bool = False) -> dict[str, Any]:
+  """One cell of the comparison (see the module docstring) in `workdir`, under the runner's
+  rules: the workdir checked and locked, and planned like a run (`stages.plan`): a finished
+  cell of the same config is returned as it is, a cell of another config is refused (or
+  moved aside with `checkpoint.overwrite`), an interrupted one is computed again. Writes
+  WORKDIR/config.json, then WORKDIR/summary.json (atomically) when done.
+
+  Raises:
+    ValueError: a field the comparison cannot honour (`comparison_errors`) or a bad value.
+    WorkdirError: the workdir's checks, its lock (another run or comparison is in it), or
+      results of another experiment there.
+  """
   validate(config)
-  c = config
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  errors = comparison_errors(config)
+  if errors:
+    raise ValueError(errors[0])
+  workdir = check_workdir(workdir, allow_cwd=allow_cwd)
+  with WorkdirLock(workdir):
+    plan = stages.plan(config, workdir)
+    if plan.action == "finished":
+      return plan.summary
+    if plan.action == "overwrite":
+      resume.move_previous(plan)
+    write_atomic(workdir / "config.json", plan.config_json + "\n")
+    summary = _compare(config)
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Trains, traces, retrains and scores one cell; returns its summary."""
   t0 = time.perf_counter()
   data, model, init, algorithm, evaluator, faulty, flip = _setup(c)
   final, last, acc, curve = _train(c, data, model, init, algorithm, evaluator, faulty, flip)
@@ -213,6 +270,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   loo_top = np.argmax(scores["loo_last"] + np.where(
       np.isin(np.arange(num), last.client_ids), 0.0, -np.inf), axis=1)
   summary = {
+      "kind": "attribution_comparison", "setting": c.attribution.setting,
+      "aggregation": last.aggregation,
+      "counterfactual_removal": round_removal(last)[1],
       "global_accuracy": curve[-1]["accuracy"], "clients": num,
       "clients_per_round": c.clients_per_round, "rounds": c.rounds, "inputs": int(len(idx)),
       "mode": c.provenance.mode, "federations": int(len(distinct)),
@@ -225,5 +285,4 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path) -> di
       "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain,
                   "total": time.perf_counter() - t0},
   }
-  (workdir / "attribution.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary

@@ -238,9 +238,10 @@ def dp_settings(c: ml_collections.ConfigDict) -> DPSettings | None:
 
 
 def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
-                    data: DataStage) -> FederatedAlgorithm:
+                    data: DataStage, *, donate: bool = True) -> FederatedAlgorithm:
   """FedAvg (or DP-FedAvg) with the config's client optimizer and simulation strategy, and its
-  client objective, aggregation rule and server optimizer (`algorithms.algorithm_pieces`)."""
+  client objective, aggregation rule and server optimizer (`algorithms.algorithm_pieces`).
+  `donate`: G_{t-1}'s buffers go to the round (off where the initial variables are reused)."""
   del data  # what an algorithm may size itself by (clients, classes)
   c = config
   optimizer = make_optimizer(c.client.optimizer, c.client.learning_rate,
@@ -249,7 +250,7 @@ def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
       model.model, optimizer, batch_size=c.client.batch_size,
       local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting,
       strategy=c.simulation.strategy, clients_per_chunk=c.simulation.clients_per_chunk,
-      dp=dp_settings(c), compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=True,
+      dp=dp_settings(c), compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=donate,
       **algorithm_pieces(c))
 
 
