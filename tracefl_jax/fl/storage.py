@@ -2,21 +2,30 @@
 
     out = ...                                     # a RoundOutput of algorithm.round
     save_round("runs/mine/round_5", out, round_idx=5)
-    stored = load_round("runs/mine/round_5", model)  # the ModelDef the round was made with
+    stored = load_round("runs/mine/round_5", model, algorithm)  # as the round was made
     result = stored.trace(x_new)                  # trace_clients on the stored round
+    fo = stored.trace(x_new, score="first_order")  # each client removed by the round's rule
+    truth = stored.leave_one_out(x_new)           # the exact leave-one-client-out drops
 
 A stored round is a directory: `arrays/` (orbax-checkpoint; imported here when first used, an
-optional dependency) holding G_t, the stacked client variables `[K, ...]`, the client ids and
-example counts, then `round.json` (the round, the model's description, the caller's `meta`,
-a SHA-256 checksum of every array), written last: a directory without it was interrupted.
-Code cannot be stored, so `load_round` takes the `ModelDef` (linen or NNX) and checks that
-the stored arrays are its variables.
+optional dependency) holding G_t, the stacked client variables `[K, ...]`, the client ids,
+example counts and aggregation weights and, for a round whose server side is not FedAvg's
+mean (a robust rule, a server optimizer), what re-running it needs: G_{t-1} (when the rule
+reads it) and the server optimizer's state before the round. Then `round.json`: the round,
+its server side in words (`RoundOutput.aggregation`), the model's description, every array's
+shape and SHA-256 checksum, every file's size, and the caller's `meta`. It is written whole
+beside an older round and swapped in when complete (`storage_files.swap_in`).
+
+Code cannot be stored, so `load_round` takes the `ModelDef` (linen or NNX), checks that the
+stored arrays are its variables, and, for a round that is not FedAvg's mean, the
+`FederatedAlgorithm` it was made with, whose `server_update` rebuilds the round's
+`reaggregate` (checked to give the stored G_t back).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,48 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.fl import storage_files as files
+from tracefl_jax.fl.storage_files import ROUND_FILE, StoredRoundError, array_checksums  # noqa: F401
+from tracefl_jax.fl.stored_round import StoredRound
+from tracefl_jax.fl.stored_round import rebuild_reaggregate, server_arrays
 from tracefl_jax.models.base import ModelDef
-
-ROUND_FILE = "round.json"
-
-
-class StoredRoundError(RuntimeError):
-  """A stored round that is missing, interrupted, corrupt, or not the given model's."""
-
-
-class StoredRound(NamedTuple):
-  """A round's models as stored by `save_round`."""
-  round: int
-  global_vars: Any          # the model provenance explains (G_t)
-  client_vars: Any          # the round's client models, every leaf stacked [K, ...]
-  client_ids: np.ndarray    # [K] global ids, in the round's order
-  client_sizes: np.ndarray  # [K] example counts
-  meta: dict[str, Any]      # the caller's metadata and the model's description
-  model: ModelDef | None = None  # the ModelDef given to `load_round`
-
-  def trace(self, x: Any, **kwargs: Any) -> Any:
-    """`trace_clients(self.model, G_t, clients, x, client_ids=..., **kwargs)` for inputs
-    `[N, *input_shape]` (as the model takes them: normalised floats or token ids)."""
-    from tracefl_jax.provenance import trace_clients  # pylint: disable=g-import-not-at-top
-    if self.model is None:
-      raise ValueError("this StoredRound has no model: load it with load_round(path, model)")
-    x = jnp.asarray(x, self.model.input_dtype)
-    if x.shape[1:] != self.model.input_shape:
-      raise ValueError(f"x has shape {x.shape}; the model takes [N, "
-                       f"{', '.join(map(str, self.model.input_shape))}]")
-    kwargs.setdefault("client_ids", self.client_ids)
-    return trace_clients(self.model, self.global_vars, self.client_vars, x, **kwargs)
-
-
-def array_checksums(tree: Any) -> dict[str, str]:
-  """SHA-256 of every array leaf (dtype, shape and bytes), keyed by its path."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    out[jax.tree_util.keystr(path, simple=True, separator="/")] = h.hexdigest()
-  return out
 
 
 def describe_model(model: ModelDef) -> dict[str, Any]:
@@ -77,117 +49,195 @@ def describe_model(model: ModelDef) -> dict[str, Any]:
           "traced_layers": ["/".join(p) for p in model.traced_layers]}
 
 
+def _per_client(name: str, values: Any, k: int, integer: bool) -> np.ndarray:
+  a = np.asarray(values)
+  if a.shape != (k,):
+    raise ValueError(f"save_round: {name} has shape {list(a.shape)}, but client_vars stacks "
+                     f"K = {k} clients: give one value per client of the round")
+  if integer and not np.issubdtype(a.dtype, np.integer):
+    raise ValueError(f"save_round: {name} has dtype {a.dtype}; it holds integers")
+  if not np.all(np.isfinite(a.astype(np.float64))) or np.any(a < 0):
+    raise ValueError(f"save_round: {name} must be finite and >= 0, got {a.tolist()}")
+  return a.astype(np.int64 if integer else np.float32)
+
+
 def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = None,
                global_vars: Any = None, client_vars: Any = None, client_ids: Any = None,
-               client_sizes: Any = None, model: ModelDef | None = None,
-               meta: dict[str, Any] | None = None) -> Path:
-  """Writes a round to the directory `path`; returns it.
+               client_sizes: Any = None, weights: Any = None, aggregation: str | None = None,
+               model: ModelDef | None = None, meta: dict[str, Any] | None = None) -> Path:
+  """Writes a round to the directory `path` (replacing a round there only once the new one
+  is complete); returns it.
 
   Args:
-    output: a `RoundOutput`; its traced model, client variables, ids and example counts are
-      stored (or give them one by one: `global_vars`, `client_vars` `[K, ...]`, `client_ids`
-      `[K]`, `client_sizes` `[K]`, which override the output's).
-    round_idx: the round's number (default: unknown, stored as 0).
-    model: its description is stored and checked again on `load_round`.
-    meta: JSON-ready metadata kept in `round.json` (returned as `StoredRound.meta`).
+    output: a `RoundOutput`; its traced model, client variables, ids, example counts,
+      aggregation weights and server side (`aggregation`, and what `reaggregate` re-runs)
+      are stored. Or give them one by one: `global_vars`, `client_vars` `[K, ...]`,
+      `client_ids` `[K]`, `client_sizes` `[K]`, `weights` `[K]`, `aggregation` (these
+      override the output's); a round given so keeps no server state, so only FedAvg's
+      mean ("mean") and DP ("dp_fedavg") can remove its clients later.
+    round_idx: the round's number (default: `meta["round"]`, else 0).
+    model: its description and variables' shapes are stored and checked again on load.
+    meta: JSON values kept in `round.json` (returned as `StoredRound.meta`).
+
+  Raises:
+    ValueError, before anything is written: `meta` JSON cannot hold (numpy scalars), a key
+      save_round writes itself, `meta["round"]` other than `round_idx`, client leaves that
+      are not G's stacked `[K, ...]`, ids, sizes or weights that are not `[K]` (ids
+      distinct integers), variables that are not `model`'s.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.provenance.checks import check_variables  # pylint: disable=g-import-not-at-top
+  server, server_info = {}, {}
   if output is not None:
     global_vars = output.traced if global_vars is None else global_vars
     client_vars = output.clients.variables if client_vars is None else client_vars
     client_ids = output.client_ids if client_ids is None else client_ids
     client_sizes = output.clients.num_examples if client_sizes is None else client_sizes
+    weights = output.weights if weights is None else weights
+    aggregation = output.aggregation if aggregation is None else aggregation
+    server, server_info = server_arrays(output)
   missing = [n for n, v in (("global_vars", global_vars), ("client_vars", client_vars),
                             ("client_ids", client_ids), ("client_sizes", client_sizes))
              if v is None]
   if missing:
     raise ValueError(f"save_round needs a RoundOutput or {', '.join(missing)}")
-  path = Path(path).resolve()
-  primary = jax.process_index() == 0  # several processes: each saves, orbax and process 0 write
-  path.mkdir(parents=True, exist_ok=True)
-  if primary:
-    (path / ROUND_FILE).unlink(missing_ok=True)
-  arrays = {"global": global_vars, "clients": client_vars,
-            "client_ids": np.asarray(client_ids, np.int64),
-            "client_sizes": np.asarray(client_sizes, np.int64)}
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path / "arrays", arrays, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  record = {"round": int(round_idx or 0), **(meta or {}),
-            "num_clients": int(arrays["client_ids"].shape[0]),
-            "checksums": array_checksums(arrays)}
+  round_idx = files.check_meta(meta, round_idx)
+  if aggregation is not None and not isinstance(aggregation, str):
+    raise ValueError(f"save_round: aggregation={aggregation!r} must be the round's server "
+                     f"side in words (RoundOutput.aggregation)")
+  k = check_variables(global_vars, client_vars)
+  ids = _per_client("client_ids", client_ids, k, integer=True)
+  if len(set(ids.tolist())) != k:
+    raise ValueError(f"save_round: client_ids {ids.tolist()} repeat an id; a round's clients "
+                     f"are distinct")
+  arrays = {"global": global_vars, "clients": client_vars, "client_ids": ids,
+            "client_sizes": _per_client("client_sizes", client_sizes, k, integer=True),
+            **server}
+  if weights is not None:
+    arrays["weights"] = _per_client("weights", weights, k, integer=False)
+  arrays = jax.tree.map(np.asarray, arrays)  # host values: every process saves the same
+  if model is not None:
+    wanted = files.shapes(jax.eval_shape(model.init, jax.random.key(0)))
+    have = files.shapes(arrays["global"])
+    for name in sorted(set(wanted) | set(have)):
+      if wanted.get(name) != have.get(name):
+        raise ValueError(f"save_round: global_vars are not the variables of model "
+                         f"{model.name!r}: leaf {name} is {have.get(name, 'missing')}, the "
+                         f"model's is {wanted.get(name, 'absent')}")
+  record = {"round": round_idx, **(meta or {}), "num_clients": k, "aggregation": aggregation,
+            "checksums": array_checksums(arrays),
+            "storage": {"format": 2, "shapes": files.shapes(arrays), **server_info}}
   if model is not None:
     record["model_def"] = describe_model(model)
-  if primary:
-    (path / ROUND_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+  path = Path(path).resolve()
+  new = files.saving_path(path)
+  primary = jax.process_index() == 0  # several processes: each saves, orbax and process 0 write
+  try:
+    if primary and new.exists():
+      shutil.rmtree(new)  # an earlier save that failed
+    new.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(new / "arrays", arrays, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if primary:
+      record["storage"]["files"] = files.file_sizes(new)
+      import json  # pylint: disable=g-import-not-at-top
+      with open(new / ROUND_FILE, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+      files.swap_in(new, path)
+  except BaseException:
+    if primary:
+      shutil.rmtree(new, ignore_errors=True)  # the round at `path` is untouched
+    raise
   return path
 
 
-def _abstract(model: ModelDef, k: int) -> dict[str, Any]:
+def _target(model: ModelDef, k: int, shapes: dict[str, Any]) -> dict[str, Any]:
+  """The abstract arrays to restore: the model's variables, and the other parts as
+  recorded (`storage.shapes` of round.json)."""
   g = jax.eval_shape(model.init, jax.random.key(0))
   sds = lambda a, lead=(): jax.ShapeDtypeStruct((*lead, *a.shape), a.dtype)  # noqa: E731
-  return {"global": jax.tree.map(sds, g), "clients": jax.tree.map(lambda a: sds(a, (k,)), g),
-          "client_ids": jax.ShapeDtypeStruct((k,), np.int64),
-          "client_sizes": jax.ShapeDtypeStruct((k,), np.int64)}
+  out = {"global": jax.tree.map(sds, g), "clients": jax.tree.map(lambda a: sds(a, (k,)), g),
+         "client_ids": jax.ShapeDtypeStruct((k,), np.int64),
+         "client_sizes": jax.ShapeDtypeStruct((k,), np.int64)}
+  for name, (shape, dtype) in shapes.items():
+    top, _, rest = name.partition("/")
+    leaf = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    if top in ("weights", "key"):
+      out[top] = leaf
+    elif top == "opt_state":
+      out.setdefault("opt_state", {})[rest] = leaf
+    elif top == "previous":
+      out["previous"] = out["global"]
+  return out
 
 
-def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {jax.tree_util.keystr(p, simple=True, separator="/"):
-          (tuple(a.shape), np.dtype(a.dtype).name)
-          for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _check_model(path: Path, record: dict[str, Any], recorded: dict[str, Any] | None,
+                 model: ModelDef) -> None:
+  """The stored variables' shapes (round.json) against `model`'s, before orbax reads."""
+  if not recorded:
+    return
+  stored = {n[len("global/"):]: v for n, v in recorded.items() if n.startswith("global/")}
+  wanted = files.shapes(jax.eval_shape(model.init, jax.random.key(0)))
+  made_with = (record.get("model_def") or {}).get("name")
+  of = f" (a round of model {made_with!r})" if made_with and made_with != model.name else ""
+  for name in sorted(set(stored) | set(wanted)):
+    if stored.get(name) != wanted.get(name):
+      raise StoredRoundError(
+          f"stored round {path}{of} does not hold the variables of model {model.name!r}: "
+          f"array {name} is {stored.get(name, 'missing')} in the round, "
+          f"{wanted.get(name, 'absent')} in the model")
 
 
-def _check_shapes(path: Path, metadata: Any, target: Any, model: ModelDef) -> None:
-  """Compares the stored arrays' shapes and dtypes (orbax's metadata) with `model`'s before
-  restoring (a restore that fails midway leaves orbax's reads pending)."""
+def _check_orbax_shapes(path: Path, metadata: Any, target: Any, model: ModelDef) -> None:
+  """Rounds stored before round.json recorded shapes: orbax's metadata against `model`."""
   tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
   if not isinstance(tree, dict):
     return  # an orbax without tree metadata: the restore itself checks
-  stored, wanted = _shapes(tree), _shapes(target)
+  stored, wanted = files.shapes(tree), files.shapes(target)
   for name in sorted(set(stored) | set(wanted)):
     if stored.get(name) != wanted.get(name):
-      has = stored.get(name, "missing")
       raise StoredRoundError(
           f"stored round {path} does not hold the variables of model {model.name!r}: array "
-          f"{name} is {has} in the round, {wanted.get(name, 'absent')} in the model")
+          f"{name} is {stored.get(name, 'missing')} in the round, "
+          f"{wanted.get(name, 'absent')} in the model")
 
 
-def _verify_checksums(path: Path, saved: dict[str, str] | None, arrays: Any) -> None:
-  """Raises `StoredRoundError` naming the first array whose data differs from its checksum
-  (rounds stored before checksums existed have none: nothing to check)."""
-  if saved is None:
-    return
-  now = array_checksums(arrays)
-  for name in sorted(set(saved) | set(now)):
-    if saved.get(name) != now.get(name):
-      problem = ("is missing" if name not in now else "was not written with a checksum"
-                 if name not in saved else "does not match the SHA-256 checksum written with "
-                 "it")
-      raise StoredRoundError(f"stored round {path} is corrupt: array {name} {problem}.")
-
-
-def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
+def load_round(path: str | Path, model: ModelDef | None = None,
+               algorithm: Any = None) -> StoredRound:
   """A round written by `save_round`, with `model` (the ModelDef it was made with) attached.
 
+  `algorithm`, the `FederatedAlgorithm` the round was made with, is needed only for a round
+  whose server side is not FedAvg's mean (a robust rule, a server optimizer): its
+  `server_update` then re-runs the round without a client (`StoredRound.reaggregate`), so
+  the first-order score and the leave-one-out truth are the round's own.
+
   Raises:
-    StoredRoundError: the directory holds no complete round, its arrays cannot be read or
-      are not `model`'s variables, or an array does not match its checksum.
+    StoredRoundError, in one line naming the file or array: the directory holds no complete
+      round, `round.json` is torn, a file is missing or truncated, the arrays cannot be
+      read, are not `model`'s variables or do not match their checksums; an `algorithm`
+      whose server side is not the round's, or that does not give the stored G_t back.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = Path(path).resolve()
-  if not (path / ROUND_FILE).is_file():
-    raise StoredRoundError(f"{path} holds no stored round (no {ROUND_FILE}: never saved, or "
-                           f"the save was interrupted); save one with save_round(path, ...)")
-  meta = json.loads((path / ROUND_FILE).read_text())
+  path = files.complete_round(Path(path).resolve())
+  record = files.read_record(path)
+  storage = record.pop("storage", None) or {}
+  files.check_files(path, storage.get("files"))
+  k = record.get("num_clients")
+  if model is not None:
+    _check_model(path, record, storage.get("shapes"), model)
   try:
     checkpointer = ocp.StandardCheckpointer()
-    k = meta.get("num_clients")
     if model is None or k is None:  # rounds of older stores do not record K
       arrays = checkpointer.restore(path / "arrays")
     else:
-      target = _abstract(model, int(k))
-      _check_shapes(path, checkpointer.metadata(path / "arrays"), target, model)
+      target = _target(model, int(k), storage.get("shapes") or {})
+      if not storage.get("shapes"):
+        _check_orbax_shapes(path, checkpointer.metadata(path / "arrays"), target, model)
       arrays = checkpointer.restore(path / "arrays", target)
     checkpointer.close()
   except StoredRoundError:
@@ -197,8 +247,8 @@ def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
     first = (str(e).strip().splitlines() or [""])[0][:300]  # one line, as orbax's first
     raise StoredRoundError(f"stored round {path} is unreadable{what} "
                            f"({type(e).__name__}: {first})") from e
-  _verify_checksums(path, meta.pop("checksums", None), arrays)
-  described = meta.get("model_def")
+  files.verify_checksums(path, record.pop("checksums", None), arrays)
+  described = record.get("model_def")
   if model is not None and described is not None:
     now = describe_model(model)
     diff = [f for f in ("input_shape", "num_classes", "traced_layers")
@@ -207,7 +257,14 @@ def load_round(path: str | Path, model: ModelDef | None = None) -> StoredRound:
       raise StoredRoundError(f"stored round {path} was made with a model whose "
                              f"{', '.join(diff)} differ from {model.name!r}'s: "
                              + "; ".join(f"{f} {described.get(f)} != {now[f]}" for f in diff))
-  meta.pop("num_clients", None)
-  return StoredRound(int(meta.pop("round")), arrays["global"], arrays["clients"],
-                     np.asarray(arrays["client_ids"]), np.asarray(arrays["client_sizes"]), meta,
-                     model)
+  record.pop("num_clients", None)
+  aggregation = record.pop("aggregation", None)
+  weights = arrays.get("weights")
+  stored = StoredRound(
+      int(record.pop("round")), arrays["global"], arrays["clients"],
+      np.asarray(arrays["client_ids"]), np.asarray(arrays["client_sizes"]), record, model,
+      None if weights is None else np.asarray(weights, np.float32), aggregation)
+  if algorithm is not None:
+    stored = stored._replace(reaggregate=rebuild_reaggregate(path, stored, arrays, storage,
+                                                             algorithm))
+  return stored
