@@ -355,6 +355,11 @@ def test_parquet_columns_and_labels_are_checked(tmp_path):
   with pytest.raises(DataFileError) as e:
     text.read_split("dbpedia", tmp_path, "train")
   _one_line(e, path, "column 'content' row 1 holds None")
+  # A null label was "labels must be integers ..., got dtype object" (issue 38).
+  pq.write_table(pa.table({"label": [0, None, None], "content": ["a", "b", "c"]}), path)
+  with pytest.raises(DataFileError) as e:
+    text.read_split("dbpedia", tmp_path, "train")
+  _one_line(e, path, "column 'label' row 1 is empty (null; 2 such rows)", "fill or drop")
   path.write_bytes(b"PAR1 truncated")
   with pytest.raises(DataFileError) as e:
     text.read_split("dbpedia", tmp_path, "train")

@@ -246,8 +246,9 @@ def test_adam_at_lr_1e6_stops_with_a_clear_error(tmp_path):
   assert proc.stderr.startswith("error: round 1: training diverged, mean client loss ")
   assert "exceeds 1000 x ln(classes) = 2303 (client losses " in proc.stderr
   assert proc.stderr.endswith(
-      "). Lower the learning rate. client.learning_rate is now 1e+06 (client.optimizer=adam). "
-      "No round finished, so the workdir holds no results to keep.\n")
+      "). The fields that set its steps: client.learning_rate=1e+06 (client.optimizer=adam); "
+      "client.learning_rate is unusually large: lower it. No round finished, so the workdir "
+      "holds no results to keep.\n")
   assert not (tmp_path / "run" / "summary.json").exists()
 
 
@@ -306,10 +307,11 @@ def test_divergence_keeps_earlier_rows_and_checkpoints(tmp_path, monkeypatch):
     return algorithm._replace(round=round_)
 
   monkeypatch.setattr(stages, "federated_averaging", exploding_in_round_2)
-  with pytest.raises(TrainingDivergedError, match=r"^round 2: training diverged.* "
-                     r"client\.learning_rate is now 0\.001 \(client\.optimizer=adam\)\. The "
+  with pytest.raises(TrainingDivergedError, match=r"^round 2: training diverged.*\. The "
+                     r"fields that set its steps: client\.learning_rate=0\.001 "
+                     r"\(client\.optimizer=adam\); lower one of them\. The "
                      r"rows of rounds 1-1 are in .*metrics\.jsonl, checkpoints in "
-                     r".*checkpoints; a run with another learning rate needs another "
+                     r".*checkpoints; a run with other values needs another "
                      r"--workdir or --overwrite\.$"):
     runner.run(_config("--config.provenance.store_rounds="), tmp_path, progress=False)
   rows, _ = read_jsonl(tmp_path / "metrics.jsonl")

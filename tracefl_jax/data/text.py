@@ -90,6 +90,11 @@ def _read_parquet(path: Path, name: str) -> tuple[list[str], np.ndarray]:
   if missing:
     raise DataFileError(f"{path}: lacks the column(s) {', '.join(missing)} (it has "
                         f"{', '.join(table) or 'none'})")
+  empty = [i for i, v in enumerate(table[label_column]) if v is None]
+  if empty:  # read as an object array, which check_labels would call a dtype problem
+    raise DataFileError(f"{path}: column {label_column!r} row {empty[0]} is empty (null; "
+                        f"{len(empty)} such row{'s' if len(empty) > 1 else ''}): every row "
+                        f"needs its class label, fill or drop those rows")
   for column in text_columns:
     bad = [i for i, t in enumerate(table[column]) if not isinstance(t, str)]
     if bad:

@@ -52,13 +52,40 @@ def first_line(e: BaseException, limit: int = 400) -> str:
   return f"{type(e).__name__}: {text}"
 
 
+_UNWRITTEN: set[str] = set()  # run.log files a record could not be written to
+
+
+class _LogFile(logging.FileHandler):
+  """WORKDIR/run.log. A record it cannot write (a full disk) is dropped, not printed to the
+  terminal with two tracebacks (logging's default): the run's one error line says what
+  failed, and `details` no longer points at the log."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:  # opening the file is outside FileHandler's own guard
+      super().emit(record)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    del record
+    _UNWRITTEN.add(self.baseFilename)
+
+
+def details(workdir: str | Path) -> str:
+  """Where an error's whole text is: run.log, unless it could not be written."""
+  path = Path(workdir).resolve() / LOG_FILE
+  if str(path) in _UNWRITTEN:
+    return f"{path} could not be written either"
+  return f"details in {path}"
+
+
 @contextlib.contextmanager
 def quiet_orbax(workdir: str | Path | None):
   """Sends orbax's (absl's) log records and the tracebacks of its worker threads to
   `WORKDIR/run.log` instead of the terminal (nowhere when `workdir` is None)."""
   loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
   saved = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in loggers]
-  handler: logging.Handler = (logging.FileHandler(Path(workdir) / LOG_FILE, delay=True)
+  handler: logging.Handler = (_LogFile(Path(workdir).resolve() / LOG_FILE, delay=True)
                               if workdir is not None else logging.NullHandler())
   handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
   for lg in loggers:
@@ -201,8 +228,7 @@ class Checkpointer:
       raise CheckpointError(
           f"cannot write checkpoint {round_idx} in {self.directory} ({first_line(e)}); the "
           f"rows of rounds 1-{round_idx} and the earlier checkpoints are kept: make room and "
-          f"run the same command again to resume (details in "
-          f"{self.directory.parent / LOG_FILE})") from e
+          f"run the same command again to resume ({details(self.directory.parent)})") from e
     return True
 
   def _save(self, round_idx: int, arrays: dict[str, np.ndarray],

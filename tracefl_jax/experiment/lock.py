@@ -38,7 +38,7 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open()
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -59,6 +59,20 @@ class WorkdirLock:
     os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}\n".encode())
     self._fd = fd
     return self
+
+  def _open(self) -> int:
+    """The lock file, opened or created; never through a symbolic link (a dangling one made
+    `open` fail with a bare 'No such file or directory')."""
+    try:
+      return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if self.path.is_symlink():
+        raise WorkdirError(
+            f"{self.path} is a symbolic link (to {os.readlink(self.path)}), not the lock file "
+            f"a run leaves: remove it (rm {self.path}) and run again") from None
+      raise WorkdirError(f"cannot open the workdir's lock file {self.path} ({e.strerror}): "
+                         f"it must be a regular file the run can write; remove it or fix its "
+                         f"permissions, and run again") from None
 
   def release(self) -> None:
     if self._fd is None:

@@ -113,13 +113,38 @@ def _loop(c: ml_collections.ConfigDict, plan: stages.RunPlan, algorithm, data: s
     history = recorder.history
     kept = (f"The rows of rounds 1-{history[-1]['round']} are in "
             f"{plan.workdir / 'metrics.jsonl'}, checkpoints in "
-            f"{recorder.checkpointer.directory}; a run with another learning rate needs "
-            f"another --workdir or --overwrite." if history else
+            f"{recorder.checkpointer.directory}; a run with other values needs another "
+            f"--workdir or --overwrite." if history else
             "No round finished, so the workdir holds no results to keep.")
-    raise TrainingDivergedError(
-        f"{e} client.learning_rate is now {c.client.learning_rate:g} "
-        f"(client.optimizer={c.client.optimizer}). {kept}") from e
+    raise TrainingDivergedError(f"{diverged_message(e, c)} {kept}") from e
   finally:
     cbs.close()
   return recorder.history
+
+
+# Above these a value is far outside what federated training uses (a step of the whole
+# update or more; a proximal pull that dwarfs the loss).
+_USUAL_MAX = {"client.learning_rate": 1.0, "server.learning_rate": 1.0, "client.prox_mu": 10.0}
+
+
+def diverged_message(e: TrainingDivergedError, c: ml_collections.ConfigDict) -> str:
+  """The library's divergence message with the config fields that could have caused it
+  (the client's and the server's learning rates, FedProx's mu), their values, and which of
+  them are unusually large, instead of its generic 'Lower the learning rate.'."""
+  text = str(e).split(" Lower the learning rate")[0]
+  causes = {"client.learning_rate": (c.client.learning_rate,
+                                     f"client.optimizer={c.client.optimizer}")}
+  if c.server.optimizer != "none":
+    causes["server.learning_rate"] = (c.server.learning_rate,
+                                      f"server.optimizer={c.server.optimizer}")
+  if c.client.loss == "fedprox":
+    causes["client.prox_mu"] = (c.client.prox_mu, "client.loss=fedprox")
+  large = [f for f, (value, _) in causes.items() if value > _USUAL_MAX[f]]
+  listed = ", ".join(f"{f}={value:g} ({why})" for f, (value, why) in causes.items())
+  advice = (f"{' and '.join(large)} {'is' if len(large) == 1 else 'are'} unusually large: "
+            f"lower {'it' if len(large) == 1 else 'them'}" if large else
+            "lower one of them")
+  if "non-finite training loss" in text:
+    advice += ", or check the data for NaN/inf values"
+  return f"{text} The fields that set its steps: {listed}; {advice}."
 
