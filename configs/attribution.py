@@ -32,6 +32,10 @@ Presets:
           package:
             python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:mnist \
                 --workdir=runs/attribution_mnist --config.dataset.data_dir=DIR
+  algorithms  the digits 20/20 cell of `cpu` under four algorithms: FedAvg, FedAdam (server
+          Adam, learning rate 0.01), the trimmed mean (beta 0.1: 2 of 20 cut from each end)
+          and Krum (f = 1); every truth and score removes a client by the cell's own rule and
+          server step (README, "Provenance that knows the algorithm").
   gpu     the synthetic paper-shaped set at 1,000 clients (configs/scale.py's data and
           LeNet), 10 per round for 20 rounds, then 100 per round for 10 rounds; a client
           never sampled is not retrained (its federation is the base one). The one-command
@@ -40,7 +44,7 @@ Presets:
 
 from tracefl_jax.experiment.config import base_config
 
-PRESETS = ("smoke", "cpu", "mnist", "gpu")
+PRESETS = ("smoke", "cpu", "mnist", "algorithms", "gpu")
 FLIP = ",".join(f"{k}:0" for k in range(1, 10))
 
 
@@ -86,6 +90,14 @@ def get_sweep(preset: str = "smoke"):
   faulty = ("attribution.setting", "num_clients", "clients_per_round", "rounds",
             "partition.alpha", "partition.fixup", "provenance.mode", "faulty.clients",
             "faulty.flip", "attribution.explain_inputs")
+  if preset == "algorithms":
+    algorithm = ("attribution.setting", "clients_per_round", "rounds", "aggregation.rule",
+                 "aggregation.trim_beta", "aggregation.num_byzantine", "server.optimizer",
+                 "server.learning_rate")
+    return {algorithm: [("digits 20/20 fedavg", 20, 19, "mean", 0.2, 0, "none", 1.0),
+                        ("digits 20/20 fedadam", 20, 19, "mean", 0.2, 0, "adam", 0.01),
+                        ("digits 20/20 trimmed", 20, 19, "trimmed_mean", 0.1, 0, "none", 1.0),
+                        ("digits 20/20 krum", 20, 19, "krum", 0.2, 1, "none", 1.0)]}
   if preset == "gpu":  # 1,000 clients kept of 1,150 partitioned (the fix-up), 128 images each
     return [{paper: [
         (f"synthetic {k}/1000", 1150, 1000, 1150 * 128, "synthetic_structured", "8,8,1", 1.5,

@@ -34,6 +34,10 @@ def test_cpu_cells_validate_and_unknown_preset_is_named():
     validate(apply_overrides(base, overrides))
   (mnist,) = expand_grid(module.get_sweep("mnist"))
   validate(apply_overrides(module.get_config("mnist"), mnist))
+  algorithms = expand_grid(module.get_sweep("algorithms"))
+  assert len(algorithms) == 4
+  for overrides in algorithms:
+    validate(apply_overrides(module.get_config("algorithms"), overrides))
   with pytest.raises(ValueError, match="unknown preset 'tpu'"):
     module.get_config("tpu")
 
