@@ -58,6 +58,20 @@ def protocol_settings(c: ml_collections.ConfigDict,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
+def input_range_meta(ds, model) -> dict[str, Any]:
+  """`{"input_range": [lo, hi]}` of the test inputs of a float dataset without a
+  `Normalization` (digits, synthetic): the trace verb refuses inputs far outside it, such
+  as raw pixels given as floats. Empty for image datasets (their normalisation says the
+  range) and token ids."""
+  if ds.normalization is not None or not np.issubdtype(np.dtype(model.input_dtype),
+                                                       np.floating):
+    return {}
+  x = np.asarray(ds.x_test)
+  if not np.issubdtype(x.dtype, np.floating) or not x.size:
+    return {}
+  return {"input_range": [float(np.nanmin(x)), float(np.nanmax(x))]}
+
+
 def feddebug_normalize(ds):
   """The test transform's normalisation for FedDebug's random inputs (in [0, 1]): the image
   dataset's own `Normalization` on a [0, 1] scale; digits are stored normalised (float)."""
@@ -141,15 +155,12 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
                                                             info.round, c.dp.delta)})
   store = parse_store_rounds(c.provenance.store_rounds, c.rounds)
   if store:
-    meta = {"model": model.spec, "normalization": normalization_meta(ds)}
+    meta = {"model": model.spec, "normalization": normalization_meta(ds),
+            **input_range_meta(ds, model.model)}
 
     def keep_round(info: RoundInfo) -> None:
-      if info.round in store:
-        out = info.output
-        save_round(plan.workdir, info.round, global_vars=out.traced,
-                   client_vars=out.clients.variables, client_ids=out.client_ids,
-                   client_sizes=np.asarray(out.clients.num_examples), meta=meta,
-                   model=model.model)
+      if info.round in store:  # with its weights and server side (the round's own removal)
+        save_round(plan.workdir, info.round, info.output, meta=meta, model=model.model)
     callbacks.append(keep_round)
   recorder = Recorder(plan, checkpointer, start, c.rounds, primary=primary, progress=progress)
   return RunCallbacks([*callbacks, recorder], recorder,

@@ -9,7 +9,14 @@ preprocessed its data, and refuses, in one error that says what the round takes
       normalised, which must lie in the range normalised pixels take (raw 0..255 pixels as
       floats would be traced silently wrong otherwise);
   token ids (an integer `input_dtype`)      integers in [0, vocab_size);
-  other float datasets                      floats, preprocessed as the run's dataset is.
+  other float datasets                      floats, preprocessed as the run's dataset is,
+      within the range of the run's own test inputs (`input_range`, widened by a quarter of
+      its span on each side): the raw digits pixels (0..16) given as floats are refused.
+
+What the model takes (floats for a float model, integers for a token model, exactly
+`[N, *input_shape]`, finite) is accepted here exactly when `trace_clients` accepts it
+(`provenance.checks.check_inputs`); the dataset's own form and one example without the batch
+axis are what the verb adds.
 """
 
 from __future__ import annotations
@@ -32,8 +39,17 @@ def normalised_range(norm: Normalization) -> tuple[float, float]:
   return float(np.min(-mean / std)), float(np.max((1.0 - mean) / std))
 
 
+def widened(input_range: Any) -> tuple[float, float]:
+  """The range float inputs of a dataset without a `Normalization` may take: its test
+  inputs' [lo, hi] widened by a quarter of the span on each side (new inputs may reach a
+  little beyond; raw pixels are far beyond)."""
+  lo, hi = map(float, input_range)
+  slack = 0.25 * max(hi - lo, 1e-6)
+  return lo - slack, hi + slack
+
+
 def expected_form(model: ModelDef, norm: Normalization | None,
-                  vocab_size: int | None = None) -> str:
+                  vocab_size: int | None = None, input_range: Any = None) -> str:
   """What a stored round of this model and dataset takes, in words."""
   dims = ", ".join(map(str, model.input_shape))
   shape = f"[N, {dims}] (or one example [{dims}])"
@@ -47,11 +63,16 @@ def expected_form(model: ModelDef, norm: Normalization | None,
   if _is_int(np.dtype(model.input_dtype)):
     ids = f" in [0, {vocab_size})" if vocab_size else ""
     return f"{shape}: integer token ids{ids}, tokenised as the run's dataset is"
+  if input_range is not None:
+    lo, hi = widened(input_range)
+    return (f"{shape}: float inputs preprocessed as the run's dataset is, in [{lo:.4g}, "
+            f"{hi:.4g}] (its test inputs lie in [{input_range[0]:.4g}, {input_range[1]:.4g}])")
   return f"{shape}: float inputs preprocessed as the run's dataset is"
 
 
 def model_inputs(x: Any, model: ModelDef, norm: Normalization | None,
-                 vocab_size: int | None = None, *, where: str = "this round") -> np.ndarray:
+                 vocab_size: int | None = None, *, where: str = "this round",
+                 input_range: Any = None) -> np.ndarray:
   """`x` as `model` takes it: `[N, *input_shape]` of `model.input_dtype`.
 
   Raises:
@@ -63,7 +84,8 @@ def model_inputs(x: Any, model: ModelDef, norm: Normalization | None,
 
   def refuse(problem: str) -> ValueError:
     return ValueError(f"inputs have shape {given} and dtype {x.dtype}{problem}; "
-                      f"{where} traces {expected_form(model, norm, vocab_size)}")
+                      f"{where} traces "
+                      f"{expected_form(model, norm, vocab_size, input_range)}")
 
   if x.dtype == np.bool_ or not (_is_int(x.dtype) or np.issubdtype(x.dtype, np.floating)):
     raise refuse("")
@@ -83,6 +105,12 @@ def model_inputs(x: Any, model: ModelDef, norm: Normalization | None,
   if norm is None:
     if not np.issubdtype(x.dtype, np.floating):
       raise refuse("")
+    finite = x[np.isfinite(x)]  # a non-finite row is traced as unattributable, as by
+    if input_range is not None and finite.size:  # trace_clients
+      lo, hi = widened(input_range)
+      if finite.min() < lo or finite.max() > hi:
+        raise refuse(f" with values in [{finite.min():.4g}, {finite.max():.4g}] (raw values? "
+                     f"give them preprocessed as the run's dataset is)")
     return x.astype(model.input_dtype)
   if _is_int(x.dtype):  # raw pixels, as the dataset stores them
     if x.min() < 0 or x.max() > norm.pixel_max:
@@ -90,7 +118,8 @@ def model_inputs(x: Any, model: ModelDef, norm: Normalization | None,
     return norm(x).astype(model.input_dtype)
   lo, hi = normalised_range(norm)
   slack = 1e-3 * (hi - lo)
-  if not np.all(np.isfinite(x)) or x.min() < lo - slack or x.max() > hi + slack:
-    raise refuse(f" with values in [{np.nanmin(x):.4g}, {np.nanmax(x):.4g}] (raw pixels as "
+  finite = x[np.isfinite(x)]  # a non-finite row is traced as unattributable
+  if finite.size and (finite.min() < lo - slack or finite.max() > hi + slack):
+    raise refuse(f" with values in [{finite.min():.4g}, {finite.max():.4g}] (raw pixels as "
                  f"floats? give them as integers, e.g. x.astype(np.uint8))")
   return x.astype(model.input_dtype)

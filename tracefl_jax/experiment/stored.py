@@ -9,7 +9,10 @@ only places rounds in the workdir and adds the run's model spec and normalisatio
 
 answers "which client is responsible for THIS prediction?" for inputs that were never seen
 during training, with the run's own provenance settings; the numbers equal the online trace of
-the same round. The run's `imports` are imported first (a model the user registered rebuilds
+the same round under every algorithm: a round whose server side is not FedAvg's mean (a robust
+rule, a server optimizer) is re-run without each client by the run's own algorithm, rebuilt
+from its config.json (`run_algorithm`). A round records its model; one copied from a run of
+another model is refused. The run's `imports` are imported first (a model the user registered rebuilds
 by name), and inputs may be given in the dataset's own form (uint8 pixels are normalised as
 the run normalised them).
 
@@ -26,14 +29,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from tracefl_jax.data import Normalization
 from tracefl_jax.experiment.checkpoints import CheckpointError, first_line, stderr_to_log
-from tracefl_jax.experiment.stages import import_modules, model_from_spec
+from tracefl_jax.experiment.stages import (ModelStage, build_algorithm, import_modules,
+                                           model_from_spec)
 from tracefl_jax.experiment.tracing import top_clients
 from tracefl_jax.experiment.workdir import stored_rounds
 from tracefl_jax.fl import storage
+from tracefl_jax.fl import storage_files as files
 from tracefl_jax.fl.storage import StoredRound
 from tracefl_jax.models.base import ModelDef
 from tracefl_jax.provenance import ProvenanceResult
@@ -45,18 +51,17 @@ def rounds_directory(workdir: str | Path) -> Path:
   return Path(workdir).resolve() / "rounds"
 
 
-def save_round(workdir: str | Path, round_idx: int, *, global_vars: Any, client_vars: Any,
-               client_ids: Any, client_sizes: Any, meta: dict[str, Any],
-               model: ModelDef | None = None) -> Path:
-  """Writes `WORKDIR/rounds/<round>/` with `fl.storage.save_round` (orbax arrays, then
-  `round.json` last: a round without `round.json` was interrupted and is not listed)."""
+def save_round(workdir: str | Path, round_idx: int, output: Any = None, *,
+               meta: dict[str, Any], model: ModelDef | None = None, **arrays: Any) -> Path:
+  """Writes `WORKDIR/rounds/<round>/` with `fl.storage.save_round`: the round's `RoundOutput`
+  (its weights and server side with it; or the arrays one by one, `global_vars=...`), written
+  beside an older copy and swapped in when complete."""
   path = rounds_directory(workdir) / str(round_idx)
-  host = jax.tree.map(np.asarray, (global_vars, client_vars))
   try:
     with stderr_to_log(Path(workdir)):
-      storage.save_round(path, round_idx=round_idx, global_vars=host[0], client_vars=host[1],
-                         client_ids=client_ids, client_sizes=np.asarray(client_sizes),
-                         model=model, meta=meta)
+      storage.save_round(path, output, round_idx=round_idx, model=model, meta=meta, **arrays)
+  except ValueError:
+    raise  # refused before anything was written: the caller's mistake, in its words
   except Exception as e:  # a full disk, a file-size limit: orbax's words, its first line
     logging.getLogger("orbax").exception("storing round %d", round_idx)
     raise CheckpointError(f"cannot store round {round_idx} in {path} ({first_line(e)}); make "
@@ -85,19 +90,30 @@ def round_path(workdir: str | Path, round_idx: int | None = None) -> Path:
 
 
 def load_round(workdir: str | Path, round_idx: int | None = None,
-               model: ModelDef | None = None) -> StoredRound:
+               model: ModelDef | None = None, algorithm: Any = None) -> StoredRound:
   """A stored round (default: the last one stored), as `fl.storage.load_round` gives it:
-  with `model` attached (and its variables checked) when given.
+  with `model` attached (and its variables checked) when given, and the round's own removal
+  of a client rebuilt from `algorithm` (the run's, `run_algorithm`).
 
   Raises:
-    CheckpointError: the round is not there, cannot be read, is not `model`'s, or an array
-      does not match its checksum (the round is left as it is).
+    CheckpointError, one line naming the file: the round is not there, cannot be read, is
+      not `model`'s, or an array does not match its checksum (the round is left as it is).
   """
   path = round_path(workdir, round_idx)
   try:
-    return storage.load_round(path, model)
+    with stderr_to_log(Path(workdir)):  # orbax's own reports go to run.log, not the terminal
+      return storage.load_round(path, model, algorithm)
   except storage.StoredRoundError as e:
     raise CheckpointError(f"{str(e).rstrip('.')}. It was left as it is: {_REMEDY}") from e
+
+
+def run_algorithm(config: dict[str, Any], model: ModelDef, spec: dict[str, Any]) -> Any:
+  """The run's `FederatedAlgorithm` rebuilt from its config.json by the runner's own stage
+  (`stages.build_algorithm`): only its server side is used, so the client axis runs as
+  "loop" (a sharded run is traced on any machine)."""
+  c = ml_collections.ConfigDict(json.loads(json.dumps(config)))
+  c.simulation.strategy = "loop"
+  return build_algorithm(c, ModelStage(model, None, spec), None)
 
 
 def run_config(workdir: str | Path) -> dict[str, Any]:
@@ -129,19 +145,44 @@ def trace_stored_round(workdir: str | Path, x: Any, round_idx: int | None = None
   config = run_config(workdir)
   path = round_path(workdir, round_idx)
   import_modules(config.get("imports", ""))
-  meta = json.loads((path / storage.ROUND_FILE).read_text())
+  try:
+    meta = files.read_record(files.complete_round(path))
+  except storage.StoredRoundError as e:
+    raise CheckpointError(f"{e}. It was left as it is: {_REMEDY}") from e
+  _check_run_model(workdir, path, meta.get("model"), config)
   model, _ = model_from_spec(meta["model"], jax.random.key(0))
-  stored = load_round(workdir, int(meta["round"]), model)
+  algorithm = None
+  if meta.get("aggregation") not in (None, "mean", "dp_fedavg"):  # the rule is re-run
+    algorithm = run_algorithm(config, model, meta["model"])
+  stored = load_round(workdir, int(meta["round"]), model, algorithm)
   norm = stored.meta.get("normalization")
   x = model_inputs(x, model, Normalization(**norm) if norm else None,
                    stored.meta["model"].get("vocab_size"),
-                   where=f"round {stored.round} of {workdir}")
+                   where=f"round {stored.round} of {workdir}",
+                   input_range=stored.meta.get("input_range"))
   p, batch_size = config["provenance"], config["client"]["batch_size"]
   result = stored.trace(
-      jnp.asarray(x), kernel=kernel or p["kernel"], decay=p["decay"],
-      use_decay=p["use_decay"], client_sizes=jnp.asarray(stored.client_sizes // batch_size),
-      use_size_factor=p["use_size_factor"], clients_per_chunk=p["clients_per_chunk"] or None)
+      x, kernel=kernel or p["kernel"], decay=p["decay"], use_decay=p["use_decay"],
+      client_sizes=jnp.asarray(stored.client_sizes // batch_size),
+      use_size_factor=p["use_size_factor"], clients_per_chunk=p["clients_per_chunk"] or None,
+      score=p.get("score", "tracefl"))
   return result, stored
+
+
+def _check_run_model(workdir: Path, path: Path, spec: Any, config: dict[str, Any]) -> None:
+  """A round is traced by the model it records; refused when that is not the run's model
+  (a round copied from another run's workdir)."""
+  if not isinstance(spec, dict) or "name" not in spec:
+    raise CheckpointError(f"stored round {path} does not record its model (round.json has "
+                          f"no 'model'); {_REMEDY}")
+  run = config.get("model", {})
+  stored = (spec.get("name"), spec.get("hf_path"))
+  if stored != (run.get("name"), run.get("hf_path")):
+    raise CheckpointError(
+        f"stored round {path} is a round of model {spec.get('hf_path') or spec['name']!r}, "
+        f"but the run in {workdir} trains model {run.get('hf_path') or run.get('name')!r} "
+        f"(its config.json): the round was not stored by this run; trace it in its own "
+        f"run's workdir")
 
 
 def attribution_rows(result: ProvenanceResult, round_idx: int,

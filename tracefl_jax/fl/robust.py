@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tracefl_jax.fl.aggregation import _check_shapes, check_weights, fedavg
 
@@ -141,6 +142,10 @@ def krum(num_byzantine: int = 0, num_selected: int = 1) -> AggregationRule:
   """Krum (`num_selected=1`): the present client with the lowest `krum_scores`; multi-Krum:
   the unweighted mean of the `num_selected` lowest-scoring present clients (all present ones
   when fewer are). Ties go to the lower position."""
+  for name, value in (("num_byzantine", num_byzantine), ("num_selected", num_selected)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"krum: {name}={value!r} must be a whole number of clients (an int), "
+                       f"got {type(value).__name__}")  # int(1.5) would run krum(1) silently
   if int(num_byzantine) < 0 or int(num_selected) < 1:
     raise ValueError(f"krum: num_byzantine={num_byzantine} must be >= 0 and "
                      f"num_selected={num_selected} >= 1")

@@ -79,6 +79,13 @@ def check_inputs(model: ModelDef, x) -> None:
     raise ValueError(f"x has dtype {np.dtype(x.dtype)}; model {model.name!r} takes "
                      f"{'integer token ids' if tokens else 'floating-point inputs'} "
                      f"({np.dtype(model.input_dtype)})")
+  if tokens and concrete(x) and getattr(x, "is_fully_addressable", True):
+    # A negative id indexes the embedding from its end: a silent wrong answer. (A non-finite
+    # float input is allowed: its row comes back unattributable, `ProvenanceResult`.)
+    v = np.asarray(x).reshape(x.shape[0], -1)
+    if v.size and v.min() < 0:
+      bad = int(np.flatnonzero(v.min(axis=1) < 0)[0])
+      raise ValueError(f"x holds token id {v.min()} (input {bad}); token ids are >= 0")
 
 
 def check_target(model: ModelDef, target, num_inputs: int):
@@ -126,9 +133,9 @@ def check_sizes(client_sizes, num_clients: int, use_size_factor: bool):
 
 
 def check_client_ids(client_ids, num_clients: int):
-  """`[K]` integer global ids in [0, 2**31 - 1): -1 is the unattributable sentinel and ids
-  are folded into PRNG keys as int32, so floats, negatives and larger ids are rejected
-  (values checked when concrete). Returns them as int32."""
+  """`[K]` distinct integer global ids in [0, 2**31 - 1): -1 is the unattributable sentinel
+  and ids are folded into PRNG keys as int32, so floats, negatives, larger ids and repeated
+  ids are rejected (values checked when concrete). Returns them as int32."""
   if not hasattr(client_ids, "shape"):
     client_ids = np.asarray(client_ids)
   if tuple(client_ids.shape) != (num_clients,):
@@ -146,6 +153,11 @@ def check_client_ids(client_ids, num_clients: int):
       raise ValueError(f"client_ids[{bad[0]}]={ids[bad[0]]} is out of range; global ids lie "
                        f"in [0, {MAX_CLIENT_ID}) (-1 is reserved for unattributable inputs, "
                        f"and ids are int32)")
+    values, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if np.any(counts > 1):
+      twice = values[counts > 1]
+      raise ValueError(f"client_ids {ids.tolist()} repeat id(s) {twice.tolist()}; a round's "
+                       f"clients are distinct (one id per position of client_vars)")
   return jax.numpy.asarray(client_ids, jax.numpy.int32)
 
 
