@@ -136,8 +136,11 @@ def test_the_protocol_reports_agreement_with_the_rounds_own_truth(setup, name):
   out, summary, t = outs[-1], rows[-1]["provenance"], traced[2]
   assert summary["counterfactual_removal"] == "rule"
   assert summary["aggregation"] == out.aggregation
-  assert protocol.summarize_rounds([r["provenance"] for r in rows])[
-      "counterfactual_removal"] == "rule"
+  run = protocol.summarize_rounds([r["provenance"] for r in rows])
+  assert run["counterfactual_removal"] == "rule" and run["aggregation"] == out.aggregation
+  from tracefl_jax.experiment.report import removal_words  # what the run command prints
+  assert removal_words(run["counterfactual_removal"], run["aggregation"]) == (
+      f"re-running the round's {out.aggregation} without it (exact)")
   xs = x[t.inputs]
   loo_vars = leave_one_out_variables(out)
   s_g = _explained(model, out.reaggregate(jnp.asarray(out.weights)), xs, t.predicted)

@@ -52,9 +52,15 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
     if prov.get("unattributable"):
       table.add_row("inputs with non-finite scores (left out)", str(prov["unattributable"]))
     if prov.get("counterfactual_top1") is not None:
+      table.add_row("leave-one-client-out truth: each client removed by",
+                    removal_words(prov.get("counterfactual_removal"), prov.get("aggregation")))
       table.add_row("leave-one-client-out truth: TraceFL top-1 / rank corr.",
                     f"{_pct(prov['counterfactual_top1'])} / "
                     f"{_num(prov.get('counterfactual_spearman'))}")
+      if prov.get("first_order_counterfactual_top1") is not None:
+        table.add_row("  first-order leave-one-out score",
+                      f"{_pct(prov['first_order_counterfactual_top1'])} / "
+                      f"{_num(prov.get('first_order_counterfactual_spearman'))}")
       table.add_row("  random participant (expected)",
                     f"{_pct(prov['counterfactual_random_top1'])} / 0.00")
       table.add_row("  largest client", f"{_pct(prov['counterfactual_largest_top1'])} / "
@@ -70,6 +76,14 @@ def print_summary(summary: dict[str, Any], workdir: str | None = None,
   if workdir:
     table.add_row("results", str(workdir))
   console.print(table)
+
+
+def removal_words(removal: str | None, aggregation: str | None) -> str:
+  """How the run's leave-one-client-out truth removed a client, in words (`removal.py`)."""
+  return {"closed_form": "FedAvg's closed form (exact for the mean)",
+          "rule": f"re-running the round's {aggregation} without it (exact)",
+          "dp_closed_form": "FedAvg's closed form on the noised model (DP: approximate)",
+          }.get(str(removal), str(removal))
 
 
 def print_sweep(rows: list[dict[str, Any]], workdir: str, console: Console | None = None,
