@@ -58,18 +58,18 @@ def protocol_settings(c: ml_collections.ConfigDict,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
-def input_range_meta(ds, model) -> dict[str, Any]:
-  """`{"input_range": [lo, hi]}` of the test inputs of a float dataset without a
+def input_range_of(ds, model) -> list[float] | None:
+  """`[lo, hi]` of the test inputs of a float dataset without a
   `Normalization` (digits, synthetic): the trace verb refuses inputs far outside it, such
-  as raw pixels given as floats. Empty for image datasets (their normalisation says the
+  as raw pixels given as floats. None for image datasets (their normalisation says the
   range) and token ids."""
   if ds.normalization is not None or not np.issubdtype(np.dtype(model.input_dtype),
                                                        np.floating):
-    return {}
+    return None
   x = np.asarray(ds.x_test)
   if not np.issubdtype(x.dtype, np.floating) or not x.size:
-    return {}
-  return {"input_range": [float(np.nanmin(x)), float(np.nanmax(x))]}
+    return None
+  return [float(np.nanmin(x)), float(np.nanmax(x))]
 
 
 def feddebug_normalize(ds):
@@ -155,12 +155,13 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
                                                             info.round, c.dp.delta)})
   store = parse_store_rounds(c.provenance.store_rounds, c.rounds)
   if store:
-    meta = {"model": model.spec, "normalization": normalization_meta(ds),
-            **input_range_meta(ds, model.model)}
+    meta = {"model": model.spec, "normalization": normalization_meta(ds)}
+    input_range = input_range_of(ds, model.model)
 
     def keep_round(info: RoundInfo) -> None:
       if info.round in store:  # with its weights and server side (the round's own removal)
-        save_round(plan.workdir, info.round, info.output, meta=meta, model=model.model)
+        save_round(plan.workdir, info.round, info.output, meta=meta, model=model.model,
+                   input_range=input_range)
     callbacks.append(keep_round)
   recorder = Recorder(plan, checkpointer, start, c.rounds, primary=primary, progress=progress)
   return RunCallbacks([*callbacks, recorder], recorder,

@@ -27,6 +27,7 @@ import numpy as np
 
 from tracefl_jax.data import Normalization
 from tracefl_jax.models.base import ModelDef
+from tracefl_jax.provenance.checks import widened_range as widened
 
 
 def _is_int(dtype: np.dtype) -> bool:
@@ -37,15 +38,6 @@ def normalised_range(norm: Normalization) -> tuple[float, float]:
   """The smallest and largest value `norm` gives pixels in [0, pixel_max] (over channels)."""
   mean, std = np.asarray(norm.mean), np.asarray(norm.std)
   return float(np.min(-mean / std)), float(np.max((1.0 - mean) / std))
-
-
-def widened(input_range: Any) -> tuple[float, float]:
-  """The range float inputs of a dataset without a `Normalization` may take: its test
-  inputs' [lo, hi] widened by a quarter of the span on each side (new inputs may reach a
-  little beyond; raw pixels are far beyond)."""
-  lo, hi = map(float, input_range)
-  slack = 0.25 * max(hi - lo, 1e-6)
-  return lo - slack, hi + slack
 
 
 def expected_form(model: ModelDef, norm: Normalization | None,

@@ -159,7 +159,7 @@ def trace_stored_round(workdir: str | Path, x: Any, round_idx: int | None = None
   x = model_inputs(x, model, Normalization(**norm) if norm else None,
                    stored.meta["model"].get("vocab_size"),
                    where=f"round {stored.round} of {workdir}",
-                   input_range=stored.meta.get("input_range"))
+                   input_range=stored.input_range)
   p, batch_size = config["provenance"], config["client"]["batch_size"]
   result = stored.trace(
       x, kernel=kernel or p["kernel"], decay=p["decay"], use_decay=p["use_decay"],

@@ -64,7 +64,8 @@ def _per_client(name: str, values: Any, k: int, integer: bool) -> np.ndarray:
 def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = None,
                global_vars: Any = None, client_vars: Any = None, client_ids: Any = None,
                client_sizes: Any = None, weights: Any = None, aggregation: str | None = None,
-               model: ModelDef | None = None, meta: dict[str, Any] | None = None) -> Path:
+               model: ModelDef | None = None, meta: dict[str, Any] | None = None,
+               input_range: Any = None) -> Path:
   """Writes a round to the directory `path` (replacing a round there only once the new one
   is complete); returns it.
 
@@ -78,6 +79,8 @@ def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = 
     round_idx: the round's number (default: `meta["round"]`, else 0).
     model: its description and variables' shapes are stored and checked again on load.
     meta: JSON values kept in `round.json` (returned as `StoredRound.meta`).
+    input_range: `[lo, hi]` of the data's own float inputs (e.g. the test set's): the
+      stored round's `trace` then refuses float inputs far outside it (raw values).
 
   Raises:
     ValueError, before anything is written: `meta` JSON cannot hold (numpy scalars), a key
@@ -124,7 +127,12 @@ def save_round(path: str | Path, output: Any = None, *, round_idx: int | None = 
         raise ValueError(f"save_round: global_vars are not the variables of model "
                          f"{model.name!r}: leaf {name} is {have.get(name, 'missing')}, the "
                          f"model's is {wanted.get(name, 'absent')}")
+  if input_range is not None:
+    input_range = [float(v) for v in input_range]
+    if len(input_range) != 2 or not input_range[0] <= input_range[1]:
+      raise ValueError(f"save_round: input_range={input_range} must be [lo, hi], lo <= hi")
   record = {"round": round_idx, **(meta or {}), "num_clients": k, "aggregation": aggregation,
+            "input_range": input_range,
             "checksums": array_checksums(arrays),
             "storage": {"format": 2, "shapes": files.shapes(arrays), **server_info}}
   if model is not None:
@@ -259,11 +267,13 @@ def load_round(path: str | Path, model: ModelDef | None = None,
                              + "; ".join(f"{f} {described.get(f)} != {now[f]}" for f in diff))
   record.pop("num_clients", None)
   aggregation = record.pop("aggregation", None)
+  input_range = record.pop("input_range", None)
   weights = arrays.get("weights")
   stored = StoredRound(
       int(record.pop("round")), arrays["global"], arrays["clients"],
       np.asarray(arrays["client_ids"]), np.asarray(arrays["client_sizes"]), record, model,
-      None if weights is None else np.asarray(weights, np.float32), aggregation)
+      None if weights is None else np.asarray(weights, np.float32), aggregation,
+      input_range=input_range)
   if algorithm is not None:
     stored = stored._replace(reaggregate=rebuild_reaggregate(path, stored, arrays, storage,
                                                              algorithm))

@@ -22,7 +22,8 @@ import numpy as np
 
 ROUND_FILE = "round.json"
 # Keys of round.json that save_round writes itself; `meta` may not set them.
-RESERVED = ("round", "num_clients", "checksums", "model_def", "aggregation", "storage")
+RESERVED = ("round", "num_clients", "checksums", "model_def", "aggregation", "storage",
+            "input_range")
 
 
 class StoredRoundError(RuntimeError):

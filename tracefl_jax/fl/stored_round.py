@@ -35,6 +35,7 @@ class StoredRound(NamedTuple):
   aggregation: str | None = None  # the round's server side (`RoundOutput.aggregation`)
   reaggregate: Any = None   # weights [K] -> G_t re-run with them (`RoundOutput.reaggregate`),
                             # rebuilt by load_round(path, model, algorithm); None for the mean
+  input_range: list[float] | None = None  # [lo, hi] of the data's own float inputs
 
   def removal(self) -> tuple[Any, str]:
     """`(reaggregate, kind)` as `removal.round_removal` gives it for the online round.
@@ -57,6 +58,12 @@ class StoredRound(NamedTuple):
                        f"with, load_round(path, model, algorithm)")
     return self.reaggregate, "rule"
 
+  def _check_range(self, x: Any) -> None:
+    """Float inputs far outside the round's own (`input_range`) are refused: raw values."""
+    from tracefl_jax.provenance.checks import check_input_range  # pylint: disable=g-import-not-at-top
+    if self.input_range is not None and hasattr(x, "dtype"):
+      check_input_range(x, self.input_range)
+
   def _model(self) -> ModelDef:
     if self.model is None:
       raise ValueError("this StoredRound has no model: load it with load_round(path, model)")
@@ -65,10 +72,11 @@ class StoredRound(NamedTuple):
   def trace(self, x: Any, **kwargs: Any) -> Any:
     """`trace_clients(self.model, G_t, clients, x, client_ids=..., **kwargs)` for inputs
     `[N, *input_shape]` as the model takes them (the same inputs `trace_clients` accepts;
-    no conversion). With `score="first_order"` (or `weights=`) the round's weights and its
+    no conversion; float inputs far outside `input_range` are refused). With `score="first_order"` (or `weights=`) the round's weights and its
     own removal of each client (`removal`) are used unless given."""
     from tracefl_jax.provenance import trace_clients  # pylint: disable=g-import-not-at-top
     model = self._model()
+    self._check_range(x)
     kwargs.setdefault("client_ids", self.client_ids)
     if kwargs.get("score") == "first_order" or kwargs.get("weights") is not None:
       if "reaggregate" not in kwargs:
@@ -88,6 +96,7 @@ class StoredRound(NamedTuple):
     if not hasattr(x, "shape"):
       x = np.asarray(x)
     check_inputs(model, x)  # the contract trace_clients keeps
+    self._check_range(x)
     return leave_one_out(model, self.client_vars, self.weights, x, target=target,
                          global_vars=self.global_vars if reaggregate is None else None,
                          clients_per_chunk=clients_per_chunk, reaggregate=reaggregate)

@@ -88,6 +88,30 @@ def check_inputs(model: ModelDef, x) -> None:
       raise ValueError(f"x holds token id {v.min()} (input {bad}); token ids are >= 0")
 
 
+def widened_range(input_range) -> tuple[float, float]:
+  """The range float inputs may take given the `[lo, hi]` of a dataset's own inputs: widened
+  by a quarter of the span on each side (new inputs may reach a little beyond; raw values
+  such as pixels 0..16 or 0..255 given as floats are far beyond)."""
+  lo, hi = map(float, input_range)
+  slack = 0.25 * max(hi - lo, 1e-6)
+  return lo - slack, hi + slack
+
+
+def check_input_range(x, input_range, where: str = "x") -> None:
+  """Float inputs within `widened_range(input_range)` (finite values; a non-finite row is
+  traced as unattributable). Skipped for traced or integer inputs and without a range."""
+  if input_range is None or not concrete(x) or not np.issubdtype(x.dtype, np.floating):
+    return
+  v = np.asarray(x)
+  v = v[np.isfinite(v)]
+  lo, hi = widened_range(input_range)
+  if v.size and (v.min() < lo or v.max() > hi):
+    raise ValueError(f"{where} has values in [{v.min():.4g}, {v.max():.4g}], outside "
+                     f"[{lo:.4g}, {hi:.4g}] around the round's own inputs ([{input_range[0]:.4g}"
+                     f", {input_range[1]:.4g}]): raw values? give them preprocessed as the "
+                     f"round's data was")
+
+
 def check_target(model: ModelDef, target, num_inputs: int):
   if not hasattr(target, "shape"):
     target = np.asarray(target)
