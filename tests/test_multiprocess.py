@@ -190,3 +190,20 @@ def test_runner_four_processes_equal_one(tmp_path, single):
   _assert_equal_runs(workdir, single)
   written = sorted(p.name for p in workdir.iterdir() if p.is_file())
   assert {"metrics.jsonl", "provenance.jsonl", "summary.json"} <= set(written)
+
+
+@pytest.mark.distributed
+def test_processes_started_with_different_configs_are_refused_at_start(tmp_path):
+  """Issue 38: a pair whose --config.rounds differ ran into one workdir; now process 0 names
+  the process and the field in one line before any data is loaded, process 1 prints nothing
+  (process 0's line is the run's), and both exit 2."""
+  workdir, port = tmp_path / "run", _free_port()
+  procs = [_runner(workdir, 2, f"--config.rounds={3 + i}", process=(i, 2, port))
+           for i in range(2)]
+  assert _wait(procs, workdir, timeout=120) == [2, 2], _logs(workdir)
+  logs = [(tmp_path / f"run.{i}.log").read_text() for i in range(2)]
+  errors = [[l for l in log.splitlines() if not l.startswith("[Gloo]")] for log in logs]
+  assert errors == [["error: process 1 was started with another config or flags than process "
+                     "0 (differing in: rounds); start every process with the same command but "
+                     "its --process_id"], []], logs
+  assert not workdir.exists() or not any(workdir.iterdir())

@@ -23,6 +23,7 @@ stderr with exit code 2, naming the bad input and the way out.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from tracefl_jax.experiment.cli_args import FLAGS, parse_args
+from tracefl_jax.experiment.cli_args import FLAGS, Args, join_flags, parse_args
 from tracefl_jax.experiment.configfile import set_field
 
 _USAGE = """\
@@ -95,20 +96,59 @@ def _fail_run(message: str, workdir: str | None, code: int = 2) -> None:
   sys.exit(code)
 
 
-def _join(flags: dict[str, Any]) -> None:
-  """Joins the processes of a multi-process run before anything else uses JAX, then turns on
-  the compilation cache."""
+def _join(args: Args) -> None:
+  """Joins the processes of a multi-process run before anything else uses JAX (the flags
+  checked first: `cli_args.join_flags`), refuses processes started with different configs,
+  then turns on the compilation cache."""
   from tracefl_jax.experiment import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    number = [None if flags[k] is None else int(flags[k])
-              for k in ("num_processes", "process_id")]
-  except ValueError:
-    raise ValueError(f"--num_processes and --process_id take integers, got "
-                     f"{flags['num_processes']!r}, {flags['process_id']!r}") from None
-  if flags["distributed"] or flags["coordinator"] is not None or number != [None, None]:
-    distributed.initialize(flags["coordinator"], *number,
-                           heartbeat_timeout=int(flags["heartbeat_timeout"] or 60))
+  flags = args.flags
+  join = join_flags(flags)
+  if join is not None:
+    distributed.initialize(join.coordinator, join.num_processes, join.process_id,
+                           heartbeat_timeout=join.heartbeat_timeout,
+                           initialization_timeout=join.join_timeout)
+    same = ("workdir", "sweep", "sweep_shard", "collect", "overwrite", "allow_cwd")
+    distributed.check_same_run(json.dumps({
+        "config": json.loads(args.config.to_json_best_effort()),
+        "flags": {k: flags[k] for k in same}}))
   distributed.use_compilation_cache(flags["compilation_cache"])
+
+
+def _exit_if_peer_lost(e: BaseException) -> None:
+  """With several processes, an error that a lost process causes (a collective, or a
+  checkpoint's, failing) is reported as that process's loss, naming it and its last
+  heartbeat (`peers`), and ends this process at once; other errors keep their own line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import peers  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.checkpoints import CheckpointError, first_line  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.io import WorkdirError  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1 or isinstance(e, WorkdirError):
+    return
+  chain, cause = [], e
+  while cause is not None and len(chain) < 8:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  runtime = any(isinstance(c, jax.errors.JaxRuntimeError) for c in chain)
+  if runtime or any(isinstance(c, CheckpointError) or "Gloo" in str(c) for c in chain):
+    peers.exit_if_lost()
+  if runtime:  # no process is silent, yet the runtime failed: JAX's shutdown would abort
+    peers.exit_now(f"process {jax.process_index()} of {jax.process_count()} lost the others "
+                   f"({first_line(e)}); a process died or was stopped: run the same command "
+                   f"again on every process to resume from the last checkpoint", 3)
+
+
+# errno values of a full disk or quota, or a file grown past its limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _os_error_line(e: OSError, workdir: str | None) -> str:
+  """An OSError as one line with the way out (a write's own message names neither)."""
+  where = f" {e.filename}" if e.filename else f" in {workdir}" if workdir else ""
+  if e.errno in _NO_ROOM:
+    return (f"cannot write{where}: {e.strerror or e} (the disk or quota is full); the rows "
+            f"and checkpoints written so far are kept: make room and run the same command "
+            f"again to resume from the last checkpoint")
+  return str(e)
 
 
 def _sweep_shard(flags: dict[str, Any]) -> tuple[int, int] | None:
@@ -120,9 +160,12 @@ def _sweep_shard(flags: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _run_main(argv: list[str]) -> None:
+  from tracefl_jax.experiment.distributed import StoppedByPrimary  # pylint: disable=g-import-not-at-top
   try:
     args = parse_args(argv)
-    _join(args.flags)
+    _join(args)
+  except StoppedByPrimary:
+    sys.exit(2)  # process 0 prints the line
   except ValueError as e:
     _fail(str(e))
   config, workdir, flags = args.config, args.flags["workdir"], args.flags
@@ -149,21 +192,20 @@ def _run_main(argv: list[str]) -> None:
       return
     summary = experiment.run(config, workdir, progress=not flags["quiet"],
                              allow_cwd=flags["allow_cwd"], figures=True)
+  except StoppedByPrimary:
+    sys.exit(2)  # process 0 prints the line
   except (ValueError, OSError, CheckpointError, experiment.TrainingDivergedError) as e:
     from tracefl_jax.experiment.io import WorkdirError  # pylint: disable=g-import-not-at-top
+    _exit_if_peer_lost(e)
     # A refused workdir (the current directory, another run's, ...) gets no run.log.
-    _fail_run(str(e), None if isinstance(e, WorkdirError) else workdir)
+    _fail_run(_os_error_line(e, workdir) if isinstance(e, OSError) else str(e),
+              None if isinstance(e, WorkdirError) else workdir)
   except KeyboardInterrupt:
     _fail_run("interrupted; run the same command again to resume from the last checkpoint",
               workdir, 130)
   except Exception as e:  # pylint: disable=broad-except
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
-      raise
-    from tracefl_jax.experiment.checkpoints import first_line  # pylint: disable=g-import-not-at-top
-    _fail_run(f"process {jax.process_index()} of {jax.process_count()} lost the others "
-              f"({first_line(e)}); a process died or was stopped: run the same command again "
-              f"on every process to resume from the last checkpoint", workdir, 3)
+    _exit_if_peer_lost(e)  # several processes and a runtime error: one line, and the end
+    raise
   if is_primary():
     report.print_summary(summary, workdir)
 

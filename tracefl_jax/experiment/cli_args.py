@@ -34,6 +34,8 @@ FLAGS = {
     "process_id": ("I", "multi-process run: this process's index, 0..N-1"),
     "heartbeat_timeout": ("SECONDS", "multi-process run: a process silent this long is dead "
                                      "and the run stops with an error (default 60)"),
+    "join_timeout": ("SECONDS", "multi-process run: how long a process waits for all the "
+                                "others to join before it stops with an error (default 300)"),
     "compilation_cache": ("DIR", "keep compiled XLA programs in DIR (JAX's persistent cache; "
                                  "default $JAX_COMPILATION_CACHE_DIR, else none): a resume, a "
                                  "rerun or a sweep's next run loads them instead of compiling"),
@@ -100,9 +102,72 @@ def parse_args(argv: list[str], *, need_workdir: bool = True) -> Args:
   if need_workdir and flags["workdir"] is None:
     raise ValueError("--workdir is required: the directory for the run's results, e.g. "
                      "--workdir=runs/demo")
+  if flags["sweep_shard"] is not None and (flags["collect"] or not flags["sweep"]):
+    raise ValueError(
+        f"--sweep_shard={flags['sweep_shard']} runs one share of a sweep's grid: it needs "
+        f"--sweep" + (" and not --collect (which merges every share's runs): drop one"
+                      if flags["collect"] else
+                      " (without it the config's own run would go into the sweep's "
+                      "--workdir): add --sweep, or drop --sweep_shard"))
   if flags["overwrite"]:
     config.checkpoint.overwrite = True
   return Args(config, spec, flags)
+
+
+class Join(NamedTuple):
+  """A multi-process run's flags, checked (`join_flags`); None fields: JAX's cluster
+  detection (`--distributed`) finds them."""
+  coordinator: str | None
+  num_processes: int | None
+  process_id: int | None
+  heartbeat_timeout: int
+  join_timeout: int
+
+
+def join_flags(flags: dict[str, Any]) -> Join | None:
+  """The multi-process flags, checked before JAX starts (a malformed coordinator address
+  crashes XLA natively, and a missing one is only found after JAX's own wait); None for a
+  single-process run.
+
+  Raises:
+    ValueError: one line naming the flag, the value and what is valid.
+  """
+  numbers = {k: _positive(k, flags[k], low=0 if k == "process_id" else 1)
+             for k in ("num_processes", "process_id", "heartbeat_timeout", "join_timeout")}
+  coordinator, n, i = flags["coordinator"], numbers["num_processes"], numbers["process_id"]
+  if not (flags["distributed"] or coordinator is not None or (n, i) != (None, None)):
+    return None
+  if coordinator is not None:
+    host, sep, port = str(coordinator).rpartition(":")
+    if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+      raise ValueError(f"--coordinator={coordinator} must be HOST:PORT, process 0's address "
+                       f"with a port number in 1..65535, e.g. --coordinator=localhost:12345")
+  if not flags["distributed"]:  # explicit: all three, or JAX would look for a cluster
+    given = {"--coordinator": coordinator, "--num_processes": n, "--process_id": i}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      have = " ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+      raise ValueError(
+          f"{have} joins a multi-process run, which also needs {' and '.join(missing)}: every "
+          f"process gets --coordinator=HOST:PORT (process 0's address, the same for all), "
+          f"--num_processes=N and its own --process_id=I; on a cluster whose scheduler JAX "
+          f"reads (SLURM, Open MPI, ...) use --distributed instead")
+  if n is not None and i is not None and i >= n:
+    raise ValueError(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
+  return Join(coordinator, n, i, numbers["heartbeat_timeout"] or 60,
+              numbers["join_timeout"] or 300)
+
+
+def _positive(name: str, text: str | None, low: int) -> int | None:
+  if text is None:
+    return None
+  try:
+    value = int(text)
+  except ValueError:
+    value = None
+  if value is None or value < low:
+    raise ValueError(f"--{name}={text} must be an integer >= {low}")
+  return value
 
 
 def _parse_flag_bool(name: str, text: str | None) -> bool:

@@ -7,19 +7,23 @@ process 0 alone and shared (`on_primary`), so every process takes the same path 
 the same error. Exactly one process (index 0) writes files; checkpoints and stored rounds
 go through orbax, which every process calls.
 
-A process that dies is noticed by the others through JAX's coordination service: after
-`heartbeat_timeout` seconds without its heartbeat they stop with an error naming the dead
-task, instead of waiting forever in a collective.
+A process that dies is noticed by the others instead of their waiting forever in a
+collective: peers.py names it (its last heartbeat) in one line, before JAX's coordination
+service ends them natively after `heartbeat_timeout` seconds. A process whose peers never
+join stops after `initialization_timeout` seconds, in one line too; processes started with
+different configs are refused at the start (`check_same_run`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from tracefl_jax.experiment import peers
 from tracefl_jax.experiment.io import WorkdirError
 
 
@@ -28,11 +32,30 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                initialization_timeout: int = 300) -> None:
   """Joins the job (`jax.distributed.initialize`) before anything else touches JAX. Without
   arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) from its
-  environment variables."""
+  environment variables.
+
+  A process still waiting for the others after `initialization_timeout` seconds prints one
+  line and exits with code 3: JAX's own deadline, set a little later, would end the process
+  natively (a C++ check failure and its stack).
+  """
+  joined = threading.Event()
+
+  def watchdog() -> None:
+    if joined.wait(initialization_timeout):
+      return
+    who = "this process" if process_id is None else f"process {process_id}"
+    where = f" at {coordinator}" if coordinator else ""
+    peers.exit_now(f"{who}: not all {num_processes or 'the'} processes joined{where} within "
+                   f"{initialization_timeout} s (--join_timeout); start every process with the "
+                   f"same command (and each its own --process_id), or raise --join_timeout", 3)
+
+  threading.Thread(target=watchdog, name="join-watchdog", daemon=True).start()
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id,
-                             initialization_timeout=initialization_timeout,
+                             initialization_timeout=initialization_timeout + 30,
                              heartbeat_timeout_seconds=heartbeat_timeout)
+  joined.set()
+  peers.start_heartbeat(heartbeat_timeout)
 
 
 def use_compilation_cache(directory: str | None) -> None:
@@ -61,10 +84,20 @@ def _broadcast_text(text: str | None) -> str:
   return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode("utf-8")
 
 
+class StoppedByPrimary(RuntimeError):
+  """Raised on every process but 0 when process 0's step failed: process 0 prints the one
+  line, the others end with the same exit code and print nothing (the CLI)."""
+
+
+class WorkdirStoppedByPrimary(StoppedByPrimary, WorkdirError):
+  """Process 0 refused the workdir (in use, another run's results, ...)."""
+
+
 def on_primary(fn: Callable[[], Any]) -> Any:
   """Runs `fn` on process 0 and returns its (JSON-able) result on every process; an error it
-  raises (a `ValueError`, `OSError` or any other) is raised on every process, the others
-  naming process 0. One process: just `fn()`."""
+  raises (a `ValueError`, `OSError` or any other) is raised on process 0, and on the others a
+  `StoppedByPrimary` (a `WorkdirError` too for a refused workdir) naming process 0, so no
+  process waits forever. One process: just `fn()`."""
   if jax.process_count() == 1:
     return fn()
   result, error = None, None
@@ -73,14 +106,55 @@ def on_primary(fn: Callable[[], Any]) -> Any:
       result = {"ok": fn()}
     except Exception as e:  # shared before it is re-raised, so no process waits forever
       error = e
-      result = {"error": str(e), "type": type(e).__name__}
+      result = {"error": str(e), "workdir": isinstance(e, WorkdirError)}
   shared = json.loads(_broadcast_text(json.dumps(result, default=str)))
   if error is not None:
     raise error
   if "error" in shared:
-    raise (WorkdirError if shared["type"].endswith("WorkdirError") else RuntimeError)(
+    raise (WorkdirStoppedByPrimary if shared["workdir"] else StoppedByPrimary)(
         f"process 0 stopped the run: {shared['error']}")
   return shared["ok"]
+
+
+def check_same_run(text: str) -> None:
+  """Refuses, on every process at once, a run whose processes were started with different
+  configs or flags (`text`: each process's as JSON `{"config": {...}, "flags": {...}}`): they
+  would train different experiments into one workdir, or wait on each other forever.
+
+  Raises:
+    ValueError on process 0, naming the processes and the fields that differ;
+    StoppedByPrimary on the others (process 0 prints the line).
+  """
+  if jax.process_count() == 1:
+    return
+  from tracefl_jax.experiment.config import config_fields  # pylint: disable=g-import-not-at-top
+  mine = config_fields(json.loads(text))
+  theirs = config_fields(json.loads(_broadcast_text(text)))
+  fields = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  gathered = [json.loads(t) for t in _gather_text(json.dumps(fields))]
+  bad = [k for k, differing in enumerate(gathered) if differing]
+  if not bad:
+    return
+  if not is_primary():
+    raise StoppedByPrimary("processes started with different configs")
+  seen = sorted({f for k in bad for f in gathered[k]})
+  raise ValueError(
+      f"process{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+      f"{'were' if len(bad) > 1 else 'was'} started with another config or flags than process "
+      f"0 (differing in: {', '.join(f.replace('config.', '', 1) for f in seen[:8])}"
+      f"{' ...' if len(seen) > 8 else ''}); start every process with the same command but "
+      f"its --process_id")
+
+
+def _gather_text(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(text.encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  buffer = np.zeros(int(sizes.max()), np.uint8)
+  buffer[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(sizes), -1)
+  return [bytes(row[:size]).decode("utf-8") for row, size in zip(rows, sizes)]
 
 
 def _to_host(leaf: Any) -> Any:
