@@ -35,6 +35,7 @@ The runner (`experiment.runner.run`, for a config with `attribution.enabled`) ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from tracefl_jax.experiment import resume, stages
+from tracefl_jax.experiment.callbacks import protocol_settings
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.experiment.lock import WorkdirLock
@@ -91,13 +93,12 @@ def _setup(c: ml_collections.ConfigDict):
   return d.data, m.model, m.variables, algorithm, evaluator, d.faulty, d.flip
 
 
-def _settings(c, score: str, faulty, flip) -> protocol.ProtocolSettings:
-  p = c.provenance
-  return protocol.ProtocolSettings(
-      mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
-      faulty_clients=tuple(faulty), flip=flip, kernel=p.kernel, decay=p.decay,
-      use_decay=p.use_decay, clients_per_chunk=p.clients_per_chunk, counterfactual=True,
-      feddebug=False, score=score)
+def _settings(c, score: str, faulty) -> protocol.ProtocolSettings:
+  """The run's protocol settings (`callbacks.protocol_settings`) for one score, with the
+  leave-one-out truth and without FedDebug."""
+  settings = protocol_settings(c, list(faulty))
+  return dataclasses.replace(settings, counterfactual=True, feddebug=False, score=score,
+                             use_size_factor=settings.use_size_factor and score == "tracefl")
 
 
 def _spread(values, ids, num_clients: int) -> np.ndarray:
@@ -108,7 +109,7 @@ def _spread(values, ids, num_clients: int) -> np.ndarray:
   return out
 
 
-def _train(c, data, model, variables, algorithm, evaluator, faulty, flip):
+def _train(c, data, model, variables, algorithm, evaluator, faulty):
   """The base run: per-round accuracy and (optionally) both scores traced every round."""
   acc = MultiRoundAccumulator(variables["params"], data.num_clients, c.attribution.round_decay)
   kept: dict[str, Any] = {}
@@ -117,7 +118,7 @@ def _train(c, data, model, variables, algorithm, evaluator, faulty, flip):
   if c.attribution.per_round:
     for score in ("tracefl", "first_order"):
       callbacks.append(_tagged(score, round_callback.provenance_callback(
-          model, evaluator, _settings(c, score, faulty, flip))))
+          model, evaluator, _settings(c, score, faulty))))
 
   def keep(info):
     out = info.output
@@ -226,7 +227,7 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains, traces, retrains and scores one cell; returns its summary."""
   t0 = time.perf_counter()
   data, model, init, algorithm, evaluator, faulty, flip = _setup(c)
-  final, last, acc, curve = _train(c, data, model, init, algorithm, evaluator, faulty, flip)
+  final, last, acc, curve = _train(c, data, model, init, algorithm, evaluator, faulty)
   t_train = time.perf_counter() - t0
   idx = _explained(c, evaluator, final, flip)
   if len(idx) == 0:
@@ -263,10 +264,10 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   base = np.asarray(retrained.explained_logits(
       model, jax.tree.map(lambda a: a[None], final), x, target))[0]
   labels = evaluator.y[idx]
-  if c.provenance.mode == "faulty":
-    rule = lambda clients: np.isin(clients, faulty)  # noqa: E731
-  else:
-    rule = lambda clients: data.label_counts[clients, labels] > 0  # noqa: E731
+  settings = _settings(c, "tracefl", faulty)
+  everyone = np.arange(num)
+  rule = lambda clients: protocol.passes_rule(  # noqa: E731
+      settings, clients, labels, data.label_counts, everyone)
   loo_top = np.argmax(scores["loo_last"] + np.where(
       np.isin(np.arange(num), last.client_ids), 0.0, -np.inf), axis=1)
   summary = {

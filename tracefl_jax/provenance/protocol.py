@@ -199,7 +199,7 @@ def trace_round(
   position = np.asarray(result.traced_position)[:n]
   traced = np.asarray(result.traced_client)[:n].astype(np.int64)
   labels = y_test[idx]
-  correct = _passes_rule(settings, np.maximum(position, 0), labels, part_counts,
+  correct = passes_rule(settings, np.maximum(position, 0), labels, part_counts,
                          client_ids) & ok
   faulty_local = ([k for k, c in enumerate(client_ids) if int(c) in settings.faulty_clients]
                   if settings.mode == "faulty" else None)
@@ -227,7 +227,7 @@ def trace_round(
       # a faulty client)? Where this falls with TraceFL's accuracy, the lenient rule fades,
       # not the method (README, "the fade").
       summary["counterfactual_accuracy"] = float(np.mean(
-          _passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
+          passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
       if settings.score == "tracefl":  # the weight-aware score beside the paper's
         summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
                                             labels, part_counts, client_ids, settings,
@@ -236,9 +236,12 @@ def trace_round(
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
 
 
-def _passes_rule(settings, positions, labels, part_counts, client_ids) -> np.ndarray:
-  """`[N]` bool: the participant at each of `positions` passes the mode's rule (faulty mode:
-  it is a faulty client; correct mode: its data holds the input's label)."""
+def passes_rule(settings: ProtocolSettings, positions: Any, labels: Any, part_counts: Any,
+                client_ids: Any) -> np.ndarray:
+  """`[N]` bool: the client at each of `positions` (rows of `part_counts [K, classes]`, ids
+  `client_ids [K]`) passes the mode's rule (faulty mode: it is a faulty client; correct
+  mode: its data holds the input's label). Over a whole federation, pass every client's
+  label counts and `client_ids = arange(C)`."""
   if settings.mode == "faulty":
     return np.isin(np.asarray(client_ids)[positions], list(settings.faulty_clients))
   return localization_correct(positions, labels, part_counts)
@@ -264,7 +267,7 @@ def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok,
     return {}
   report = counterfactual_report(fo_scores[keep], drops[keep], np.ones(fo_scores.shape[1]))
   top = np.argmax(fo_scores[keep], axis=1)
-  right = _passes_rule(settings, top, labels[keep], part_counts, client_ids)
+  right = passes_rule(settings, top, labels[keep], part_counts, client_ids)
   return {"first_order_counterfactual_top1": report["counterfactual_top1"],
           "first_order_counterfactual_spearman": report["counterfactual_spearman"],
           "first_order_accuracy": float(np.mean(right))}

@@ -15,7 +15,8 @@ import numpy as np
 from tracefl_jax.models.base import ModelDef
 from tracefl_jax.provenance.feddebug import feddebug_round
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
-from tracefl_jax.provenance.protocol import ProtocolSettings, TracedRound, trace_round
+from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, passes_rule,
+                                             trace_round)
 from tracefl_jax.provenance.removal import round_removal
 
 
@@ -83,11 +84,9 @@ def provenance_callback(
                               clients_per_chunk=settings.clients_per_chunk or None)
       mr_clients = np.asarray(mr.traced_client)
       ok = np.asarray(mr.attributable)
-      if settings.mode == "faulty":  # the mode's rule: the traced client is a faulty one
-        right = np.isin(mr_clients, list(settings.faulty_clients))
-      else:
-        right = np.asarray(info.data.label_counts)[np.maximum(mr_clients, 0),
-                                                   traced.labels] > 0
+      counts = np.asarray(info.data.label_counts)
+      right = passes_rule(settings, np.maximum(mr_clients, 0), traced.labels, counts,
+                          np.arange(len(counts)))
       traced.summary["multiround_accuracy"] = float(np.mean(right & ok))
       traced.summary["multiround_clients"] = mr_clients.tolist()
     if on_trace is not None:
