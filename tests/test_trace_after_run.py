@@ -138,6 +138,12 @@ def test_resumed_fedadam_run_ends_equal_and_its_last_round_traces(tmp_path, monk
   assert stored.round == 3 and stored.model.name == "own_mlp_issue20"
   np.testing.assert_array_equal(result.traced_client, [r["traced_client"] for r in rows])
   np.testing.assert_allclose(result.probs, [r["probs"] for r in rows], rtol=1e-5, atol=1e-7)
+  # FedAdam's round keeps its server side: the run's algorithm, rebuilt from config.json,
+  # re-runs it without each client (its G_t checked on load).
+  assert stored.aggregation == "mean + server optimizer" and stored.removal()[1] == "rule"
+  x_model = model_inputs(x, stored.model, None)
+  drops = np.asarray(stored.leave_one_out(x_model).drops)
+  assert drops.shape == (len(rows), 3) and np.all(np.isfinite(drops))
 
   # The module gone: one error naming it and where it must be.
   _forget_module(monkeypatch)
