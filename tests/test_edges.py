@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tracefl_jax.experiment import checkpoints, cli, cli_args, distributed, peers, runner
+from tracefl_jax.experiment import checkpoints, cli, cli_args, distributed, io, peers, runner
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.experiment.io import WorkdirError
 from tracefl_jax.experiment.lock import LOCK_FILE, WorkdirLock
@@ -216,6 +216,19 @@ def test_a_run_log_that_cannot_grow_keeps_the_terminal_to_one_line(tmp_path, mon
   assert line == (f"cannot write in {tmp_path}: No space left on device (the disk or quota is "
                   f"full); the rows and checkpoints written so far are kept: make room and run "
                   f"the same command again to resume from the last checkpoint")
+
+
+def test_a_write_on_a_full_disk_names_its_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+  def full(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(Path, "write_text", full)
+  with pytest.raises(OSError) as e:
+    io.write_atomic(tmp_path / "partition.json", "{}")
+  assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "partition.json")
+  assert list(tmp_path.iterdir()) == []
+  assert cli._os_error_line(e.value, str(tmp_path)).startswith(
+      f"cannot write {tmp_path / 'partition.json'}: No space left on device (the disk or quota "
+      f"is full); ")
 
 
 # --- Messages that name the cause -----------------------------------------------------------

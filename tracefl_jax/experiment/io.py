@@ -4,6 +4,7 @@ torn last line told apart from a malformed one, and whole files written atomical
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,11 +47,15 @@ class JsonlWriter:
   most the line being written, which `read_jsonl` recognises as torn)."""
 
   def __init__(self, path: str | Path):
+    self.path = Path(path)
     self._f = open(path, "a", encoding="utf-8")
 
   def write(self, row: dict[str, Any]) -> None:
-    self._f.write(json_line(row))
-    self._f.flush()
+    try:
+      self._f.write(json_line(row))
+      self._f.flush()
+    except OSError as e:  # a write's own error names no file (e.g. a full disk)
+      raise _named(e, self.path) from None
 
   def close(self) -> None:
     self._f.close()
@@ -70,8 +75,18 @@ def write_atomic(path: str | Path, text: str) -> None:
   """Writes a whole file or nothing (a crash leaves the old file, never half of the new)."""
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+  except OSError as e:  # a full disk: no half-written temporary left behind
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise _named(e, path) from None
+
+
+def _named(e: OSError, path: Path) -> OSError:
+  """`e` naming `path` when it names no file (the errno keeps its subclass)."""
+  return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
