@@ -207,3 +207,60 @@ def test_multi_round_sums_each_rounds_own_removal(setup):
   assert np.abs(_flat(closed.directions) - _flat(acc.directions)).max() > 1e-3
   mr = acc.scores(model, state.variables, x)
   assert np.asarray(mr.scores).shape == (len(x), data.num_clients)
+
+
+@pytest.mark.parametrize("output", ["margin", "log_prob"])
+def test_explained_outputs_against_a_plain_recomputation(setup, output):
+  """The margin (logit minus the log-sum-exp of the other classes) and the log-probability:
+  the truth's drops and the first-order score against NumPy and plain jax.grad, and every
+  kernel's TraceFL scores against the reference kernel."""
+  model, _, _, x, _ = setup
+  _, outs, _ = _run(setup, "trimmed_mean", rounds=1)
+  out = outs[-1]
+  w, clients = np.asarray(out.weights), out.clients.variables
+
+  def plain(variables, target):
+    z = np.asarray(model.logits(variables, x), np.float64)
+    mine = z[np.arange(len(z)), target]
+    if output == "log_prob":
+      return mine - np.log(np.exp(z).sum(1))
+    rivals = np.where(np.eye(z.shape[1], dtype=bool)[target], -np.inf, z)
+    return mine - np.log(np.exp(rivals).sum(1))
+
+  target = np.asarray(model.logits(out.variables, x)).argmax(1)
+  loo_vars = leave_one_out_variables(out)
+  g_re = out.reaggregate(jnp.asarray(w))
+  want = np.stack([plain(g_re, target) - plain(jax.tree.map(lambda a, k=k: a[k], loo_vars),
+                                                target) for k in range(len(w))], axis=1)
+  res = leave_one_out(model, clients, w, x, reaggregate=out.reaggregate, output=output)
+  np.testing.assert_allclose(res.drops, want, atol=2e-5)
+  np.testing.assert_allclose(res.target_logit, plain(out.variables, target), atol=2e-5)
+  logit = leave_one_out(model, clients, w, x, reaggregate=out.reaggregate)
+  assert np.abs(np.asarray(logit.drops) - want).max() > 1e-3  # another output indeed
+
+  def s(params, n):
+    z = model.logits({"params": params}, x[n:n + 1])[0]
+    if output == "log_prob":
+      return z[target[n]] - jax.nn.logsumexp(z)
+    return z[target[n]] - jax.nn.logsumexp(jnp.where(jnp.arange(3) == target[n], -jnp.inf, z))
+
+  grads = np.stack([_flat(jax.grad(s)(out.variables["params"], n)) for n in range(len(x))])
+  diffs = np.stack([_flat(g_re["params"]) - _flat(jax.tree.map(lambda a, k=k: a[k],
+                                                               loo_vars["params"]))
+                    for k in range(len(w))])
+  expected = grads @ diffs.T
+  scale = np.abs(expected).max()
+  fo = trace_clients(model, out.variables, clients, x, score="first_order", weights=w,
+                     reaggregate=out.reaggregate, output=output)
+  np.testing.assert_allclose(fo.scores, expected, atol=1e-4 * scale)
+  ref = trace_clients(model, out.variables, clients, x, kernel="reference", output=output)
+  for kernel in ("grad", "jvp"):
+    other = trace_clients(model, out.variables, clients, x, kernel=kernel, output=output)
+    np.testing.assert_allclose(other.scores, ref.scores, rtol=1e-4, atol=1e-5)
+  from tracefl_jax.provenance.retrained import explained_logits
+  feds = jax.tree.map(lambda a, b: jnp.stack([a, b]), out.variables, g_re)
+  np.testing.assert_allclose(explained_logits(model, feds, x, jnp.asarray(target), output),
+                             np.stack([plain(out.variables, target), plain(g_re, target)]),
+                             atol=2e-5)
+  with pytest.raises(ValueError, match="output='prob'; valid: logit, margin, log_prob"):
+    trace_clients(model, out.variables, clients, x, output="prob")

@@ -44,7 +44,7 @@ from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
 from tracefl_jax.provenance import kernels
 from tracefl_jax.provenance.checks import (check_client_ids, check_inputs, check_removal_weights,
                                            check_sizes, check_target, check_variables)
-from tracefl_jax.provenance.capture import target_logits
+from tracefl_jax.provenance.capture import OUTPUTS, target_logits
 from tracefl_jax.provenance.removal import map_models, removal_masks
 
 KERNELS = ("auto", "grad", "jvp", "reference")
@@ -178,10 +178,11 @@ def _replicated(tree, mesh: jax.sharding.Mesh | None):
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
                                              "clients_per_chunk", "block_mask", "mesh",
-                                             "score", "with_first_order"))
+                                             "score", "with_first_order", "output"))
 def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids, weights,
            reaggregate=None, *, kernel, decay, use_decay, use_size_factor, return_layers,
-           clients_per_chunk, block_mask, mesh, score, with_first_order=False):
+           clients_per_chunk, block_mask, mesh, score, with_first_order=False,
+           output="logit"):
   num_layers = len(model.traced_layers)
   first_order = score == "first_order"
   need_g = first_order or with_first_order  # G scored as one more client
@@ -194,11 +195,12 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
           client_vars["params"])}
   totals_only = kernel == "jvp" and not return_layers and not with_first_order
   if totals_only:
-    make = functools.partial(kernels.jvp_scorer, per_layer=False, betas=betas)
+    make = functools.partial(kernels.jvp_scorer, per_layer=False, betas=betas, output=output)
   else:
-    make = {"grad": kernels.grad_scorer, "jvp": kernels.jvp_scorer,
-            "reference": functools.partial(kernels.reference_scorer,
-                                           block_mask=block_mask)}[kernel]
+    make = {"grad": functools.partial(kernels.grad_scorer, output=output),
+            "jvp": functools.partial(kernels.jvp_scorer, output=output),
+            "reference": functools.partial(kernels.reference_scorer, block_mask=block_mask,
+                                           output=output)}[kernel]
   g_params = jax.tree.map(lambda a: a[None], global_vars["params"])  # G as one client
   by_rule = need_g and reaggregate is not None
   if mesh is None:
@@ -283,6 +285,7 @@ def trace_clients(
     score: str = "tracefl",
     weights: jax.Array | None = None,
     reaggregate: Any = None,
+    output: str = "logit",
 ) -> ProvenanceResult:
   """Scores every client for every input: which client is responsible for G's prediction?
 
@@ -316,6 +319,10 @@ def trace_clients(
       first-order score (`score="first_order"`, or `first_order_scores` beside TraceFL) then
       removes each client by the round's own rule and server optimizer, < grad s(G),
       G - G_{-k} > (module docstring), instead of FedAvg's closed form. Needs `weights`.
+    output: the explained output s_n (`capture.OUTPUTS`): "logit" (the paper's pre-softmax
+      logit of the target class), "margin" (that logit minus the log-sum-exp of the other
+      classes: what TRAK explains, and the attribution comparison's default) or "log_prob".
+      The kernels only need G's gradient of s, so every kernel and score takes any of them.
 
   Returns:
     `ProvenanceResult`; inputs with a non-finite score have `attributable` False and
@@ -341,6 +348,8 @@ def trace_clients(
     raise ValueError(f"block_mask={block_mask!r}; valid: fixed, parity")
   if kernel not in KERNELS:
     raise ValueError(f"unknown provenance kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+  if output not in OUTPUTS:
+    raise ValueError(f"output={output!r}; valid: {', '.join(OUTPUTS)}")
   if not 0 < decay <= 1:
     raise ValueError(f"decay={decay} must be in (0, 1]")
   if clients_per_chunk is not None and not (isinstance(clients_per_chunk, (int, np.integer))
@@ -399,4 +408,5 @@ def trace_clients(
                 use_decay=bool(use_decay), use_size_factor=bool(use_size_factor),
                 return_layers=bool(return_layers),
                 clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None,
-                block_mask=block_mask, mesh=mesh, with_first_order=with_first_order)
+                block_mask=block_mask, mesh=mesh, with_first_order=with_first_order,
+                output=output)

@@ -2,7 +2,7 @@
 
 One eval-mode forward of the global model runs under `nn.intercept_methods`; every traced
 unit's output gets a zero perturbation added, so ONE batched backward of sum_n s_n (s_n the
-target logit of input n) w.r.t. the perturbations yields every input's layer-output gradient
+explained output of input n, by default its target logit) w.r.t. the perturbations yields every input's layer-output gradient
 at once: in eval mode the inputs are independent, so d(sum_m s_m)/d out_l[n] = d s_n /
 d out_l[n]. The same pass records each unit's input; with the unbound copy of the unit from
 the model's abstract discovery pass (`ModelDef.units`), a client's own layer can later be
@@ -33,17 +33,39 @@ def unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
   return {u.path: u.module for u in model.units()}
 
 
-def target_logits(logits: jax.Array, target: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(s [N], predicted [N]): the target class's pre-softmax logit, default the argmax."""
+# The explained output s_n of an input (`explained`): the paper's pre-softmax logit of the
+# target class; the margin (that logit minus the log-sum-exp of the other classes, what TRAK
+# explains: it moves only when the target gains on its rivals); the log-probability.
+OUTPUTS = ("logit", "margin", "log_prob")
+
+
+def explained(logits: jax.Array, target: jax.Array, output: str = "logit") -> jax.Array:
+  """`[N]` the explained output of `logits [N, classes]` for the classes `target [N]`."""
+  z = jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  if output == "logit":
+    return z
+  if output == "log_prob":
+    return z - jax.nn.logsumexp(logits, axis=-1)
+  if output == "margin":
+    rivals = jnp.where(jax.nn.one_hot(target, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return z - jax.nn.logsumexp(rivals, axis=-1)
+  raise ValueError(f"output={output!r}; valid: {', '.join(OUTPUTS)}")
+
+
+def target_logits(logits: jax.Array, target: jax.Array | None,
+                  output: str = "logit") -> tuple[jax.Array, jax.Array]:
+  """(s [N], predicted [N]): the target class's explained output (`explained`; default its
+  pre-softmax logit), the target defaulting to the argmax."""
   predicted = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
   target = predicted if target is None else target.astype(jnp.int32)
-  s = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-  return s, predicted
+  return explained(logits, target, output), predicted
 
 
 def capture(model: ModelDef, global_vars: Variables, x: jax.Array,
-            target: jax.Array | None = None) -> tuple[LayerView, jax.Array]:
-  """Runs G once forward and once backward; returns (LayerView, predicted labels [N])."""
+            target: jax.Array | None = None,
+            output: str = "logit") -> tuple[LayerView, jax.Array]:
+  """Runs G once forward and once backward of the explained `output` (`explained`); returns
+  (LayerView, predicted labels [N])."""
   order = model.traced_layers
   index = {path: l for l, path in enumerate(order)}
   # One cached abstract pass at this batch shape gives the unbound units and the output
@@ -65,7 +87,7 @@ def capture(model: ModelDef, global_vars: Variables, x: jax.Array,
 
     with nn.intercept_methods(intercept):
       logits = model.logits(global_vars, x)
-    s, predicted = target_logits(logits, target)
+    s, predicted = target_logits(logits, target, output)
     return jnp.sum(s), (predicted, inputs, kwargs)
 
   zeros = [jnp.zeros(u.output.shape, u.output.dtype) for u in units]

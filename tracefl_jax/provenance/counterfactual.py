@@ -29,7 +29,7 @@ import numpy as np
 
 from tracefl_jax.fl.aggregation import check_weights, fedavg
 from tracefl_jax.models.base import ModelDef, Variables
-from tracefl_jax.provenance.capture import target_logits
+from tracefl_jax.provenance.capture import OUTPUTS, explained, target_logits
 from tracefl_jax.provenance.removal import map_removals
 
 
@@ -57,19 +57,18 @@ def remove_client(global_vars: Any, client: Any, weight: jax.Array, total: jax.A
   return jax.tree.map(leaf, global_vars, client)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "clients_per_chunk"))
+@functools.partial(jax.jit, static_argnames=("model", "clients_per_chunk", "output"))
 def _leave_one_out(model, client_vars, weights, x, target, global_vars, reaggregate, *,
-                   clients_per_chunk):
+                   clients_per_chunk, output):
   weights = weights.astype(jnp.float32)
   total = jnp.sum(weights)
   if global_vars is None:
     global_vars = fedavg(client_vars, weights) if reaggregate is None else reaggregate(weights)
-  s, predicted = target_logits(model.logits(global_vars, x), target)
-  explained = predicted if target is None else target.astype(jnp.int32)
+  s, predicted = target_logits(model.logits(global_vars, x), target, output)
+  classes = predicted if target is None else target.astype(jnp.int32)
 
   def explained_logit(variables):
-    logits = model.logits(variables, x)
-    return jnp.take_along_axis(logits, explained[:, None], axis=-1)[:, 0]  # [N]
+    return explained(model.logits(variables, x), classes, output)  # [N]
 
   def without(args):
     client, weight = args
@@ -102,6 +101,7 @@ def leave_one_out(
     global_vars: Variables | None = None,
     clients_per_chunk: int | None = None,
     reaggregate: Any = None,
+    output: str = "logit",
 ) -> CounterfactualResult:
   """Exact effect of removing each client from the round on G's logits (spec section 8).
 
@@ -119,6 +119,8 @@ def leave_one_out(
       drops are taken from G re-computed in the same program (`removal.py`), so a removal
       that changes nothing drops exactly 0. Default: FedAvg's closed form, exact only for
       the weighted mean without a server optimizer (`RoundOutput.closed_form_exact`).
+    output: the explained output (`capture.OUTPUTS`: "logit", "margin", "log_prob"); the
+      drops, `target_logit` and `loo_logit` are of it.
 
   Raises:
     ValueError: a client holds all the weight (W - w_k = 0): without it nothing is left to
@@ -136,8 +138,10 @@ def leave_one_out(
           f"client position(s) {alone.tolist()} hold all the aggregation weight (W - w_k = 0):"
           f" removing one leaves no client to average, so its leave-one-out model is "
           f"undefined. Give another client positive weight or leave such rounds out.")
+  if output not in OUTPUTS:
+    raise ValueError(f"output={output!r}; valid: {', '.join(OUTPUTS)}")
   return _leave_one_out(model, client_vars, jnp.asarray(weights, jnp.float32), x, target,
-                        global_vars, reaggregate,
+                        global_vars, reaggregate, output=output,
                         clients_per_chunk=int(clients_per_chunk) if clients_per_chunk else None)
 
 

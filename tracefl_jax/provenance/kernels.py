@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from tracefl_jax.models.base import ModelDef, Variables, get_layer
 from tracefl_jax.models.layers import PatchConv, conv_geometry, image_patches
-from tracefl_jax.provenance.capture import LayerView, capture, target_logits
+from tracefl_jax.provenance.capture import LayerView, capture, explained, target_logits
 
 # Stacked client params (leaves [c, ...]) -> scores [L, N, c]; closes over G's work.
 Scorer = Callable[[Any], jax.Array]
@@ -110,14 +110,16 @@ def _dot(out: jax.Array, g: jax.Array) -> jax.Array:
 def reference_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
                      target: jax.Array | None = None, clients_per_chunk: int | None = None,
                      view: tuple[LayerView, jax.Array] | None = None,
-                     block_mask: str = "fixed") -> tuple[Scorer, jax.Array]:
+                     block_mask: str = "fixed", output: str = "logit"
+                     ) -> tuple[Scorer, jax.Array]:
   """(Scorer evaluating each client's units on G's captured inputs, predicted [N]).
 
   `block_mask="parity"` calls units that take an attention mask (a `MASK_ARG` attribute,
   e.g. BERT blocks) WITHOUT it, as the original did (padded positions are attended);
   "fixed" passes G's mask.
   """
-  layers, predicted = view if view is not None else capture(model, global_vars, x, target)
+  layers, predicted = (view if view is not None
+                       else capture(model, global_vars, x, target, output))
 
   def score(client_params: Any) -> jax.Array:
     scores = []
@@ -239,10 +241,10 @@ def _unit_contraction(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 def grad_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
-                target: jax.Array | None = None,
-                clients_per_chunk: int | None = None) -> tuple[Scorer, jax.Array]:
+                target: jax.Array | None = None, clients_per_chunk: int | None = None,
+                output: str = "logit") -> tuple[Scorer, jax.Array]:
   """(Scorer contracting G's per-input parameter gradients with client weights, predicted)."""
-  layers, predicted = capture(model, global_vars, x, target)
+  layers, predicted = capture(model, global_vars, x, target, output)
   contractions = [_unit_contraction(unit, args, kwargs, g, theta_g)
                   for unit, args, kwargs, g, theta_g in zip(
                       layers.units, layers.inputs, layers.kwargs, layers.grads,
@@ -269,8 +271,8 @@ def grad_scores(model: ModelDef, global_vars: Variables, client_vars: Variables,
 
 def jvp_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
                target: jax.Array | None = None, clients_per_chunk: int | None = None,
-               per_layer: bool = True,
-               betas: jax.Array | None = None) -> tuple[Scorer, jax.Array]:
+               per_layer: bool = True, betas: jax.Array | None = None,
+               output: str = "logit") -> tuple[Scorer, jax.Array]:
   """(Scorer pushing each client's direction through G linearised once, predicted [N]).
 
   The Scorer returns c [L, N, c] or, with per_layer=False, beta-weighted totals [1, N, c].
@@ -284,8 +286,7 @@ def jvp_scorer(model: ModelDef, global_vars: Variables, x: jax.Array,
   tgt = predicted if target is None else target
 
   def s(p):
-    out = model.logits({"params": p, **state}, x)
-    return jnp.take_along_axis(out, tgt[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return explained(model.logits({"params": p, **state}, x), tgt, output)
 
   _, s_lin = jax.linearize(s, params)
   paths = model.traced_layers

@@ -28,6 +28,7 @@ import numpy as np
 from tracefl_jax.fl.strategies import client_mesh
 from tracefl_jax.models.base import ModelDef, Variables
 from tracefl_jax.provenance.attribution import KERNELS, SCORES, trace_clients
+from tracefl_jax.provenance.capture import OUTPUTS
 from tracefl_jax.provenance.counterfactual import counterfactual_report, leave_one_out
 from tracefl_jax.provenance.removal import removal_kind
 from tracefl_jax.provenance.selection import (localization_correct, round_baselines,
@@ -59,6 +60,8 @@ class ProtocolSettings:
       original counts batches: set it to the batch size).
     counterfactual: also compute the exact leave-one-client-out truth (spec section 8) for
       every traced input and score TraceFL and the baselines against it.
+    output: the explained output of every score and truth (`capture.OUTPUTS`; the paper's
+      "logit", or "margin", "log_prob").
     feddebug: faulty mode, run FedDebug (spec section 7) on the round's client models beside
       TraceFL (models with float inputs only: its inputs are random images);
       `feddebug_inputs`, `feddebug_threshold` as the original's defaults (10, 0.003).
@@ -81,8 +84,11 @@ class ProtocolSettings:
   feddebug_inputs: int = 10
   feddebug_threshold: float = 0.003
   score: str = "tracefl"
+  output: str = "logit"
 
   def __post_init__(self):
+    if self.output not in OUTPUTS:
+      raise ValueError(f"output={self.output!r} is not one of {', '.join(OUTPUTS)}")
     if self.score not in SCORES:
       raise ValueError(f"score={self.score!r} is not one of {', '.join(SCORES)}")
     if self.score == "first_order" and self.use_size_factor:
@@ -189,7 +195,7 @@ def trace_round(
       client_ids=client_ids, mesh=client_mesh() if settings.shard_clients else None,
       score=settings.score,
       weights=np.asarray(weights, np.float32) if first_order or beside else None,
-      reaggregate=reaggregate if first_order or beside else None)
+      reaggregate=reaggregate if first_order or beside else None, output=settings.output)
   n = len(idx)
   scores = np.asarray(result.scores)[:n]
   seconds = time.perf_counter() - t0  # synchronised by the transfer above
@@ -205,7 +211,7 @@ def trace_round(
                   if settings.mode == "faulty" else None)
   summary: dict[str, Any] = {"skipped": False, "mode": settings.mode, "inputs": int(n),
                              "score": settings.score, "aggregation": aggregation or "mean",
-                             "counterfactual_removal": removal,
+                             "counterfactual_removal": removal, "output": settings.output,
                              "unattributable": int(n - ok.sum()),
                              "tracefl_seconds_per_input": seconds / n}
   if ok.any():
@@ -218,7 +224,7 @@ def trace_round(
     if np.all(w.sum() - w > 0):  # else removing a client leaves nothing to average
       cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars,
                          clients_per_chunk=settings.clients_per_chunk or None,
-                         reaggregate=reaggregate)
+                         reaggregate=reaggregate, output=settings.output)
       drops = np.asarray(cf.drops)[:n]
       cf_position = np.argmax(drops[ok], axis=1)
       cf_client[ok] = client_ids[cf_position]
@@ -260,7 +266,7 @@ def _weight_aware_report(model, global_vars, client_vars, x, weights, drops, ok,
                               clients_per_chunk=settings.clients_per_chunk or None,
                               block_mask=settings.block_mask, score="first_order",
                               weights=np.asarray(weights, np.float32),
-                              reaggregate=reaggregate).scores
+                              reaggregate=reaggregate, output=settings.output).scores
   fo_scores = np.asarray(fo_scores, np.float64)[:n]
   keep = ok & np.all(np.isfinite(fo_scores), axis=1)
   if not keep.any():
@@ -300,7 +306,7 @@ def summarize_rounds(traced: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   }
   summary.update({key: mean(key) for key in MEAN_KEYS})
   # What the truths and first-order scores above removed clients by (one value per run).
-  for key in ("aggregation", "counterfactual_removal"):
+  for key in ("aggregation", "counterfactual_removal", "output"):
     values = sorted({str(t[key]) for t in used if t.get(key) is not None})
     summary[key] = ", ".join(values) if values else None
   return summary

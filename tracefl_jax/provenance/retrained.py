@@ -26,38 +26,49 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.provenance.capture import explained
 from tracefl_jax.provenance.counterfactual import spearman
+from tracefl_jax.provenance.federation_masks import FederationMasks
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(jax.jit, static_argnames=("model", "output"))
 def explained_logits(model: ModelDef, federations: Variables, x: jax.Array,
-                     target: jax.Array) -> jax.Array:
-  """`[F, N]` eval-mode logit of class `target[n]` under every federation's model (leaves
-  `[F, ...]`)."""
+                     target: jax.Array, output: str = "logit") -> jax.Array:
+  """`[F, N]` eval-mode explained output (`capture.explained`: the logit of class
+  `target[n]`, its margin over the other classes, or its log-probability) under every
+  federation's model (leaves `[F, ...]`)."""
   def one(variables):
-    logits = model.logits(variables, x)
-    return jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return explained(model.logits(variables, x), target, output)
   return jax.vmap(one)(federations).astype(jnp.float32)
+
+
+def _subset_draws(num_clients: int, num_subsets: int, seed: int) -> list[np.ndarray]:
+  """The kept clients of each LDS subset: floor(C / 2) uniformly random ids each."""
+  if num_clients < 2 or num_subsets < 0:
+    raise ValueError(f"subset_masks needs num_clients >= 2 and num_subsets >= 0, got "
+                     f"{num_clients}, {num_subsets}")
+  rng = np.random.default_rng([seed, 0x1d5])
+  return [rng.choice(num_clients, num_clients // 2, replace=False)
+          for _ in range(num_subsets)]
 
 
 def subset_masks(num_clients: int, num_subsets: int, seed: int = 0) -> np.ndarray:
   """`[M, C]` float32 masks, each keeping a uniformly random half (floor(C / 2)) of the
   clients."""
-  if num_clients < 2 or num_subsets < 0:
-    raise ValueError(f"subset_masks needs num_clients >= 2 and num_subsets >= 0, got "
-                     f"{num_clients}, {num_subsets}")
-  rng = np.random.default_rng([seed, 0x1d5])
   out = np.zeros((num_subsets, num_clients), np.float32)
-  for m in range(num_subsets):
-    out[m, rng.choice(num_clients, num_clients // 2, replace=False)] = 1.0
+  for m, kept in enumerate(_subset_draws(num_clients, num_subsets, seed)):
+    out[m, kept] = 1.0
   return out
 
 
-def truth_masks(num_clients: int, num_subsets: int = 0, seed: int = 0) -> np.ndarray:
-  """`[2 + C + M, C]`: base, noise floor (both all ones), C leave-one-out rows, M subsets."""
-  loo = 1.0 - np.eye(num_clients, dtype=np.float32)
-  return np.concatenate([np.ones((2, num_clients), np.float32), loo,
-                         subset_masks(num_clients, num_subsets, seed)])
+def truth_masks(num_clients: int, num_subsets: int = 0, seed: int = 0) -> FederationMasks:
+  """`[2 + C + M, C]`: base, noise floor (both all ones), C leave-one-out rows, M subsets
+  (those of `subset_masks`), described sparsely (`FederationMasks`: each row lists the
+  clients it leaves out; `masks[f]` is row f, `np.asarray(masks)` the dense matrix)."""
+  everyone = np.arange(num_clients)
+  subsets = [np.setdiff1d(everyone, kept)
+             for kept in _subset_draws(num_clients, num_subsets, seed)]
+  return FederationMasks.leave_out(num_clients, [[], [], *everyone[:, None], *subsets])
 
 
 class RetrainingTruth(NamedTuple):

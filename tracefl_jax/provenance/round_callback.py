@@ -81,7 +81,8 @@ def provenance_callback(
             clients_per_chunk=settings.clients_per_chunk or None))
     if multi_round is not None and len(traced.inputs):
       mr = multi_round.scores(model, out.traced, jnp.take(evaluator.x, traced.inputs, axis=0),
-                              clients_per_chunk=settings.clients_per_chunk or None)
+                              clients_per_chunk=settings.clients_per_chunk or None,
+                              output=settings.output)
       mr_clients = np.asarray(mr.traced_client)
       ok = np.asarray(mr.attributable)
       counts = np.asarray(info.data.label_counts)
