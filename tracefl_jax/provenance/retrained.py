@@ -14,6 +14,12 @@ the explained class (G's prediction by default).
 
 Rows of the `[F, C]` masks built here: 0 the base, 1 the noise-floor federation (same mask,
 another data seed), 2..C+1 one client left out each, then the M subsets.
+
+Over seeds (`seeded_truth_masks`, `truth_over_seeds`): the base and leave-one-out rows are
+retrained under S data seeds; methods are scored against the seed-averaged drops, and the
+truth's own agreement between seeds (top client, Spearman of the drops) is the ceiling a
+method can reach. s_n may be any explained output (`capture.OUTPUTS`; the comparison
+explains the margin).
 """
 
 from __future__ import annotations
@@ -112,11 +118,13 @@ def lds(scores: Any, masks: Any, subset_logits: Any) -> np.ndarray:
   return spearman(predicted, subset_logits.T)
 
 
-def compare(scores: Any, truth: RetrainingTruth) -> dict[str, float | None]:
-  """One method's `[N, C]` scores against the retraining truths: top-1 agreement with the LOO
-  retraining drop (first on ties), mean Spearman with the drops, and the mean LDS."""
+def compare(scores: Any, truth: Any, candidates: Any = None) -> dict[str, float | None]:
+  """One method's `[N, C]` scores against the retraining truths (`RetrainingTruth` or
+  `SeededTruth`): top-1 agreement with the LOO retraining drop (the method's top among
+  `candidates`, `restricted_top`; first on ties), mean Spearman with the drops, and the mean
+  LDS. Scores enter the LDS as they are: pass additive ones (TraceFL's T, never P)."""
   scores = np.asarray(scores, np.float64)
-  top1 = float(np.mean(np.argmax(scores, axis=1) == truth.top_client))
+  top1 = float(np.mean(restricted_top(scores, candidates) == truth.top_client))
   rho = spearman(scores, truth.drops)
   out: dict[str, float | None] = {"retrain_top1": top1,
                                   "retrain_spearman": _mean(rho)}
@@ -128,3 +136,71 @@ def compare(scores: Any, truth: RetrainingTruth) -> dict[str, float | None]:
 def _mean(values: np.ndarray) -> float | None:
   values = np.asarray(values)[np.isfinite(values)]
   return float(values.mean()) if values.size else None
+
+
+# --- truths over seeds -------------------------------------------------------------------
+
+
+def seeded_truth_masks(num_clients: int, num_subsets: int = 0, seed: int = 0,
+                       num_seeds: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(masks `[S (1 + C) + M, C]`, seed index per row `[S (1 + C) + M]`): for each of the S
+  truth seeds the base federation and the C leave-one-out rows, then the M LDS subsets
+  (trained under seed index 0). Retrain row r under data seed `seeds[seed_index[r]]`."""
+  if num_seeds < 1:
+    raise ValueError(f"num_seeds={num_seeds} must be >= 1")
+  block = np.concatenate([np.ones((1, num_clients), np.float32),
+                          1.0 - np.eye(num_clients, dtype=np.float32)])
+  masks = np.concatenate([*[block] * num_seeds, subset_masks(num_clients, num_subsets, seed)])
+  index = np.concatenate([np.repeat(np.arange(num_seeds), 1 + num_clients),
+                          np.zeros(num_subsets, np.int64)])
+  return masks, index
+
+
+class SeededTruth(NamedTuple):
+  """Leave-one-client-out retraining over S seeds, for N inputs and C clients."""
+  base_logit: np.ndarray     # [S, N] the explained output of each seed's base federation
+  seed_drops: np.ndarray     # [S, N, C] each seed's drops s_n(G_s) - s_n(G_s^{-c})
+  drops: np.ndarray          # [N, C] their mean over seeds: what methods are scored against
+  top_client: np.ndarray     # [N] argmax_c of the mean drops (first on ties)
+  ceiling_top1: float | None      # how often two seeds' top clients agree (mean over pairs)
+  ceiling_spearman: float | None  # mean Spearman between two seeds' drops (over pairs, inputs)
+  subset_masks: np.ndarray   # [M, C] the LDS subsets
+  subset_logits: np.ndarray  # [M, N] the explained output under each subset's federation
+
+
+def truth_over_seeds(outputs: Any, num_clients: int, num_seeds: int,
+                     masks_of_subsets: Any = None) -> SeededTruth:
+  """Splits the explained outputs `[S (1 + C) + M, N]` of the `seeded_truth_masks`
+  federations. The truth's own reproducibility across seeds is the ceiling a method can
+  reach: with S = 1 it is None."""
+  outputs = np.asarray(outputs, np.float64)
+  c, s = num_clients, num_seeds
+  blocks = outputs[:s * (1 + c)].reshape(s, 1 + c, -1)          # [S, 1 + C, N]
+  base = blocks[:, 0]                                           # [S, N]
+  seed_drops = np.transpose(base[:, None, :] - blocks[:, 1:], (0, 2, 1))  # [S, N, C]
+  drops = seed_drops.mean(axis=0)
+  tops = np.argmax(seed_drops, axis=2)                          # [S, N]
+  pairs = [(a, b) for a in range(s) for b in range(a + 1, s)]
+  ceiling_top1 = (float(np.mean([np.mean(tops[a] == tops[b]) for a, b in pairs]))
+                  if pairs else None)
+  ceiling_spearman = (_mean(np.concatenate([spearman(seed_drops[a], seed_drops[b])
+                                            for a, b in pairs])) if pairs else None)
+  subsets = outputs[s * (1 + c):]
+  m = np.zeros((0, c)) if masks_of_subsets is None else np.asarray(masks_of_subsets,
+                                                                   np.float64)
+  if m.shape[0] != subsets.shape[0]:
+    raise ValueError(f"{subsets.shape[0]} subset rows but masks_of_subsets has {m.shape[0]}")
+  return SeededTruth(base, seed_drops, drops, np.argmax(drops, axis=1), ceiling_top1,
+                     ceiling_spearman, m, subsets)
+
+
+def restricted_top(scores: Any, candidates: Any = None) -> np.ndarray:
+  """`[N]` argmax of `scores [N, C]` over the clients that could be responsible
+  (`candidates`: `[C]` or `[N, C]` bool, default all; first on ties)."""
+  scores = np.asarray(scores, np.float64)
+  if candidates is None:
+    return np.argmax(scores, axis=1)
+  allowed = np.broadcast_to(np.asarray(candidates, bool), scores.shape)
+  if not allowed.any(axis=1).all():
+    raise ValueError("every input needs at least one candidate client")
+  return np.argmax(np.where(allowed, scores, -np.inf), axis=1)

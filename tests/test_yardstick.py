@@ -1,0 +1,93 @@
+"""The comparison's yardstick (issue 33): truths over seeds with their ceiling, top-1 among
+the clients that could be responsible, and bootstrap intervals, each against a plain loop."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from tracefl_jax.provenance import intervals, retrained
+
+
+def test_truth_over_seeds_against_a_plain_loop():
+  rng = np.random.default_rng(0)
+  c, s, m, n = 5, 3, 4, 6
+  masks, index = retrained.seeded_truth_masks(c, m, seed=2, num_seeds=s)
+  assert masks.shape == (s * (1 + c) + m, c) and index.tolist()[:2 * (1 + c)] == (
+      [0] * (1 + c) + [1] * (1 + c))
+  np.testing.assert_array_equal(masks[s * (1 + c):], retrained.subset_masks(c, m, seed=2))
+  for k in range(s):
+    block = masks[k * (1 + c):(k + 1) * (1 + c)]
+    np.testing.assert_array_equal(block[0], 1.0)
+    np.testing.assert_array_equal(block[1:], 1.0 - np.eye(c))
+  outputs = rng.normal(size=(len(masks), n))
+  truth = retrained.truth_over_seeds(outputs, c, s, masks[s * (1 + c):])
+  drops = np.zeros((s, n, c))
+  for k in range(s):
+    for client in range(c):
+      for i in range(n):
+        drops[k, i, client] = outputs[k * (1 + c), i] - outputs[k * (1 + c) + 1 + client, i]
+  np.testing.assert_allclose(truth.seed_drops, drops)
+  np.testing.assert_allclose(truth.drops, drops.mean(0))
+  np.testing.assert_array_equal(truth.top_client, drops.mean(0).argmax(1))
+  agree, rho = [], []
+  for a, b in itertools.combinations(range(s), 2):
+    agree.append(np.mean(drops[a].argmax(1) == drops[b].argmax(1)))
+    rho += [scipy.stats.spearmanr(drops[a, i], drops[b, i]).statistic for i in range(n)]
+  assert truth.ceiling_top1 == pytest.approx(np.mean(agree))
+  assert truth.ceiling_spearman == pytest.approx(np.mean(rho))
+  assert retrained.truth_over_seeds(outputs[1 + c:2 * (1 + c)], c, 1).ceiling_top1 is None
+  # Top-1 among the candidates only: a method scoring every participant below 0 names a
+  # participant, not a client at 0 that could not be responsible.
+  scores = -np.ones((n, c)) - rng.uniform(size=(n, c))
+  scores[:, 4] = 0.0  # not a participant
+  top = retrained.restricted_top(scores, np.array([1, 1, 1, 1, 0], bool))
+  np.testing.assert_array_equal(top, scores[:, :4].argmax(1))
+  assert retrained.compare(scores, truth)["retrain_top1"] == np.mean(truth.top_client == 4)
+  with pytest.raises(ValueError, match="at least one candidate"):
+    retrained.restricted_top(scores, np.zeros(c, bool))
+
+
+def test_intervals_against_a_plain_loop():
+  rng = np.random.default_rng(1)
+  n, c, m, draws = 12, 5, 8, 200
+  a, b = rng.uniform(size=n) > 0.4, rng.uniform(size=n) > 0.6
+  got = intervals.mean_interval(a, draws=draws, seed=3)
+  idx = np.random.default_rng(3).integers(0, n, (draws, n))
+  means = [np.mean([a[j] for j in row]) for row in idx]
+  assert got.value == pytest.approx(a.mean())
+  assert (got.low, got.high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+  diff = intervals.paired_interval(a, b, draws=draws, seed=3)
+  d = [np.mean([float(a[j]) - float(b[j]) for j in row]) for row in idx]
+  assert diff.value == pytest.approx(np.mean(a.astype(float) - b))
+  assert (diff.low, diff.high) == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])))
+  assert diff.p == pytest.approx(min(1.0, 2 * min(np.mean(np.asarray(d) <= 0),
+                                                  np.mean(np.asarray(d) >= 0))))
+  # LDS: Spearman over subsets of the summed scores, resampled over subsets.
+  scores, other = rng.normal(size=(n, c)), rng.normal(size=(n, c))
+  masks = retrained.subset_masks(c, m, seed=0)
+  outputs = masks @ scores.T + 0.5 * rng.normal(size=(m, n))
+
+  def plain_lds(s, rows):
+    vals = []
+    for i in range(n):
+      pred = [sum(s[i, j] * masks[r, j] for j in range(c)) for r in rows]
+      rho = scipy.stats.spearmanr(pred, [outputs[r, i] for r in rows]).statistic
+      if np.isfinite(rho):
+        vals.append(rho)
+    return np.mean(vals)
+
+  lds = intervals.lds_interval(scores, masks, outputs, draws=50, seed=4)
+  assert lds.value == pytest.approx(plain_lds(scores, range(m)))
+  assert lds.value == pytest.approx(np.nanmean(retrained.lds(scores, masks, outputs)))
+  rows = np.random.default_rng(4).integers(0, m, (50, m))
+  want = [plain_lds(scores, r) for r in rows]
+  assert (lds.low, lds.high) == pytest.approx(tuple(np.quantile(want, [0.025, 0.975])))
+  paired = intervals.paired_lds_interval(scores, other, masks, outputs, draws=50, seed=4)
+  want_d = [plain_lds(scores, r) - plain_lds(other, r) for r in rows]
+  assert paired.value == pytest.approx(plain_lds(scores, range(m)) - plain_lds(other, range(m)))
+  assert (paired.low, paired.high) == pytest.approx(tuple(np.quantile(want_d, [0.025, 0.975])))
+  assert paired.p < 0.05  # the true scores beat unrelated ones
