@@ -1,13 +1,18 @@
 """Federated data: the training set on the device once, each client a list of indices into it.
 
 `federate(x, y, partition)` builds `FederatedData` from plain arrays and a partition (from
-`make_partition`, or a user's own list of index arrays). A round's clients are an
-index matrix `[K, M]` into it plus the true counts `[K]`; slots past a client's count are
-padding, never trained on (a client runs exactly its own steps, `fl/client.py`). `M` is the
-federation's largest client rounded up to a power-of-two number of batches, the same for every
-round, so that the index matrix's shape depends on K alone and rounds share one compiled
-program; it costs memory (`K * M` int32 here and `K * epochs * M` for the shuffled schedule),
-not compute.
+`make_partition`, or a user's own list of index arrays). A round's clients are their
+example indices laid end to end, `ClientSlots(flat [T], offsets [K])`, plus the true counts
+`[K]` (`FederatedData.round_slots`): each client takes its own count rounded up to whole
+batches, so a round's memory, and the shuffles and gathers over it, follow its clients' own
+sizes (one client of 100,000 examples costs 100,000 slots, not K x 100,000). T is rounded up
+a ladder (`ladder_ceil`: 1, 2, 3, 4, 6, 8, 12, ...) so that rounds share compiled
+programs. Slots past a client's count are padding, never trained on (a client runs exactly
+its own steps, `fl/client.py`).
+
+The older layout, an index matrix `[K, M]` with every row padded to the federation's largest
+client (`round_data`, `stack_client_indices`), is still accepted everywhere a `ClientSlots`
+is: it is the same thing with `offsets = k * M`, and it costs `K * M`.
 
 Image data can stay uint8 on the device with a `Normalization` (`federate(...,
 normalization=...)`): the client step normalises the batch it gathers, so the device holds a
@@ -30,9 +35,75 @@ from tracefl_jax.data.partition import Partition
 
 
 class RoundData(NamedTuple):
-  """The round's clients as arrays: `indices [K, M]` int32 and `counts [K]` int32."""
-  indices: np.ndarray
+  """The round's clients as arrays: `indices` (a `ClientSlots`, or `[K, M]` int32 rows) and
+  `counts [K]` int32."""
+  indices: Any
   counts: np.ndarray
+
+
+class ClientSlots(NamedTuple):
+  """K clients' example indices end to end (a pytree of two int32 arrays).
+
+  Client k owns `flat[offsets[k]:offsets[k + 1]]` (the last one up to T): its real indices
+  first, then padding (index 0). `offsets [K]` is non-decreasing and starts at 0; an empty
+  client owns no slot; an offset of T or more (clients added as padding) owns none either.
+  """
+  flat: Any     # [T] int32
+  offsets: Any  # [K] int32
+
+  @classmethod
+  def from_rows(cls, indices: Any) -> "ClientSlots":
+    """The `[K, M]` row layout seen as slots: row k at offset k * M (jnp or np)."""
+    xp = jnp if isinstance(indices, jax.Array) else np
+    k, m = indices.shape
+    return cls(indices.reshape(-1), xp.arange(k, dtype=xp.int32) * m)
+
+  def with_empty_clients(self, n: int) -> "ClientSlots":
+    """`n` more clients that own no slot (host NumPy)."""
+    end = np.full(n, len(self.flat), np.int32)
+    return ClientSlots(self.flat, np.concatenate([np.asarray(self.offsets, np.int32), end]))
+
+
+def ladder(limit: int) -> list[int]:
+  """1, 2, 3, 4, 6, 8, 12, 16, ... (2^a and 3 * 2^a) up to `limit`, ascending: consecutive
+  values at most 1.5x apart, about 2 per doubling."""
+  out, a = {1}, 2
+  while a <= limit:
+    out.update(v for v in (a, 3 * a // 2) if v <= limit)
+    a *= 2
+  return sorted(out)
+
+
+def ladder_ceil(n: int) -> int:
+  """The smallest ladder value >= `n` (>= 1): at most 1.5x `n`."""
+  n = max(int(n), 1)
+  a = 1 << (n - 1).bit_length()  # the power of two >= n
+  return 3 * a // 4 if a >= 4 and 3 * a // 4 >= n else a
+
+
+def client_slots(counts: Any, batch_size: int) -> np.ndarray:
+  """`[K]` slots each client takes in a round's `ClientSlots`: its count rounded up to a
+  whole number of batches (0 for an empty client)."""
+  counts = np.asarray(counts, np.int64)
+  return -(-counts // batch_size) * batch_size
+
+
+def pack_client_slots(client_indices: Sequence[np.ndarray], clients: Sequence[int],
+                      batch_size: int) -> RoundData:
+  """The chosen clients' indices end to end, each padded to whole batches; T up the ladder.
+
+  Returns:
+    `RoundData(ClientSlots(flat [T], offsets [K]), counts [K])`.
+  """
+  _check_batch_size(batch_size)
+  chosen = [client_indices[c] for c in clients]
+  counts = np.array([len(ix) for ix in chosen], np.int32)
+  owned = client_slots(counts, batch_size)
+  offsets = (np.cumsum(owned) - owned).astype(np.int32)
+  flat = np.zeros(ladder_ceil(int(owned.sum())), np.int32)
+  for start, ix in zip(offsets, chosen):
+    flat[start:start + len(ix)] = ix
+  return RoundData(ClientSlots(flat, offsets), counts)
 
 
 def _check_batch_size(batch_size: Any) -> None:
@@ -122,9 +193,15 @@ class FederatedData:
     return bucket_length(int(self.client_sizes.max(initial=1)), batch_size)
 
   def round_data(self, clients: Sequence[int], batch_size: int) -> "RoundData":
-    """The chosen clients' indices padded to `round_length` (`stack_client_indices`)."""
+    """The chosen clients' indices padded to `round_length` (`stack_client_indices`): the
+    `[K, M]` row layout; `round_slots` is what a round runs on."""
     return stack_client_indices(self.client_indices, clients, batch_size,
                                 length=self.round_length(batch_size))
+
+  def round_slots(self, clients: Sequence[int], batch_size: int) -> "RoundData":
+    """The chosen clients' indices end to end (`pack_client_slots`): `RoundData(
+    ClientSlots, counts [K])`, T slots following the clients' own sizes."""
+    return pack_client_slots(self.client_indices, clients, batch_size)
 
 
 def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None,

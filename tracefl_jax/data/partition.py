@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shards")
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shards", "heavy_tailed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +223,48 @@ def partition_shards(labels: np.ndarray, num_clients: int, shards_per_client: in
   return _make([np.concatenate([shards[s] for s in row]) for row in deal], labels, num_classes)
 
 
+SIZE_DISTRIBUTIONS = ("zipf", "lognormal")
+
+
+def heavy_tailed_sizes(total: int, num_clients: int, seed: int, distribution: str = "zipf",
+                       exponent: float = 1.0, sigma: float = 1.5,
+                       min_size: int = 1) -> np.ndarray:
+  """`[C]` client sizes summing to `total`, each at least `min_size`, the rest shared in
+  proportion to heavy-tailed weights: "zipf" (rank^-exponent, the ranks dealt to clients
+  in a seeded random order; FedScale and LEAF report such tails) or "lognormal"
+  (exp(sigma * N(0, 1))). Rounded by largest remainder, a function of the arguments."""
+  if distribution not in SIZE_DISTRIBUTIONS:
+    raise ValueError(f"unknown size distribution {distribution!r}; valid: "
+                     f"{', '.join(SIZE_DISTRIBUTIONS)}")
+  if not _is_int(min_size) or min_size < 0 or min_size * num_clients > total:
+    raise ValueError(f"min_size={min_size!r} must be an int >= 0 with min_size * "
+                     f"num_clients <= {total} examples")
+  if not (0 < exponent < math.inf and 0 < sigma < math.inf):
+    raise ValueError(f"exponent={exponent} and sigma={sigma} must be > 0 (and finite)")
+  rng = np.random.default_rng([seed, 0x5123])
+  if distribution == "zipf":
+    weights = (rng.permutation(num_clients) + 1.0) ** -float(exponent)
+  else:
+    weights = np.exp(float(sigma) * rng.standard_normal(num_clients))
+  share = (total - min_size * num_clients) * weights / weights.sum()
+  sizes = np.floor(share).astype(np.int64)
+  short = total - min_size * num_clients - int(sizes.sum())
+  sizes[np.argsort(-(share - sizes), kind="stable")[:short]] += 1
+  return sizes + min_size
+
+
+def partition_heavy_tailed(labels: np.ndarray, num_clients: int, seed: int,
+                           num_classes: int | None = None, **options: Any) -> Partition:
+  """IID labels, heavy-tailed client sizes (`heavy_tailed_sizes(len(labels), ...)`,
+  options `distribution`, `exponent`, `sigma`, `min_size`): a seeded shuffle cut at
+  those sizes. Real federations' sizes look like this (LEAF's FEMNIST, Shakespeare, Stack
+  Overflow); the engine's cost follows each client's own steps."""
+  labels, _ = _check(labels, num_clients, seed, num_classes)
+  sizes = heavy_tailed_sizes(len(labels), num_clients, seed, **options)
+  perm = np.random.default_rng(seed).permutation(len(labels))
+  return _make(np.split(perm, np.cumsum(sizes)[:-1]), labels, num_classes)
+
+
 def fixup_partition(partition: Partition, labels: np.ndarray, *, min_label_count: int = 10,
                     max_per_client: int = 2048, min_client_size: int = 32) -> Partition:
   """The original TraceFL's per-client clean-up (spec section 4), in this order: drop each
@@ -248,7 +290,8 @@ def make_partition(labels: np.ndarray, method: str, num_clients: int, seed: int,
                    num_classes: int | None = None, **options: Any) -> Partition:
   """Dispatches by name to the partitioners above; `options` are the method's own."""
   fns = {"iid": partition_iid, "dirichlet": partition_dirichlet,
-         "pathological": partition_pathological, "shards": partition_shards}
+         "pathological": partition_pathological, "shards": partition_shards,
+         "heavy_tailed": partition_heavy_tailed}
   if method not in fns:
     raise ValueError(f"unknown partition method {method!r}; valid: "
                      f"{', '.join(PARTITION_METHODS)}")

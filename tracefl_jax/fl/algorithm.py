@@ -240,22 +240,22 @@ def federated_averaging(
       raise ValueError("this algorithm has a server optimizer but the state has no "
                        "opt_state: build the state with algorithm.init(variables) (a "
                        "restored checkpoint must restore ServerState.opt_state too)")
-    round_data = data.round_data(client_ids, batch_size)
-    indices, counts = round_data.indices, round_data.counts
+    # The clients' indices end to end, each its own length (memory and shuffles follow them).
+    indices, counts = data.round_slots(client_ids, batch_size)
     weights = np.asarray(aggregation.client_weights(counts, weighting, batch_size), np.float32)
     aggregation.check_weights(weights)
     k = len(counts)
     ids = client_ids.astype(np.int32)
     pad = (-k) % jax.device_count() if strategy == "sharded" else 0
     if pad:  # empty clients with weight 0 leave every rule's aggregate unchanged
-      indices = np.concatenate([indices, np.zeros((pad, indices.shape[1]), indices.dtype)])
+      indices = indices.with_empty_clients(pad)
       counts = np.concatenate([counts, np.zeros(pad, counts.dtype)])
       ids = np.concatenate([ids, np.full(pad, -1, np.int32)])
       weights = np.concatenate([weights, np.zeros(pad, np.float32)])
     steps = client_update.num_steps(counts.astype(np.int64))
     lanes = round_lanes(strategy, steps, clients_per_chunk, jax.device_count())
     new, out, traced, norms, executed, opt_state = execute(
-        state.variables, data.x, data.y, jnp.asarray(indices), jnp.asarray(counts),
+        state.variables, data.x, data.y, jax.device_put(indices), jnp.asarray(counts),
         jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes,
         normalization=data.normalization, opt_state=state.opt_state)
     if dp is None or not dp.trace_clean:

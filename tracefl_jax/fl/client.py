@@ -11,9 +11,15 @@ an epoch can be partly empty; its empty slots carry zero loss weight.
 The training set may be stored as uint8 pixels with a `Normalization` (`data.base`): a step
 normalises only the batch it gathers, inside the jitted program.
 
-`ClientUpdate` is both the single-client function and its pieces (`schedule`, `init`, `batch`,
-`step`, `finish`), which `strategies.py` uses to run many clients' steps side by side in a few
-vmapped lanes (fedjax's init / step / final split).
+`ClientUpdate` is both the single-client function and its pieces (`schedule_slots`, `init`,
+`batch`, `step`, `finish`, `train`), which `strategies.py` uses to run many clients' steps side
+by side in a few vmapped lanes (fedjax's init / step / final split).
+
+Many clients' epochs are shuffled at once over their slots laid end to end (`schedule_slots`,
+`data.federated.ClientSlots`): one sort of the round's T slots by (client, sort key), each
+slot's key the same `(key, slot)` draw `shuffle_order` makes, so a client's batches are the
+same whatever its company, padding or layout, and the work follows the round's own sizes
+(it was K x the largest client's length: 52.9 s for 1,000 clients at M = 163,840).
 """
 
 from __future__ import annotations
@@ -143,6 +149,39 @@ class ClientUpdate:
 
     return jax.vmap(epoch)(jax.random.split(key, self.local_epochs))
 
+  def schedule_slots(self, slots: Any, counts: jax.Array,
+                     keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """K clients' rounds laid out at once: `(batches [E, T], step_keys [K, E])`.
+
+    `slots` is a `ClientSlots(flat [T], offsets [K])` (or `[K, M]` rows); `batches[e]` holds
+    client k's epoch-e order at `offsets[k]:`: real examples first, in the order `schedule`
+    gives that client alone (the same per-slot draws and a stable sort), then its padding.
+    """
+    if not hasattr(slots, "offsets"):
+      slots = _rows_as_slots(slots)
+    flat, offsets = slots
+    t_len, k = flat.shape[0], offsets.shape[0]
+    counts = jnp.asarray(counts, jnp.int32)
+    slot = jnp.arange(t_len, dtype=jnp.int32)
+    # Owner of each slot: the last client whose offset is <= the slot (-1 before the first).
+    owner = jnp.cumsum(jnp.zeros(t_len, jnp.int32).at[offsets].add(1, mode="drop")) - 1
+    row = jnp.clip(owner, 0, k - 1)
+    local = slot - offsets[row]
+    real = (owner >= 0) & (local < counts[row])
+    # Per client and epoch: (perm key, step key) = split(split(key, E)[e]), as `schedule`.
+    pairs = jax.vmap(lambda key: jax.vmap(jax.random.split)(
+        jax.random.split(key, self.local_epochs)))(keys)  # [K, E, 2]
+    perm_keys, step_keys = pairs[:, :, 0], pairs[:, :, 1]
+
+    def epoch(perm_key):  # [K]
+      u = jax.vmap(lambda key, i: jax.random.uniform(jax.random.fold_in(key, i)))(
+          perm_key[row], local)
+      order = jax.lax.sort((owner, jnp.where(real, u, 2.0), slot), num_keys=2,
+                           is_stable=True)[2]
+      return flat[order]
+
+    return jax.vmap(epoch, in_axes=1)(perm_keys), step_keys
+
   def init(self, variables: Variables) -> LocalState:
     """The state a client starts its round from: G's variables, a fresh optimizer state."""
     params = variables["params"]
@@ -150,12 +189,14 @@ class ClientUpdate:
     return LocalState(params, self.optimizer.init(params), model_state,
                       jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
-  def batch(self, batches: jax.Array, step_keys: jax.Array, client: jax.Array,
-            count: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def batch(self, batches: jax.Array, step_keys: jax.Array, offsets: jax.Array,
+            client: jax.Array, count: jax.Array,
+            t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Step `t` (counted over all epochs) of client `client` of a stacked schedule.
 
     Args:
-      batches, step_keys: `[K, E, M]` and `[K, E]`, `schedule` stacked over clients.
+      batches, step_keys: `[E, T]` and `[K, E]` from `schedule_slots`.
+      offsets: `[K]` where each client's slots start.
       client: int32 row of the client; count: its example count; t: int32 step,
         `0 <= t < num_steps(count)`.
 
@@ -165,7 +206,8 @@ class ClientUpdate:
     b = self.batch_size
     per_epoch = jnp.maximum((count + b - 1) // b, 1)
     e, j = t // per_epoch, t % per_epoch
-    idx = jax.lax.dynamic_slice(batches, (client, e, j * b), (1, 1, b)).reshape(b)
+    start = offsets[client] + j * b
+    idx = jax.lax.dynamic_slice(batches, (e, start), (1, b)).reshape(b)
     mask = j * b + jnp.arange(b, dtype=jnp.int32) < count
     return idx, mask, jax.random.fold_in(step_keys[client, e], j)
 
@@ -200,13 +242,22 @@ class ClientUpdate:
                count: jax.Array, key: jax.Array, normalization: Any = None) -> ClientOutput:
     count = jnp.asarray(count, jnp.int32)
     batches, step_keys = self.schedule(indices, count, key)
-    batches, step_keys = batches[None], step_keys[None]
+    zero = jnp.zeros((), jnp.int32)
+    return self.train(variables, x, y, batches, step_keys[None], zero[None], zero, count,
+                      normalization)
+
+  def train(self, variables: Variables, x: jax.Array, y: jax.Array, batches: jax.Array,
+            step_keys: jax.Array, offsets: jax.Array, client: jax.Array, count: jax.Array,
+            normalization: Any = None) -> ClientOutput:
+    """Client `client`'s local training from a laid-out round (`batches [E, T]`,
+    `step_keys [K, E]`, `offsets [K]`, as `batch` reads them): exactly its own steps."""
     total = self.num_steps(count)
     zero = jnp.zeros((), jnp.int32)
 
     def body(carry):
       t, state = carry
-      return t + 1, self.step(state, x, y, *self.batch(batches, step_keys, zero, count, t),
+      return t + 1, self.step(state, x, y,
+                              *self.batch(batches, step_keys, offsets, client, count, t),
                               normalization, variables["params"])
 
     # The trip count is the client's own step count: nothing runs for padding. (Under vmap
@@ -214,6 +265,12 @@ class ClientUpdate:
     _, state = jax.lax.while_loop(lambda carry: carry[0] < total, body,
                                   (zero, self.init(variables)))
     return self.finish(state, count)
+
+
+def _rows_as_slots(indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[K, M]` index rows as `(flat [K * M], offsets [K])` (row k at k * M)."""
+  k, m = indices.shape
+  return indices.reshape(-1), jnp.arange(k, dtype=jnp.int32) * m
 
 
 # Any single-client function with `ClientUpdate.__call__`'s signature (strategies run such a

@@ -40,18 +40,20 @@ plain Python loop.
 from __future__ import annotations
 
 import functools
-import heapq
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.data.federated import ClientSlots, bucket_length
 from tracefl_jax.fl.client import ClientOutput, ClientUpdate, ClientUpdateFn, LocalState
+# The lane plans are host-side NumPy (lanes.py); re-exported here, where they were first.
+from tracefl_jax.fl.lanes import (LANE_EFFICIENCY, PACKED, _deal_ranks,  # noqa: F401
+                                  auto_lanes, executed_steps, packed_steps, round_lanes)
 from tracefl_jax.models.base import Variables
 
 STRATEGIES = ("auto", "vmap", "chunked", "scan", "loop", "sharded")
-PACKED = ("vmap", "chunked", "sharded")
 CLIENT_AXIS = "clients"
 
 
@@ -82,94 +84,6 @@ def resolve_strategy(strategy: str, variables: Variables, backend: str | None = 
   return "vmap"
 
 
-# ---------------------------------------------------------------- lane plans (host, NumPy)
-
-# Packed lanes may compute at most this many times the needed steps (auto_lanes).
-LANE_EFFICIENCY = 1.1
-
-
-def _lane_candidates(limit: int, per_device: int) -> list[int]:
-  """1, 2, 3, 4, 6, 8, 12, 16, ... (2^a and 3 * 2^a) up to `limit`, and `per_device` itself
-  when it is within `limit`; largest first."""
-  out, a = {1}, 2
-  while a <= limit:
-    out.update(v for v in (a, 3 * a // 2) if v <= limit)
-    a *= 2
-  if per_device <= limit:
-    out.add(per_device)
-  return sorted(out, reverse=True)
-
-
-def auto_lanes(steps: Any, devices: int = 1, efficiency: float = LANE_EFFICIENCY) -> int:
-  """Lanes per device for packing clients whose step counts are `steps` `[K]` (K a multiple
-  of `devices`): the most lanes (fewest loop iterations) whose schedule computes at most
-  `efficiency` times the needed steps (one lane computes exactly them), among 1, 2, 3, 4, 6,
-  8, 12, ... and K / devices, a short list so that a run compiles few programs. A
-  deterministic function of the sizes."""
-  steps = np.asarray(steps, np.int64).reshape(-1)
-  longest, needed = int(steps.max(initial=0)), int(steps.sum())
-  if longest == 0:
-    return 1
-  per_device = max(len(steps) // devices, 1)
-  # W lanes run at least `longest` iterations: W * longest <= efficiency * needed.
-  limit = min(per_device, int(efficiency * needed / (devices * longest)))
-  for lanes in _lane_candidates(limit, per_device):
-    if packed_steps(steps, lanes, devices) <= efficiency * needed:
-      return lanes
-  return 1
-
-
-def round_lanes(strategy: str, steps: Any, clients_per_chunk: int = 0,
-                devices: int = 1) -> int | None:
-  """The lane count a round runs with: `auto_lanes` for "vmap" and "sharded" (per device),
-  `clients_per_chunk` (or auto when 0) for "chunked", None for "scan" and "loop"."""
-  if strategy not in PACKED:
-    return None
-  k = len(np.asarray(steps).reshape(-1))
-  if strategy == "chunked" and clients_per_chunk:
-    return max(1, min(int(clients_per_chunk), k))
-  return auto_lanes(steps, devices if strategy == "sharded" else 1)
-
-
-def _deal_ranks(k: int, devices: int) -> np.ndarray:
-  """`[K]` ranks (in longest-first order) of each device's clients, device after device: rank
-  r goes to device r % D on even rounds r // D, to D - 1 - r % D on odd ones (a snake), so
-  each device gets a similar amount of work."""
-  per = k // devices
-  i, d = np.meshgrid(np.arange(per), np.arange(devices), indexing="ij")
-  ranks = i * devices + np.where(i % 2 == 0, d, devices - 1 - d)
-  return ranks.T.reshape(-1)
-
-
-def packed_steps(steps: Any, lanes: int, devices: int = 1) -> int:
-  """Optimizer steps a packed round computes (`lanes` per device, idle lanes included) for
-  clients whose own step counts are `steps` `[K]`: the same schedule as the packed loop,
-  computed from the sizes alone."""
-  steps = np.asarray(steps, np.int64).reshape(-1)
-  order = np.argsort(-steps, kind="stable")
-  executed = 0
-  for group in order[_deal_ranks(len(steps), devices)].reshape(devices, -1):
-    s = steps[group]
-    s = s[np.argsort(-s, kind="stable")]
-    free = [(0, lane) for lane in range(lanes)]
-    finish = 0
-    for job in s[s > 0]:
-      t, lane = heapq.heappop(free)
-      heapq.heappush(free, (t + int(job), lane))
-      finish = max(finish, t + int(job))
-    executed += lanes * finish
-  return executed
-
-
-def executed_steps(strategy: str, steps: Any, lanes: int | None = None,
-                   devices: int = 1) -> int:
-  """Steps a round computes under `strategy` (resolved) with `lanes` (`round_lanes`)."""
-  steps = np.asarray(steps, np.int64).reshape(-1)
-  if strategy not in PACKED:
-    return int(steps.sum())
-  return packed_steps(steps, lanes or 1, devices if strategy == "sharded" else 1)
-
-
 # ------------------------------------------------------------ the packed loop (in-program)
 
 def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
@@ -181,17 +95,19 @@ def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
 
 
 def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: jax.Array,
-          indices: jax.Array, counts: jax.Array, keys: jax.Array,
+          schedule: tuple[jax.Array, jax.Array], offsets: jax.Array, counts: jax.Array,
           lanes: int, normalization: Any = None) -> tuple[ClientOutput, jax.Array]:
-  """K clients through `lanes` vmapped lanes (module docstring); returns the outputs `[K]` in
-  the given order and the number of loop iterations (each computes `lanes` steps)."""
+  """K clients through `lanes` vmapped lanes (module docstring), reading their batches from
+  the laid-out round `schedule` (`ClientUpdate.schedule_slots`: `[E, T]`, `[K, E]`) at
+  `offsets [K]`; returns the outputs `[K]` in the given order and the number of loop
+  iterations (each computes `lanes` steps)."""
   cu = client_update
-  k, w = indices.shape[0], int(lanes)
+  k, w = counts.shape[0], int(lanes)
   counts = counts.astype(jnp.int32)
   total = cu.num_steps(counts)
   queue = jnp.argsort(-total, stable=True).astype(jnp.int32)
   n_work = jnp.sum(total > 0).astype(jnp.int32)
-  batches, step_keys = jax.vmap(cu.schedule)(indices, counts, keys)  # [K, E, M], [K, E]
+  batches, step_keys = schedule
   start = cu.init(variables)
   start_1 = jax.tree.map(lambda a: a[None], start)
   # Results, row per client; a client with no steps keeps G's variables, as it would alone.
@@ -202,7 +118,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
   state = jax.tree.map(lambda a: jnp.broadcast_to(a, (w, *a.shape)), start)
   zeros = jnp.zeros(w, jnp.int32)
 
-  batch = jax.vmap(cu.batch, in_axes=(None, None, 0, 0, 0))
+  batch = jax.vmap(functools.partial(cu.batch, batches, step_keys, offsets))
   anchor = variables["params"]  # G's params, for objectives that need them (FedProx)
   step = jax.vmap(lambda s, i, m, r: cu.step(s, x, y, i, m, r, normalization, anchor))
 
@@ -215,7 +131,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
     def body_own(carry):
       state, t, iters = carry
       active = t < total
-      state = _where_lanes(active, step(state, *batch(batches, step_keys, own, counts, t)),
+      state = _where_lanes(active, step(state, *batch(own, counts, t)),
                            state)
       return state, t + active.astype(jnp.int32), iters + 1
 
@@ -228,7 +144,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
     state, client, t, taken, results, iters = carry
     active = client < k
     c = jnp.minimum(client, k - 1)  # idle lanes compute a throwaway step on a valid row
-    state = _where_lanes(active, step(state, *batch(batches, step_keys, c, counts[c], t)),
+    state = _where_lanes(active, step(state, *batch(c, counts[c], t)),
                          state)
     t = t + active.astype(jnp.int32)
     done = active & (t >= total[c])
@@ -256,7 +172,7 @@ def simulate_clients_with_steps(
     variables: Variables,
     x: jax.Array,
     y: jax.Array,
-    indices: jax.Array,
+    indices: Any,
     counts: jax.Array,
     keys: jax.Array,
     *,
@@ -268,22 +184,35 @@ def simulate_clients_with_steps(
   """`simulate_clients`, plus the optimizer steps computed (int32 scalar): the clients' own
   steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed."""
   strategy = resolve_strategy(strategy, variables)
-  k = indices.shape[0]
+  k = counts.shape[0]
+  slots = isinstance(indices, ClientSlots)
   if normalization is not None and not isinstance(client_update, ClientUpdate):
     raise ValueError("a normalization needs a ClientUpdate (make_client_update), which "
                      "normalises each batch it gathers; a plain client function gets x as "
                      "it is: normalise x first")
+  if slots and not isinstance(client_update, ClientUpdate):
+    raise ValueError("ClientSlots need a ClientUpdate (make_client_update), which reads its "
+                     "batches from them; give a plain client function [K, M] index rows")
   extra = {} if normalization is None else {"normalization": normalization}
   one = functools.partial(client_update, variables, x, y, **extra)
-  if strategy in PACKED and not isinstance(client_update, ClientUpdate):
-    # A plain function has no pieces to pack: one vmap, every lane to the longest client.
-    out = jax.vmap(one)(indices, counts, keys)
-    return out, k * jnp.max(out.num_steps, initial=0)
+  if not isinstance(client_update, ClientUpdate):
+    if strategy in PACKED:
+      # A plain function has no pieces to pack: one vmap, every lane to the longest client.
+      out = jax.vmap(one)(indices, counts, keys)
+      return out, k * jnp.max(out.num_steps, initial=0)
+    if strategy == "scan":
+      out = jax.lax.map(lambda a: one(*a), (indices, counts, keys))
+      return out, jnp.sum(out.num_steps)
+  if strategy == "loop":
+    return _loop(client_update, variables, x, y, indices, counts, keys, extra)
+  # Every in-program strategy: the round's epochs shuffled at once over its T slots.
+  offsets = indices.offsets if slots else ClientSlots.from_rows(indices).offsets
+  schedule = client_update.schedule_slots(indices, counts, keys)
   if strategy in ("vmap", "chunked"):
     if lanes is None:
       lanes = k if strategy == "vmap" else (clients_per_chunk or k)
     lanes = max(1, min(int(lanes), k))
-    out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes,
+    out, iters = _pack(client_update, variables, x, y, schedule, offsets, counts, lanes,
                        normalization)
     return out, iters * lanes
   if strategy == "sharded":
@@ -293,29 +222,53 @@ def simulate_clients_with_steps(
                        f"devices; pad the round (federated_averaging's round does)")
     per = k // mesh.size
     lanes = max(1, min(int(lanes or per), per))
-    # Deal the clients over the devices by size (balanced work), pack each device's share.
+    # Deal the clients over the devices by size (balanced work), pack each device's share;
+    # the laid-out round is replicated, each device reads its own clients' slots.
     order = jnp.argsort(-client_update.num_steps(counts.astype(jnp.int32)), stable=True)
     perm = order[jnp.asarray(_deal_ranks(k, mesh.size))]
     spec = jax.sharding.PartitionSpec(CLIENT_AXIS)
     rep = jax.sharding.PartitionSpec()
 
-    def local(variables, x, y, indices, counts, keys):
-      out, iters = _pack(client_update, variables, x, y, indices, counts, keys, lanes,
-                         normalization)
+    def local(variables, x, y, batches, step_keys, offsets, counts):
+      out, iters = _pack(client_update, variables, x, y, (batches, step_keys), offsets,
+                         counts, lanes, normalization)
       return out, iters[None]
 
-    out, iters = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, spec, spec, spec),
-                               out_specs=(spec, spec), check_vma=False)(
-        variables, x, y, indices[perm], counts[perm], keys[perm])
+    batches, step_keys = schedule
+    out, iters = jax.shard_map(
+        local, mesh=mesh, in_specs=(rep, rep, rep, rep, spec, spec, spec),
+        out_specs=(spec, spec), check_vma=False)(
+            variables, x, y, batches, step_keys[perm], offsets[perm], counts[perm])
     out = jax.tree.map(lambda a: a[jnp.argsort(perm)], out)
     return _shard_clients(out, mesh), jnp.sum(iters) * lanes
-  if strategy == "scan":
-    out = jax.lax.map(lambda a: one(*a), (indices, counts, keys))
-    return out, jnp.sum(out.num_steps)
-  # "loop": only meaningful outside jit; under a trace it would unroll K programs.
-  if isinstance(indices, jax.core.Tracer):
+  # "scan": one client at a time, each its own steps, from the shared laid-out round.
+  batches, step_keys = schedule
+  out = jax.lax.map(
+      lambda a: client_update.train(variables, x, y, batches, step_keys, offsets, a[0], a[1],
+                                    normalization),
+      (jnp.arange(k, dtype=jnp.int32), counts.astype(jnp.int32)))
+  return out, jnp.sum(out.num_steps)
+
+
+def _loop(client_update, variables, x, y, indices, counts, keys, extra):
+  """"loop": one jitted single-client program per client, dispatched from the host. Only
+  meaningful outside jit (under a trace it would unroll K programs). ClientSlots are cut
+  into one row per client on the host, padded to `bucket_length` (a few lengths, a few
+  compilations; a client's result does not depend on its padding)."""
+  if isinstance(counts, jax.core.Tracer) or isinstance(indices, jax.core.Tracer) or (
+      isinstance(indices, ClientSlots) and isinstance(indices.flat, jax.core.Tracer)):
     raise ValueError('strategy "loop" runs clients from the host; call it outside jax.jit')
-  outs = [_jit_one(client_update)(variables, x, y, indices[i], counts[i], keys[i], **extra)
+  k = counts.shape[0]
+  if isinstance(indices, ClientSlots):
+    flat, offsets, n = (np.asarray(a) for a in (indices.flat, indices.offsets, counts))
+    rows = []
+    for i in range(k):
+      row = np.zeros(bucket_length(int(n[i]), client_update.batch_size), np.int32)
+      row[:n[i]] = flat[offsets[i]:offsets[i] + n[i]]
+      rows.append(row)
+  else:
+    rows = [indices[i] for i in range(k)]
+  outs = [_jit_one(client_update)(variables, x, y, rows[i], counts[i], keys[i], **extra)
           for i in range(k)]
   out = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
   return out, jnp.sum(out.num_steps)
@@ -326,7 +279,7 @@ def simulate_clients(
     variables: Variables,
     x: jax.Array,
     y: jax.Array,
-    indices: jax.Array,
+    indices: Any,
     counts: jax.Array,
     keys: jax.Array,
     *,
@@ -341,7 +294,8 @@ def simulate_clients(
     client_update: the single-client function from `client.make_client_update`.
     variables: global variables every client starts from.
     x, y: device-resident training set.
-    indices: `[K, M]` int32 example indices per client; `counts`: `[K]` real counts.
+    indices: the clients' example indices, a `ClientSlots` (`FederatedData.round_slots`: end to
+      end, each client its own length) or `[K, M]` int32 rows; `counts`: `[K]` real counts.
     keys: `[K]` per-client PRNG keys.
     strategy: a concrete strategy name (see module docstring); "auto" is resolved here.
     clients_per_chunk: lanes for "chunked" (0 means K).

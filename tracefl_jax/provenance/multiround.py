@@ -185,10 +185,12 @@ class MultiRoundAccumulator:
   def scores(self, model: ModelDef, global_vars: Variables, x: jax.Array, *,
              target: jax.Array | None = None, kernel: str = "auto",
              clients_per_chunk: int | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> ProvenanceResult:
+             mesh: jax.sharding.Mesh | None = None,
+             output: str = "logit") -> ProvenanceResult:
     """MR `[N, C]` for the prediction of `global_vars` (the final model G_R) on `x`: a
     `ProvenanceResult` whose columns are the C global client ids (`scores` MR, `probs` its
-    softmax, `traced_client` the argmax). Clients never sampled score 0."""
+    softmax, `traced_client` the argmax). Clients never sampled score 0. `output`: the
+    explained output s_n (`trace_clients`: "logit", "margin" or "log_prob")."""
     if not is_affine(model):
       raise ValueError(f"multi-round provenance needs affine traced units; model "
                        f"{model.name!r} has whole-block units")
@@ -197,7 +199,7 @@ class MultiRoundAccumulator:
     table = self._table if self.round_decay == 1.0 else self.directions
     return trace_clients(model, global_vars, {"params": table}, x, target=target,
                          kernel=kernel, use_decay=False, clients_per_chunk=clients_per_chunk,
-                         mesh=mesh)
+                         mesh=mesh, output=output)
 
 
 def multi_round_scores(model: ModelDef, final_vars: Variables,

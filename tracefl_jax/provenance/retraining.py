@@ -49,6 +49,7 @@ from tracefl_jax.fl.client import local_steps
 from tracefl_jax.fl.rounds import round_key, sample_clients
 from tracefl_jax.fl.strategies import round_lanes
 from tracefl_jax.models.base import Variables
+from tracefl_jax.provenance.federation_masks import FederationMasks
 
 
 FEDERATION_STRATEGIES = ("vmap", "map")
@@ -89,11 +90,12 @@ def round_plan(data: FederatedData, *, rounds: int, clients_per_round: int, seed
                batch_size: int, weighting: str = "examples",
                always_sampled: Sequence[int] = ()) -> list[dict[str, np.ndarray]]:
   """Per round (1..rounds), what `run_rounds` would feed the round program: the sampled
-  `client_ids [K]`, `indices [K, M]`, `counts [K]` and base aggregation `weights [K]`."""
+  `client_ids [K]`, `indices` (their `ClientSlots`), `counts [K]` and base aggregation
+  `weights [K]`."""
   plan = []
   for r in range(1, rounds + 1):
     ids = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
-    rd = data.round_data(ids, batch_size)
+    rd = data.round_slots(ids, batch_size)
     weights = np.asarray(aggregation.client_weights(rd.counts, weighting, batch_size),
                          np.float32)
     plan.append({"round": r, "client_ids": ids, "indices": rd.indices, "counts": rd.counts,
@@ -111,30 +113,46 @@ def participation(plan: Sequence[dict[str, np.ndarray]], num_clients: int) -> np
 
 def distinct_federations(plan: Sequence[dict[str, np.ndarray]], masks: Any,
                          data_seeds: Any) -> tuple[np.ndarray, np.ndarray]:
-  """(rows [U], inverse [F]): the federations of `masks [F, C]` and `data_seeds [F]` that train
-  different models under `plan`, as `rows` (the first row of each) and, per federation, the
-  position in `rows` of the one it equals. Two federations are equal when they have the same
-  data seed and the same mask on every client sampled in some round."""
-  masks = np.asarray(masks, np.float32)
-  sampled = participation(plan, masks.shape[1]).any(axis=0)
-  keys = np.concatenate([np.asarray(data_seeds, np.float64)[:, None],
-                         np.where(sampled[None, :], masks, 0.0)], axis=1)
-  _, rows, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-  order = np.argsort(rows)  # keep the federations' own order (the base first)
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  return rows[order], rank[inverse.reshape(-1)]
+  """(rows [U], inverse [F]): the federations of `masks [F, C]` (dense or
+  `FederationMasks`) and `data_seeds [F]` that train different models under `plan`, as
+  `rows` (the first row of each) and, per federation, the position in `rows` of the one it
+  equals. Two federations are equal when they have the same data seed and the same mask on
+  every client sampled in some round."""
+  masks = _as_sparse(masks)
+  sampled = participation(plan, masks.num_clients).any(axis=0)
+  seeds = np.asarray(data_seeds, np.float64).reshape(-1)
+  groups: dict[tuple, int] = {}
+  rows, inverse = [], np.zeros(len(masks), np.int64)
+  for f in range(len(masks)):
+    clients, values = masks.entries(f)
+    keep = sampled[clients]
+    key = (seeds[f], clients[keep].tobytes(), (values[keep] + 0.0).tobytes())  # -0.0 == 0.0
+    if key not in groups:
+      groups[key] = len(rows)
+      rows.append(f)
+    inverse[f] = groups[key]
+  return np.asarray(rows, np.int64), inverse
 
 
-def _check_masks(masks, num_clients: int) -> np.ndarray:
-  m = np.asarray(masks)
-  if m.ndim != 2 or m.shape[1] != num_clients or m.shape[0] < 1:
-    raise ValueError(f"masks has shape {m.shape}; it must be [F, C] = [F >= 1, {num_clients}]"
+def _as_sparse(masks: Any) -> FederationMasks:
+  return masks if isinstance(masks, FederationMasks) else FederationMasks.from_dense(masks)
+
+
+def _check_masks(masks, num_clients: int) -> FederationMasks:
+  """`masks` as `FederationMasks` after checking shape and values (dense `[F, C]` or
+  sparse)."""
+  if isinstance(masks, FederationMasks):
+    shape, values = masks.shape, masks.values
+  else:
+    m = np.asarray(masks)
+    shape, values = m.shape, m
+  if len(shape) != 2 or shape[1] != num_clients or shape[0] < 1:
+    raise ValueError(f"masks has shape {shape}; it must be [F, C] = [F >= 1, {num_clients}]"
                      f", one row per federation over the federation's {num_clients} clients")
-  m = m.astype(np.float32)
-  if not np.all(np.isfinite(m)) or np.any(m < 0):
+  values = np.asarray(values).astype(np.float32)
+  if not np.all(np.isfinite(values)) or np.any(values < 0):
     raise ValueError("masks must be finite and >= 0 (1: the client takes part, 0: left out)")
-  return m
+  return _as_sparse(masks)
 
 
 def retrain(
@@ -165,7 +183,9 @@ def retrain(
     variables: the initial global model (the run's `model.init`).
     data: the federation's data (C clients).
     masks: `[F, C]` participation (1 / 0; any non-negative value multiplies client c's
-      aggregation weight, which a robust rule reads only as present (> 0) or absent).
+      aggregation weight, which a robust rule reads only as present (> 0) or absent), dense
+      or `FederationMasks` (`retrained.truth_masks`): only a chunk's values on a round's
+      clients are ever expanded.
     rounds, clients_per_round, seed, always_sampled: as `run_rounds`; sampling is shared.
     data_seeds: `[F]` seeds of the training keys (data order, dropout); default `seed` for all.
     federations_per_chunk: run this many federations at once (0: all F); the last chunk is
@@ -186,8 +206,8 @@ def retrain(
       algorithm without a round program (strategy "loop"); federations_per_chunk < 0. Every
       aggregation rule, client objective and server optimizer is supported, DP-FedAvg too.
   """
-  masks = _check_masks(masks, data.num_clients)
-  f = masks.shape[0]
+  masks = _check_masks(masks, data.num_clients)  # sparse: expanded per chunk and round
+  f = len(masks)
   data_seeds = np.full(f, seed, np.int64) if data_seeds is None else np.asarray(data_seeds)
   if data_seeds.shape != (f,):
     raise ValueError(f"data_seeds has shape {data_seeds.shape}; it must be [F] = ({f},)")
@@ -206,15 +226,15 @@ def retrain(
   plan = round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
                     batch_size=batch_size, weighting=weighting, always_sampled=always_sampled)
   distinct, inverse = distinct_federations(plan, masks, data_seeds)
-  masks, data_seeds, u = masks[distinct], data_seeds[distinct], len(distinct)
+  masks, data_seeds, u = masks.take(distinct), data_seeds[distinct], len(distinct)
   chunk = min(federations_per_chunk or u, u)
   if mesh is not None:
     chunk += (-chunk) % mesh.size
   outputs = []
   for start in range(0, u, chunk):
     rows = np.arange(start, start + chunk).clip(max=u - 1)  # pad with the last federation
-    outputs.append(_run_chunk(algorithm, variables, data, masks[rows], data_seeds[rows], plan,
-                              batch_size, local_epochs, clients_per_chunk, mesh,
+    outputs.append(_run_chunk(algorithm, variables, data, masks.take(rows), data_seeds[rows],
+                              plan, batch_size, local_epochs, clients_per_chunk, mesh,
                               federation_strategy))
   take = jnp.asarray(inverse)
   return jax.tree.map(lambda *a: jnp.concatenate(a)[:u][take], *outputs)
@@ -222,7 +242,7 @@ def retrain(
 
 def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, local_epochs,
                clients_per_chunk, mesh, federation_strategy):
-  f = masks.shape[0]
+  f = len(masks)
   # (G_0, the server optimizer's fresh state or None), one copy per federation.
   start = (dict(variables), algorithm.init(variables).opt_state)
   state = jax.tree.map(lambda a: jnp.broadcast_to(a, (f, *jnp.shape(a))), start)
@@ -232,13 +252,13 @@ def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, 
     state = jax.device_put(state, sharded)
   for p in plan:
     keys = jnp.stack([round_key(root, p["round"]) for root in roots])
-    weights = jnp.asarray(p["weights"][None, :] * masks[:, p["client_ids"]])
+    weights = jnp.asarray(p["weights"][None, :] * masks.columns(p["client_ids"]))
     if mesh is not None:
       keys, weights = jax.device_put((keys, weights), sharded)
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
     step = _step_fn(algorithm.program, lanes, data.normalization, federation_strategy)
-    state = step(state, keys, weights, data.x, data.y, jnp.asarray(p["indices"]),
+    state = step(state, keys, weights, data.x, data.y, jax.device_put(p["indices"]),
                  jnp.asarray(p["counts"]), jnp.asarray(p["client_ids"].astype(np.int32)))
   return state[0]
 
@@ -253,7 +273,7 @@ def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData
   federation axis): the reference `retrain` is tested against, and the cost of one
   federation in the benchmark. A round without participants is skipped (the model and the
   server optimizer state stay as they are)."""
-  mask = _check_masks(np.asarray(mask)[None], data.num_clients)[0]
+  mask = _check_masks(np.asarray(mask)[None], data.num_clients)[0]  # a dense row [C]
   root = jax.random.key(seed if data_seed is None else int(data_seed))
   state, opt_state = dict(variables), algorithm.init(variables).opt_state
   for p in round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
@@ -264,7 +284,7 @@ def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData
       continue
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
-    out = algorithm.program(state, data.x, data.y, jnp.asarray(p["indices"]),
+    out = algorithm.program(state, data.x, data.y, jax.device_put(p["indices"]),
                             jnp.asarray(p["counts"]),
                             jnp.asarray(p["client_ids"].astype(np.int32)),
                             round_key(root, p["round"]), jnp.asarray(weights), lanes=lanes,
