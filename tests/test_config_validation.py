@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from tracefl_jax.experiment import config_checks
-from tracefl_jax.experiment.config import base_config, config_fields, validate
+from tracefl_jax.experiment.config import FIELDS, base_config, config_fields, validate
 
 # field -> [(bad value, what the message says)]; base_config() has 10 rounds and 20 clients,
 # 5 per round.
@@ -113,6 +113,9 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "attribution.subsets": [(2, "attribution.subsets=2 must be 0 (no LDS) or >= 3"),
                             (-1, "attribution.subsets=-1 must be 0 (no LDS) or >= 3")],
     "attribution.noise_seed": [(-1, "attribution.noise_seed=-1 must be >= 1")],
+    "attribution.truth_seeds": [(0, "attribution.truth_seeds=0 must be >= 1")],
+    "attribution.bootstrap": [(0, "attribution.bootstrap=0 must be >= 1")],
+    "provenance.output": [("prob", "provenance.output='prob' is not one of logit, margin")],
     "faulty.clients": [("20", "faulty.clients [20] outside 0..19"),
                        ("a", "faulty.clients='a' is not 'largest' or comma-separated")],
     "faulty.flip": [("1-0", "faulty.flip='1-0' is not 'src:dst,...'"),
@@ -141,13 +144,15 @@ def _set(config, field, value):
 
 
 def test_every_field_has_a_rule_and_a_bad_value_case():
-  fields = list(config_fields(base_config()))
-  assert config_checks.uncovered_fields(fields) == [], (
-      "add these fields to config_checks (RANGES, CHOICES, CROSS_FIELD or FREE)")
-  ruled = (set(config_checks.RANGES) | set(config_checks.CHOICES)
-           | config_checks.CROSS_FIELD | config_checks.FREE)
-  assert ruled <= set(fields), f"rules for fields base_config() lacks: {ruled - set(fields)}"
-  need_case = set(fields) - config_checks.FREE
+  """Each field's default, meaning and rule are one entry of `FIELDS`, from which
+  `base_config()` is built; every field with a rule beyond its type has a bad value here."""
+  rules = (config_checks.Range, config_checks.Choices, config_checks.Parse)
+  assert sorted(config_fields(base_config())) == sorted(FIELDS)
+  for name, field in FIELDS.items():
+    assert field.help and "\n" not in field.help, name
+    assert isinstance(field.rule, rules) or field.rule in (config_checks.CROSS,
+                                                           config_checks.FREE), name
+  need_case = {name for name, field in FIELDS.items() if field.rule != config_checks.FREE}
   assert need_case <= set(BAD_VALUES), (
       f"add a bad value to BAD_VALUES for {sorted(need_case - set(BAD_VALUES))}")
 

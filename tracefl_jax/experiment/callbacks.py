@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 from tracefl_jax.data.base import DIGITS_MEAN, DIGITS_STD
 from tracefl_jax.experiment.checkpoints import Checkpointer
-from tracefl_jax.experiment.config import (parse_faulty_clients, parse_flip, parse_int_list,
-                                           parse_store_rounds)
+from tracefl_jax.experiment.config import typed
 from tracefl_jax.experiment.io import JsonlWriter, NullWriter
 from tracefl_jax.experiment.resume import Start
 from tracefl_jax.experiment.stages import DataStage, ModelStage, RunPlan, normalization_meta
@@ -41,20 +40,20 @@ def protocol_settings(c: ml_collections.ConfigDict,
                       faulty_clients: list[int] | None = None) -> ProtocolSettings:
   """The config's provenance section as the library's `ProtocolSettings` (`faulty_clients`:
   the ids `faulty.clients` resolved to, needed for "largest")."""
-  p = c.provenance
+  p, values = c.provenance, typed(c)
   if faulty_clients is None:
-    faulty_clients = parse_faulty_clients(c.faulty.clients)
+    faulty_clients = values.faulty_clients
     if faulty_clients is None:
       raise ValueError("faulty.clients='largest' is resolved on the partition: pass the ids")
   return ProtocolSettings(
       mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
-      faulty_clients=tuple(faulty_clients), flip=parse_flip(c.faulty.flip),
+      faulty_clients=tuple(faulty_clients), flip=values.flip,
       kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
       use_size_factor=p.use_size_factor,
       size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
       clients_per_chunk=p.clients_per_chunk, block_mask=p.block_mask,
       shard_clients=p.shard_clients,
-      counterfactual=p.counterfactual, feddebug=p.feddebug, score=p.score,
+      counterfactual=p.counterfactual, feddebug=p.feddebug, score=p.score, output=p.output,
       feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
@@ -131,7 +130,7 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
                     model: ModelStage, evaluator: Any, checkpointer: Checkpointer,
                     start: Start, *, primary: bool = True,
                     progress: bool = True) -> RunCallbacks:
-  c, ds = config, data.dataset
+  c, ds, values = config, data.dataset, typed(config)
   callbacks: list[Callable[[RoundInfo], Any]] = [evaluator]
   writer = JsonlWriter(plan.workdir / "provenance.jsonl") if primary else NullWriter()
   prov_log = ProvenanceLog(writer, data.data.label_counts, top_k=c.provenance.top_k)
@@ -146,14 +145,14 @@ def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: Data
             f"trace the stored rounds (provenance.multiround.multi_round_scores)")
       multi_round = MultiRoundAccumulator(model.variables["params"], data.data.num_clients)
     callbacks.append(provenance_callback(
-        model.model, evaluator, settings, rounds=parse_int_list(c.provenance.rounds),
+        model.model, evaluator, settings, rounds=list(values.provenance_rounds),
         on_trace=prov_log.write_round, seed=c.seed, feddebug_normalize=feddebug_normalize(ds),
         multi_round=multi_round))
   if c.dp.enabled:
     rate = c.clients_per_round / data.data.num_clients
     callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,
                                                             info.round, c.dp.delta)})
-  store = parse_store_rounds(c.provenance.store_rounds, c.rounds)
+  store = values.store_rounds
   if store:
     meta = {"model": model.spec, "normalization": normalization_meta(ds)}
     input_range = input_range_of(ds, model.model)

@@ -1,24 +1,30 @@
-"""Command line.
+"""The command line: one entrance per experiment, the config parsed once.
 
-  python -m tracefl_jax --config=configs/demo.py:quick --workdir=runs/demo
-      runs an experiment; any config field can be overridden with `--config.a.b=value` (the
-      config is locked, so a misspelt field is an error). The logic is `experiment.runner.run`.
-  python -m tracefl_jax --help
-      lists the flags and every config field with its default and meaning.
-  python -m tracefl_jax config [--config=configs/demo.py:quick] [--config.a.b=value ...]
-      prints the resolved config's fields, values and meanings.
+  python -m tracefl_jax [run] --config=configs/demo.py:quick --workdir=runs/demo
+      runs an experiment (`run` may be left out); any config field can be overridden with
+      `--config.a.b=value` (the config is locked, so a misspelt field is an error). The logic
+      is `experiment.runner.run`.
+  python -m tracefl_jax compare --config=configs/attribution.py:cpu --workdir=runs/attribution
+      the comparison of attribution methods against retrained federations: every cell of the
+      preset's sweep, each under the run's workdir checks, lock and plan
+      (`experiment.attribution.run_cells`).
   python -m tracefl_jax trace --workdir=runs/demo --inputs=x.npy [--round=R] [--out=F]
       traces new inputs against a round the run stored (`provenance.store_rounds`).
-  python -m tracefl_jax ... --sweep [--sweep_shard=I/N | --collect]
+  python -m tracefl_jax config [--config=configs/demo.py:quick] [--config.a.b=value ...]
+      prints the resolved config's fields, values and meanings.
+  python -m tracefl_jax --help
+      lists the commands, the flags and every config field with its default and meaning.
+  python -m tracefl_jax run ... --sweep [--sweep_shard=I/N | --collect]
       runs a sweep's grid (or one job-array shard of it), or merges the shards' results.
-  python -m tracefl_jax ... --coordinator=HOST:PORT --num_processes=N --process_id=I
+  python -m tracefl_jax run ... --coordinator=HOST:PORT --num_processes=N --process_id=I
       one process of a multi-process run (`--distributed` on a cluster: README, "Running on
       a cluster").
 
-Config files are Python files with `get_config(preset)` (big_vision style): `path.py:preset`.
-Every mistake on the command line (a misspelt field, a value of the wrong type, an unknown
-preset, a missing file, a workdir that would mix or lose results) is one `error: ...` line on
-stderr with exit code 2, naming the bad input and the way out.
+The installed `tracefl-jax` command is the same (`tracefl_jax.__main__.main`). Config files
+are Python files with `get_config(preset)` (big_vision style): `path.py:preset`. Every
+mistake on the command line (a misspelt field, a value of the wrong type, an unknown preset,
+a missing file, a workdir that would mix or lose results) is one `error: ...` line on stderr
+with exit code 2, naming the bad input and the way out.
 """
 
 from __future__ import annotations
@@ -35,11 +41,20 @@ import ml_collections
 from tracefl_jax.experiment.cli_args import FLAGS, Args, join_flags, parse_args
 from tracefl_jax.experiment.configfile import set_field
 
-_USAGE = """\
-usage: python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR [flags] [--config.FIELD=VALUE ...]
-       python -m tracefl_jax config [--config=PATH.py[:PRESET]] [--config.FIELD=VALUE ...]
-       python -m tracefl_jax --config=PATH.py[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]
-       python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  (trace --help)"""
+# Each command's usage line; `run` is the command when none is named.
+COMMANDS = {
+    "run": "python -m tracefl_jax [run] --config=PATH.py[:PRESET] --workdir=DIR [flags] "
+           "[--config.FIELD=VALUE ...]\n       python -m tracefl_jax [run] --config=PATH.py"
+           "[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]",
+    "compare": "python -m tracefl_jax compare --config=PATH.py:PRESET --workdir=DIR "
+               "[--quiet] [--config.FIELD=VALUE ...]",
+    "trace": "python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  "
+             "(trace --help)",
+    "config": "python -m tracefl_jax config [--config=PATH.py[:PRESET]] "
+              "[--config.FIELD=VALUE ...]",
+}
+_USAGE = "usage: " + "\n       ".join(COMMANDS.values())
+_HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -53,17 +68,15 @@ def _format_value(value: Any) -> str:
 
 def describe_config(config: ml_collections.ConfigDict) -> list[str]:
   """One line per config field: `--config.FIELD=VALUE  meaning`."""
-  from tracefl_jax.experiment.config import FIELD_HELP, config_fields  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.data import available_datasets  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.models import available_models  # pylint: disable=g-import-not-at-top
-  choices = {"dataset.name": available_datasets(), "model.name": available_models()}
+  from tracefl_jax.experiment.config import FIELDS, config_fields  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.config_checks import Choices  # pylint: disable=g-import-not-at-top
   fields = config_fields(config)
-  order = [f for f in FIELD_HELP if f in fields] + [f for f in fields if f not in FIELD_HELP]
+  order = [f for f in FIELDS if f in fields] + [f for f in fields if f not in FIELDS]
   lines = []
   for field, value in ((f, fields[f]) for f in order):
-    meaning = FIELD_HELP.get(field, "")
-    if field in choices:
-      meaning += f": {', '.join(choices[field])}"
+    meaning = FIELDS[field].help if field in FIELDS else ""
+    if field in FIELDS and isinstance(FIELDS[field].rule, Choices):
+      meaning += f": {', '.join(FIELDS[field].rule.valid())}"
     lines.append(f"  {field + '=' + _format_value(value):<42} {meaning}")
   return lines
 
@@ -71,8 +84,12 @@ def describe_config(config: ml_collections.ConfigDict) -> list[str]:
 def _print_help() -> None:
   from tracefl_jax.experiment.config import base_config  # pylint: disable=g-import-not-at-top
   print(_USAGE)
-  print("\nRuns one federated experiment with TraceFL provenance; rerunning the same command "
-        "resumes it.\n\nflags:")
+  print("\ncommands:\n  run      one federated experiment with TraceFL provenance (the "
+        "default); rerunning the same command resumes it\n  compare  the attribution "
+        "comparison: every cell of the config's sweep, then its table and figure\n  trace    "
+        "new inputs against a round a run stored\n  config   the resolved config: every field, "
+        "its value and its meaning\n\nflags of run (compare takes --config, --workdir and "
+        "--quiet):")
   for name, (meta, meaning) in FLAGS.items():
     print(f"  {'--' + name + ('=' + meta if meta else ''):<42} {meaning}")
   print("\nconfig fields, with the defaults of base_config() (a config file changes some; "
@@ -212,9 +229,8 @@ def _run_main(argv: list[str]) -> None:
 
 def _config_main(argv: list[str]) -> None:
   """`python -m tracefl_jax config [--config=PATH.py[:PRESET]] [--config.FIELD=VALUE ...]`."""
-  if any(a in ("-h", "--help") for a in argv):
-    print("usage: python -m tracefl_jax config [--config=PATH.py[:PRESET]] "
-          "[--config.FIELD=VALUE ...]\nprints the resolved config: every field, its value "
+  if any(a in _HELP for a in argv):
+    print(f"usage: {COMMANDS['config']}\nprints the resolved config: every field, its value "
           "and its meaning")
     return
   try:
@@ -234,18 +250,47 @@ def _config_main(argv: list[str]) -> None:
   print("\n".join(describe_config(config)))
 
 
-def main() -> None:
+def _compare_main(argv: list[str]) -> None:
+  """`compare`: the attribution comparison (`experiment.attribution`), parsed by the same
+  flags and config overrides as `run`."""
+  from tracefl_jax.experiment import attribution  # pylint: disable=g-import-not-at-top
+  attribution.main(argv)
+
+
+def _command(argv: list[str]) -> tuple[str, list[str]]:
+  """(the command, its arguments); no command is `run`, and a word that is not a command is
+  named with the closest one."""
+  if argv and argv[0] in COMMANDS:
+    return argv[0], argv[1:]
+  if argv and not argv[0].startswith("-"):
+    import difflib  # pylint: disable=g-import-not-at-top
+    close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+    _fail(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]}?" if close else "")
+          + f" (commands: {', '.join(COMMANDS)}; python -m tracefl_jax --help)")
+  return "run", argv
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m tracefl_jax` and the installed `tracefl-jax`: `argv` defaults to
+  `sys.argv[1:]`."""
   # JAX's backend probing would log "Unable to initialize backend 'tpu'" at WARNING.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-  argv = sys.argv[1:]
-  if argv[:1] == ["trace"]:
+  command, args = _command(sys.argv[1:] if argv is None else list(argv))
+  wants_help = any(a in _HELP for a in args)
+  if command == "trace":
     from tracefl_jax.experiment import trace_cli  # pylint: disable=g-import-not-at-top
-    trace_cli.main(argv[1:])
-  elif argv[:1] == ["config"]:
-    _config_main(argv[1:])
-  elif not argv or any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+    trace_cli.main(args)
+  elif command == "config":
+    _config_main(args)
+  elif command == "compare" and wants_help:
+    print(f"usage: {COMMANDS['compare']}\nruns every cell of the preset's sweep (a finished "
+          f"cell of the same config is read back), then writes WORKDIR/table.md and "
+          f"WORKDIR/attribution.png and prints the table")
+  elif command == "compare":
+    _compare_main(args)
+  elif not args or wants_help:
     _print_help()
-    if not argv:
+    if not args:
       _fail("--config and --workdir are required (usage above)")
   else:
-    _run_main(argv)
+    _run_main(args)

@@ -1,169 +1,278 @@
-"""The experiment configuration: `base_config()`, `FIELD_HELP` and `validate(config)`.
+"""The experiment configuration: one table, `FIELDS`, gives each field its default, its
+meaning and its rule; `base_config()`, `FIELD_HELP`, the command line's help and
+`validate(config)` are all read from it.
 
 Configs are ml_collections `ConfigDict`s, locked so that a misspelt override
 (`--config.clinets_per_round=5`) fails instead of being silently added. Experiment files under
-`configs/` start from `base_config()` and set what differs (big_vision style).
-
-`FIELD_HELP` (config_help.py, importable from here) holds one line of meaning per field of
-`base_config()`; `python -m tracefl_jax --help` and `python -m tracefl_jax config` print them.
+`configs/` start from `base_config()` and set what differs (big_vision style). The string
+fields with structure (`provenance.rounds`, `provenance.store_rounds`, `faulty.clients`,
+`faulty.flip`) are parsed in one place, `typed(config)`, which the checks and the run share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import ml_collections
 
-from tracefl_jax.experiment.algorithms import algorithm_errors
-from tracefl_jax.experiment.config_help import FIELD_HELP  # noqa: F401  (re-exported)
+from tracefl_jax.data.partition import PARTITION_METHODS
+from tracefl_jax.experiment import config_checks as checks
+from tracefl_jax.experiment.algorithms import LOSSES, algorithm_errors
+from tracefl_jax.experiment.config_checks import (CROSS, FREE, NON_NEGATIVE, POSITIVE, SEED_MAX,
+                                                  Choices, Parse, Range)
+from tracefl_jax.fl.aggregation import WEIGHTINGS
+from tracefl_jax.fl.client import OPTIMIZERS
+from tracefl_jax.fl.robust import RULES
+from tracefl_jax.fl.server import SERVER_OPTIMIZERS
+from tracefl_jax.fl.strategies import STRATEGIES
+from tracefl_jax.provenance.attribution import KERNELS, SCORES
+from tracefl_jax.provenance.capture import OUTPUTS
+from tracefl_jax.provenance.protocol import MODES as PROVENANCE_MODES
 
-__all__ = ["FIELD_HELP", "base_config", "config_fields", "parse_faulty_clients", "parse_flip",
-           "parse_int_list", "parse_store_rounds", "validate"]
+__all__ = ["FIELDS", "FIELD_HELP", "Field", "Typed", "base_config", "config_fields", "typed",
+           "validate"]
+
+
+class Field(NamedTuple):
+  """A config field: its default (None: an unset string), one line of meaning, its rule (a
+  `config_checks` rule: Range, Choices, Parse, CROSS or FREE)."""
+  default: Any
+  help: str
+  rule: Any
+
+
+F = Field
+ZERO_ALL = Range(0, note="0: all")
+FRACTION = Range(0, 1, high_open=True)
+
+# The defaults are the original's protocol (spec sections 3-4) at the embedded dataset's
+# size: the paper runs 100 clients with 10 per round; the embedded digits set (1,437 training
+# images) supports 20 clients after the fix-up's 32-example floor, so the defaults are 20
+# clients with 5 per round and the paper presets (configs/) set 100 and 10.
+FIELDS: dict[str, Field] = {
+    "imports": F("", "comma-separated Python modules imported before the run (they may "
+                     "register datasets and models by name)", FREE),
+    "seed": F(42, "root seed: partition, client sampling, initialisation and training keys",
+              Range(0, SEED_MAX, note="jax.random.key keeps 32 bits")),
+    "rounds": F(10, "federated rounds to run (a larger value continues a finished run)",
+                POSITIVE),
+    "num_clients": F(20, "clients the training set is partitioned into (before the fix-up)",
+                     POSITIVE),
+    "clients_per_round": F(5, "clients sampled uniformly per round", CROSS),
+    # --- dataset
+    "dataset.name": F("digits", "dataset, built in or registered by a module in `imports`",
+                      Choices(checks.datasets)),
+    "dataset.data_dir": F(None, "directory holding local dataset files (default: "
+                                "TRACEFL_DATA_DIR)", CROSS),
+    "dataset.download": F(False, "fetch missing mnist/cifar10/MedMNIST data into data_dir",
+                          FREE),
+    "dataset.num_train": F(0, "keep the first num_train training examples (0: all)", ZERO_ALL),
+    "dataset.num_test": F(0, "keep the first num_test test examples (0: all)", ZERO_ALL),
+    "dataset.tokenizer": F(None, "text datasets: a local Hugging Face tokenizer directory",
+                           CROSS),
+    "dataset.max_length": F(128, "text datasets: tokens per example (truncated and padded)",
+                            POSITIVE),
+    "dataset.synthetic_size": F(2000, "synthetic / synthetic_text: training examples",
+                                POSITIVE),
+    "dataset.synthetic_shape": F("32,32,3", "synthetic: image shape 'H,W,C'; synthetic_text: "
+                                            "'seq_len'", CROSS),
+    "dataset.synthetic_classes": F(10, "synthetic / synthetic_text: number of labels",
+                                   Range(2)),
+    "dataset.synthetic_noise": F(1.0, "synthetic: standard deviation of the Gaussian noise "
+                                      "added to the class prototypes (larger is harder)",
+                                 NON_NEGATIVE),
+    "dataset.vocab_size": F(0, "text models without a tokenizer (synthetic_text): vocabulary "
+                               "size (0: from the data)", CROSS),
+    # --- partition
+    "partition.method": F("dirichlet", "how examples are split over clients",
+                          Choices(PARTITION_METHODS)),
+    "partition.alpha": F(0.3, "dirichlet: concentration (smaller is more non-IID)",
+                         Range(0, low_open=True)),
+    "partition.self_balancing": F(True, "dirichlet: stop giving a class to clients above the "
+                                        "average size (flwr-datasets)", FREE),
+    "partition.min_partition_size": F(0, "dirichlet: redraw until every client has this many "
+                                         "examples", NON_NEGATIVE),
+    "partition.classes_per_client": F(2, "pathological: labels per client", POSITIVE),
+    "partition.shards_per_client": F(2, "shards: label-sorted shards per client", POSITIVE),
+    "partition.fixup": F(True, "the original's per-client fix-up (spec section 4: drop rare "
+                               "labels and small clients, cap sizes); False: the raw "
+                               "partition", FREE),
+    "partition.min_label_count": F(10, "fix-up: drop a client's labels with fewer examples",
+                                   NON_NEGATIVE),
+    "partition.max_per_client": F(2048, "fix-up: keep at most this many examples per client",
+                                  POSITIVE),
+    "partition.min_client_size": F(32, "fix-up: drop clients with fewer examples",
+                                   NON_NEGATIVE),
+    "partition.max_clients": F(0, "keep the first max_clients clients after the fix-up (0: "
+                                  "all), so that a partition over more clients yields "
+                                  "exactly this many", ZERO_ALL),
+    # --- model
+    "model.name": F("cnn", "model, built in or registered by a module in `imports`",
+                    Choices(checks.models, unless="model.hf_path")),
+    "model.hf_path": F(None, "a local Hugging Face checkpoint directory (its architecture and "
+                             "weights)", CROSS),
+    "model.torchvision_weights": F(None, "a torchvision .pt/.safetensors file to start from "
+                                         "(head skipped)", CROSS),
+    # --- client: local training and its objective
+    "client.optimizer": F("adam", "local optimizer", Choices(OPTIMIZERS)),
+    "client.learning_rate": F(1e-3, "local learning rate", Range(0, low_open=True)),
+    "client.weight_decay": F(0.0, "local weight decay (adamw, sgd)", NON_NEGATIVE),
+    "client.momentum": F(0.0, "sgd momentum", FRACTION),
+    "client.batch_size": F(32, "local batch size", POSITIVE),
+    "client.local_epochs": F(2, "local epochs per round", POSITIVE),
+    "client.divergence_factor": F(1e3, "stop with an error when a round's mean client loss "
+                                       "exceeds this multiple of ln(classes), the loss of a "
+                                       "uniform guess (0: off)", Range(0, note="0: off")),
+    "client.loss": F("cross_entropy", "client objective (fedprox: + prox_mu / 2 ||w - G||^2, "
+                                      "Li et al. 2020)", Choices(LOSSES)),
+    "client.prox_mu": F(0.01, "fedprox: proximal coefficient mu", NON_NEGATIVE),
+    # --- aggregation: the rule over the round's client models
+    "aggregation.weighting": F("batches", "FedAvg weights (batches: the original's "
+                                          "floor(n_k / batch_size))", Choices(WEIGHTINGS)),
+    "aggregation.rule": F("mean", "aggregation rule (mean: FedAvg; the robust rules are "
+                                  "unweighted over the round's clients of weight > 0)",
+                          Choices(RULES)),
+    "aggregation.trim_beta": F(0.2, "trimmed_mean: fraction of values cut from each end, in "
+                                    "[0, 0.5)", Range(0, 0.5, high_open=True)),
+    "aggregation.num_byzantine": F(0, "krum: assumed faulty clients f (neighbours scored: "
+                                      "n - f - 2)", NON_NEGATIVE),
+    "aggregation.num_selected": F(1, "krum: clients averaged (1: Krum, more: multi-Krum)",
+                                  POSITIVE),
+    # --- server: the optimizer over the pseudo-gradient (Reddi et al., ICLR 2021)
+    "server.optimizer": F("none", "server optimizer on the pseudo-gradient G - aggregate "
+                                  "(none: FedAvg; sgd + momentum: FedAvgM; adam/yogi/adagrad: "
+                                  "FedOpt)", Choices(SERVER_OPTIMIZERS)),
+    "server.learning_rate": F(1.0, "server learning rate", Range(0, low_open=True)),
+    "server.momentum": F(0.0, "server sgd momentum (FedAvgM)", FRACTION),
+    "server.b1": F(0.9, "server adam/yogi beta1", FRACTION),
+    "server.b2": F(0.99, "server adam/yogi beta2", FRACTION),
+    "server.eps": F(1e-3, "server adam/yogi/adagrad epsilon (tau, adaptivity)",
+                    Range(0, low_open=True)),
+    # --- simulation and evaluation
+    "simulation.strategy": F("auto", "how the client axis runs", Choices(STRATEGIES)),
+    "simulation.clients_per_chunk": F(0, "chunked: clients per chunk (0: one chunk)",
+                                      Range(0, note="0: one chunk")),
+    "simulation.compute_dtype": F("float32", "local training precision (bfloat16: with "
+                                             "float32 master weights)",
+                                  Choices(("float32", "bfloat16"))),
+    "eval.batch_size": F(512, "batch size of global-model evaluation", POSITIVE),
+    "eval.max_test_inputs": F(2048, "server test set: the first max_test_inputs test examples",
+                              POSITIVE),
+    # --- provenance (TraceFL, online)
+    "provenance.enabled": F(True, "trace the round's clients online (TraceFL)", FREE),
+    "provenance.rounds": F("", "rounds to trace: '' every round, else comma-separated round "
+                               "numbers", Parse(checks.parse_int_list, "a list of integers")),
+    "provenance.mode": F("correct", "which inputs are traced (faulty: mispredictions of "
+                                    "label-flipping clients, Table I)",
+                         Choices(PROVENANCE_MODES)),
+    "provenance.kernel": F("auto", "provenance kernel", Choices(KERNELS)),
+    "provenance.decay": F(0.9, "per-layer decay beta of the layer weights, in (0, 1]",
+                          Range(0, 1, low_open=True)),
+    "provenance.use_decay": F(True, "weight layers by decay**depth as the paper does", FREE),
+    "provenance.use_size_factor": F(False, "multiply scores by the client's data size (in "
+                                           "batches)", CROSS),
+    "provenance.score": F("tracefl", "client score (first_order: the weight-aware first-order "
+                                     "leave-one-client-out drop, no decay)", Choices(SCORES)),
+    "provenance.multi_round": F(False, "also attribute each traced prediction over all rounds "
+                                       "so far (multi-round provenance; one [clients, params] "
+                                       "accumulator)", FREE),
+    "provenance.output": F("logit", "the explained output of every score and truth: logit "
+                                    "(the paper's), margin (the logit minus the log-sum-exp "
+                                    "of the other classes) or log_prob", Choices(OUTPUTS)),
+    "provenance.per_label": F(2, "correct mode: traced inputs per label held by the "
+                                 "participants", POSITIVE),
+    "provenance.max_faulty_inputs": F(10, "faulty mode: traced inputs per round", POSITIVE),
+    "provenance.clients_per_chunk": F(0, "clients scored at once (0: all; bounds memory)",
+                                      ZERO_ALL),
+    "provenance.shard_clients": F(False, "score the clients sharded over all devices (every "
+                                         "process's after jax.distributed.initialize)", FREE),
+    "provenance.top_k": F(3, "top clients written per input to provenance.jsonl", POSITIVE),
+    "provenance.block_mask": F("parity", "BERT blocks scored without the attention mask as "
+                                         "the original (parity), or with it (fixed)",
+                               Choices(("parity", "fixed"))),
+    "provenance.counterfactual": F(True, "exact leave-one-client-out truth per traced input",
+                                   FREE),
+    "provenance.feddebug": F(True, "faulty mode: FedDebug beside TraceFL (image models)", FREE),
+    "provenance.feddebug_inputs": F(10, "FedDebug: random inputs per round", POSITIVE),
+    "provenance.feddebug_threshold": F(0.003, "FedDebug: neuron activation threshold",
+                                       NON_NEGATIVE),
+    "provenance.store_rounds": F(
+        "last", "keep rounds' models in WORKDIR/rounds to trace new inputs later (the trace "
+                "command): 'last' (the final round, so every finished run can be traced), "
+                "'all', '3,7,10', or 'none'/'' to store nothing; disk per round: "
+                "clients_per_round + 1 copies of the model's variables (e.g. 10 x 110M-param "
+                "BERT: 4.4 GB)",
+        Parse(checks.parse_store_rounds, "'last', 'all', a list of round numbers like "
+                                         "'3,7,10', or 'none' (or '')")),
+    # --- the comparison of attribution methods against retrained federations (`compare`)
+    "attribution.enabled": F(False, "a cell of the attribution comparison (the compare "
+                                    "command, configs/attribution.py), not a plain run", FREE),
+    "attribution.setting": F("", "the cell's name in the comparison table", FREE),
+    "attribution.explain_inputs": F(100, "test inputs explained (correct mode: the first the "
+                                         "final model predicts correctly; faulty: matching "
+                                         "mispredictions)", POSITIVE),
+    "attribution.subsets": F(20, "random half-subsets of clients retrained for the LDS (0: "
+                                 "none)", CROSS),
+    "attribution.noise_seed": F(1, "truth seed s retrains the base and leave-one-out "
+                                   "federations with data seed seed + s * noise_seed", CROSS),
+    "attribution.truth_seeds": F(3, "data seeds the leave-one-out retraining truth is "
+                                    "averaged over (>= 2: their agreement is reported as the "
+                                    "ceiling)", POSITIVE),
+    "attribution.bootstrap": F(1000, "resamples of each interval (top-1: over inputs; LDS: "
+                                     "over subsets)", POSITIVE),
+    "attribution.round_decay": F(1.0, "multi-round provenance: weight gamma^(R - r) of round "
+                                      "r, in [0, 1]", Range(0, 1)),
+    "attribution.federations_per_chunk": F(0, "retrained federations run side by side (0: "
+                                              "all)", ZERO_ALL),
+    "attribution.per_round": F(True, "also trace every round (paper's and weight-aware score)",
+                               FREE),
+    # --- differential privacy
+    "dp.enabled": F(False, "DP-FedAvg: server-side clipping and Gaussian noise", FREE),
+    "dp.noise_multiplier": F(0.0, "DP noise multiplier z (sigma = z * clip_norm / "
+                                  "clients_per_round)", NON_NEGATIVE),
+    "dp.clip_norm": F(1.0, "DP clipping norm C of each client's update",
+                      Range(0, low_open=True)),
+    "dp.delta": F(1e-5, "DP delta of the reported epsilon",
+                  Range(0, 1, low_open=True, high_open=True)),
+    "dp.parity": F(False, "DP as the original (noise BatchNorm statistics, trace the "
+                          "pre-noise aggregate)", FREE),
+    # --- checkpoints
+    "checkpoint.every": F(5, "rounds between checkpoints (0: only at the end)",
+                          Range(0, note="0: only at the end")),
+    "checkpoint.resume": F(True, "continue the same config's run found in the workdir; False "
+                                 "refuses a workdir that holds results", FREE),
+    "checkpoint.overwrite": F(False, "move a previous run in the workdir to WORKDIR/previous/"
+                                     "<time>/ and start afresh (the CLI's --overwrite)", FREE),
+    # --- label-flipping clients (provenance.mode='faulty')
+    "faulty.clients": F("", "comma-separated faulty client ids, e.g. '0'; or 'largest': the "
+                            "client holding the most examples of the flipped labels (after "
+                            "the fix-up)",
+                        Parse(checks.parse_faulty_clients, "'largest' or comma-separated "
+                                                           "client ids, e.g. '0,3'")),
+    "faulty.flip": F("", "label flips of the faulty clients, 'src:dst,...', e.g. '1:0,2:0'",
+                     Parse(checks.parse_flip, "'src:dst,...' with integer labels, e.g. "
+                                              "'1:0,2:0'")),
+    "faulty.every_round": F(False, "the faulty clients take part in every round (the others "
+                                   "are sampled around them)", CROSS),
+}
+
+FIELD_HELP: dict[str, str] = {name: f.help for name, f in FIELDS.items()}
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults: the original's protocol (spec sections 3-4) at the embedded dataset's size.
-
-  The paper runs 100 clients with 10 per round; the embedded digits set (1,437 training
-  images) supports 20 clients after the partition fix-up's 32-example floor, so the defaults
-  are 20 clients with 5 per round and the paper presets (configs/) set 100 and 10.
-  """
+  """Every field of `FIELDS` at its default, locked (a misspelt field is an error)."""
   c = ml_collections.ConfigDict()
-  # Comma-separated Python modules imported before the run: they may register your own
-  # datasets and models by name (tracefl_jax.data.register_dataset, models.register_model).
-  c.imports = ""
-  c.seed = 42
-  c.rounds = 10
-  c.num_clients = 20
-  c.clients_per_round = 5
-
-  c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "digits"
-  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
-  c.dataset.download = False  # fetch missing mnist/cifar10/MedMNIST data into data_dir
-  c.dataset.num_train = 0  # 0: all; >0 keeps the first num_train training examples
-  c.dataset.num_test = 0
-  c.dataset.tokenizer = ml_collections.config_dict.placeholder(str)  # text: local HF tokenizer
-  c.dataset.max_length = 128
-  c.dataset.synthetic_size = 2000      # synthetic / synthetic_text: training examples
-  c.dataset.synthetic_shape = "32,32,3"  # image shape, or "seq_len" for synthetic_text
-  c.dataset.synthetic_classes = 10
-  c.dataset.synthetic_noise = 1.0      # synthetic: std of the per-pixel noise on the prototypes
-  c.dataset.vocab_size = 0             # text models without a tokenizer (synthetic_text)
-
-  c.partition = ml_collections.ConfigDict()
-  c.partition.method = "dirichlet"
-  c.partition.alpha = 0.3
-  c.partition.self_balancing = True
-  c.partition.min_partition_size = 0
-  c.partition.classes_per_client = 2   # pathological
-  c.partition.shards_per_client = 2    # shards
-  c.partition.fixup = True             # the original's per-client fix-up (spec section 4):
-                                       # drop labels < min_label_count, keep max_per_client,
-                                       # drop clients < min_client_size; False: raw partition
-  c.partition.min_label_count = 10
-  c.partition.max_per_client = 2048
-  c.partition.min_client_size = 32
-  c.partition.max_clients = 0          # keep the first max_clients after the fix-up (0: all)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "cnn"
-  c.model.hf_path = ml_collections.config_dict.placeholder(str)  # a local HF checkpoint
-  c.model.torchvision_weights = ml_collections.config_dict.placeholder(str)  # .pt/.safetensors
-
-  c.client = ml_collections.ConfigDict()
-  c.client.optimizer = "adam"
-  c.client.learning_rate = 1e-3
-  c.client.weight_decay = 0.0
-  c.client.momentum = 0.0
-  c.client.batch_size = 32
-  c.client.local_epochs = 2
-  c.client.divergence_factor = 1e3  # stop when a round's mean loss > factor * ln(classes)
-  c.client.loss = "cross_entropy"   # or "fedprox" (Li et al. 2020) with prox_mu
-  c.client.prox_mu = 0.01
-
-  c.aggregation = ml_collections.ConfigDict()
-  c.aggregation.weighting = "batches"  # the original's floor(n_k / batch_size); or examples
-  c.aggregation.rule = "mean"       # FedAvg; or median, trimmed_mean, krum (robust rules)
-  c.aggregation.trim_beta = 0.2
-  c.aggregation.num_byzantine = 0
-  c.aggregation.num_selected = 1
-
-  # The server optimizer over the pseudo-gradient G - aggregate (Reddi et al., ICLR 2021):
-  # "none" is FedAvg; sgd with momentum is FedAvgM; adam, yogi, adagrad the FedOpt family.
-  c.server = ml_collections.ConfigDict()
-  c.server.optimizer = "none"
-  c.server.learning_rate = 1.0
-  c.server.momentum = 0.0
-  c.server.b1 = 0.9
-  c.server.b2 = 0.99
-  c.server.eps = 1e-3
-
-  c.simulation = ml_collections.ConfigDict()
-  c.simulation.strategy = "auto"
-  c.simulation.clients_per_chunk = 0
-  c.simulation.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 master weights
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 512
-  c.eval.max_test_inputs = 2048  # the server test set: the first 2048 test examples
-
-  c.provenance = ml_collections.ConfigDict()
-  c.provenance.enabled = True
-  c.provenance.rounds = ""          # "" = every round; else comma-separated round numbers
-  c.provenance.mode = "correct"     # "faulty": label-flipping clients (Table I)
-  c.provenance.kernel = "auto"
-  c.provenance.decay = 0.9
-  c.provenance.use_decay = True
-  c.provenance.use_size_factor = False
-  c.provenance.score = "tracefl"    # "first_order": weight-aware w_k / (W - w_k) * (T_k - T_G)
-  c.provenance.multi_round = False  # also attribute over all rounds so far (multiround.py)
-  c.provenance.per_label = 2
-  c.provenance.max_faulty_inputs = 10
-  c.provenance.clients_per_chunk = 0
-  c.provenance.shard_clients = False
-  c.provenance.top_k = 3            # top clients written per input to provenance.jsonl
-  c.provenance.block_mask = "parity"  # BERT blocks scored without the attention mask, as the
-                                      # original did; "fixed": with G's mask
-  c.provenance.counterfactual = True  # exact leave-one-client-out truth per traced input
-  c.provenance.feddebug = True        # faulty mode: FedDebug beside TraceFL (image models)
-  c.provenance.feddebug_inputs = 10
-  c.provenance.feddebug_threshold = 0.003
-  c.provenance.store_rounds = "last"  # keep rounds' client models in WORKDIR/rounds to trace
-                                      # new inputs later: "last", "all", "3,7,10" or "none"
-                                      # (disk: clients_per_round + 1 models per round)
-
-  # The comparison of attribution methods against retrained federations
-  # (tracefl_jax/experiment/attribution.py, configs/attribution.py).
-  c.attribution = ml_collections.ConfigDict()
-  c.attribution.enabled = False     # run the comparison instead of the plain experiment
-  c.attribution.setting = ""        # the cell's name in the comparison table
-  c.attribution.explain_inputs = 100  # test inputs explained (correct mode: first correct)
-  c.attribution.subsets = 20        # M random half-subsets retrained for the LDS (0: no LDS)
-  c.attribution.noise_seed = 1      # the noise-floor federation's data seed is seed + this
-  c.attribution.round_decay = 1.0   # multi-round: gamma^(R - r) per round r
-  c.attribution.federations_per_chunk = 0  # retrained federations run at once (0: all)
-  c.attribution.per_round = True    # trace every round (paper's and weight-aware) for curves
-
-  c.dp = ml_collections.ConfigDict()
-  c.dp.enabled = False
-  c.dp.noise_multiplier = 0.0       # z
-  c.dp.clip_norm = 1.0              # C
-  c.dp.delta = 1e-5                 # for the reported epsilon
-  c.dp.parity = False               # the original's defects: noise BatchNorm stats too, and
-                                    # trace the pre-noise aggregate
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 5            # rounds between checkpoints (0: only at the end)
-  c.checkpoint.resume = True        # resume from workdir/checkpoints when present
-  c.checkpoint.overwrite = False    # move a previous run aside to WORKDIR/previous/<time>/
-
-  c.faulty = ml_collections.ConfigDict()
-  c.faulty.clients = ""             # comma-separated faulty client ids, e.g. "0"; or
-                                    # "largest": the client with most examples to flip
-  c.faulty.flip = ""                # "src:dst,..." e.g. "1:0,2:0"
-  c.faulty.every_round = False      # the faulty clients take part in every round
-
+  for name, field in FIELDS.items():
+    *sections, leaf = name.split(".")
+    node = c
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    # An unset string is a placeholder: None, yet typed, so an override must be a string.
+    node[leaf] = (ml_collections.config_dict.placeholder(str) if field.default is None
+                  else field.default)
   c.lock()
   return c
 
@@ -181,93 +290,55 @@ def config_fields(config: ml_collections.ConfigDict | Mapping[str, object],
   return fields
 
 
-def parse_int_list(text: str) -> list[int]:
-  return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+class Typed(NamedTuple):
+  """The string fields with structure, parsed (`typed`)."""
+  provenance_rounds: tuple[int, ...]    # () = every round
+  store_rounds: frozenset[int]          # the rounds whose models are kept
+  faulty_clients: tuple[int, ...] | None  # None = "largest" (resolved on the partition)
+  flip: dict[int, int]                  # faulty.flip {src: dst}
 
 
-def parse_store_rounds(text: str, rounds: int) -> set[int]:
-  """The rounds `provenance.store_rounds` keeps: "" or "none" none, "all", "last", or a
-  list."""
-  text = str(text).strip()
-  if text == "none":
-    return set()
-  if text == "all":
-    return set(range(1, rounds + 1))
-  if text == "last":
-    return {rounds}
-  return set(parse_int_list(text))
+def _typed(c: ml_collections.ConfigDict) -> tuple[Typed, list[str]]:
+  """The typed values, and one line per field that does not parse (its value then empty)."""
+  values, errors = {}, []
+  for name, field in FIELDS.items():
+    if isinstance(field.rule, Parse):
+      text = checks.get(c, name)
+      try:
+        values[name] = field.rule.parse(text)
+      except ValueError:
+        errors.append(f"{name}={text!r} is not {field.rule.what}")
+        values[name] = field.rule.parse("")
+  store = values["provenance.store_rounds"]
+  store = ({c.rounds} if store == "last" else set(range(1, c.rounds + 1)) if store == "all"
+           else set(store))
+  return Typed(values["provenance.rounds"], frozenset(store), values["faulty.clients"],
+               values["faulty.flip"]), errors
 
 
-def parse_faulty_clients(text: str) -> list[int] | None:
-  """`faulty.clients` as ids, or None for "largest" (resolved on the partition by the run)."""
-  if str(text).strip() == "largest":
-    return None
-  return parse_int_list(text)
+def typed(c: ml_collections.ConfigDict) -> Typed:
+  """The string fields of `c` as typed values (`c` validated: `validate`).
 
-
-def parse_flip(text: str) -> dict[int, int]:
-  flip = {}
-  for item in str(text).replace(" ", "").split(","):
-    if not item:
-      continue
-    src, sep, dst = item.partition(":")
-    if not sep:
-      raise ValueError(f"faulty.flip entry {item!r} is not 'src:dst'")
-    flip[int(src)] = int(dst)
-  return flip
+  Raises:
+    ValueError: a field that does not parse, named.
+  """
+  values, errors = _typed(c)
+  if errors:
+    _raise_invalid(errors)
+  return values
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises `ValueError` listing every problem of the config at once, before any work: each
-  field of `base_config()` is checked for its type, its range or choices, and against the
-  fields it depends on (config_checks.py lists the rules); one problem is one line naming the
-  field, the value and what is valid."""
-  from tracefl_jax.experiment import config_checks as checks  # pylint: disable=g-import-not-at-top
-  errors = checks.type_errors(c, config_fields(base_config()))
+  field is checked for its type and its rule in `FIELDS`, and against the fields it depends
+  on; one problem is one line naming the field, the value and what is valid."""
+  errors = checks.type_errors(c, {n: f.default for n, f in FIELDS.items()})
   if errors:  # the value checks below assume the types
     _raise_invalid(errors)
-  errors += checks.range_errors(c)
-  errors += checks.choice_errors(c)
-  errors += checks.cross_field_errors(c)
-  try:
-    rounds = parse_int_list(c.provenance.rounds)
-    bad = [r for r in rounds if not 1 <= r <= c.rounds]
-    if bad:
-      errors.append(f"provenance.rounds {bad} outside 1..{c.rounds}")
-  except ValueError:
-    errors.append(f"provenance.rounds={c.provenance.rounds!r} is not a list of integers")
-  try:
-    bad = [r for r in parse_store_rounds(c.provenance.store_rounds, c.rounds)
-           if not 1 <= r <= c.rounds]
-    if bad:
-      errors.append(f"provenance.store_rounds {bad} outside 1..{c.rounds}")
-  except ValueError:
-    errors.append(f"provenance.store_rounds={c.provenance.store_rounds!r} is not 'last', "
-                  f"'all', a list of round numbers like '3,7,10', or 'none' (or '')")
-  try:
-    faulty = parse_faulty_clients(c.faulty.clients)
-  except ValueError:
-    errors.append(f"faulty.clients={c.faulty.clients!r} is not 'largest' or comma-separated "
-                  f"client ids, e.g. '0,3'")
-    faulty = []
-  faulty = [0] if faulty is None else faulty  # "largest": one client, id known later
-  try:
-    flip = parse_flip(c.faulty.flip)
-  except ValueError:
-    errors.append(f"faulty.flip={c.faulty.flip!r} is not 'src:dst,...' with integer labels, "
-                  f"e.g. '1:0,2:0'")
-    flip = {}
-  errors += checks.flip_errors(flip)
-  if c.provenance.mode == "faulty" and not (faulty and flip):
-    errors.append("provenance.mode='faulty' needs faulty.clients and faulty.flip")
-  bad = [k for k in faulty if not 0 <= k < c.num_clients]
-  if bad:
-    errors.append(f"faulty.clients {bad} outside 0..{c.num_clients - 1}")
-  if c.faulty.every_round and not faulty:
-    errors.append("faulty.every_round needs faulty.clients")
-  if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
-    errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
-                  f"clients_per_round={c.clients_per_round}")
+  errors += checks.rule_errors(c, {n: f.rule for n, f in FIELDS.items()})
+  values, parse_errors = _typed(c)
+  errors += parse_errors
+  errors += checks.cross_field_errors(c, values)
   errors.extend(algorithm_errors(c))  # client.loss, aggregation.rule, server.*
   if errors:
     _raise_invalid(errors)

@@ -58,9 +58,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
   c = config
   stages.import_modules(c.imports)
   validate(c)
-  if c.attribution.enabled:  # the comparison against retrained federations (issue 19)
-    from tracefl_jax.experiment.comparison import run_comparison  # pylint: disable=g-import-not-at-top
-    return run_comparison(c, workdir)
+  if c.attribution.enabled:  # one experiment per entrance: the comparison is `compare`'s
+    raise ValueError("attribution.enabled=True makes the config a cell of the attribution "
+                     "comparison, which the compare command runs: python -m tracefl_jax "
+                     "compare --config=PATH.py:PRESET --workdir=DIR (every cell of the "
+                     "preset's sweep); or set --config.attribution.enabled=False")
   memory.reset_peak_rss()  # this run's peak, not an earlier run's of the same process
   primary = distributed.is_primary()
   workdir = distributed.on_primary(lambda: str(check_workdir(workdir, allow_cwd=allow_cwd)))

@@ -26,7 +26,7 @@ from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.federated import FederatedData, federate, flip_labels
 from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.algorithms import algorithm_pieces
-from tracefl_jax.experiment.config import parse_faulty_clients, parse_flip
+from tracefl_jax.experiment.config import typed
 from tracefl_jax.experiment.io import read_jsonl
 from tracefl_jax.experiment.workdir import plan_run
 from tracefl_jax.fl.client import make_optimizer
@@ -134,10 +134,11 @@ def partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: int
 
 
 def _faulty_and_flip(c, ds, part) -> tuple[list[int], dict[int, int]]:
-  faulty = parse_faulty_clients(c.faulty.clients)
+  values = typed(c)
+  faulty = None if values.faulty_clients is None else list(values.faulty_clients)
   # The flip acts on the labels the dataset has (as the original's mapping does in effect:
   # "1..13 -> 0" on a 10-class dataset flips 1..9).
-  flip = {s: d for s, d in parse_flip(c.faulty.flip).items() if s < ds.num_classes}
+  flip = {s: d for s, d in values.flip.items() if s < ds.num_classes}
   bad = sorted({d for d in flip.values() if not 0 <= d < ds.num_classes})
   if bad:
     raise ValueError(f"faulty.flip maps to labels {bad} that {c.dataset.name} does not have "
