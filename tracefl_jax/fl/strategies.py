@@ -15,7 +15,14 @@ Strategies (one API, chosen per backend by measurement; see benchmarks/bench_rou
              scan was the fastest strategy at K = 10, 100, 1000 and 5000 (the loop 2-6% behind
              in steady state, but its first call at K = 5000 took 200 s against scan's 56 s).
 
-No work on padding. Under "scan" and "loop" a client is `client_update` itself, whose
+Cost follows the clients' own sizes. The in-program strategies lay the round out once
+(`ClientUpdate.schedule_slots`: one sort of the round's `ClientSlots`, each client its own
+length) and every client reads its batches from it; the `[K, M]` row layout is accepted as
+slots at `offsets = k * M`. One client of 100,000 examples among 1,000 of 64 costs its own
+steps (benchmarks/bench_populations.py: 1.1-1.3x of the round without it plus its extra
+steps' time; it was 47-52 s a round, the shuffle over K rows of the largest length).
+
+No work on padding. Under "scan" and "loop" a client runs `client_update`'s loop, whose
 `while_loop` runs exactly the client's own steps. Vmapped clients cannot do that (a batched
 trip count runs every lane to the largest; a batched `cond` runs both branches), so "vmap",
 "chunked" and "sharded" pack clients into W lanes, a work queue: the round's clients are sorted
