@@ -53,6 +53,7 @@ def get_config(preset: str = "smoke"):
     raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
   c = base_config()
   c.attribution.enabled = True
+  c.provenance.output = "margin"  # what TRAK explains: the logit against its rivals
   c.checkpoint.every = 0
   c.partition.fixup = False
   c.num_clients = 20

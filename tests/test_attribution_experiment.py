@@ -63,14 +63,21 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   s = json.loads((cell / "summary.json").read_text())
   assert s["aggregation"] == "mean" and s["counterfactual_removal"] == "closed_form"
   assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
-  # base, noise floor, one per client sampled in some round, 3 subsets
-  assert s["federations"] == 2 + (6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 8
+  # per truth seed the base and one per client sampled in some round, then 3 subsets
+  assert s["federations"] == 3 * (1 + 6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 8
+  assert s["output"] == "margin" and s["truth_seeds"] == 3
+  assert 0 <= s["ceiling_top1"] <= 1 and -1 <= s["ceiling_spearman"] <= 1
   assert len(s["curve"]) == 2 and "prov_first_order_accuracy" in s["curve"][-1]
   rows = {r["method"]: r for r in s["rows"]}
   assert rows["loo_last"]["loo_last_top1"] == 1.0  # the truth itself
   for r in s["rows"]:
     for key in ("paper_rule", "loo_last_top1", "retrain_top1"):
       assert 0.0 <= r[key] <= 1.0
+    if r["method"] != "random":  # intervals around every top-1 and LDS
+      assert r["retrain_top1_low"] <= r["retrain_top1"] <= r["retrain_top1_high"]
+      assert r["lds_low"] <= r["lds_high"]
+    if r["method"] not in ("random", "tracefl"):  # paired with TraceFL
+      assert 0 <= r["retrain_top1_diff_p"] <= 1 and 0 <= r["lds_diff_p"] <= 1
   assert rows["first_order"]["lds"] is not None and -1 <= rows["first_order"]["lds"] <= 1
   # The base federation retrained side by side is the trained run, up to float rounding.
   assert s["base_reproduced_max_abs"] < 1e-2
@@ -90,7 +97,7 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   assert e.value.code == 2 and len(err.strip().splitlines()) == 1
   assert "config differs in: aggregation.rule ('mean' -> 'median')" in err
   assert (cell / "summary.json").stat().st_mtime_ns == before
-  assert np.isfinite(s["noise_floor_mean"])
+  assert np.isfinite(s["base_reproduced_max_abs"])
   # The GPU benchmark's attribution section runs this very preset in smoke mode (here, in
   # this process, its programs are compiled already; tests/test_gpu_script.py runs the rest).
   gpu = _gpu_script()
@@ -143,7 +150,7 @@ def test_comparison_runs_the_configured_algorithm(tmp_path, capsys):
 
 
 def test_comparison_refusals_are_one_line(tmp_path, capsys):
-  from tracefl_jax.experiment import comparison, runner, stages
+  from tracefl_jax.experiment import comparison, stages
   from tracefl_jax.experiment.lock import WorkdirBusyError, WorkdirLock
 
   def refused(*argv):
@@ -171,7 +178,7 @@ def test_comparison_refusals_are_one_line(tmp_path, capsys):
                                               f"--workdir={tmp_path / 'busy'}")
     (tmp_path / "busy" / "smoke").mkdir()
   with WorkdirLock(tmp_path / "busy" / "smoke"), pytest.raises(WorkdirBusyError):
-    runner.run(_module().get_config("smoke"), tmp_path / "busy" / "smoke")
+    comparison.run_comparison(_module().get_config("smoke"), tmp_path / "busy" / "smoke")
   # A summary torn by a full disk is no finished cell: the plan computes it again.
   config = _module().get_config("smoke")
   cell = tmp_path / "torn"

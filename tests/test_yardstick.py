@@ -91,3 +91,27 @@ def test_intervals_against_a_plain_loop():
   assert paired.value == pytest.approx(plain_lds(scores, range(m)) - plain_lds(other, range(m)))
   assert (paired.low, paired.high) == pytest.approx(tuple(np.quantile(want_d, [0.025, 0.975])))
   assert paired.p < 0.05  # the true scores beat unrelated ones
+
+
+def test_compare_methods_rows_are_the_pieces():
+  rng = np.random.default_rng(5)
+  n, c, s, m = 10, 6, 2, 5
+  masks, _ = retrained.seeded_truth_masks(c, m, seed=1, num_seeds=s)
+  truth = retrained.truth_over_seeds(rng.normal(size=(len(masks), n)), c, s,
+                                     masks[s * (1 + c):])
+  scores = {"tracefl": rng.normal(size=(n, c)), "other": truth.drops + rng.normal(size=(n, c))}
+  cand = {"tracefl": np.array([1, 1, 1, 0, 1, 1], bool)}
+  rows = intervals.compare_methods(scores, truth, cand, draws=100, seed=2)
+  for name, sc in scores.items():
+    want = retrained.compare(sc, truth, cand.get(name))
+    assert rows[name]["retrain_top1"] == pytest.approx(want["retrain_top1"])
+    assert rows[name]["retrain_spearman"] == pytest.approx(want["retrain_spearman"])
+    assert rows[name]["lds"] == pytest.approx(want["lds"])
+    assert rows[name]["retrain_top1_low"] <= rows[name]["retrain_top1"] <= rows[name][
+        "retrain_top1_high"]
+  hit = lambda name: (retrained.restricted_top(scores[name], cand.get(name))  # noqa: E731
+                      == truth.top_client).astype(float)
+  diff = intervals.paired_interval(hit("other"), hit("tracefl"), draws=100, seed=2)
+  assert rows["other"]["retrain_top1_diff"] == pytest.approx(diff.value)
+  assert rows["other"]["retrain_top1_diff_p"] == pytest.approx(diff.p)
+  assert "retrain_top1_diff" not in rows["tracefl"] and "lds_diff" in rows["other"]

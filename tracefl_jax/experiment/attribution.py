@@ -29,19 +29,40 @@ from tracefl_jax.experiment.workdir import check_workdir, plan_run
 from tracefl_jax.fl.rounds import TrainingDivergedError
 
 
+def _interval(r: dict[str, Any], key: str) -> str:
+  """`0.41 [0.31, 0.51]`, and `-` when the row has no such value."""
+  if r.get(key) is None:
+    return "-"
+  if r.get(f"{key}_low") is None:
+    return f"{r[key]:.2f}"
+  return f"{r[key]:.2f} [{r[f'{key}_low']:.2f}, {r[f'{key}_high']:.2f}]"
+
+
+def _diff(r: dict[str, Any], key: str) -> str:
+  """`+0.06 (p 0.21)` against TraceFL, and `-` for TraceFL itself and the baselines."""
+  if r.get(f"{key}_diff") is None:
+    return "-"
+  return f"{r[f'{key}_diff']:+.2f} (p {r[f'{key}_diff_p']:.2f})"
+
+
 def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
   """A Markdown table: one line per (cell, method); `algorithm` is the cell's server side
-  (the rule, "+ server optimizer", or dp_fedavg), which every truth and score follows."""
+  (the rule, "+ server optimizer", or dp_fedavg), which every truth and score follows;
+  intervals in brackets, differences to TraceFL (paired) with their p-values, and the
+  truth's own agreement between seeds (its ceiling) per cell."""
   def f(v):
     return "-" if v is None else f"{v:.2f}"
   lines = ["| setting | algorithm | global acc | method | paper rule | LOO last top-1 | "
-           "retrain top-1 | retrain Spearman | LDS | top drop > noise |", "|" + "---|" * 10]
+           "retrain top-1 | vs TraceFL | retrain Spearman | LDS | vs TraceFL | "
+           "ceiling top-1 / Spearman |", "|" + "---|" * 12]
   for name, s in cells:
+    ceiling = f"{f(s.get('ceiling_top1'))} / {f(s.get('ceiling_spearman'))}"
     for r in s["rows"]:
       lines.append(f"| {name} | {s.get('aggregation', 'mean')} | {s['global_accuracy']:.3f} | "
                    f"{r['method']} | {f(r['paper_rule'])} | {f(r['loo_last_top1'])} | "
-                   f"{f(r['retrain_top1'])} | {f(r['retrain_spearman'])} | {f(r['lds'])} | "
-                   f"{s['top_drop_above_noise']:.2f} |")
+                   f"{_interval(r, 'retrain_top1')} | {_diff(r, 'retrain_top1')} | "
+                   f"{f(r['retrain_spearman'])} | {_interval(r, 'lds')} | {_diff(r, 'lds')} | "
+                   f"{ceiling} |")
   return "\n".join(lines)
 
 

@@ -20,9 +20,17 @@ the others 0):
                  own rule and server step; DP: FedAvg's closed form, `dp_closed_form`)
   largest        the client's example count (the largest client named for every input)
   random         a uniformly random last-round participant, in expectation
-Truths: `paper_rule` (correct mode: the named client holds the input's label; faulty mode: it
-is a faulty client), `loo_last_top1` (the named client is the last round's exact LOO client),
-`retrain_top1` / `retrain_spearman` (leave-one-client-out retraining), `lds`.
+Every method and truth explains `provenance.output` (the comparison's presets: the margin,
+the logit minus the log-sum-exp of the other classes). Truths: `paper_rule` (correct mode:
+the named client holds the input's label; faulty mode: it is a faulty client),
+`loo_last_top1` (the named client is the last round's exact LOO client), `retrain_top1` /
+`retrain_spearman` (leave-one-client-out retraining, its drops averaged over
+`attribution.truth_seeds` data seeds, whose own agreement is the cell's ceiling), `lds`
+(Spearman over M retrained half-subsets of the summed scores). A method names its top client
+among those that could be responsible (last-round methods: the last round's participants;
+multi-round and largest: every client sampled in some round). Top-1 and LDS come with
+bootstrap intervals (inputs; LDS: subsets) and the paired difference to TraceFL with its
+p-value (`provenance.intervals`).
 
 The federation is the config's own (`stages.build_algorithm`: client objective, rule, server
 optimizer, DP, compute dtype), and the retrained federations run its round program; a field
@@ -53,8 +61,8 @@ from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.experiment.lock import WorkdirLock
 from tracefl_jax.experiment.workdir import check_workdir
 from tracefl_jax.fl.rounds import run_rounds
-from tracefl_jax.provenance import (protocol, retrained, retraining, round_callback,
-                                    trace_clients)
+from tracefl_jax.provenance import (intervals, protocol, retrained, retraining,
+                                    round_callback, trace_clients)
 from tracefl_jax.provenance.counterfactual import leave_one_out
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.removal import round_removal
@@ -155,8 +163,10 @@ def _explained(c, evaluator, final, flip) -> np.ndarray:
 
 
 def _method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray]:
+  """Every method's additive `[N, C]` scores of the explained output (`provenance.output`):
+  TraceFL enters by its T (P = softmax(T) does not add over a subset of clients)."""
   ids, num = last.client_ids, len(sizes)
-  kw = dict(kernel=c.provenance.kernel,
+  kw = dict(kernel=c.provenance.kernel, output=c.provenance.output,
             clients_per_chunk=c.provenance.clients_per_chunk or None)
   reaggregate, _ = round_removal(last)  # the last round's own rule and server step
   paper = trace_clients(model, last.traced, last.clients.variables, x, decay=c.provenance.decay,
@@ -167,22 +177,30 @@ def _method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray
                      block_mask=c.provenance.block_mask, **kw)
   loo = leave_one_out(model, last.clients.variables, last.weights, x,
                       global_vars=last.traced, clients_per_chunk=kw["clients_per_chunk"],
-                      reaggregate=reaggregate)
-  return {"tracefl": _spread(paper.probs, ids, num),
+                      reaggregate=reaggregate, output=c.provenance.output)
+  return {"tracefl": _spread(paper.scores, ids, num),
           "first_order": _spread(fo.scores, ids, num),
           "multi_round": np.asarray(acc.scores(model, final, x, **kw).scores, np.float64),
           "loo_last": _spread(loo.drops, ids, num),
           "largest": np.broadcast_to(np.asarray(sizes, np.float64), (x.shape[0], num))}
 
 
-def _rows(scores, truth, loo_last_top, rule, participants) -> list[dict[str, Any]]:
-  """One row per method: every truth. `rule(clients [N]) -> [N] bool` is the paper's rule."""
+def _rows(c, scores, truth, loo_last_top, rule, participants, sampled) -> list[dict[str, Any]]:
+  """One row per method: every truth, with intervals and the paired difference to TraceFL
+  (`intervals.compare_methods`). A method names its top client among those that could be
+  responsible: the last round's participants for last-round methods, every client sampled
+  in some round for multi-round and the largest client. `rule(clients [N]) -> [N] bool` is
+  the paper's rule."""
+  last = np.isin(np.arange(len(sampled)), participants)
+  candidates = {name: last if name in ("tracefl", "first_order", "loo_last") else sampled
+                for name in scores}
+  graded = intervals.compare_methods(scores, truth, candidates, draws=c.attribution.bootstrap,
+                                     seed=c.seed)
   rows = []
   for name, s in scores.items():
-    top = np.argmax(s, axis=1)
+    top = retrained.restricted_top(s, candidates[name])
     rows.append({"method": name, "paper_rule": float(rule(top).mean()),
-                 "loo_last_top1": float(np.mean(top == loo_last_top)),
-                 **retrained.compare(s, truth)})
+                 "loo_last_top1": float(np.mean(top == loo_last_top)), **graded[name]})
   k = len(participants)  # a uniformly random participant, in expectation
   n = len(truth.top_client)
   rule_rand = np.mean([rule(np.full(n, p)) for p in participants], axis=0)
@@ -241,9 +259,10 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   t_methods = time.perf_counter() - t1
   num = data.num_clients
   always = faulty if c.faulty.every_round else ()
-  masks = retrained.truth_masks(num, c.attribution.subsets, c.seed)
-  seeds = np.full(len(masks), c.seed)
-  seeds[1] = c.seed + c.attribution.noise_seed
+  truth_seeds = c.attribution.truth_seeds
+  masks, seed_index = retrained.seeded_truth_masks(num, c.attribution.subsets, c.seed,
+                                                   truth_seeds)
+  seeds = c.seed + seed_index * c.attribution.noise_seed
   plan = retraining.round_plan(
       data, rounds=c.rounds, clients_per_round=c.clients_per_round, seed=c.seed,
       batch_size=c.client.batch_size, weighting=c.aggregation.weighting, always_sampled=always)
@@ -257,31 +276,33 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
       local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting, data_seeds=seeds,
       federations_per_chunk=c.attribution.federations_per_chunk, always_sampled=always,
       clients_per_chunk=c.simulation.clients_per_chunk)
-  logits = np.asarray(retrained.explained_logits(model, feds, x, target))
+  outputs = np.asarray(retrained.explained_logits(model, feds, x, target, c.provenance.output))
   t_retrain = time.perf_counter() - t2
-  truth = retrained.with_subsets(retrained.truth_from_logits(logits, num),
-                                 masks[2 + num:])
+  truth = retrained.truth_over_seeds(outputs, num, truth_seeds,
+                                     masks[truth_seeds * (1 + num):])
   base = np.asarray(retrained.explained_logits(
-      model, jax.tree.map(lambda a: a[None], final), x, target))[0]
+      model, jax.tree.map(lambda a: a[None], final), x, target, c.provenance.output))[0]
   labels = evaluator.y[idx]
   settings = _settings(c, "tracefl", faulty)
   everyone = np.arange(num)
   rule = lambda clients: protocol.passes_rule(  # noqa: E731
       settings, clients, labels, data.label_counts, everyone)
-  loo_top = np.argmax(scores["loo_last"] + np.where(
-      np.isin(np.arange(num), last.client_ids), 0.0, -np.inf), axis=1)
+  loo_top = retrained.restricted_top(scores["loo_last"],
+                                     np.isin(everyone, last.client_ids))
+  sampled = retraining.participation(plan, num).any(0)
   summary = {
       "kind": "attribution_comparison", "setting": c.attribution.setting,
       "aggregation": last.aggregation,
       "counterfactual_removal": round_removal(last)[1],
       "global_accuracy": curve[-1]["accuracy"], "clients": num,
       "clients_per_round": c.clients_per_round, "rounds": c.rounds, "inputs": int(len(idx)),
-      "mode": c.provenance.mode, "federations": int(len(distinct)),
-      "clients_never_sampled": int(num - retraining.participation(plan, num).any(0).sum()),
-      "noise_floor_mean": float(truth.noise.mean()),
-      "top_drop_above_noise": float(truth.top_above_noise.mean()),
-      "base_reproduced_max_abs": float(np.abs(base - truth.base_logit).max()),
-      "rows": _rows(scores, truth, loo_top, rule, np.asarray(last.client_ids)),
+      "mode": c.provenance.mode, "output": c.provenance.output,
+      "federations": int(len(distinct)), "clients_never_sampled": int(num - sampled.sum()),
+      "truth_seeds": truth_seeds, "ceiling_top1": truth.ceiling_top1,
+      "ceiling_spearman": truth.ceiling_spearman,
+      "federations_per_chunk": c.attribution.federations_per_chunk,
+      "base_reproduced_max_abs": float(np.abs(base - truth.base_logit[0]).max()),
+      "rows": _rows(c, scores, truth, loo_top, rule, np.asarray(last.client_ids), sampled),
       "curve": curve,
       "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain,
                   "total": time.perf_counter() - t0},

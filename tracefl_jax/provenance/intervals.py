@@ -99,3 +99,51 @@ def paired_lds_interval(a: Any, b: Any, masks: Any, outputs: Any, *, draws: int 
   rows = resamples(m, draws, seed)
   return _interval(value, _lds_over(a, masks, outputs, rows) - _lds_over(b, masks, outputs,
                                                                           rows), level, True)
+
+
+def _flat(prefix: str, interval: Interval, into: dict[str, Any]) -> None:
+  into[prefix] = interval.value
+  into[f"{prefix}_low"], into[f"{prefix}_high"] = interval.low, interval.high
+  if interval.p is not None:
+    into[f"{prefix}_p"] = interval.p
+
+
+def compare_methods(scores: dict[str, Any], truth: Any,
+                    candidates: dict[str, Any] | None = None, *, reference: str = "tracefl",
+                    draws: int = DRAWS, seed: int = 0) -> dict[str, dict[str, Any]]:
+  """Every method's `[N, C]` scores against a retraining truth (`retrained.SeededTruth` or
+  `RetrainingTruth`), with intervals, as flat JSON-ready rows keyed by method:
+
+    retrain_top1 (+ _low, _high)   the method's top client among its `candidates[name]`
+                                   (`retrained.restricted_top`) is the truth's, over inputs;
+    retrain_top1_diff (+ _low, _high, _p)  paired with `reference` on the same inputs;
+    retrain_spearman               mean per-input Spearman with the drops;
+    lds (+ _low, _high), lds_diff (+ _low, _high, _p)  over resampled subsets (M >= 3).
+
+  Scores enter the LDS as given: pass additive ones (TraceFL's T, not P)."""
+  from tracefl_jax.provenance import retrained  # pylint: disable=g-import-not-at-top
+  candidates = candidates or {}
+  hits = {name: (retrained.restricted_top(s, candidates.get(name)) == truth.top_client
+                 ).astype(np.float64) for name, s in scores.items()}
+  has_lds = len(truth.subset_masks) >= 3
+  out: dict[str, dict[str, Any]] = {}
+  for name, s in scores.items():
+    row: dict[str, Any] = {}
+    _flat("retrain_top1", mean_interval(hits[name], draws=draws, seed=seed), row)
+    if name != reference and reference in scores:
+      _flat("retrain_top1_diff", paired_interval(hits[name], hits[reference], draws=draws,
+                                                 seed=seed), row)
+    rho = spearman(np.asarray(s, np.float64), truth.drops)
+    rho = rho[np.isfinite(rho)]
+    row["retrain_spearman"] = float(rho.mean()) if rho.size else None
+    if has_lds:
+      _flat("lds", lds_interval(s, truth.subset_masks, truth.subset_logits, draws=draws,
+                                seed=seed), row)
+      if name != reference and reference in scores:
+        _flat("lds_diff", paired_lds_interval(s, scores[reference], truth.subset_masks,
+                                              truth.subset_logits, draws=draws, seed=seed),
+              row)
+    else:
+      row["lds"] = None
+    out[name] = row
+  return out
