@@ -35,7 +35,7 @@ Presets:
   algorithms  the digits 20/20 cell of `cpu` under four algorithms: FedAvg, FedAdam (server
           Adam, learning rate 0.01), the trimmed mean (beta 0.1: 2 of 20 cut from each end)
           and Krum (f = 1); every truth and score removes a client by the cell's own rule and
-          server step (README, "Provenance that knows the algorithm").
+          server step (README, "Provenance that knows the algorithm"). Two truth seeds.
   gpu     the synthetic paper-shaped set at 1,000 clients (configs/scale.py's data and
           LeNet), 10 per round for 20 rounds, then 100 per round for 10 rounds; a client
           never sampled is not retrained (its federation is the base one). The one-command
@@ -73,6 +73,8 @@ def get_config(preset: str = "smoke"):
     c.dataset.num_train = 3000
     c.num_clients, c.clients_per_round = 10, 10
     c.rounds = 10
+  if preset == "algorithms":  # four cells in about an hour on 2 cores: two truth seeds
+    c.attribution.truth_seeds = 2
   if preset == "gpu":
     c.attribution.federations_per_chunk = 64  # up to 6,400 client lanes at once
   return c
