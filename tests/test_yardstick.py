@@ -16,6 +16,8 @@ def test_truth_over_seeds_against_a_plain_loop():
   rng = np.random.default_rng(0)
   c, s, m, n = 5, 3, 4, 6
   masks, index = retrained.seeded_truth_masks(c, m, seed=2, num_seeds=s)
+  assert sum(len(masks.entries(f)[0]) for f in range(len(masks))) == s * c + m * (c - c // 2)
+  masks = np.asarray(masks)  # sparse: one entry per left-out client
   assert masks.shape == (s * (1 + c) + m, c) and index.tolist()[:2 * (1 + c)] == (
       [0] * (1 + c) + [1] * (1 + c))
   np.testing.assert_array_equal(masks[s * (1 + c):], retrained.subset_masks(c, m, seed=2))

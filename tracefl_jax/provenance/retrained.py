@@ -142,15 +142,18 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def seeded_truth_masks(num_clients: int, num_subsets: int = 0, seed: int = 0,
-                       num_seeds: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                       num_seeds: int = 1) -> tuple[FederationMasks, np.ndarray]:
   """(masks `[S (1 + C) + M, C]`, seed index per row `[S (1 + C) + M]`): for each of the S
   truth seeds the base federation and the C leave-one-out rows, then the M LDS subsets
-  (trained under seed index 0). Retrain row r under data seed `seeds[seed_index[r]]`."""
+  (those of `subset_masks`, trained under seed index 0), described sparsely
+  (`FederationMasks`). Retrain row r under data seed `seeds[seed_index[r]]`."""
   if num_seeds < 1:
     raise ValueError(f"num_seeds={num_seeds} must be >= 1")
-  block = np.concatenate([np.ones((1, num_clients), np.float32),
-                          1.0 - np.eye(num_clients, dtype=np.float32)])
-  masks = np.concatenate([*[block] * num_seeds, subset_masks(num_clients, num_subsets, seed)])
+  everyone = np.arange(num_clients)
+  block = [[], *everyone[:, None]]
+  subsets = [np.setdiff1d(everyone, kept)
+             for kept in _subset_draws(num_clients, num_subsets, seed)]
+  masks = FederationMasks.leave_out(num_clients, [*block * num_seeds, *subsets])
   index = np.concatenate([np.repeat(np.arange(num_seeds), 1 + num_clients),
                           np.zeros(num_subsets, np.int64)])
   return masks, index
