@@ -117,3 +117,58 @@ def test_compare_methods_rows_are_the_pieces():
   assert rows["other"]["retrain_top1_diff"] == pytest.approx(diff.value)
   assert rows["other"]["retrain_top1_diff_p"] == pytest.approx(diff.p)
   assert "retrain_top1_diff" not in rows["tracefl"] and "lds_diff" in rows["other"]
+
+
+def test_topk_removal_against_a_plain_loop():
+  import jax
+  import optax
+  from tests.test_retraining import MLP, _kw
+  from tracefl_jax.data.federated import federate
+  from tracefl_jax.fl.rounds import federated_averaging
+  from tracefl_jax.models import make_model
+  from tracefl_jax.provenance import retraining, topk_removal
+
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, 120)
+  x = (rng.normal(size=(120, 4)) + 2.0 * np.eye(4)[y]).astype(np.float32)
+  parts = np.split(rng.permutation(120), np.cumsum([10, 24, 14, 30, 18, 24])[:-1])
+  data = federate(x, y, parts)
+  model = make_model("mlp", MLP(), (4,), 3)
+  algorithm = federated_averaging(model, optax.sgd(0.3), batch_size=8, local_epochs=1,
+                                  strategy="scan")
+  init = model.init(jax.random.key(0))
+  kw = dict(rounds=2, clients_per_round=6, seed=0, batch_size=8, local_epochs=1)
+  xs = x[:5]
+  scores = {"a": rng.normal(size=(5, 6)), "b": rng.normal(size=(5, 6))}
+  cand = {"a": np.array([1, 1, 1, 1, 0, 1], bool)}
+  masks, rows = topk_removal.topk_masks(scores, (1, 2), 6, cand,
+                                        random_candidates=np.ones(6, bool), seed=1)
+  assert len(masks) == 2 * 3 * 5
+  for f in range(len(masks)):  # each row leaves out its method's top k for its input
+    if rows.method[f] == "random":
+      assert len(masks.entries(f)[0]) == rows.k[f]
+      continue
+    s = np.where(cand.get(rows.method[f], np.ones(6, bool)), scores[rows.method[f]][rows.input[f]],
+                 -np.inf)
+    assert sorted(masks.entries(f)[0].tolist()) == sorted(np.argsort(-s)[:rows.k[f]].tolist())
+  feds = retraining.retrain(algorithm, init, data, masks, **kw)
+  base = retraining.retrain(algorithm, init, data, np.ones((1, 6), np.float32), **kw)
+  target = np.asarray(model.logits(jax.tree.map(lambda a: a[0], base), xs)).argmax(1)
+  out, pred = topk_removal.row_outputs(model, feds, xs, target, rows.input, "margin")
+  for f in range(len(masks)):
+    z = np.asarray(model.logits(jax.tree.map(lambda a, f=f: a[f], feds), xs[rows.input[f]][None]),
+                   np.float64)[0]
+    t = target[rows.input[f]]
+    assert out[f] == pytest.approx(z[t] - np.log(np.exp(np.delete(z, t)).sum()), abs=1e-5)
+    assert pred[f] == z.argmax()
+  z = np.asarray(model.logits(jax.tree.map(lambda a: a[0], base), xs), np.float64)
+  base_out = np.array([z[i, t] - np.log(np.exp(np.delete(z[i], t)).sum())
+                       for i, t in enumerate(target)])
+  table = topk_removal.topk_table(rows, out, pred, base_out, target, draws=50)
+  for r in table:
+    sel = [f for f in range(len(masks)) if rows.method[f] == r["method"] and rows.k[f] == r["k"]]
+    assert r["drop"] == pytest.approx(np.mean([base_out[rows.input[f]] - out[f] for f in sel]),
+                                      abs=1e-5)
+    assert r["flip_rate"] == np.mean([pred[f] != target[rows.input[f]] for f in sel])
+  assert {(r["method"], r["k"]) for r in table} == {(m, k) for m in ("a", "b", "random")
+                                                    for k in (1, 2)}
