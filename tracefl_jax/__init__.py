@@ -17,7 +17,7 @@ from tracefl_jax.fl.robust import AggregationRule, krum, median, trimmed_mean, w
 from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInfo, RoundOutput,
                                    ServerState, TrainingDivergedError, federated_averaging,
                                    round_key, run_rounds, sample_clients)
-from tracefl_jax.fl.server import server_optimizer
+from tracefl_jax.fl.server import load_server_state, save_server_state, server_optimizer
 from tracefl_jax.fl.storage import StoredRound, load_round, save_round
 from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
 from tracefl_jax.models.layers import canonical_conv
@@ -30,7 +30,7 @@ from tracefl_jax.provenance.round_callback import provenance_callback
 
 __all__ = [
     "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum",
-    "leave_one_out_variables", "load_round", "median", "save_round", "server_optimizer",
+    "leave_one_out_variables", "load_round", "load_server_state", "save_server_state", "median", "save_round", "server_optimizer",
     "trimmed_mean", "weighted_mean",
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
     "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",

@@ -154,6 +154,11 @@ def federated_averaging(
       G_t = the aggregate exactly.
   """
   check_local_training(batch_size, local_epochs)
+  check_transformation(optimizer, "optimizer", 'tfl.make_optimizer("adam", lr) or optax.adam(lr)')
+  if server_optimizer is not None:
+    check_transformation(server_optimizer, "server_optimizer",
+                         f"tfl.server_optimizer({server_optimizer!r}, lr)"
+                         if isinstance(server_optimizer, str) else "tfl.server_optimizer(name, lr)")
   aggregation.client_weights(np.ones(1, np.int64), weighting, batch_size)  # validates the name
   if aggregator is not None and not callable(aggregator):
     raise TypeError(f"aggregator must be an aggregation rule (robust.median(), ...) or a "
@@ -278,6 +283,13 @@ def federated_averaging(
 
   return FederatedAlgorithm(init, round_, strategy, program, server_update_jit, aggregator,
                             server_optimizer)
+
+
+def check_transformation(value: Any, name: str, fix: str) -> None:
+  """One clear TypeError for an optimizer that is not an optax transformation (a string)."""
+  if not (hasattr(value, "init") and hasattr(value, "update")):
+    raise TypeError(f"{name} must be an optax GradientTransformation, got "
+                    f"{type(value).__name__} {value!r}: use {fix}")
 
 
 def describe_server(aggregator: Any, server_optimizer: Any, dp: DPSettings | None) -> str:

@@ -115,15 +115,19 @@ class ClientUpdate:
     self.loss_fn = cross_entropy if loss_fn is None else loss_fn
     objective = self.loss_fn
 
-    def loss(params, model_state, xb, yb, mb, rng, global_params):
+    def loss(params, model_state, xb, yb, mb, rng, global_params, client=None):
       if compute_dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         if jnp.issubdtype(xb.dtype, jnp.floating):
           xb = xb.astype(compute_dtype)
       # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
       # masked batch statistics); standard modules never see it.
-      return objective(model, {"params": params, **model_state}, xb, yb, mb, rng,
-                       global_params)
+      # A stateful objective (client state, `fl.client_state`) also gets `client=`.
+      extra = {} if client is None else {"client": client}
+      out = objective(model, {"params": params, **model_state}, xb, yb, mb, rng,
+                      global_params, **extra)
+      check_loss_output(out, objective)
+      return out
 
     self._grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -213,20 +217,21 @@ class ClientUpdate:
 
   def step(self, state: LocalState, x: jax.Array, y: jax.Array, idx: jax.Array,
            mask: jax.Array, rng: jax.Array, normalization: Any = None,
-           global_params: Any = None) -> LocalState:
+           global_params: Any = None, client: Any = None) -> LocalState:
     """One optimizer step on the examples `x[idx]` (normalised, if asked) where `mask` is
-    True; `global_params` (G's params) reach the loss function (FedProx's anchor)."""
+    True; `global_params` (G's params) reach the loss function (FedProx's anchor), and
+    `client` (a `client_state.ClientContext`, or None) a stateful objective."""
     xb = x[idx]
     if normalization is not None:
       xb = normalization(xb)
-    return self.train_step(state, xb, y[idx], mask, rng, global_params)
+    return self.train_step(state, xb, y[idx], mask, rng, global_params, client)
 
   def train_step(self, state: LocalState, xb: jax.Array, yb: jax.Array, mask: jax.Array,
-                 rng: jax.Array, global_params: Any = None) -> LocalState:
+                 rng: jax.Array, global_params: Any = None, client: Any = None) -> LocalState:
     """One optimizer step on the batch `xb [B, ...]`, `yb [B]` where `mask` is True (what a
     step costs without the gather: benchmarks/bench_round.py times it alone)."""
     (loss, model_state), grads = self._grad_fn(state.params, state.model_state, xb, yb, mask,
-                                               rng, global_params)
+                                               rng, global_params, client)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     return LocalState(optax.apply_updates(state.params, updates), opt_state, model_state,
                       state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32),
@@ -248,9 +253,10 @@ class ClientUpdate:
 
   def train(self, variables: Variables, x: jax.Array, y: jax.Array, batches: jax.Array,
             step_keys: jax.Array, offsets: jax.Array, client: jax.Array, count: jax.Array,
-            normalization: Any = None) -> ClientOutput:
+            normalization: Any = None, context: Any = None) -> ClientOutput:
     """Client `client`'s local training from a laid-out round (`batches [E, T]`,
-    `step_keys [K, E]`, `offsets [K]`, as `batch` reads them): exactly its own steps."""
+    `step_keys [K, E]`, `offsets [K]`, as `batch` reads them): exactly its own steps.
+    `context`: its `client_state.ClientContext` for a stateful objective, or None."""
     total = self.num_steps(count)
     zero = jnp.zeros((), jnp.int32)
 
@@ -258,13 +264,30 @@ class ClientUpdate:
       t, state = carry
       return t + 1, self.step(state, x, y,
                               *self.batch(batches, step_keys, offsets, client, count, t),
-                              normalization, variables["params"])
+                              normalization, variables["params"], context)
 
     # The trip count is the client's own step count: nothing runs for padding. (Under vmap
     # a batched trip count runs to the largest and masks; strategies.py packs lanes instead.)
     _, state = jax.lax.while_loop(lambda carry: carry[0] < total, body,
                                   (zero, self.init(variables)))
     return self.finish(state, count)
+
+
+def check_loss_output(out: Any, objective: Any) -> None:
+  """At trace time (once, before the round compiles): the objective returned
+  `(scalar loss, model_state)`."""
+  name = getattr(objective, "__name__", type(objective).__name__)
+  if not (isinstance(out, tuple) and len(out) == 2):
+    what = (f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape")
+            else type(out).__name__)
+    raise TypeError(
+        f"loss_fn {name} returned {what}; a client objective returns (loss, model_state): "
+        f"the scalar loss and model.apply's updated collections, e.g. `logits, state = "
+        f"model.apply(variables, x, train=True, rng=rng, mask=mask); return loss, state` "
+        f"(see tracefl_jax.fl.losses)")
+  if jnp.shape(out[0]) != ():
+    raise TypeError(f"loss_fn {name} returned a loss of shape {jnp.shape(out[0])}; the loss "
+                    f"must be a scalar (reduce over the batch with the mask)")
 
 
 def _rows_as_slots(indices: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,6 +26,7 @@ plain function the updates theta_k - G_{t-1} and adds the result to G_{t-1}.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +50,11 @@ class AggregationRule:
   fn: Callable[[Any, jax.Array], Any]
   shift_equivariant: bool = True
 
-  def __call__(self, stacked: Any, weights: jax.Array) -> Any:
+  def __call__(self, stacked: Any, weights: jax.Array, **client_info: Any) -> Any:
     _check_shapes(stacked, weights)
     check_weights(weights)
-    return self.fn(stacked, jnp.asarray(weights, jnp.float32))
+    return self.fn(stacked, jnp.asarray(weights, jnp.float32),
+                   **rule_info(self.fn, client_info))
 
 
 def _leafwise(stat: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
@@ -174,14 +176,61 @@ def make_rule(name: str, *, trim_beta: float = 0.2, num_byzantine: int = 0,
   raise ValueError(f"unknown aggregation rule {name!r}; valid: {', '.join(RULES)}")
 
 
+# What a rule may ask for by naming it as a keyword parameter (FedNova, q-FFL): `[K]` each.
+CLIENT_INFO = ("num_steps", "num_examples", "losses")
+
+
+def rule_info(fn: Callable[..., Any], info: dict[str, Any] | None) -> dict[str, Any]:
+  """The entries of `info` (`CLIENT_INFO`) that `fn` declares as parameters (or all, for
+  `**kwargs`); {} for a plain `rule(stacked, weights)`."""
+  if not info:
+    return {}
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return {}
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return dict(info)
+  return {k: v for k, v in info.items() if k in params}
+
+
 def aggregate_models(rule: Callable[[Any, jax.Array], Any] | None, stacked: Any,
-                     weights: jax.Array, previous: Any) -> Any:
+                     weights: jax.Array, previous: Any,
+                     client_info: dict[str, Any] | None = None) -> Any:
   """The aggregate model of one round: `rule` on the client models `[K, ...]` when it is a
   shift-equivariant `AggregationRule` (None: FedAvg, bit for bit), else
-  `previous + rule(stacked - previous, weights)` on the updates."""
+  `previous + rule(stacked - previous, weights)` on the updates.
+
+  `client_info`: `[K]` arrays by `CLIENT_INFO` name, handed to a rule that declares them
+  (`rule(updates, weights, *, num_steps)` for FedNova)."""
   if rule is None:
     return fedavg(stacked, weights)
   if isinstance(rule, AggregationRule) and rule.shift_equivariant:
-    return rule(stacked, weights)
+    out = rule(stacked, weights, **(client_info or {}))
+    check_rule_output(rule, out, previous)
+    return out
   updates = jax.tree.map(lambda s, p: s - p[None], stacked, previous)
-  return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), previous, rule(updates, weights))
+  kwargs = (client_info or {}) if isinstance(rule, AggregationRule) else rule_info(
+      rule, client_info)
+  update = rule(updates, weights, **kwargs)
+  check_rule_output(rule, update, previous)
+  return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), previous, update)
+
+
+def check_rule_output(rule: Any, out: Any, like: Any) -> None:
+  """At trace time (once per compiled round): a rule's result has G's structure and shapes,
+  one model, not `[K, ...]` (a rule that forgot to reduce over the client axis would
+  otherwise broadcast G into K models)."""
+  name = getattr(rule, "name", None) or getattr(rule, "__name__", type(rule).__name__)
+  want = jax.tree.structure(like)
+  if jax.tree.structure(out) != want:
+    raise ValueError(f"aggregation rule {name} returned a pytree of structure "
+                     f"{jax.tree.structure(out)}; it must return one model shaped like the "
+                     f"global model ({want})")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(like)):
+    if jnp.shape(a) != jnp.shape(b):
+      leaf = jax.tree_util.keystr(path, simple=True, separator="/")
+      raise ValueError(
+          f"aggregation rule {name} returned leaf {leaf} of shape {jnp.shape(a)}, the global "
+          f"model's is {jnp.shape(b)}: a rule maps stacked updates [K, ...] and weights [K] to "
+          f"ONE update, reduced over the client axis (e.g. jnp.median(u, axis=0))")

@@ -147,6 +147,7 @@ def run_rounds(
     callbacks: Sequence[Callback] = (),
     divergence_factor: float = 1e3,
     always_sampled: Sequence[int] = (),
+    allow_nonfinite_clients: bool = False,
 ) -> tuple[ServerState, list[dict[str, Any]]]:
   """Runs rounds `state.round + 1 .. rounds`; returns the final state and one row per round.
 
@@ -165,8 +166,15 @@ def run_rounds(
   uninterrupted one would. The check runs before the callbacks, so the diverged round leaves
   no row, checkpoint or trace.
 
+  `allow_nonfinite_clients=True` lets clients whose training loss is not finite (a Byzantine
+  client sending NaN, an attack simulation) reach the aggregation rule, which then decides (a
+  median or trimmed mean over them stays finite, a mean does not); the row names them
+  (`nonfinite_clients`), the mean loss is over the finite ones, and a non-finite global
+  model still stops the run.
+
   Raises:
-    TrainingDivergedError: a client's training loss is not finite, the mean client loss
+    TrainingDivergedError: a client's training loss is not finite (unless
+      `allow_nonfinite_clients`), the mean client loss
       exploded, or the new global model has non-finite parameters.
   """
   root = jax.random.key(seed)
@@ -177,13 +185,16 @@ def run_rounds(
     clients = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
     state, out = algorithm.round(state, clients=clients, data=data, key=round_key(root, r))
     losses = np.asarray(out.clients.loss)
-    if not np.all(np.isfinite(losses)):
-      bad = clients[~np.isfinite(losses)].tolist()
+    finite = np.isfinite(losses)
+    if not np.all(finite) and not allow_nonfinite_clients:
+      bad = clients[~finite].tolist()
       raise TrainingDivergedError(
           f"round {r}: non-finite training loss on clients {bad}. Lower the learning rate or "
-          f"check the data for NaN/inf values.")
+          f"check the data for NaN/inf values (run_rounds(allow_nonfinite_clients=True) lets "
+          f"such clients reach a robust aggregation rule, for attack simulations).")
     counts = np.asarray(out.clients.num_examples)
-    mean_loss = float(np.average(losses, weights=np.maximum(counts, 1e-9)))
+    mean_loss = (float(np.average(losses[finite], weights=np.maximum(counts[finite], 1e-9)))
+                 if finite.any() else float("nan"))
     _check_diverged(r, mean_loss, losses, loss_limit, divergence_factor, state.variables)
     row: dict[str, Any] = {
         "round": r,
@@ -191,6 +202,8 @@ def run_rounds(
         "clients": clients.tolist(),
         "train_seconds": time.perf_counter() - t0,
     }
+    if not finite.all():
+      row["nonfinite_clients"] = clients[~finite].tolist()
     executed, needed = int(out.steps_executed), int(out.steps_needed)
     row.update(steps_executed=executed, steps_needed=needed,
                step_ratio=executed / needed if needed else 1.0)

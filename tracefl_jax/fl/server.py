@@ -17,9 +17,12 @@ collections (BatchNorm statistics) take the aggregate's values.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
+import flax.serialization
 import jax
+import numpy as np
 import optax
 
 from tracefl_jax.models.base import Variables
@@ -37,6 +40,7 @@ class ServerState(NamedTuple):
   variables: Variables  # the global model G_t
   round: int            # rounds completed (t)
   opt_state: Any = None
+  client_state: Any = None  # the per-client table, leaves [C, ...] (`client_state.py`)
 
 
 def server_optimizer(name: str, learning_rate: float = 1.0, *, momentum: float = 0.0,
@@ -83,3 +87,74 @@ def server_step(optimizer: optax.GradientTransformation | None, previous: Variab
   pseudo_grad = jax.tree.map(lambda g, a: g - a.astype(g.dtype), params, aggregate["params"])
   updates, opt_state = optimizer.update(pseudo_grad, opt_state, params)
   return {**aggregate, "params": optax.apply_updates(params, updates)}, opt_state
+
+
+# ------------------------------------------------------------------ save / load
+
+_FORMAT = "tracefl_jax.ServerState/1"
+
+
+def _layout(state: ServerState) -> dict[str, str]:
+  """`{leaf path: "shape dtype"}` of every array, and `{node path: type}` of the optimizer
+  state's containers (ScaleByAdamState, TraceState, ...): what a template must match."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    out[name] = f"{tuple(np.shape(leaf))} {getattr(leaf, 'dtype', np.asarray(leaf).dtype)}"
+
+  def types(node, prefix):
+    if node is None:
+      out[f"{prefix}:type"] = "None"
+    elif isinstance(node, (tuple, list)):
+      out[f"{prefix}:type"] = type(node).__name__
+      for i, child in enumerate(node):
+        types(child, f"{prefix}/{i}")
+    elif isinstance(node, dict) and prefix.startswith("opt_state"):
+      for k, child in node.items():
+        types(child, f"{prefix}/{k}")
+  types(state.opt_state, "opt_state")
+  return out
+
+
+def save_server_state(path: str | os.PathLike, state: ServerState, *, label: str = "") -> None:
+  """Writes `state` (G_t, the round, the server optimizer's and the client-state table) to
+  `path`, with its layout and an optional `label` (e.g. "fedyogi(0.01)") that
+  `load_server_state` checks. Adam's and Yogi's states have the same layout; only a label
+  tells them apart."""
+  blob = flax.serialization.msgpack_serialize({
+      "format": _FORMAT, "label": str(label), "layout": _layout(state),
+      "state": flax.serialization.to_state_dict(state)})
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
+
+
+def load_server_state(path: str | os.PathLike, template: ServerState, *,
+                      label: str | None = None) -> ServerState:
+  """The `ServerState` saved at `path`, restored into `template` (`algorithm.init(...)` of
+  the algorithm that continues it).
+
+  Raises:
+    ValueError: the file's state does not fit the template (a leaf missing, extra, or of
+      another shape or dtype; another server optimizer's state, e.g. FedAvgM's into FedAdam's,
+      or none into one), naming what differs; or `label` differs from the saved label.
+  """
+  with open(path, "rb") as f:
+    saved = flax.serialization.msgpack_restore(f.read())
+  if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+    raise ValueError(f"{os.fspath(path)} is not a ServerState written by save_server_state")
+  if label is not None and saved["label"] != label:
+    raise ValueError(f"{os.fspath(path)} holds the server state of {saved['label']!r}, not "
+                     f"{label!r}")
+  want, got = _layout(template), saved["layout"]
+  # Container types first: "ScaleByAdamState, template TraceState" says more than 14 leaves.
+  keys = sorted(set(want) | set(got), key=lambda k: (not k.endswith(":type"), k))
+  diffs = [f"{k}: file {got.get(k, 'absent')}, template {want.get(k, 'absent')}"
+           for k in keys if want.get(k) != got.get(k)]
+  if diffs:
+    raise ValueError(
+        f"{os.fspath(path)} does not fit the template ({len(diffs)} difference(s): "
+        f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}): build the template with "
+        f"the algorithm (server optimizer, client state) that saved it")
+  return flax.serialization.from_state_dict(template, saved["state"])

@@ -53,6 +53,7 @@ class TracedUnit(NamedTuple):
   module: nn.Module                # an unbound clone: `module.apply({"params": theta}, *args)`
   output: jax.ShapeDtypeStruct     # its output for the inspected batch, leading axis B
   calls: int                       # how often its `__call__` ran (1 in a valid model)
+  lifted: str = ""                 # the Flax transform it runs inside ("nn.remat", "nn.scan")
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,6 +274,8 @@ def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
   kinds: dict[LayerPath, str] = {}
   active: list[LayerPath] = []
 
+  lifted: dict[LayerPath, str] = {}
+
   def record(next_fun, args, kwargs, context):
     path = tuple(context.module.path)
     kinds.setdefault(path, _kind(context.module))
@@ -281,13 +284,16 @@ def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
     if context.method_name != "__call__" or not is_unit or path in active:
       return next_fun(*args, **kwargs)
     calls[path] += 1
+    lifted.setdefault(path, _lifted_transform(context.module))
     clones.setdefault(path, context.module.clone(parent=None))
     active.append(path)
     try:
       out = next_fun(*args, **kwargs)
     finally:
       active.pop()
-    outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    # A block returning a tuple (an nn.scan's (carry, ys)) is refused later, by name.
+    outputs[path] = (jax.ShapeDtypeStruct(out.shape, out.dtype) if hasattr(out, "shape")
+                     else type(out).__name__)
     return out
 
   def forward():
@@ -312,13 +318,58 @@ def _inspect(key: _ModuleKey, batch_shape: tuple[int, ...], dtype: Any,
     owner = path[:-1]
     known = max((p for p in kinds if owner[:len(p)] == p), key=len, default=())
     owners.setdefault(owner, kinds.get(owner, kinds.get(known, type(module).__name__)))
-  units = tuple(TracedUnit(p, m, outputs[p], calls[p]) for p, m in clones.items())
+  units = tuple(TracedUnit(p, m, outputs[p], calls[p], lifted[p]) for p, m in clones.items())
   logits = jax.ShapeDtypeStruct(getattr(logits, "shape", ()),
                                 getattr(logits, "dtype", jnp.float32))
   return _Survey(units, tuple(owners.items()), logits)
 
 
+# Flax's lifted module classes are named transform + module ("CheckpointDense", "ScanBody").
+_LIFTED = {"Checkpoint": "nn.remat", "Scan": "nn.scan", "Vmap": "nn.vmap", "Jit": "nn.jit",
+           "While_loop": "nn.while_loop", "Cond": "nn.cond", "Map_variables": "nn.map_variables"}
+
+
+def _lifted_transform(module: nn.Module | None) -> str:
+  """The lifted Flax transform ("nn.remat", ...) `module` runs inside, or "".
+
+  Inside a lifted transform a module's parent chain stops short of the root (its scope is the
+  transform's own): the top of the chain still has a path. Flax names the lifted module
+  transform + class ("ScanBody_0", "CheckpointDense_0"), which names the transform.
+  """
+  while isinstance(getattr(module, "parent", None), nn.Module):
+    module = module.parent
+  path = tuple(getattr(module, "path", ()) or ())
+  if not path:
+    return ""
+  return next((t for prefix, t in _LIFTED.items() if str(path[-1]).startswith(prefix)),
+              f"a lifted Flax transform (at {'/'.join(map(str, path))})")
+
+
+def _reject_lifted(units: tuple[TracedUnit, ...]) -> None:
+  """Units under nn.remat / nn.scan run inside the transform's own trace: the captured input
+  cannot leave it (remat: an UnexpectedTracerError at trace time), and a scan stacks L
+  layers' weights `[L, ...]` and runs them L times. Refused when the model is built."""
+  bad = [u for u in units if u.lifted or not hasattr(u.output, "shape")]
+  if not bad:
+    return
+  others = [u.path for u in units if u not in bad]
+  u = bad[0]
+  name = "/".join(u.path)
+  where = (f"runs inside {u.lifted}" if u.lifted
+           else f"returns a {u.output}, not one array")
+  fix = ("build the module without nn.remat (it changes memory, not values: the same "
+         "variables fit the plain module), or" if u.lifted == "nn.remat" else
+         "unroll the stack (a Python loop of separate modules, one per layer), or")
+  raise ValueError(
+      f"traced unit {name!r} ({_kind(u.module)}) {where}: TraceFL captures each traced "
+      f"unit's input and output as one array in the forward pass, which a lifted Flax "
+      f"transform (nn.remat, nn.scan) keeps inside its own trace ({len(bad)} unit(s): "
+      f"{', '.join('/'.join(b.path) for b in bad[:4])}). To trace this model, {fix} pass "
+      f"traced_layers naming only layers outside it (here: {others or 'none'}).")
+
+
 def _reject_shared(units: tuple[TracedUnit, ...]) -> None:
+  _reject_lifted(units)
   for u in units:
     if u.calls > 1:
       name = "/".join(u.path)
