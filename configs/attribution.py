@@ -66,6 +66,7 @@ def get_config(preset: str = "smoke"):
     c.rounds = 2
     c.attribution.subsets = 3
     c.attribution.explain_inputs = 10
+    c.attribution.topk_inputs = 3
   if preset == "mnist":
     # Patch convolutions: the retrained federations vmap the clients' convolutions, which as
     # XLA convolutions become grouped ones, slow on CPU (benchmarks/README.md).

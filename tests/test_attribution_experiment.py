@@ -79,9 +79,14 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     if r["method"] not in ("random", "tracefl"):  # paired with TraceFL
       assert 0 <= r["retrain_top1_diff_p"] <= 1 and 0 <= r["lds_diff_p"] <= 1
   assert rows["first_order"]["lds"] is not None and -1 <= rows["first_order"]["lds"] <= 1
+  # Top-k removal of the first 3 inputs: every method (and k random participants), k = 1, 3.
+  assert {(r["method"], r["k"]) for r in s["topk"]} == {
+      (m, k) for m in (*attribution.METHODS, "random") for k in (1, 3)}
+  assert all(0 <= r["flip_rate"] <= 1 and r["drop_low"] <= r["drop_high"] for r in s["topk"])
+  assert "Top-k removal" in table
   # The base federation retrained side by side is the trained run, up to float rounding.
   assert s["base_reproduced_max_abs"] < 1e-2
-  assert table.count("| smoke |") == len(attribution.METHODS)
+  assert table.count("| smoke | mean |") == len(attribution.METHODS)
   assert (tmp_path / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A finished cell of the same config is read back, not rerun; of another, refused at once
   # (one line, exit 2) and left as it was.
@@ -107,7 +112,7 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   assert [r["method"] for r in rows] == [*attribution.METHODS]
   assert all(r["status"] == "ok" and r["global_accuracy"] == s["global_accuracy"]
              for r in rows)
-  assert (tmp_path / "gpu" / "attribution" / "table.md").read_text().count("| smoke |") == len(
+  assert (tmp_path / "gpu" / "attribution" / "table.md").read_text().count("| smoke | mean |") == len(
       attribution.METHODS)
 
 

@@ -115,6 +115,8 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "attribution.noise_seed": [(-1, "attribution.noise_seed=-1 must be >= 1")],
     "attribution.truth_seeds": [(0, "attribution.truth_seeds=0 must be >= 1")],
     "attribution.bootstrap": [(0, "attribution.bootstrap=0 must be >= 1")],
+    "attribution.topk_inputs": [(-1, "attribution.topk_inputs=-1 must be >= 0")],
+    "attribution.topk": [(0, "attribution.topk=0 must be >= 1")],
     "provenance.output": [("prob", "provenance.output='prob' is not one of logit, margin")],
     "faulty.clients": [("20", "faulty.clients [20] outside 0..19"),
                        ("a", "faulty.clients='a' is not 'largest' or comma-separated")],

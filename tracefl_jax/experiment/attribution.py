@@ -66,6 +66,17 @@ def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
   return "\n".join(lines)
 
 
+def topk_table(cells: list[tuple[str, dict[str, Any]]]) -> str:
+  """A Markdown table of top-k removal (cells that ran it): per method and k, the mean drop
+  of the explained output with its interval and the share of predictions that flipped."""
+  lines = ["| setting | method | k | drop | predictions flipped |", "|" + "---|" * 5]
+  for name, s in cells:
+    for r in s.get("topk") or ():
+      lines.append(f"| {name} | {r['method']} | {r['k']} | "
+                   f"{_interval(r, 'drop')} | {r['flip_rate']:.2f} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _cells(spec: str, base: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   """(name, config) of every cell of the sweep of `spec`, each validated and checked for
   fields the comparison cannot honour (`comparison_errors`) before any is run."""
@@ -122,7 +133,9 @@ def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf"),
             file=sys.stderr, flush=True)
       cells.append((config.attribution.setting or name, summary))
     if cells:
-      write_atomic(workdir / "table.md", table(cells) + "\n")
+      removal = topk_table(cells)
+      write_atomic(workdir / "table.md", table(cells) + "\n" + (
+          f"\nTop-k removal:\n\n{removal}\n" if removal else ""))
       plot_attribution(cells, workdir / "attribution.png")
   return cells, left
 
@@ -147,6 +160,8 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   print(table(cells))
+  if topk_table(cells):
+    print(f"\nTop-k removal:\n\n{topk_table(cells)}")
 
 
 if __name__ == "__main__":

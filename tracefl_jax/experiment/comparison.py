@@ -61,9 +61,8 @@ from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.experiment.lock import WorkdirLock
 from tracefl_jax.experiment.workdir import check_workdir
 from tracefl_jax.fl.rounds import run_rounds
-from tracefl_jax.provenance import (intervals, protocol, retrained, retraining,
-                                    round_callback, trace_clients)
-from tracefl_jax.provenance.counterfactual import leave_one_out
+from tracefl_jax.experiment import comparison_methods as methods
+from tracefl_jax.provenance import protocol, retrained, retraining, round_callback
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.removal import round_removal
 from tracefl_jax.provenance.selection import select_faulty_inputs
@@ -82,6 +81,10 @@ def comparison_errors(c: ml_collections.ConfigDict) -> list[str]:
   the config: data, model, client objective and optimizer, aggregation rule, server
   optimizer, DP, compute dtype)."""
   errors = []
+  if c.attribution.topk_inputs and c.attribution.topk > c.clients_per_round:
+    errors.append(f"attribution.topk={c.attribution.topk} exceeds clients_per_round="
+                  f"{c.clients_per_round}: a last-round method names at most that many "
+                  f"clients; lower it")
   if c.simulation.strategy in _NO_FEDERATION_AXIS:
     errors.append(f"simulation.strategy={c.simulation.strategy!r} cannot run the comparison's "
                   f"retrained federations (they run the round program over a federation "
@@ -107,14 +110,6 @@ def _settings(c, score: str, faulty) -> protocol.ProtocolSettings:
   settings = protocol_settings(c, list(faulty))
   return dataclasses.replace(settings, counterfactual=True, feddebug=False, score=score,
                              use_size_factor=settings.use_size_factor and score == "tracefl")
-
-
-def _spread(values, ids, num_clients: int) -> np.ndarray:
-  """`[N, K]` scores over the round's participants -> `[N, C]`, 0 for the others."""
-  values = np.asarray(values, np.float64)
-  out = np.zeros((values.shape[0], num_clients))
-  out[:, np.asarray(ids)] = values
-  return out
 
 
 def _train(c, data, model, variables, algorithm, evaluator, faulty):
@@ -162,55 +157,6 @@ def _explained(c, evaluator, final, flip) -> np.ndarray:
   return np.flatnonzero(pred == evaluator.y)[: c.attribution.explain_inputs]
 
 
-def _method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray]:
-  """Every method's additive `[N, C]` scores of the explained output (`provenance.output`):
-  TraceFL enters by its T (P = softmax(T) does not add over a subset of clients)."""
-  ids, num = last.client_ids, len(sizes)
-  kw = dict(kernel=c.provenance.kernel, output=c.provenance.output,
-            clients_per_chunk=c.provenance.clients_per_chunk or None)
-  reaggregate, _ = round_removal(last)  # the last round's own rule and server step
-  paper = trace_clients(model, last.traced, last.clients.variables, x, decay=c.provenance.decay,
-                        use_decay=c.provenance.use_decay, client_ids=ids,
-                        block_mask=c.provenance.block_mask, **kw)
-  fo = trace_clients(model, last.traced, last.clients.variables, x, score="first_order",
-                     weights=last.weights, client_ids=ids, reaggregate=reaggregate,
-                     block_mask=c.provenance.block_mask, **kw)
-  loo = leave_one_out(model, last.clients.variables, last.weights, x,
-                      global_vars=last.traced, clients_per_chunk=kw["clients_per_chunk"],
-                      reaggregate=reaggregate, output=c.provenance.output)
-  return {"tracefl": _spread(paper.scores, ids, num),
-          "first_order": _spread(fo.scores, ids, num),
-          "multi_round": np.asarray(acc.scores(model, final, x, **kw).scores, np.float64),
-          "loo_last": _spread(loo.drops, ids, num),
-          "largest": np.broadcast_to(np.asarray(sizes, np.float64), (x.shape[0], num))}
-
-
-def _rows(c, scores, truth, loo_last_top, rule, participants, sampled) -> list[dict[str, Any]]:
-  """One row per method: every truth, with intervals and the paired difference to TraceFL
-  (`intervals.compare_methods`). A method names its top client among those that could be
-  responsible: the last round's participants for last-round methods, every client sampled
-  in some round for multi-round and the largest client. `rule(clients [N]) -> [N] bool` is
-  the paper's rule."""
-  last = np.isin(np.arange(len(sampled)), participants)
-  candidates = {name: last if name in ("tracefl", "first_order", "loo_last") else sampled
-                for name in scores}
-  graded = intervals.compare_methods(scores, truth, candidates, draws=c.attribution.bootstrap,
-                                     seed=c.seed)
-  rows = []
-  for name, s in scores.items():
-    top = retrained.restricted_top(s, candidates[name])
-    rows.append({"method": name, "paper_rule": float(rule(top).mean()),
-                 "loo_last_top1": float(np.mean(top == loo_last_top)), **graded[name]})
-  k = len(participants)  # a uniformly random participant, in expectation
-  n = len(truth.top_client)
-  rule_rand = np.mean([rule(np.full(n, p)) for p in participants], axis=0)
-  rows.append({"method": "random", "paper_rule": float(rule_rand.mean()),
-               "loo_last_top1": 1.0 / k,
-               "retrain_top1": float(np.isin(truth.top_client, participants).mean() / k),
-               "retrain_spearman": None, "lds": None})
-  return rows
-
-
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
                    allow_cwd: bool = False) -> dict[str, Any]:
   """One cell of the comparison (see the module docstring) in `workdir`, under the runner's
@@ -255,7 +201,7 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   target = jnp.asarray(evaluator.predictions(final)[idx], jnp.int32)
   sizes = data.partition.client_sizes
   t1 = time.perf_counter()
-  scores = _method_scores(c, model, final, last, acc, x, sizes)
+  scores = methods.method_scores(c, model, final, last, acc, x, sizes)
   t_methods = time.perf_counter() - t1
   num = data.num_clients
   always = faulty if c.faulty.every_round else ()
@@ -290,6 +236,12 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   loo_top = retrained.restricted_top(scores["loo_last"],
                                      np.isin(everyone, last.client_ids))
   sampled = retraining.participation(plan, num).any(0)
+  topk, t_topk = [], time.perf_counter()
+  if c.attribution.topk_inputs:
+    topk = methods.topk(c, algorithm, init, data, model, x, target, scores, truth,
+                        methods.candidates(scores, last.client_ids, sampled),
+                        np.asarray(last.client_ids), always)
+  t_topk = time.perf_counter() - t_topk
   summary = {
       "kind": "attribution_comparison", "setting": c.attribution.setting,
       "aggregation": last.aggregation,
@@ -302,9 +254,11 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
       "ceiling_spearman": truth.ceiling_spearman,
       "federations_per_chunk": c.attribution.federations_per_chunk,
       "base_reproduced_max_abs": float(np.abs(base - truth.base_logit[0]).max()),
-      "rows": _rows(c, scores, truth, loo_top, rule, np.asarray(last.client_ids), sampled),
+      "rows": methods.grade(c, scores, truth, loo_top, rule, np.asarray(last.client_ids),
+                            sampled),
+      "topk": topk,
       "curve": curve,
-      "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain,
+      "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain, "topk": t_topk,
                   "total": time.perf_counter() - t0},
   }
   return summary

@@ -221,6 +221,11 @@ FIELDS: dict[str, Field] = {
                                     "ceiling)", POSITIVE),
     "attribution.bootstrap": F(1000, "resamples of each interval (top-1: over inputs; LDS: "
                                      "over subsets)", POSITIVE),
+    "attribution.topk_inputs": F(0, "top-k removal: for the first this many explained inputs, "
+                                    "retrain without each method's top k clients (0: off)",
+                                 NON_NEGATIVE),
+    "attribution.topk": F(3, "top-k removal: k = 1, 3, 5 up to this (at most "
+                             "clients_per_round)", POSITIVE),
     "attribution.round_decay": F(1.0, "multi-round provenance: weight gamma^(R - r) of round "
                                       "r, in [0, 1]", Range(0, 1)),
     "attribution.federations_per_chunk": F(0, "retrained federations run side by side (0: "

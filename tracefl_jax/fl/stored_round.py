@@ -107,7 +107,7 @@ def server_arrays(output: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   models (nothing for FedAvg's mean and for DP, whose removal is the closed form)."""
   if output.reaggregate is None or output.closed_form_exact:
     return {}, {}
-  previous, _, key, opt_state = output.reaggregate.args
+  previous, _, key, opt_state = output.reaggregate.args[:4]  # then client_info, if any
   arrays: dict[str, Any] = {}
   info: dict[str, Any] = {"previous": previous is not output.variables}
   if info["previous"]:
