@@ -1,7 +1,7 @@
 r"""Which client is responsible for the final model's prediction? Attribution methods against
 retrained federations (tracefl_jax/experiment/attribution.py).
 
-  python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:cpu \
+  python -m tracefl_jax compare --config=configs/attribution.py:cpu \
       --workdir=runs/attribution
 
 Each cell trains one federation, explains up to `attribution.explain_inputs` test inputs of
@@ -30,7 +30,7 @@ Presets:
           training images over 10 clients (Dirichlet 0.3, no fix-up), all taking part for 10
           rounds, LeNet (patch convolutions). Not part of `cpu`, which needs nothing but the
           package:
-            python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:mnist \
+            python -m tracefl_jax compare --config=configs/attribution.py:mnist \
                 --workdir=runs/attribution_mnist --config.dataset.data_dir=DIR
   algorithms  the digits 20/20 cell of `cpu` under four algorithms: FedAvg, FedAdam (server
           Adam, learning rate 0.01), the trimmed mean (beta 0.1: 2 of 20 cut from each end)

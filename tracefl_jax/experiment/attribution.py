@@ -2,7 +2,7 @@ r"""The comparison of attribution methods against retrained federations (configs
 every cell of a preset's sweep (each one `comparison.run_comparison`, which describes the
 methods and truths), its table and its figure.
 
-  python -m tracefl_jax.experiment.attribution --config=configs/attribution.py:cpu \
+  python -m tracefl_jax compare --config=configs/attribution.py:cpu \
       --workdir=runs/attribution
 runs every cell of the preset's sweep (reading finished ones back) and prints the table;
 `--config.FIELD=VALUE` sets a field of every cell (e.g. `--config.dataset.data_dir=DIR`).
