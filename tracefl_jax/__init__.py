@@ -17,6 +17,8 @@ from tracefl_jax.fl.robust import AggregationRule, krum, median, trimmed_mean, w
 from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInfo, RoundOutput,
                                    ServerState, TrainingDivergedError, federated_averaging,
                                    round_key, run_rounds, sample_clients)
+from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
+from tracefl_jax.fl.scaffold import fednova, scaffold, scaffold_loss, scaffold_state
 from tracefl_jax.fl.server import load_server_state, save_server_state, server_optimizer
 from tracefl_jax.fl.storage import StoredRound, load_round, save_round
 from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
@@ -29,8 +31,10 @@ from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, loca
 from tracefl_jax.provenance.round_callback import provenance_callback
 
 __all__ = [
-    "AggregationRule", "StoredRound", "cross_entropy", "fedprox", "krum",
-    "leave_one_out_variables", "load_round", "load_server_state", "save_server_state", "median", "save_round", "server_optimizer",
+    "AggregationRule", "ClientContext", "ClientStatePiece", "StoredRound", "fednova",
+    "scaffold", "scaffold_loss", "scaffold_state", "cross_entropy", "fedprox", "krum",
+    "leave_one_out_variables", "load_round", "load_server_state", "save_server_state",
+    "median", "save_round", "server_optimizer",
     "trimmed_mean", "weighted_mean",
     "DPSettings", "FederatedAlgorithm", "FederatedData", "GlobalEvaluator", "ModelDef",
     "Normalization", "Partition", "ProtocolSettings", "ProvenanceResult", "RoundInfo", "RoundOutput",

@@ -38,6 +38,7 @@ import optax
 
 from tracefl_jax.data.federated import FederatedData
 from tracefl_jax.fl import aggregation, privacy
+from tracefl_jax.fl import client_state as cstate
 from tracefl_jax.fl.client import ClientOutput, check_local_training, make_client_update
 from tracefl_jax.fl.losses import LossFn
 from tracefl_jax.fl.privacy import DPSettings
@@ -85,7 +86,8 @@ class FederatedAlgorithm(NamedTuple):
   normalization=None, opt_state=None) -> (variables, clients, traced, update_norms,
   steps_executed, opt_state)` (`lanes` and `normalization` static; `strategies.round_lanes`
   gives a round's lanes, `data.normalization` its normalization), None for the host-side
-  "loop" strategy.
+  "loop" strategy. With a per-client state it takes `table=` (`[C, ...]`) and returns the
+  new table as a seventh value.
 
   `server_update(variables, client_variables, weights, key, opt_state=None) -> (G_t,
   opt_state)` is the round's server side as a pure function of G_{t-1}, the stacked client
@@ -132,6 +134,7 @@ def federated_averaging(
     loss_fn: LossFn | None = None,
     aggregator: AggregationRule | Callable[[Any, jax.Array], Any] | None = None,
     server_optimizer: optax.GradientTransformation | None = None,
+    client_state: cstate.ClientStatePiece | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017) and its family, or DP-FedAvg with `dp`, over stacked clients.
 
@@ -152,6 +155,12 @@ def federated_averaging(
     aggregator: the aggregation rule (`robust`); default the weighted mean (FedAvg).
     server_optimizer: an optax transformation of the pseudo-gradient (`server`); None keeps
       G_t = the aggregate exactly.
+    client_state: a per-client state (`client_state.ClientStatePiece`, e.g. SCAFFOLD's
+      control variates): its `[C, ...]` table lives in `ServerState.client_state`
+      (`init(variables, num_clients=C)`); strategies vmap, chunked and scan.
+
+  A rule that declares `num_steps`, `num_examples` or `losses` keyword parameters gets the
+  round's `[K]` values (FedNova, q-FFL: `robust.CLIENT_INFO`).
   """
   check_local_training(batch_size, local_epochs)
   check_transformation(optimizer, "optimizer", 'tfl.make_optimizer("adam", lr) or optax.adam(lr)')
@@ -169,10 +178,15 @@ def federated_averaging(
   client_update = make_client_update(model, optimizer, batch_size, local_epochs,
                                      compute_dtype=compute_dtype, loss_fn=loss_fn)
   strategy = resolve_strategy(strategy, jax.eval_shape(model.init, jax.random.key(0)))
+  if client_state is not None and (strategy in ("loop", "sharded") or dp is not None):
+    raise ValueError(f"client_state runs under the strategies vmap, chunked and scan without "
+                     f"DP, not strategy={strategy!r}" + (" with dp" if dp is not None else ""))
 
   def average(out, weights, previous, key, opt_state):
     if dp is None:
-      agg = aggregate_models(aggregator, out.variables, weights, previous)
+      info = None if out.num_steps is None else {
+          "num_steps": out.num_steps, "num_examples": out.num_examples, "losses": out.loss}
+      agg = aggregate_models(aggregator, out.variables, weights, previous, info)
       clean, norms = agg, None
     else:
       collections = ("params", "batch_stats") if dp.noise_batch_stats else ("params",)
@@ -185,27 +199,37 @@ def federated_averaging(
     traced = clean if dp is not None and dp.trace_clean else new
     return new, out, traced, norms, opt_state
 
-  def server_update(variables, client_variables, weights, key, opt_state=None):
-    out = ClientOutput(client_variables, None, None, None)
+  def server_update(variables, client_variables, weights, key, opt_state=None,
+                    client_info=None):
+    # client_info: (losses, num_examples, num_steps) `[K]`, for rules that read them.
+    out = ClientOutput(client_variables, *(client_info or (None, None, None)))
     new, _, _, _, opt_state = average(out, jnp.asarray(weights, jnp.float32), variables, key,
                                       opt_state)
     return new, opt_state
 
   server_update_jit = jax.jit(server_update)
 
-  def reaggregate_fn(previous, client_variables, key, opt_state, weights):
-    return server_update_jit(previous, client_variables, weights, key, opt_state)[0]
+  def reaggregate_fn(previous, client_variables, key, opt_state, client_info, weights):
+    return server_update_jit(previous, client_variables, weights, key, opt_state,
+                             client_info)[0]
 
   description = describe_server(aggregator, server_optimizer, dp)
 
   def clients_and_average(variables, x, y, indices, counts, client_ids, key, weights,
-                          lanes=None, normalization=None, opt_state=None):
+                          lanes=None, normalization=None, opt_state=None, table=None):
     keys = fold_client_keys(key, client_ids)
+    contexts = None if client_state is None else cstate.gather(client_state, table,
+                                                               client_ids, variables)
     out, executed = simulate_clients_with_steps(
         client_update, variables, x, y, indices, counts, keys, strategy=strategy,
-        clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization)
+        clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization,
+        contexts=contexts)
+    if client_state is not None:
+      table = cstate.scatter(client_state, table, contexts, variables["params"],
+                             out.variables["params"], out.num_steps, weights)
     new, out, traced, norms, opt_state = average(out, weights, variables, key, opt_state)
-    return new, out, traced, norms, executed, opt_state
+    result = new, out, traced, norms, executed, opt_state
+    return result if client_state is None else (*result, table)  # stateless: as before
 
   on_updates = aggregator is not None and not (isinstance(aggregator, AggregationRule)
                                                and aggregator.shift_equivariant)
@@ -221,7 +245,7 @@ def federated_averaging(
     keys_fn = jax.jit(fold_client_keys)
 
     def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
-                normalization=None, opt_state=None):
+                normalization=None, opt_state=None, table=None):
       del lanes
       out, executed = simulate_clients_with_steps(
           client_update, variables, x, y, indices, counts, keys_fn(key, client_ids),
@@ -229,8 +253,12 @@ def federated_averaging(
       new, out, traced, norms, opt_state = average_jit(out, weights, variables, key, opt_state)
       return new, out, traced, norms, executed, opt_state
 
-  def init(variables: Variables) -> ServerState:
-    return init_server(variables, server_optimizer)
+  def init(variables: Variables, num_clients: int | None = None) -> ServerState:
+    state = init_server(variables, server_optimizer)
+    if client_state is None:
+      return state
+    return state._replace(client_state=cstate.init_table(
+        client_state, dict(variables)["params"], num_clients))
 
   def round_(state: ServerState, clients: Sequence[int], data: FederatedData,
              key: jax.Array) -> tuple[ServerState, RoundOutput]:
@@ -245,6 +273,12 @@ def federated_averaging(
       raise ValueError("this algorithm has a server optimizer but the state has no "
                        "opt_state: build the state with algorithm.init(variables) (a "
                        "restored checkpoint must restore ServerState.opt_state too)")
+    if client_state is not None and cstate.table_clients(state.client_state) != (
+        data.num_clients):
+      raise ValueError(f"this algorithm keeps a per-client state: the state's table has "
+                       f"{cstate.table_clients(state.client_state)} rows for "
+                       f"{data.num_clients} clients; build the state with "
+                       f"algorithm.init(variables, num_clients=data.num_clients)")
     # The clients' indices end to end, each its own length (memory and shuffles follow them).
     indices, counts = data.round_slots(client_ids, batch_size)
     weights = np.asarray(aggregation.client_weights(counts, weighting, batch_size), np.float32)
@@ -259,10 +293,12 @@ def federated_averaging(
       weights = np.concatenate([weights, np.zeros(pad, np.float32)])
     steps = client_update.num_steps(counts.astype(np.int64))
     lanes = round_lanes(strategy, steps, clients_per_chunk, jax.device_count())
-    new, out, traced, norms, executed, opt_state = execute(
+    new, out, traced, norms, executed, opt_state, *table = execute(
         state.variables, data.x, data.y, jax.device_put(indices), jnp.asarray(counts),
         jnp.asarray(ids), key, jnp.asarray(weights), lanes=lanes,
-        normalization=data.normalization, opt_state=state.opt_state)
+        normalization=data.normalization, opt_state=state.opt_state,
+        table=state.client_state)
+    table = table[0] if table else state.client_state
     if dp is None or not dp.trace_clean:
       traced = new  # one object, so per-model caches (GlobalEvaluator) see one model
     if pad:
@@ -275,8 +311,9 @@ def federated_averaging(
       base = state if keep_previous else ServerState(new, state.round)  # G_{t-1} unread
       # One function object for every round: a jitted consumer compiles once.
       reaggregate = jax.tree_util.Partial(reaggregate_fn, base.variables, out.variables, key,
-                                          base.opt_state)
-    return (ServerState(new, state.round + 1, opt_state),
+                                          base.opt_state,
+                                          (out.loss, out.num_examples, out.num_steps))
+    return (ServerState(new, state.round + 1, opt_state, table),
             RoundOutput(new, out, client_ids, weights, traced, norms,
                         steps_needed=int(steps.sum()), steps_executed=executed,
                         previous=previous, reaggregate=reaggregate, aggregation=description))

@@ -103,7 +103,8 @@ def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
 
 def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: jax.Array,
           schedule: tuple[jax.Array, jax.Array], offsets: jax.Array, counts: jax.Array,
-          lanes: int, normalization: Any = None) -> tuple[ClientOutput, jax.Array]:
+          lanes: int, normalization: Any = None,
+          contexts: Any = None) -> tuple[ClientOutput, jax.Array]:
   """K clients through `lanes` vmapped lanes (module docstring), reading their batches from
   the laid-out round `schedule` (`ClientUpdate.schedule_slots`: `[E, T]`, `[K, E]`) at
   `offsets [K]`; returns the outputs `[K]` in the given order and the number of loop
@@ -127,7 +128,9 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
 
   batch = jax.vmap(functools.partial(cu.batch, batches, step_keys, offsets))
   anchor = variables["params"]  # G's params, for objectives that need them (FedProx)
-  step = jax.vmap(lambda s, i, m, r: cu.step(s, x, y, i, m, r, normalization, anchor))
+  # Stateful objectives: each lane reads its client's `ClientContext` row (`contexts` [K]).
+  step = jax.vmap(lambda s, i, m, r, c: cu.step(s, x, y, i, m, r, normalization, anchor,
+                                               _context_row(contexts, c)))
 
   if w == k:
     # One lane per client (what the queue would give): lane c trains client c and then
@@ -138,7 +141,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
     def body_own(carry):
       state, t, iters = carry
       active = t < total
-      state = _where_lanes(active, step(state, *batch(own, counts, t)),
+      state = _where_lanes(active, step(state, *batch(own, counts, t), own),
                            state)
       return state, t + active.astype(jnp.int32), iters + 1
 
@@ -151,7 +154,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
     state, client, t, taken, results, iters = carry
     active = client < k
     c = jnp.minimum(client, k - 1)  # idle lanes compute a throwaway step on a valid row
-    state = _where_lanes(active, step(state, *batch(c, counts[c], t)),
+    state = _where_lanes(active, step(state, *batch(c, counts[c], t), c),
                          state)
     t = t + active.astype(jnp.int32)
     done = active & (t >= total[c])
@@ -187,10 +190,18 @@ def simulate_clients_with_steps(
     clients_per_chunk: int = 0,
     lanes: int | None = None,
     normalization: Any = None,
+    contexts: Any = None,
 ) -> tuple[ClientOutput, jax.Array]:
   """`simulate_clients`, plus the optimizer steps computed (int32 scalar): the clients' own
-  steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed."""
+  steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed.
+
+  `contexts`: the round's `client_state.ClientContext` (state rows `[K, ...]`, the shared
+  value, ids `[K]`) for a stateful objective, or None; "vmap", "chunked" and "scan" only."""
   strategy = resolve_strategy(strategy, variables)
+  if contexts is not None and (strategy in ("loop", "sharded")
+                               or not isinstance(client_update, ClientUpdate)):
+    raise ValueError(f"client state (fl.client_state) runs under the strategies vmap, "
+                     f"chunked and scan with a ClientUpdate, not {strategy!r}")
   k = counts.shape[0]
   slots = isinstance(indices, ClientSlots)
   if normalization is not None and not isinstance(client_update, ClientUpdate):
@@ -220,7 +231,7 @@ def simulate_clients_with_steps(
       lanes = k if strategy == "vmap" else (clients_per_chunk or k)
     lanes = max(1, min(int(lanes), k))
     out, iters = _pack(client_update, variables, x, y, schedule, offsets, counts, lanes,
-                       normalization)
+                       normalization, contexts)
     return out, iters * lanes
   if strategy == "sharded":
     mesh = client_mesh()
@@ -252,9 +263,17 @@ def simulate_clients_with_steps(
   batches, step_keys = schedule
   out = jax.lax.map(
       lambda a: client_update.train(variables, x, y, batches, step_keys, offsets, a[0], a[1],
-                                    normalization),
+                                    normalization, _context_row(contexts, a[0])),
       (jnp.arange(k, dtype=jnp.int32), counts.astype(jnp.int32)))
   return out, jnp.sum(out.num_steps)
+
+
+def _context_row(contexts: Any, c: jax.Array) -> Any:
+  """Client row `c`'s context: its state row and id; the shared value is not stacked."""
+  if contexts is None:
+    return None
+  return contexts._replace(state=jax.tree.map(lambda a: a[c], contexts.state),
+                           client_id=contexts.client_id[c])
 
 
 def _loop(client_update, variables, x, y, indices, counts, keys, extra):
