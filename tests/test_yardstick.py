@@ -172,3 +172,24 @@ def test_topk_removal_against_a_plain_loop():
     assert r["flip_rate"] == np.mean([pred[f] != target[rows.input[f]] for f in sel])
   assert {(r["method"], r["k"]) for r in table} == {(m, k) for m in ("a", "b", "random")
                                                     for k in (1, 2)}
+
+
+def test_client_values_against_a_plain_loop():
+  rng = np.random.default_rng(7)
+  c, m, n = 6, 40, 3
+  masks = retrained.subset_masks(c, m, seed=3)
+  true = rng.normal(size=(n, c))
+  outputs = masks @ true.T + 0.01 * rng.normal(size=(m, n))
+  values = retrained.banzhaf(masks, outputs)
+  for i in range(n):
+    for j in range(c):
+      with_j = [outputs[r, i] for r in range(m) if masks[r, j]]
+      without = [outputs[r, i] for r in range(m) if not masks[r, j]]
+      assert values[i, j] == pytest.approx(np.mean(with_j) - np.mean(without))
+  # An additive utility: the datamodel recovers it, and Banzhaf ranks like it.
+  fit = retrained.datamodel(masks, outputs, ridge=1e-6)
+  # Half-subsets all hold C / 2 clients: the weights are known up to a shift common to all.
+  np.testing.assert_allclose(fit - fit.mean(1, keepdims=True),
+                             true - true.mean(1, keepdims=True), atol=0.05)
+  assert np.mean([scipy.stats.spearmanr(values[i], true[i]).statistic for i in range(n)]) > 0.8
+  assert np.isnan(retrained.banzhaf(np.ones((4, c)), np.ones((4, n)))).all()

@@ -15,6 +15,7 @@ TRUTHS = (("paper_rule", "paper's rule"), ("loo_last_top1", "last-round\nLOO top
           ("lds", "LDS"))
 LABELS = {"tracefl": "TraceFL (last round)", "first_order": "weight-aware (last round)",
           "multi_round": "multi-round", "loo_last": "exact last-round LOO",
+          "banzhaf": "Banzhaf (subsets)", "datamodel": "datamodel (subsets)",
           "largest": "largest client", "random": "random participant"}
 
 

@@ -11,13 +11,15 @@ timings) and returns it.
 
 Methods (scores `[N, C]` over all C clients; a method that only sees the last round scores
 the others 0):
-  tracefl        the paper's P over the last round's participants
+  tracefl        the paper's T over the last round's participants
   first_order    the first-order leave-one-out score of the last round (`score="first_order"`;
                  FedAvg: the weight-aware score; any other rule or server optimizer: each
                  client removed by the round's own server side, `provenance/removal.py`)
   multi_round    `provenance.multiround` over all rounds (each round's own removal)
   loo_last       the exact single-round leave-one-client-out drops of the last round (its
                  own rule and server step; DP: FedAvg's closed form, `dp_closed_form`)
+  banzhaf        upper bounds from the LDS's retrained subsets (with >= 3 of them): the
+  datamodel      clients' Banzhaf values and linear datamodel weights; no LDS (fitted to it)
   largest        the client's example count (the largest client named for every input)
   random         a uniformly random last-round participant, in expectation
 Every method and truth explains `provenance.output` (the comparison's presets: the margin,
@@ -67,7 +69,8 @@ from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.removal import round_removal
 from tracefl_jax.provenance.selection import select_faulty_inputs
 
-METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "largest", "random")
+METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "banzhaf", "datamodel",
+           "largest", "random")  # banzhaf and datamodel: with >= 3 subsets
 
 
 # Strategies whose round program cannot run the retrained federations: "loop" has none, and
@@ -236,6 +239,7 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   loo_top = retrained.restricted_top(scores["loo_last"],
                                      np.isin(everyone, last.client_ids))
   sampled = retraining.participation(plan, num).any(0)
+  scores = methods.with_valuations(scores, truth)
   topk, t_topk = [], time.perf_counter()
   if c.attribution.topk_inputs:
     topk = methods.topk(c, algorithm, init, data, model, x, target, scores, truth,

@@ -50,6 +50,26 @@ def method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray]
           "largest": np.broadcast_to(np.asarray(sizes, np.float64), (x.shape[0], num))}
 
 
+# Client values estimated from the LDS's subset federations: upper bounds that see retrained
+# federations. Their LDS would be measured on the very subsets they were fitted to, so it is
+# not reported; their top-1 and Spearman are against the separate leave-one-out federations.
+IN_SAMPLE = ("banzhaf", "datamodel")
+
+
+def with_valuations(scores: dict[str, np.ndarray], truth) -> dict[str, np.ndarray]:
+  """`scores` with the clients' Banzhaf values and linear datamodel weights from the subset
+  federations (`retrained.banzhaf`, `retrained.datamodel`) before the baselines, when the
+  cell retrained at least 3 subsets."""
+  if len(truth.subset_masks) < 3:
+    return scores
+  values = {"banzhaf": np.nan_to_num(retrained.banzhaf(truth.subset_masks,
+                                                       truth.subset_logits)),
+            "datamodel": retrained.datamodel(truth.subset_masks, truth.subset_logits)}
+  last = ("largest",)
+  return {**{k: v for k, v in scores.items() if k not in last}, **values,
+          **{k: v for k, v in scores.items() if k in last}}
+
+
 def candidates(scores, participants, sampled) -> dict[str, np.ndarray]:
   """`[C]` bool per method: the clients that could be responsible (the last round's
   participants for last-round methods; every client sampled in some round for multi-round
@@ -67,6 +87,9 @@ def grade(c, scores, truth, loo_last_top, rule, participants, sampled) -> list[d
   graded = intervals.compare_methods(scores, truth, allowed, draws=c.attribution.bootstrap,
                                      seed=c.seed)
   rows = []
+  for name in IN_SAMPLE:  # fitted to the subsets: no LDS on them
+    for key in [k for k in graded.get(name, {}) if k.startswith("lds")]:
+      graded[name][key] = None
   for name, s in scores.items():
     top = retrained.restricted_top(s, allowed[name])
     rows.append({"method": name, "paper_rule": float(rule(top).mean()),

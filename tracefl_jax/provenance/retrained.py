@@ -207,3 +207,34 @@ def restricted_top(scores: Any, candidates: Any = None) -> np.ndarray:
   if not allowed.any(axis=1).all():
     raise ValueError("every input needs at least one candidate client")
   return np.argmax(np.where(allowed, scores, -np.inf), axis=1)
+
+
+# --- client valuation from the subset federations -----------------------------------------
+
+
+def banzhaf(masks: Any, subset_outputs: Any) -> np.ndarray:
+  """`[N, C]` Banzhaf values of the clients for each input's explained output, by the
+  maximum-sample-reuse estimator (Wang & Jia, "Data Banzhaf", AISTATS 2023): the mean output
+  of the subsets holding client c minus that of the subsets without it (`masks [M, C]`
+  > 0 marks membership, `subset_outputs [M, N]`). NaN for a client in all or none of them."""
+  member = np.asarray(masks, np.float64) > 0
+  out = np.asarray(subset_outputs, np.float64)
+  inside = member.sum(0)
+  outside = len(member) - inside
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean_in = (out.T @ member) / inside
+    mean_out = (out.T @ ~member) / outside
+  return np.where((inside > 0) & (outside > 0), mean_in - mean_out, np.nan)
+
+
+def datamodel(masks: Any, subset_outputs: Any, ridge: float = 1e-3) -> np.ndarray:
+  """`[N, C]` linear datamodel weights (Ilyas et al. 2022; TRAK's regression target): per
+  input, the ridge least-squares fit of the subsets' outputs on their membership masks (an
+  intercept unpenalised), as an upper bound for attribution methods (it sees retrained
+  federations). Subsets of one size (the LDS's half-subsets) fix the weights only up to a
+  shift common to every client, which no ranking and no sum over such a subset sees."""
+  x = np.asarray(masks, np.float64)
+  y = np.asarray(subset_outputs, np.float64)                    # [M, N]
+  xc, yc = x - x.mean(0), y - y.mean(0)
+  gram = xc.T @ xc + ridge * len(x) * np.eye(x.shape[1])
+  return np.linalg.solve(gram, xc.T @ yc).T                     # [N, C]
