@@ -50,8 +50,9 @@ def test_nnx_example_traces_the_saved_round_as_online(tmp_path):
 
 
 def test_readme_algorithm_and_saved_round_blocks_run(tmp_path, monkeypatch):
-  """The README's second and third Python blocks (after the first, which test_readme runs),
-  on a tiny model and federation of the first block's names."""
+  """The README's Python blocks after the first (which test_readme runs), in order, on a tiny
+  model and federation of the first block's names: the algorithm pieces, provenance under
+  the round's own rule, algorithms with memory, a saved round."""
   import re  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -75,5 +76,10 @@ def test_readme_algorithm_and_saved_round_blocks_run(tmp_path, monkeypatch):
   assert scope["state"].opt_state is not None
   assert jax.tree.leaves(scope["without_each"])[0].shape[0] == 3
   monkeypatch.chdir(tmp_path)
+  assert len(blocks) == 5, "a README Python block was added or removed: run it here too"
   exec(compile(blocks[2], "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["drops"].shape == scope["fo"].scores.shape == (8, 3)
+  exec(compile(blocks[3], "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["state"].round == 3 and scope["state"].client_state is not None
+  exec(compile(blocks[4], "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert scope["stored"].round == 4 and (tmp_path / "runs/mine/round_4/round.json").exists()
