@@ -142,7 +142,8 @@ def test_comparison_runs_the_configured_algorithm(tmp_path, capsys):
   config = apply_overrides(_module().get_config("smoke"), {
       "aggregation.rule": "trimmed_mean", "aggregation.trim_beta": 0.25,
       "server.optimizer": "adam", "server.learning_rate": 0.01, "client.loss": "fedprox",
-      "attribution.subsets": 0, "attribution.per_round": False})
+      "attribution.subsets": 0, "attribution.per_round": False, "attribution.truth_seeds": 1,
+      "attribution.topk_inputs": 0})
   s = comparison.run_comparison(config, tmp_path / "cell")
   # The trained federation ran the configured rule and server optimizer, its truths removed
   # clients by them, and the retrained base federation (the same algorithm) reproduces it.
