@@ -13,7 +13,7 @@ from tracefl_jax.experiment.plotting import pyplot
 TRUTHS = (("paper_rule", "paper's rule"), ("loo_last_top1", "last-round\nLOO top-1"),
           ("retrain_top1", "retrain\ntop-1"), ("retrain_spearman", "retrain\nSpearman"),
           ("lds", "LDS"))
-LABELS = {"tracefl": "TraceFL (last round)", "first_order": "weight-aware (last round)",
+LABELS = {"tracefl": "TraceFL (last round)", "first_order": "first-order (last round)",
           "multi_round": "multi-round", "loo_last": "exact last-round LOO",
           "banzhaf": "Banzhaf (subsets)", "datamodel": "datamodel (subsets)",
           "largest": "largest client", "random": "random participant"}
