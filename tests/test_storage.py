@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import tracefl_jax as tfl
-from tracefl_jax.fl.storage import StoredRoundError
+from tracefl_jax.provenance.storage import StoredRoundError
 from tracefl_jax.provenance import trace_clients
 from tracefl_jax.provenance.counterfactual import leave_one_out
 from tracefl_jax.provenance.removal import round_removal

@@ -21,8 +21,9 @@ from tracefl_jax.experiment import stored as exp_stored
 from tracefl_jax.experiment.checkpoints import CheckpointError
 from tracefl_jax.experiment.config import base_config
 from tracefl_jax.experiment.stages import model_from_spec
-from tracefl_jax.fl import robust, storage_files
-from tracefl_jax.fl.storage import StoredRoundError
+from tracefl_jax.fl import robust
+from tracefl_jax.provenance import storage_files
+from tracefl_jax.provenance.storage import StoredRoundError
 from tracefl_jax.provenance import trace_clients
 
 

@@ -20,7 +20,7 @@ from tracefl_jax.fl.rounds import (FederatedAlgorithm, GlobalEvaluator, RoundInf
 from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
 from tracefl_jax.fl.scaffold import fednova, scaffold, scaffold_loss, scaffold_state
 from tracefl_jax.fl.server import load_server_state, save_server_state, server_optimizer
-from tracefl_jax.fl.storage import StoredRound, load_round, save_round
+from tracefl_jax.provenance.storage import StoredRound, load_round, save_round
 from tracefl_jax.models import ModelDef, available_models, get_model, make_model, register_model
 from tracefl_jax.models.layers import canonical_conv
 from tracefl_jax.provenance import ProvenanceResult, trace_clients

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.experiment.workdir import config_diff, fingerprint
-from tracefl_jax.fl.storage import array_checksums  # one checksum for checkpoints and rounds
+from tracefl_jax.provenance.storage import array_checksums  # one checksum for checkpoints and rounds
 
 
 class CheckpointError(RuntimeError):

@@ -2,7 +2,7 @@
 
 A run keeps its last round's models (`provenance.store_rounds`, default "last"; "all", a list
 of rounds, or "" for none): the traced global model, the stacked client models, their ids and
-sizes, under `WORKDIR/rounds/<round>/` in the library's format (`fl/storage.py`: this module
+sizes, under `WORKDIR/rounds/<round>/` in the library's format (`provenance/storage.py`: this module
 only places rounds in the workdir and adds the run's model spec and normalisation). Later,
 
   python -m tracefl_jax trace --workdir=runs/demo --round=40 --inputs=x.npy [--out=a.jsonl]
@@ -38,9 +38,9 @@ from tracefl_jax.experiment.stages import (ModelStage, build_algorithm, import_m
                                            model_from_spec)
 from tracefl_jax.experiment.tracing import top_clients
 from tracefl_jax.experiment.workdir import stored_rounds
-from tracefl_jax.fl import storage
-from tracefl_jax.fl import storage_files as files
-from tracefl_jax.fl.storage import StoredRound
+from tracefl_jax.provenance import storage
+from tracefl_jax.provenance import storage_files as files
+from tracefl_jax.provenance.storage import StoredRound
 from tracefl_jax.models.base import ModelDef
 from tracefl_jax.provenance import ProvenanceResult
 
@@ -53,7 +53,7 @@ def rounds_directory(workdir: str | Path) -> Path:
 
 def save_round(workdir: str | Path, round_idx: int, output: Any = None, *,
                meta: dict[str, Any], model: ModelDef | None = None, **arrays: Any) -> Path:
-  """Writes `WORKDIR/rounds/<round>/` with `fl.storage.save_round`: the round's `RoundOutput`
+  """Writes `WORKDIR/rounds/<round>/` with `provenance.storage.save_round`: the round's `RoundOutput`
   (its weights and server side with it; or the arrays one by one, `global_vars=...`), written
   beside an older copy and swapped in when complete."""
   path = rounds_directory(workdir) / str(round_idx)
@@ -91,7 +91,7 @@ def round_path(workdir: str | Path, round_idx: int | None = None) -> Path:
 
 def load_round(workdir: str | Path, round_idx: int | None = None,
                model: ModelDef | None = None, algorithm: Any = None) -> StoredRound:
-  """A stored round (default: the last one stored), as `fl.storage.load_round` gives it:
+  """A stored round (default: the last one stored), as `provenance.storage.load_round` gives it:
   with `model` attached (and its variables checked) when given, and the round's own removal
   of a client rebuilt from `algorithm` (the run's, `run_algorithm`).
 

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracefl_jax.fl import storage_files as files
-from tracefl_jax.fl.storage_files import ROUND_FILE, StoredRoundError, array_checksums  # noqa: F401
-from tracefl_jax.fl.stored_round import StoredRound
-from tracefl_jax.fl.stored_round import rebuild_reaggregate, server_arrays
+from tracefl_jax.provenance import storage_files as files
+from tracefl_jax.provenance.storage_files import ROUND_FILE, StoredRoundError, array_checksums  # noqa: F401
+from tracefl_jax.provenance.stored_round import StoredRound
+from tracefl_jax.provenance.stored_round import rebuild_reaggregate, server_arrays
 from tracefl_jax.models.base import ModelDef
 
 

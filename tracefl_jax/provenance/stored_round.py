@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracefl_jax.fl.storage_files import StoredRoundError
+from tracefl_jax.provenance.storage_files import StoredRoundError
 from tracefl_jax.models.base import ModelDef
 
 
