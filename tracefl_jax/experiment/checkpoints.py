@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.experiment.workdir import config_diff, fingerprint
-from tracefl_jax.provenance.storage import array_checksums  # one checksum for checkpoints and rounds
+# One checksum, and one check of it, for checkpoints and stored rounds.
+from tracefl_jax.provenance.storage_files import array_checksums, checksum_mismatch
 
 
 class CheckpointError(RuntimeError):
@@ -149,17 +150,11 @@ def leaf_name(path) -> str:
 
 
 def verify_checksums(what: str, saved: dict[str, str] | None, tree: Any, remedy: str) -> None:
-  """Raises `CheckpointError` naming the first leaf whose data differs from its checksum."""
-  if saved is None:  # written before checksums existed
-    return
-  now = array_checksums(tree)
-  for name in sorted(set(saved) | set(now)):
-    if saved.get(name) != now.get(name):
-      problem = ("is missing" if name not in now else "was not written with a checksum"
-                 if name not in saved else "does not match the SHA-256 checksum written "
-                 "with it")
-      raise CheckpointError(f"{what} is corrupt: array {name} {problem}. It was left as it "
-                            f"is: {remedy}")
+  """Raises `CheckpointError` naming the first leaf whose data differs from its checksum
+  (`storage_files.checksum_mismatch`, the stored rounds' check)."""
+  mismatch = checksum_mismatch(saved, tree)
+  if mismatch:
+    raise CheckpointError(f"{what} is corrupt: {mismatch}. It was left as it is: {remedy}")
 
 
 def to_host(tree: Any) -> dict[str, np.ndarray]:

@@ -125,18 +125,27 @@ def check_files(path: Path, written: dict[str, int] | None) -> None:
                              f"replaced)")
 
 
-def verify_checksums(path: Path, saved: dict[str, str] | None, arrays: Any) -> None:
-  """Raises `StoredRoundError` naming the first array whose data differs from its checksum
-  (rounds stored before checksums existed have none: nothing to check)."""
+def checksum_mismatch(saved: dict[str, str] | None, arrays: Any) -> str | None:
+  """`"array NAME PROBLEM"` for the first array whose data differs from its checksum in
+  `saved` (checkpoints and stored rounds alike), or None; nothing to check without `saved`
+  (written before checksums existed)."""
   if saved is None:
-    return
+    return None
   now = array_checksums(arrays)
   for name in sorted(set(saved) | set(now)):
     if saved.get(name) != now.get(name):
       problem = ("is missing" if name not in now else "was not written with a checksum"
                  if name not in saved else "does not match the SHA-256 checksum written with "
                  "it")
-      raise StoredRoundError(f"stored round {path} is corrupt: array {name} {problem}.")
+      return f"array {name} {problem}"
+  return None
+
+
+def verify_checksums(path: Path, saved: dict[str, str] | None, arrays: Any) -> None:
+  """Raises `StoredRoundError` naming the first array whose data differs from its checksum."""
+  mismatch = checksum_mismatch(saved, arrays)
+  if mismatch:
+    raise StoredRoundError(f"stored round {path} is corrupt: {mismatch}.")
 
 
 def saving_path(path: Path) -> Path:
