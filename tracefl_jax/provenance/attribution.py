@@ -206,21 +206,14 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   if mesh is None:
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = scorer(client_vars["params"])
-    if by_rule:
-      c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, None)
-    else:
-      c_g = scorer(g_params) if need_g else None
   elif kernel == "jvp":
     # G's linearisation cannot be closed over by a shard_map (its residuals carry the outer
     # mesh), so each device linearises G itself: one more linear pass next to its K / D.
     _, predicted = target_logits(model.logits(global_vars, x), target)
-    def per_device(th):
+
+    def scorer(th):
       return make(model, global_vars, x, target, clients_per_chunk)[0](th)
-    c = _score_sharded(per_device, client_vars["params"], mesh)
-    if by_rule:
-      c_g = _removal_scores(per_device, reaggregate, weights, clients_per_chunk, mesh)
-    else:
-      c_g = make(model, global_vars, x, target, None)[0](g_params) if need_g else None
+    c = _score_sharded(scorer, client_vars["params"], mesh)
   else:
     # G's forward/backward is split over the devices by input and its results gathered into
     # every device's scorer, not repeated on each device.
@@ -228,10 +221,10 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
         mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
     c = _score_sharded(scorer, client_vars["params"], mesh)
-    if by_rule:
-      c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, mesh)
-    else:
-      c_g = scorer(g_params) if need_g else None
+  if by_rule:  # G re-computed and every G_{-k}, dealt to the devices with a mesh
+    c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, mesh)
+  else:  # G scored as one client, on every device
+    c_g = scorer(g_params) if need_g else None
   c, predicted, c_g = _replicated((c, predicted, c_g), mesh)
   fo_scores = None
   if by_rule:  # [L, N, 1] (G re-computed) - [L, N, K] (each G_{-k}): < grad s, G - G_{-k} >
