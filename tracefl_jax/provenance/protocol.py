@@ -169,7 +169,9 @@ def trace_round(
                                            "reason": "no test input matched the selection rule"},
                        np.zeros(0, bool), none)
   first_order = settings.score == "first_order"
-  if first_order and (weights is None or not np.all(np.sum(weights) - np.asarray(weights) > 0)):
+  # Removing any one client leaves some weight to aggregate (else G_{-k} is undefined).
+  removable = weights is not None and bool(np.all(np.sum(weights) - np.asarray(weights) > 0))
+  if first_order and not removable:
     none = np.zeros(0, np.int64)
     reason = ("score='first_order' needs the round's aggregation weights" if weights is None
               else "one client holds all the aggregation weight (w_k / (W - w_k) undefined)")
@@ -183,8 +185,7 @@ def trace_round(
   x = jnp.take(jnp.asarray(x_test), jnp.asarray(padded), axis=0)
   # With the leave-one-out truth, the weight-aware score comes beside TraceFL's from the same
   # kernel pass (`first_order_scores`).
-  beside = (not first_order and settings.counterfactual and weights is not None
-            and bool(np.all(np.sum(weights) - np.asarray(weights) > 0)))
+  beside = not first_order and settings.counterfactual and removable
   t0 = time.perf_counter()
   result = trace_clients(
       model, global_vars, client_vars, x,
@@ -219,25 +220,24 @@ def trace_round(
                                    faulty_local=faulty_local))
     summary["accuracy"] = float(np.mean(correct[ok]))
   cf_client = np.full(n, -1, np.int64)
-  if settings.counterfactual and ok.any() and weights is not None:
+  if settings.counterfactual and ok.any() and removable:
     w = np.asarray(weights, np.float64)
-    if np.all(w.sum() - w > 0):  # else removing a client leaves nothing to average
-      cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars,
-                         clients_per_chunk=settings.clients_per_chunk or None,
-                         reaggregate=reaggregate, output=settings.output)
-      drops = np.asarray(cf.drops)[:n]
-      cf_position = np.argmax(drops[ok], axis=1)
-      cf_client[ok] = client_ids[cf_position]
-      summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
-      # The truth judged by the mode's rule: does the exact LOO client hold the label (is it
-      # a faulty client)? Where this falls with TraceFL's accuracy, the lenient rule fades,
-      # not the method (README, "the fade").
-      summary["counterfactual_accuracy"] = float(np.mean(
-          passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
-      if settings.score == "tracefl":  # the weight-aware score beside the paper's
-        summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
-                                            labels, part_counts, client_ids, settings,
-                                            result.first_order_scores, reaggregate))
+    cf = leave_one_out(model, client_vars, w, x, global_vars=global_vars,
+                       clients_per_chunk=settings.clients_per_chunk or None,
+                       reaggregate=reaggregate, output=settings.output)
+    drops = np.asarray(cf.drops)[:n]
+    cf_position = np.argmax(drops[ok], axis=1)
+    cf_client[ok] = client_ids[cf_position]
+    summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
+    # The truth judged by the mode's rule: does the exact LOO client hold the label (is it
+    # a faulty client)? Where this falls with TraceFL's accuracy, the lenient rule fades,
+    # not the method (README, "the fade").
+    summary["counterfactual_accuracy"] = float(np.mean(
+        passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
+    if settings.score == "tracefl":  # the weight-aware score beside the paper's
+      summary.update(_weight_aware_report(model, global_vars, client_vars, x, w, drops, ok,
+                                          labels, part_counts, client_ids, settings,
+                                          result.first_order_scores, reaggregate))
   return TracedRound(idx, labels, np.asarray(predictions)[idx], traced, position,
                      np.asarray(result.probs)[:n], client_ids, correct, summary, ok, cf_client)
 

@@ -32,8 +32,6 @@ import jax.numpy as jnp
 
 from tracefl_jax.fl.algorithm import RoundOutput
 
-REMOVALS = ("closed_form", "rule", "dp_closed_form")
-
 # weights [K] -> the round's global model with those weights (`RoundOutput.reaggregate`).
 Reaggregate = Callable[[jax.Array], Any]
 
