@@ -193,12 +193,7 @@ def _check_model(path: Path, record: dict[str, Any], recorded: dict[str, Any] | 
   wanted = files.shapes(jax.eval_shape(model.init, jax.random.key(0)))
   made_with = (record.get("model_def") or {}).get("name")
   of = f" (a round of model {made_with!r})" if made_with and made_with != model.name else ""
-  for name in sorted(set(stored) | set(wanted)):
-    if stored.get(name) != wanted.get(name):
-      raise StoredRoundError(
-          f"stored round {path}{of} does not hold the variables of model {model.name!r}: "
-          f"array {name} is {stored.get(name, 'missing')} in the round, "
-          f"{wanted.get(name, 'absent')} in the model")
+  _check_same_shapes(f"stored round {path}{of}", stored, wanted, model)
 
 
 def _check_orbax_shapes(path: Path, metadata: Any, target: Any, model: ModelDef) -> None:
@@ -206,13 +201,18 @@ def _check_orbax_shapes(path: Path, metadata: Any, target: Any, model: ModelDef)
   tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
   if not isinstance(tree, dict):
     return  # an orbax without tree metadata: the restore itself checks
-  stored, wanted = files.shapes(tree), files.shapes(target)
+  _check_same_shapes(f"stored round {path}", files.shapes(tree), files.shapes(target), model)
+
+
+def _check_same_shapes(what: str, stored: dict[str, Any], wanted: dict[str, Any],
+                       model: ModelDef) -> None:
+  """Raises `StoredRoundError` naming the first array whose shape or dtype differs."""
   for name in sorted(set(stored) | set(wanted)):
     if stored.get(name) != wanted.get(name):
       raise StoredRoundError(
-          f"stored round {path} does not hold the variables of model {model.name!r}: array "
-          f"{name} is {stored.get(name, 'missing')} in the round, "
-          f"{wanted.get(name, 'absent')} in the model")
+          f"{what} does not hold the variables of model {model.name!r}: array {name} is "
+          f"{stored.get(name, 'missing')} in the round, {wanted.get(name, 'absent')} in the "
+          f"model")
 
 
 def load_round(path: str | Path, model: ModelDef | None = None,
