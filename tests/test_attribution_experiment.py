@@ -137,8 +137,8 @@ def test_bad_attribution_fields_are_named(field, value, message):
       validate(config)
 
 
-def test_comparison_runs_the_configured_algorithm(tmp_path, capsys):
-  from tracefl_jax.experiment import comparison, report
+def test_comparison_runs_the_configured_algorithm(tmp_path):
+  from tracefl_jax.experiment import comparison
   config = apply_overrides(_module().get_config("smoke"), {
       "aggregation.rule": "trimmed_mean", "aggregation.trim_beta": 0.25,
       "server.optimizer": "adam", "server.learning_rate": 0.01, "client.loss": "fedprox",
@@ -153,8 +153,8 @@ def test_comparison_runs_the_configured_algorithm(tmp_path, capsys):
   assert {r["method"]: r for r in s["rows"]}["loo_last"]["loo_last_top1"] == 1.0
   saved = json.loads((tmp_path / "cell" / "config.json").read_text())
   assert saved["aggregation"]["rule"] == "trimmed_mean" and saved["client"]["loss"] == "fedprox"
-  report.print_summary(s, str(tmp_path / "cell"))  # the run command's printout: a table
-  assert "trimmed_mean(0.25) + server optimizer" in capsys.readouterr().out
+  # The compare command's table names the algorithm each cell ran.
+  assert "| cell | trimmed_mean(0.25) + server optimizer |" in attribution.table([("cell", s)])
 
 
 def test_comparison_refusals_are_one_line(tmp_path, capsys):

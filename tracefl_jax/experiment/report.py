@@ -20,14 +20,8 @@ def _ms(x: float | None) -> str:
 
 def print_summary(summary: dict[str, Any], workdir: str | None = None,
                   console: Console | None = None) -> None:
-  """Prints the run's headline numbers and, when traced, localization beside its baselines
-  (a comparison cell, `attribution.enabled`: its table of methods against truths)."""
+  """Prints the run's headline numbers and, when traced, localization beside its baselines."""
   console = console or Console()
-  if summary.get("kind") == "attribution_comparison":
-    from tracefl_jax.experiment.attribution import table  # pylint: disable=g-import-not-at-top
-    name = summary.get("setting") or (workdir or "comparison")
-    console.print(table([(str(name), summary)]), markup=False, highlight=False)
-    return
   table = Table(title="tracefl_jax run", show_header=False)
   table.add_row("rounds", str(summary["rounds"]))
   table.add_row("global accuracy (final / best)",
