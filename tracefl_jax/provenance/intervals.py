@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tracefl_jax.provenance import retrained
 from tracefl_jax.provenance.counterfactual import spearman
 
 DRAWS = 1000
@@ -121,7 +122,6 @@ def compare_methods(scores: dict[str, Any], truth: Any,
     lds (+ _low, _high), lds_diff (+ _low, _high, _p)  over resampled subsets (M >= 3).
 
   Scores enter the LDS as given: pass additive ones (TraceFL's T, not P)."""
-  from tracefl_jax.provenance import retrained  # pylint: disable=g-import-not-at-top
   candidates = candidates or {}
   hits = {name: (retrained.restricted_top(s, candidates.get(name)) == truth.top_client
                  ).astype(np.float64) for name, s in scores.items()}
