@@ -20,11 +20,14 @@ Presets:
           round for 30 rounds on the synthetic paper-shaped set (configs/scale.py's data with
           noise 0.7 instead of 1.5, and LeNet); 10 digits clients all taking part for 8
           rounds, client 4's labels 1..9 flipped to 0 (faulty mode). 10 subsets for the LDS;
-          100 inputs explained (20 in faulty mode). The round counts end each digits cell
+          100 inputs explained (20 in faulty mode); 3 truth seeds; top-k removal (k = 1, 3)
+          for the first 10 inputs. The round counts end each digits cell
           above 90% global accuracy: FedAvg on these non-IID splits swings by 5-20 points
           between rounds (5 of 20 per round: 73-96% over rounds 33-40, 96.1% at round 39;
           20 of 20: 94.2% at round 19, 89.7% at 20). At 10 rounds and noise 1.5 the synthetic
           cell ended at 21%; at noise 0.7 it reaches 48-79% over rounds 25-30.
+  quick   the first and last cells of `cpu` (digits 20/20 for 19 rounds; the label flip),
+          everything else as `cpu`: the yardstick in about 20 minutes on 2 cores.
   mnist   real MNIST from a local copy (`--config.dataset.data_dir=DIR` holding
           mnist.pkl.gz or the IDX files; README says where to get one): its first 3,000
           training images over 10 clients (Dirichlet 0.3, no fix-up), all taking part for 10
@@ -44,8 +47,12 @@ Presets:
 
 from tracefl_jax.experiment.config import base_config
 
-PRESETS = ("smoke", "cpu", "mnist", "algorithms", "gpu")
+PRESETS = ("smoke", "quick", "cpu", "mnist", "algorithms", "gpu")
 FLIP = ",".join(f"{k}:0" for k in range(1, 10))
+FAULTY = ("attribution.setting", "num_clients", "clients_per_round", "rounds",
+          "partition.alpha", "partition.fixup", "provenance.mode", "faulty.clients",
+          "faulty.flip", "attribution.explain_inputs")
+FLIP_CELL = ("digits flip 10/10", 10, 10, 8, 0.5, True, "faulty", "4", FLIP, 20)
 
 
 def get_config(preset: str = "smoke"):
@@ -60,6 +67,8 @@ def get_config(preset: str = "smoke"):
   c.clients_per_round = 20
   c.rounds = 15
   c.attribution.subsets = 10
+  if preset in ("quick", "cpu", "mnist"):
+    c.attribution.topk_inputs = 10
   if preset == "smoke":
     c.model.name = "mlp"
     c.num_clients, c.clients_per_round = 6, 4
@@ -91,9 +100,6 @@ def get_sweep(preset: str = "smoke"):
            "dataset.synthetic_size", "dataset.name", "dataset.synthetic_shape",
            "dataset.synthetic_noise", "model.name", "client.learning_rate", "partition.fixup",
            "clients_per_round", "rounds", "attribution.per_round")
-  faulty = ("attribution.setting", "num_clients", "clients_per_round", "rounds",
-            "partition.alpha", "partition.fixup", "provenance.mode", "faulty.clients",
-            "faulty.flip", "attribution.explain_inputs")
   if preset == "algorithms":
     algorithm = ("attribution.setting", "clients_per_round", "rounds", "aggregation.rule",
                  "aggregation.trim_beta", "aggregation.num_byzantine", "server.optimizer",
@@ -106,9 +112,12 @@ def get_sweep(preset: str = "smoke"):
     return [{paper: [
         (f"synthetic {k}/1000", 1150, 1000, 1150 * 128, "synthetic_structured", "8,8,1", 1.5,
          "lenet", 3e-3, True, k, rounds, False) for k, rounds in ((10, 20), (100, 10))]}]
+  if preset == "quick":
+    return [{digits: [("digits 20/20", 20, 19)]},
+            {FAULTY: [FLIP_CELL]}]
   return [
       {digits: [("digits 20/20", 20, 19), ("digits 5/20", 5, 39)]},
       {paper: [("synthetic 10/100", 115, 100, 115 * 128, "synthetic_structured", "8,8,1",
                 0.7, "lenet", 3e-3, True, 10, 30, False)]},
-      {faulty: [("digits flip 10/10", 10, 10, 8, 0.5, True, "faulty", "4", FLIP, 20)]},
+      {FAULTY: [FLIP_CELL]},
   ]

@@ -32,6 +32,12 @@ def test_cpu_cells_validate_and_unknown_preset_is_named():
   assert len(cells) == 4
   for overrides in cells:
     validate(apply_overrides(base, overrides))
+  quick = expand_grid(module.get_sweep("quick"))
+  assert [q["attribution.setting"] for q in quick] == [cells[0]["attribution.setting"],
+                                                       cells[-1]["attribution.setting"]]
+  assert quick == [cells[0], cells[-1]]
+  for overrides in quick:
+    validate(apply_overrides(module.get_config("quick"), overrides))
   (mnist,) = expand_grid(module.get_sweep("mnist"))
   validate(apply_overrides(module.get_config("mnist"), mnist))
   algorithms = expand_grid(module.get_sweep("algorithms"))
