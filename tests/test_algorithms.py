@@ -238,7 +238,7 @@ def test_round_and_algorithm_argument_errors(setup):
 
 def test_config_translates_to_the_library_pieces():
   # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.algorithms import algorithm_pieces
+  from tracefl_jax.experiment.stages import algorithm_pieces
   from tracefl_jax.experiment.config import FIELD_HELP, base_config, validate
   c = base_config()
   assert algorithm_pieces(c) == {"loss_fn": None, "aggregator": None, "server_optimizer": None}

@@ -18,9 +18,8 @@ import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS
 from tracefl_jax.experiment import config_checks as checks
-from tracefl_jax.experiment.algorithms import LOSSES, algorithm_errors
-from tracefl_jax.experiment.config_checks import (CROSS, FREE, NON_NEGATIVE, POSITIVE, SEED_MAX,
-                                                  Choices, Parse, Range)
+from tracefl_jax.experiment.config_checks import (CROSS, FREE, LOSSES, NON_NEGATIVE, POSITIVE,
+                                                  SEED_MAX, Choices, Parse, Range)
 from tracefl_jax.fl.aggregation import WEIGHTINGS
 from tracefl_jax.fl.client import OPTIMIZERS
 from tracefl_jax.fl.robust import RULES
@@ -344,7 +343,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   values, parse_errors = _typed(c)
   errors += parse_errors
   errors += checks.cross_field_errors(c, values)
-  errors.extend(algorithm_errors(c))  # client.loss, aggregation.rule, server.*
+  errors += checks.algorithm_errors(c)  # client.loss, aggregation.rule, server.*
   if errors:
     _raise_invalid(errors)
 

@@ -3,7 +3,7 @@
   plan(config, workdir)                 -> RunPlan    what the run does in its workdir
   load_data(config)                     -> DataStage  dataset, partition, flips, test set
   build_model(config, data)             -> ModelStage the model, its initial variables, spec
-  build_algorithm(config, model, data)  -> FederatedAlgorithm
+  build_algorithm(config, model, data)  -> FederatedAlgorithm (with `algorithm_pieces`)
   build_evaluator(config, model, data)  -> GlobalEvaluator
 
 (`resume.start`, `callbacks.build_callbacks`, `loop.run_loop` and `summary.finish` follow.)
@@ -25,10 +25,10 @@ import numpy as np
 from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.federated import FederatedData, federate, flip_labels
 from tracefl_jax.data.partition import Partition
-from tracefl_jax.experiment.algorithms import algorithm_pieces
 from tracefl_jax.experiment.config import typed
 from tracefl_jax.experiment.io import read_jsonl
 from tracefl_jax.experiment.workdir import plan_run
+from tracefl_jax.fl import losses, robust, server
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.rounds import FederatedAlgorithm, GlobalEvaluator, federated_averaging
@@ -238,10 +238,41 @@ def dp_settings(c: ml_collections.ConfigDict) -> DPSettings | None:
                     trace_clean=c.dp.parity)
 
 
+def client_loss(c: ml_collections.ConfigDict) -> losses.LossFn | None:
+  """`client.loss`: None (cross-entropy) or FedProx with `client.prox_mu`."""
+  if c.client.loss == "fedprox":
+    return losses.fedprox(c.client.prox_mu)
+  return None
+
+
+def aggregation_rule(c: ml_collections.ConfigDict) -> robust.AggregationRule | None:
+  """`aggregation.rule`: None for the mean (FedAvg), else the robust rule."""
+  a = c.aggregation
+  if a.rule == "mean":
+    return None
+  return robust.make_rule(a.rule, trim_beta=a.trim_beta, num_byzantine=a.num_byzantine,
+                          num_selected=a.num_selected)
+
+
+def server_optimizer(c: ml_collections.ConfigDict) -> Any:
+  """`server.*`: None (G_t = aggregate) or the optax transformation of the pseudo-gradient."""
+  s = c.server
+  return server.server_optimizer(s.optimizer, s.learning_rate, momentum=s.momentum, b1=s.b1,
+                                 b2=s.b2, eps=s.eps)
+
+
+def algorithm_pieces(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of `federated_averaging` for the config's client objective,
+  aggregation rule and server optimizer (`fl.losses`, `fl.robust`, `fl.server`); the defaults
+  give None for every piece, i.e. plain FedAvg bit for bit."""
+  return {"loss_fn": client_loss(c), "aggregator": aggregation_rule(c),
+          "server_optimizer": server_optimizer(c)}
+
+
 def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
                     data: DataStage, *, donate: bool = True) -> FederatedAlgorithm:
   """FedAvg (or DP-FedAvg) with the config's client optimizer and simulation strategy, and its
-  client objective, aggregation rule and server optimizer (`algorithms.algorithm_pieces`).
+  client objective, aggregation rule and server optimizer (`algorithm_pieces`).
   `donate`: G_{t-1}'s buffers go to the round (off where the initial variables are reused)."""
   del data  # what an algorithm may size itself by (clients, classes)
   c = config
