@@ -164,8 +164,8 @@ def test_comparison_runs_the_configured_algorithm(tmp_path):
 
 
 def test_comparison_refusals_are_one_line(tmp_path, capsys):
-  from tracefl_jax.experiment import comparison, stages
-  from tracefl_jax.experiment.lock import WorkdirBusyError, WorkdirLock
+  from tracefl_jax.experiment import comparison
+  from tracefl_jax.experiment.workdir import WorkdirBusyError, WorkdirLock, plan_run
 
   def refused(*argv):
     with pytest.raises(SystemExit) as e:
@@ -199,5 +199,5 @@ def test_comparison_refusals_are_one_line(tmp_path, capsys):
   cell.mkdir()
   (cell / "config.json").write_text(config.to_json_best_effort(indent=2))
   (cell / "summary.json").write_text('{"rows": [')
-  assert stages.plan(config, cell).action == "resume"
+  assert plan_run(config, cell).action == "resume"
   assert comparison.comparison_errors(config) == []

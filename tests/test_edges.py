@@ -25,7 +25,7 @@ import pytest
 from tracefl_jax.experiment import checkpoints, cli, cli_args, distributed, io, peers, runner
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.experiment.io import WorkdirError
-from tracefl_jax.experiment.lock import LOCK_FILE, WorkdirLock
+from tracefl_jax.experiment.workdir import LOCK_FILE, WorkdirLock
 from tracefl_jax.fl.rounds import TrainingDivergedError
 from tests.xla_env import xla_flags
 

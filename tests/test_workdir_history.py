@@ -23,7 +23,7 @@ import pytest
 from tests.test_faults import TINY, _cli, _config, _snapshot, _untimed
 from tracefl_jax.experiment import runner, stored, summary as outputs, trace_cli
 from tracefl_jax.experiment.io import WorkdirError, read_jsonl
-from tracefl_jax.experiment.lock import LOCK_FILE, WorkdirBusyError
+from tracefl_jax.experiment.workdir import LOCK_FILE, WorkdirBusyError
 from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _rows(path: Path) -> list[dict]:
 
 def test_a_second_run_is_refused_at_once_and_a_dead_holders_lock_never_blocks(run_copy):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys; from tracefl_jax.experiment.lock import WorkdirLock;"
+      [sys.executable, "-c", "import sys; from tracefl_jax.experiment.workdir import WorkdirLock;"
        f"WorkdirLock({str(run_copy)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
       cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:

@@ -24,8 +24,7 @@ from tracefl_jax.experiment.comparison import (METHODS, comparison_errors,  # no
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.configfile import load_config
 from tracefl_jax.experiment.io import write_atomic
-from tracefl_jax.experiment.lock import WorkdirLock
-from tracefl_jax.experiment.workdir import check_workdir, plan_run
+from tracefl_jax.experiment.workdir import WorkdirLock, check_workdir, plan_run
 from tracefl_jax.fl.rounds import TrainingDivergedError
 
 
@@ -100,12 +99,10 @@ def _cells(spec: str, base: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
 
 def _check_finished_cells(cells, workdir: Path) -> None:
   """Refuses, before anything runs, a sweep whose workdir holds a cell of another config
-  (`workdir.plan_run`'s rules, as `run_comparison` would apply them one cell at a time)."""
+  (`workdir.plan_run`, as `run_comparison` applies it one cell at a time)."""
   for name, config in cells:
     if (workdir / name).is_dir():
-      c = config
-      plan_run(workdir / name, c.to_json_best_effort(indent=2), rounds=c.rounds,
-               resume=c.checkpoint.resume, overwrite=c.checkpoint.overwrite)
+      plan_run(config, workdir / name)
 
 
 def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf"),

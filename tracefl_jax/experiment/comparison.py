@@ -60,8 +60,7 @@ from tracefl_jax.experiment import resume, stages
 from tracefl_jax.experiment.callbacks import protocol_settings
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.io import write_atomic
-from tracefl_jax.experiment.lock import WorkdirLock
-from tracefl_jax.experiment.workdir import check_workdir
+from tracefl_jax.experiment.workdir import WorkdirLock, check_workdir, plan_run
 from tracefl_jax.fl.rounds import run_rounds
 from tracefl_jax.experiment import comparison_methods as methods
 from tracefl_jax.provenance import protocol, retrained, retraining, round_callback
@@ -163,7 +162,7 @@ def _explained(c, evaluator, final, flip) -> np.ndarray:
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
                    allow_cwd: bool = False) -> dict[str, Any]:
   """One cell of the comparison (see the module docstring) in `workdir`, under the runner's
-  rules: the workdir checked and locked, and planned like a run (`stages.plan`): a finished
+  rules: the workdir checked and locked, and planned like a run (`workdir.plan_run`): a finished
   cell of the same config is returned as it is, a cell of another config is refused (or
   moved aside with `checkpoint.overwrite`), an interrupted one is computed again. Writes
   WORKDIR/config.json, then WORKDIR/summary.json (atomically) when done.
@@ -179,7 +178,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
     raise ValueError(errors[0])
   workdir = check_workdir(workdir, allow_cwd=allow_cwd)
   with WorkdirLock(workdir):
-    plan = stages.plan(config, workdir)
+    plan = plan_run(config, workdir)
     if plan.action == "finished":
       return plan.summary
     if plan.action == "overwrite":

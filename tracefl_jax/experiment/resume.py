@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 
 from tracefl_jax.experiment.checkpoints import Checkpointer
 from tracefl_jax.experiment.io import WorkdirError, json_line, read_jsonl, write_atomic
-from tracefl_jax.experiment.stages import DataStage, RunPlan
-from tracefl_jax.experiment.workdir import PREVIOUS, move_aside
+from tracefl_jax.experiment.stages import DataStage
+from tracefl_jax.experiment.workdir import PREVIOUS, RunPlan, move_aside
 
 
 class Start(NamedTuple):

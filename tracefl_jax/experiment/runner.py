@@ -34,8 +34,7 @@ from tracefl_jax.experiment import callbacks as run_callbacks
 from tracefl_jax.experiment import distributed, memory, resume, stages, summary as outputs
 from tracefl_jax.experiment.checkpoints import Checkpointer, quiet_orbax
 from tracefl_jax.experiment.config import validate
-from tracefl_jax.experiment.lock import WorkdirLock
-from tracefl_jax.experiment.workdir import check_workdir
+from tracefl_jax.experiment.workdir import RunPlan, WorkdirLock, check_workdir, plan_run
 from tracefl_jax.fl.rounds import TrainingDivergedError, run_rounds
 
 
@@ -51,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
   Raises:
     WorkdirError: before anything is loaded, for a workdir that is empty, the current
       directory (unless `allow_cwd`), not writable, of the wrong layout, in use by another
-      run (`lock.WorkdirBusyError`), or holding results this run would mix with or lose.
+      run (`workdir.WorkdirBusyError`), or holding results this run would mix with or lose.
     CheckpointError: a checkpoint that is corrupt or of another experiment (left in place).
     TrainingDivergedError: the loss exploded; earlier rounds' rows and checkpoints stay.
   """
@@ -68,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
   workdir = distributed.on_primary(lambda: str(check_workdir(workdir, allow_cwd=allow_cwd)))
   lock = WorkdirLock(workdir)
   try:
-    plan = stages.RunPlan(*distributed.on_primary(lambda: _plan(c, lock)))
+    plan = RunPlan(*distributed.on_primary(lambda: _plan(c, lock)))
     plan = plan._replace(workdir=Path(plan.workdir))
     with quiet_orbax(plan.workdir if primary else None):
       if plan.action == "finished":
@@ -97,11 +96,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
 
 def _plan(config: ml_collections.ConfigDict, lock: WorkdirLock) -> list[Any]:
   lock.acquire()  # before anything is written; a second run is refused here, at once
-  plan = stages.plan(config, lock.path.parent)
+  plan = plan_run(config, lock.path.parent)
   return [str(plan.workdir), *plan[1:]]
 
 
-def _loop(c: ml_collections.ConfigDict, plan: stages.RunPlan, algorithm, data: stages.DataStage,
+def _loop(c: ml_collections.ConfigDict, plan: RunPlan, algorithm, data: stages.DataStage,
           start: resume.Start, cbs: run_callbacks.RunCallbacks) -> list[dict[str, Any]]:
   """The rounds after the start's, then a checkpoint of the last; returns the whole history."""
   recorder = cbs.recorder

@@ -1,12 +1,12 @@
 """The stages `runner.run` is made of, each a function of the config (and the stages before):
 
-  plan(config, workdir)                 -> RunPlan    what the run does in its workdir
   load_data(config)                     -> DataStage  dataset, partition, flips, test set
   build_model(config, data)             -> ModelStage the model, its initial variables, spec
   build_algorithm(config, model, data)  -> FederatedAlgorithm (with `algorithm_pieces`)
   build_evaluator(config, model, data)  -> GlobalEvaluator
 
-(`resume.start`, `callbacks.build_callbacks`, `loop.run_loop` and `summary.finish` follow.)
+(`workdir.plan` comes before them; `resume.restore`, `callbacks.build_callbacks`, the
+library's `run_rounds` and `summary.run_summary` follow.)
 Each is a translation of one config section into library calls; nothing here writes files.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -26,8 +25,6 @@ from tracefl_jax.data import fixup_partition, load_dataset, make_partition
 from tracefl_jax.data.federated import FederatedData, federate, flip_labels
 from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.config import typed
-from tracefl_jax.experiment.io import read_jsonl
-from tracefl_jax.experiment.workdir import plan_run
 from tracefl_jax.fl import losses, robust, server
 from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings
@@ -45,31 +42,6 @@ def import_modules(names: str) -> None:
     except ImportError as e:
       raise ValueError(f"imports: cannot import module {name!r} ({e}); it must be importable "
                        f"from the current directory or PYTHONPATH") from e
-
-
-# --- plan --------------------------------------------------------------------------------
-
-
-class RunPlan(NamedTuple):
-  """What a run does in its (checked, locked) workdir."""
-  workdir: Path
-  action: str                       # "fresh" | "resume" | "overwrite" | "finished"
-  config_json: str                  # the resolved config, as config.json holds it
-  summary: dict[str, Any] | None    # the finished run's summary ("finished")
-
-
-def plan(config: ml_collections.ConfigDict, workdir: Path) -> RunPlan:
-  """Decides the run's action (`workdir.plan_run`); on resume a malformed JSONL row is an
-  error now, before anything is loaded."""
-  c = config
-  config_json = c.to_json_best_effort(indent=2)
-  action, finished = plan_run(workdir, config_json, rounds=c.rounds,
-                              resume=c.checkpoint.resume, overwrite=c.checkpoint.overwrite)
-  if action == "resume":
-    for name in ("metrics.jsonl", "provenance.jsonl"):
-      if (workdir / name).exists():
-        read_jsonl(workdir / name)
-  return RunPlan(workdir, action, config_json, finished)
 
 
 # --- data --------------------------------------------------------------------------------

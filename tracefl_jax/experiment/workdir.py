@@ -1,24 +1,35 @@
 """The workdir rules that keep runs from mixing or losing results.
 
 The workdir holds one run. `check_workdir` checks its path and layout before anything is
-loaded or trained; `plan_run` decides what a run of a config does there: start afresh (an
-empty workdir), resume (the same config's unfinished run), nothing (its finished run), or
-refuse (results of another config, `checkpoint.resume=False` over results, fewer rounds than
-already done); `move_aside` moves a previous run to `WORKDIR/previous/<time>/` for
-`checkpoint.overwrite`. Nothing here deletes results. (`lock.py` keeps a second run out while
-one works there.)
+loaded or trained; `WorkdirLock` keeps a second run out while one works there; `plan_run`
+decides what a run of a config does there: start afresh (an empty workdir),
+resume (the same config's unfinished run), nothing (its finished run), or refuse (results of
+another config, `checkpoint.resume=False` over results, fewer rounds than already done);
+`move_aside` moves a previous run to `WORKDIR/previous/<time>/` for `checkpoint.overwrite`.
+Nothing here deletes results.
+
+The lock is an OS-level `flock` on `WORKDIR/.tracefl.lock`, released by the kernel when its
+holder exits for any reason (SIGKILL included), so a lock file left by a dead process never
+blocks: the file is only a place to lock and to name the holder. A second run is refused at
+once (no waiting) with one line naming the holder (pid, host, start time). The file is
+removed, still locked, when the run ends; a run that locked a file another run had just
+removed (the path no longer names its inode) takes the lock again on the new file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import ml_collections
+
 from tracefl_jax.experiment.config import config_fields
-from tracefl_jax.experiment.io import WorkdirError
+from tracefl_jax.experiment.io import WorkdirError, read_jsonl
 
 # Config fields that do not change results: a run may resume with other values of these
 # (a dotted prefix covers a whole section).
@@ -94,6 +105,83 @@ def check_workdir(workdir: str | Path | None, *, allow_cwd: bool = False) -> Pat
   return path
 
 
+# --- the lock -----------------------------------------------------------------------------
+
+LOCK_FILE = ".tracefl.lock"
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another live run holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir): ...` holds the workdir for the block (or `acquire`/`release`).
+
+  Raises:
+    WorkdirBusyError: one line naming the workdir and the holder, when another run holds it.
+  """
+
+  def __init__(self, workdir: str | Path):
+    self.path = Path(workdir) / LOCK_FILE
+    self._fd: int | None = None
+
+  def acquire(self) -> "WorkdirLock":
+    while True:
+      fd = self._open()
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise WorkdirBusyError(
+            f"workdir {self.path.parent} is in use by another run ({holder}); wait for it to "
+            f"end, or use another --workdir") from None
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)  # the file was removed by the run that just ended: lock the new one
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}\n".encode())
+    self._fd = fd
+    return self
+
+  def _open(self) -> int:
+    """The lock file, opened or created; never through a symbolic link (a dangling one made
+    `open` fail with a bare 'No such file or directory')."""
+    try:
+      return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if self.path.is_symlink():
+        raise WorkdirError(
+            f"{self.path} is a symbolic link (to {os.readlink(self.path)}), not the lock file "
+            f"a run leaves: remove it (rm {self.path}) and run again") from None
+      raise WorkdirError(f"cannot open the workdir's lock file {self.path} ({e.strerror}): "
+                         f"it must be a regular file the run can write; remove it or fix its "
+                         f"permissions, and run again") from None
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      self.path.unlink(missing_ok=True)  # still locked: no run can take the old file meanwhile
+    except OSError:
+      pass
+    os.close(self._fd)  # closing releases the lock
+    self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+# --- what a run does there ----------------------------------------------------------------
+
 def stored_rounds(workdir: str | Path) -> list[int]:
   """The complete stored rounds of a workdir (`WORKDIR/rounds/<round>/round.json`), ascending."""
   directory = Path(workdir) / "rounds"
@@ -133,16 +221,10 @@ def inspect_workdir(workdir: str | Path) -> WorkdirState:
                       summary if isinstance(summary, dict) else None)
 
 
-def plan_run(workdir: str | Path, config_json: str, *, rounds: int, resume: bool,
-             overwrite: bool) -> tuple[str, dict[str, Any] | None]:
+def _action(workdir: str | Path, config_json: str, *, rounds: int, resume: bool,
+            overwrite: bool) -> tuple[str, dict[str, Any] | None]:
   """What a run of this config does in the workdir: `("fresh" | "resume" | "overwrite", None)`
-  or `("finished", summary)` (nothing to do).
-
-  Raises:
-    WorkdirError: one line naming the workdir, what it holds and the ways out, when the run
-      would mix with or lose results there: `resume=False` over results, results of another
-      config, or fewer `rounds` than already done.
-  """
+  or `("finished", summary)` (nothing to do); `plan_run`'s errors."""
   path = Path(workdir)
   state = inspect_workdir(path)
   if not state.results:
@@ -176,15 +258,44 @@ def plan_run(workdir: str | Path, config_json: str, *, rounds: int, resume: bool
   return "resume", None
 
 
+class RunPlan(NamedTuple):
+  """What a run does in its (checked, locked) workdir."""
+  workdir: Path
+  action: str                       # "fresh" | "resume" | "overwrite" | "finished"
+  config_json: str                  # the resolved config, as config.json holds it
+  summary: dict[str, Any] | None    # the finished run's summary ("finished")
+
+
+def plan_run(config: ml_collections.ConfigDict, workdir: Path) -> RunPlan:
+  """What a run of `config` does in the workdir: start afresh, resume, move the previous run
+  aside (`checkpoint.overwrite`), or nothing (its finished run); on resume a malformed JSONL
+  row is an error now, before anything is loaded.
+
+  Raises:
+    WorkdirError: one line naming the workdir, what it holds and the ways out, when the run
+      would mix with or lose results there: `checkpoint.resume=False` over results, results
+      of another config, or fewer `rounds` than already done.
+  """
+  c = config
+  config_json = c.to_json_best_effort(indent=2)
+  action, finished = _action(workdir, config_json, rounds=c.rounds,
+                             resume=c.checkpoint.resume, overwrite=c.checkpoint.overwrite)
+  if action == "resume":
+    for name in ("metrics.jsonl", "provenance.jsonl"):
+      if (workdir / name).exists():
+        read_jsonl(workdir / name)
+  return RunPlan(workdir, action, config_json, finished)
+
+
 def finished_summary(workdir: str | Path, config_json: str, rounds: int) -> dict[str, Any] | None:
   """The summary of this config's finished run in `workdir`, or None."""
   if not Path(workdir).is_dir():
     return None
   try:
-    plan, summary = plan_run(workdir, config_json, rounds=rounds, resume=True, overwrite=False)
+    action, summary = _action(workdir, config_json, rounds=rounds, resume=True, overwrite=False)
   except WorkdirError:
     return None
-  return summary if plan == "finished" else None
+  return summary if action == "finished" else None
 
 
 def move_aside(workdir: str | Path) -> Path:
