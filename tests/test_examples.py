@@ -49,37 +49,44 @@ def test_nnx_example_traces_the_saved_round_as_online(tmp_path):
   np.testing.assert_allclose(result.scores, online.scores, rtol=1e-6, atol=1e-6)
 
 
-def test_readme_algorithm_and_saved_round_blocks_run(tmp_path, monkeypatch):
-  """The README's Python blocks after the first (which test_readme runs), in order, on a tiny
-  model and federation of the first block's names: the algorithm pieces, provenance under
-  the round's own rule, algorithms with memory, a saved round."""
-  import re  # pylint: disable=g-import-not-at-top
+def test_docs_python_blocks_run(tmp_path, monkeypatch):
+  """The docs pages' Python blocks (README's one runs in test_readme), page by page in
+  test_docs.EXECUTED's order, in one scope, on a tiny model and federation of the README
+  example's names: the algorithm pieces, provenance under the round's own rule, algorithms
+  with memory (docs/algorithms.md), a saved round (docs/guide.md)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import tracefl_jax as tfl  # pylint: disable=g-import-not-at-top
+  from tests.test_docs import EXECUTED, python_blocks  # pylint: disable=g-import-not-at-top
 
   class Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):
       return nn.Dense(3)(x)
 
-  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"),
-                      re.S)
   rng = np.random.default_rng(0)
   y = rng.integers(0, 3, 200).astype(np.int32)
   x = (rng.normal(size=(200, 4)) + y[:, None]).astype(np.float32)
   scope = {"tfl": tfl, "jax": jax, "optax": optax, "np": np, "x_test": x[:8],
            "model": tfl.make_model(Tiny(), input_shape=(4,), num_classes=3),
            "data": tfl.federate(x, y, [np.arange(i, 200, 10) for i in range(10)])}
-  exec(compile(blocks[1], "README.md", "exec"), scope)  # pylint: disable=exec-used
-  assert scope["state"].opt_state is not None
-  assert jax.tree.leaves(scope["without_each"])[0].shape[0] == 3
-  monkeypatch.chdir(tmp_path)
-  assert len(blocks) == 5, "a README Python block was added or removed: run it here too"
-  exec(compile(blocks[2], "README.md", "exec"), scope)  # pylint: disable=exec-used
-  assert scope["drops"].shape == scope["fo"].scores.shape == (8, 3)
-  exec(compile(blocks[3], "README.md", "exec"), scope)  # pylint: disable=exec-used
-  assert scope["state"].round == 3 and scope["state"].client_state is not None
-  exec(compile(blocks[4], "README.md", "exec"), scope)  # pylint: disable=exec-used
-  assert scope["stored"].round == 4 and (tmp_path / "runs/mine/round_4/round.json").exists()
+  checks = {  # what each block must leave in the scope
+      ("docs/algorithms.md", 0): lambda s: (
+          s["state"].opt_state is not None
+          and jax.tree.leaves(s["without_each"])[0].shape[0] == 3),
+      ("docs/algorithms.md", 1): lambda s: s["drops"].shape == s["fo"].scores.shape == (8, 3),
+      ("docs/algorithms.md", 2): lambda s: (
+          s["state"].round == 3 and s["state"].client_state is not None),
+      ("docs/guide.md", 0): lambda s: (
+          s["stored"].round == 4 and (tmp_path / "runs/mine/round_4/round.json").exists()),
+  }
+  monkeypatch.chdir(tmp_path)  # the blocks write server.msgpack and runs/mine/
+  ran = []
+  for page in (p for p in EXECUTED if p != "README.md"):
+    for i, block in enumerate(python_blocks(ROOT / page)):
+      assert (page, i) in checks, f"{page}'s Python block {i} is new: check it here"
+      exec(compile(block, page, "exec"), scope)  # pylint: disable=exec-used
+      assert checks[(page, i)](scope), f"{page}'s Python block {i}"
+      ran.append((page, i))
+  assert ran == list(checks)

@@ -3,17 +3,14 @@ runs as written and answers with the documented shapes."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests.test_docs import README, python_blocks
 
 
 def test_readme_python_example_runs():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-  assert blocks, "README has no ```python example"
+  blocks = python_blocks(README)
+  assert len(blocks) == 1, "README has one ```python example (docs/ pages hold the others)"
   scope: dict = {}
   exec(compile(blocks[0], str(README), "exec"), scope)  # pylint: disable=exec-used
   result = scope["result"]
