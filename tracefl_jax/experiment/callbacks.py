@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from tracefl_jax.data.base import DIGITS_MEAN, DIGITS_STD
 from tracefl_jax.experiment.checkpoints import Checkpointer
 from tracefl_jax.experiment.config import typed
-from tracefl_jax.experiment.io import JsonlWriter, NullWriter
+from tracefl_jax.experiment.io import JsonlWriter, NullWriter, ProvenanceLog
 from tracefl_jax.experiment.resume import Start
 from tracefl_jax.experiment.stages import DataStage, ModelStage, normalization_meta
 from tracefl_jax.experiment.stored import save_round
-from tracefl_jax.experiment.tracing import ProvenanceLog
 from tracefl_jax.experiment.workdir import RunPlan
 from tracefl_jax.fl.privacy import dp_epsilon
 from tracefl_jax.fl.rounds import RoundInfo

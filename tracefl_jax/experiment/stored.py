@@ -36,7 +36,7 @@ from tracefl_jax.data import Normalization
 from tracefl_jax.experiment.checkpoints import CheckpointError, first_line, stderr_to_log
 from tracefl_jax.experiment.stages import (ModelStage, build_algorithm, import_modules,
                                            model_from_spec)
-from tracefl_jax.experiment.tracing import top_clients
+from tracefl_jax.experiment.io import top_clients
 from tracefl_jax.experiment.workdir import stored_rounds
 from tracefl_jax.provenance import storage
 from tracefl_jax.provenance import storage_files as files
