@@ -21,8 +21,7 @@ from tracefl_jax import models
 from tracefl_jax.data import Normalization, load_dataset
 from tracefl_jax.experiment import cli, runner, stages
 from tracefl_jax.experiment.checkpoints import CheckpointError
-from tracefl_jax.experiment.inputs import model_inputs
-from tracefl_jax.experiment.stored import load_round, trace_stored_round
+from tracefl_jax.experiment.stored import load_round, model_inputs, trace_stored_round
 import tracefl_jax as tfl
 
 ROOT = Path(__file__).resolve().parents[1]
