@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tracefl_jax.experiment import checkpoints, cli, cli_args, distributed, io, peers, runner
+from tracefl_jax.experiment import checkpoints, cli, cli_args, distributed, io, runner
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.experiment.io import WorkdirError
 from tracefl_jax.experiment.workdir import LOCK_FILE, WorkdirLock
@@ -148,27 +148,27 @@ def test_process_0s_refusal_reaches_the_others_silently(monkeypatch):
 def test_a_lost_process_is_named_with_its_last_heartbeat(monkeypatch):
   """A dead peer was reported as a disk problem ('make room ...') when the collective that
   met it was a checkpoint's, then JAX's shutdown aborted natively."""
-  monkeypatch.setattr(peers.jax, "process_count", lambda: 3)
-  monkeypatch.setattr(peers.jax, "process_index", lambda: 0)
-  monkeypatch.setattr(peers, "_client", lambda: object())
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 3)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(distributed, "_client", lambda: object())
   now = time.time()
   stamp = time.strftime("%H:%M:%S", time.localtime(now - 4))
   reads = iter([{0: now, 1: now - 4, 2: now}, {0: now, 1: now - 4, 2: now + 1}])
-  monkeypatch.setattr(peers, "_heartbeats", lambda client: next(reads, {0: now, 1: now - 4,
+  monkeypatch.setattr(distributed, "_heartbeats", lambda client: next(reads, {0: now, 1: now - 4,
                                                                        2: now + 1}))
-  monkeypatch.setattr(peers, "BEAT_SECONDS", 0.01)
-  lost, beats = peers.lost_processes(wait=0.1)  # process 2's beat advanced, 1's did not
+  monkeypatch.setattr(distributed, "BEAT_SECONDS", 0.01)
+  lost, beats = distributed.lost_processes(wait=0.1)  # process 2's beat advanced, 1's did not
   assert lost == [1]
-  assert peers.lost_message(lost, beats) == (
+  assert distributed.lost_message(lost, beats) == (
       f"process 1 of the run's 3 died or was stopped (process 1's last heartbeat at {stamp} "
       f"(4 s ago)); the rows and checkpoints so far are kept: run the same command again on "
       f"every process to resume from the last checkpoint")
-  monkeypatch.setattr(peers, "_heartbeats", lambda client: {0: now, 1: None, 2: None})
-  assert peers.lost_processes(wait=0.1)[0] == []  # ended normally ('done'): not lost
-  monkeypatch.setattr(peers.jax, "process_index", lambda: 1)
-  monkeypatch.setattr(peers, "_heartbeats", lambda client: None)  # the service is gone
-  assert peers.lost_processes(wait=0.1) == ([0], {})
-  assert peers.lost_message([0], {}).startswith(
+  monkeypatch.setattr(distributed, "_heartbeats", lambda client: {0: now, 1: None, 2: None})
+  assert distributed.lost_processes(wait=0.1)[0] == []  # ended normally ('done'): not lost
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(distributed, "_heartbeats", lambda client: None)  # the service is gone
+  assert distributed.lost_processes(wait=0.1) == ([0], {})
+  assert distributed.lost_message([0], {}).startswith(
       "process 0 (the coordinator) of the run's 3 is gone: process 1 cannot reach it; ")
 
 

@@ -134,9 +134,10 @@ def _join(args: Args) -> None:
 def _exit_if_peer_lost(e: BaseException) -> None:
   """With several processes, an error that a lost process causes (a collective, or a
   checkpoint's, failing) is reported as that process's loss, naming it and its last
-  heartbeat (`peers`), and ends this process at once; other errors keep their own line."""
+  heartbeat (`distributed.exit_if_lost`), and ends this process at once; other errors keep
+  their own line."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment import peers  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment import distributed  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment.checkpoints import CheckpointError, first_line  # pylint: disable=g-import-not-at-top
   from tracefl_jax.experiment.io import WorkdirError  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1 or isinstance(e, WorkdirError):
@@ -147,9 +148,9 @@ def _exit_if_peer_lost(e: BaseException) -> None:
     cause = cause.__cause__ or cause.__context__
   runtime = any(isinstance(c, jax.errors.JaxRuntimeError) for c in chain)
   if runtime or any(isinstance(c, CheckpointError) or "Gloo" in str(c) for c in chain):
-    peers.exit_if_lost()
+    distributed.exit_if_lost()
   if runtime:  # no process is silent, yet the runtime failed: JAX's shutdown would abort
-    peers.exit_now(f"process {jax.process_index()} of {jax.process_count()} lost the others "
+    distributed.exit_now(f"process {jax.process_index()} of {jax.process_count()} lost the others "
                    f"({first_line(e)}); a process died or was stopped: run the same command "
                    f"again on every process to resume from the last checkpoint", 3)
 
