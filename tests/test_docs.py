@@ -136,3 +136,33 @@ def test_readme_layout_lists_every_subpackage_and_nothing_else():
                            f"not there {sorted(packages - live)}"
   missing = sorted(p for p in listed if not (ROOT / p).exists())
   assert not missing, f"README's Layout names paths that do not exist: {missing}"
+
+
+def _module_exists(dotted: str) -> bool:
+  """`tracefl_jax.a.b.name`: some prefix is a module file (the rest names inside it), a
+  package whose __init__ names the rest, or the whole is a package."""
+  path = ROOT
+  for part in dotted.split("."):
+    if (path / f"{part}.py").exists():
+      return True
+    if not (path / part).is_dir():
+      init = path / "__init__.py"
+      return init.exists() and re.search(rf"\b{part}\b", init.read_text(encoding="utf-8"))
+    path = path / part
+  return True
+
+
+def test_every_file_and_module_the_pages_name_exists():
+  """Paths such as `provenance/removal.py` or `benchmarks/bench_round.py` (from the repository
+  or from tracefl_jax/) and modules such as `tracefl_jax.experiment.stored`: modules are
+  being moved, and a page must move with them."""
+  missing = []
+  for page in PAGES:
+    text = page.read_text(encoding="utf-8")
+    for path in set(re.findall(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.py)\b", text)):
+      if not ((ROOT / path).exists() or (ROOT / "tracefl_jax" / path).exists()):
+        missing.append(f"{_rel(page)}: {path}")
+    for dotted in set(re.findall(r"\b(tracefl_jax(?:\.\w+)+)", text)):
+      if not _module_exists(dotted):
+        missing.append(f"{_rel(page)}: {dotted}")
+  assert not missing, "\n".join(sorted(missing))
