@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_gpu_script import _gpu_script
 from tracefl_jax.data.structured import make_structured_images
-from tracefl_jax.experiment import memory, sweep
+from tracefl_jax.experiment import summary as outputs, sweep
 from tracefl_jax.fl.rounds import sample_clients
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scale.py"
@@ -54,10 +54,10 @@ def test_memory_plan_chunks_only_when_the_measured_rate_predicts_too_much():
                                                    "start_rss_bytes": 1_000}},
               {"clients_per_round": 100, "memory": {"rounds_peak_rss_bytes": 6_000,
                                                     "start_rss_bytes": 1_000}}]
-  assert memory.bytes_per_participant(measured) == 50.0  # the run with the most clients
-  assert memory.plan_chunks(1000, 50.0, budget=100_000) == 0
-  assert memory.plan_chunks(1000, 50.0, budget=10_000) == 200
-  assert memory.plan_chunks(1000, None, budget=10) == 0  # nothing measured yet
+  assert outputs.bytes_per_participant(measured) == 50.0  # the run with the most clients
+  assert outputs.plan_chunks(1000, 50.0, budget=100_000) == 0
+  assert outputs.plan_chunks(1000, 50.0, budget=10_000) == 200
+  assert outputs.plan_chunks(1000, None, budget=10) == 0  # nothing measured yet
   config = _scale().get_config("smoke")
   config.clients_per_round = 20  # predicted 20 x 50 bytes > 500: 10 clients at a time
   planned, plan = sweep.plan_memory(config, measured, budget=500)

@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 
 from tracefl_jax.experiment import callbacks as run_callbacks
-from tracefl_jax.experiment import distributed, memory, resume, stages, summary as outputs
+from tracefl_jax.experiment import distributed, resume, stages, summary as outputs
 from tracefl_jax.experiment.checkpoints import Checkpointer, quiet_orbax
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.workdir import RunPlan, WorkdirLock, check_workdir, plan_run
@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
                      "comparison, which the compare command runs: python -m tracefl_jax "
                      "compare --config=PATH.py:PRESET --workdir=DIR (every cell of the "
                      "preset's sweep); or set --config.attribution.enabled=False")
-  memory.reset_peak_rss()  # this run's peak, not an earlier run's of the same process
+  outputs.reset_peak_rss()  # this run's peak, not an earlier run's of the same process
   primary = distributed.is_primary()
   workdir = distributed.on_primary(lambda: str(check_workdir(workdir, allow_cwd=allow_cwd)))
   lock = WorkdirLock(workdir)

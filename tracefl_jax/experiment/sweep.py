@@ -23,7 +23,7 @@ in its own run directory, and writes no table; once every shard is done,
 `--sweep --collect` (`collect`) merges the finished runs into results.csv, results.md and the
 plots, and names the runs that are missing.
 
-Memory: before each run, `memory.plan_chunks` predicts its peak from the runs measured so far
+Memory: before each run, `summary.plan_chunks` predicts its peak from the runs measured so far
 (bytes per participant of the run with the most clients per round) and, when the prediction
 exceeds the memory available, bounds the client-stacked computations to the clients that fit
 (`simulation.strategy="chunked"` with `simulation.clients_per_chunk`, and
@@ -44,7 +44,7 @@ from typing import Any
 import ml_collections
 from tqdm.auto import tqdm
 
-from tracefl_jax.experiment import configfile, memory
+from tracefl_jax.experiment import configfile, summary as outputs
 from tracefl_jax.experiment.workdir import check_workdir, finished_summary
 
 Grid = Mapping[str | tuple[str, ...], Sequence[Any]]
@@ -165,10 +165,10 @@ def _finished(workdir: Path, config: ml_collections.ConfigDict) -> dict[str, Any
 def plan_memory(config: ml_collections.ConfigDict, measured: Sequence[Mapping[str, Any]],
                 budget: int | None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """The run's config with chunking where the measured runs predict it would not fit, and the
-  plan (`memory` module docstring); a config that chose its own chunking is kept."""
-  per = memory.bytes_per_participant(measured)
+  plan (`summary` module docstring); a config that chose its own chunking is kept."""
+  per = outputs.bytes_per_participant(measured)
   k = config.clients_per_round
-  chunk = memory.plan_chunks(k, per, budget)
+  chunk = outputs.plan_chunks(k, per, budget)
   plan = {"bytes_per_participant": per, "budget_bytes": budget,
           "predicted_bytes": None if per is None else per * k, "clients_per_chunk": chunk}
   chosen = (config.simulation.strategy != "auto" or config.simulation.clients_per_chunk
@@ -234,8 +234,8 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
     if summary is None:
       budget = memory_budget
       if budget is None:
-        available = memory.available_bytes()
-        budget = None if available is None else int(memory.BUDGET_FRACTION * available)
+        available = outputs.available_bytes()
+        budget = None if available is None else int(outputs.BUDGET_FRACTION * available)
       run_config, plan = plan_memory(run_config, rows, budget)
       summary = experiment.run(run_config, run_dir, progress=False)
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": skipped,
