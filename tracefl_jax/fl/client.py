@@ -3,10 +3,18 @@
 Written once for a single client; `strategies.py` adds the client axis. A client starts every
 round from the global variables with a fresh optimizer state (as the original's Flower client
 does), shuffles its own examples each epoch with its own key, and trains on batches of
-`batch_size`: `local_steps(count) = epochs * ceil(count / batch_size)` optimizer steps, run by
-a `lax.while_loop` whose trip count is that number, so slots past the client's count (padding
-of its index row) cost nothing but their place in the shuffle. Only the client's last batch of
-an epoch can be partly empty; its empty slots carry zero loss weight.
+`batch_size`: `local_steps(count) = epochs * ceil(count / batch_size)` optimizer steps, so
+slots past the client's count (padding of its index row) cost nothing but their place in the
+shuffle. Only the client's last batch of an epoch can be partly empty; its empty slots carry
+zero loss weight.
+
+The steps are looped (`local_loop`, `fl/local_loop.py`) by a fixed-trip `lax.scan` over the
+client's padded steps, each step under `lax.cond(t < count's steps)` (default "scan": reverse
+mode crosses it, so `jax.grad` and `jax.vjp` flow through a round and through rounds, the
+client's training rematerialised in the backward pass), or by a `lax.while_loop` whose trip
+count is the client's steps ("while": forward only). Both compute the same states bit for
+bit. The packed strategies (`strategies.py`: "vmap", "chunked", "sharded") run their own lane
+loop over this module's `step`, a `while_loop` either way.
 
 The training set may be stored as uint8 pixels with a `Normalization` (`data.base`): a step
 normalises only the batch it gathers, inside the jitted program.
@@ -32,11 +40,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tracefl_jax.fl.local_loop import (DEFAULT_LOCAL_LOOP, LOCAL_LOOPS, check_local_loop,
+                                       remat_client, run_steps)
 from tracefl_jax.fl.losses import LossFn, cross_entropy, masked_cross_entropy
 from tracefl_jax.models.base import ModelDef, Variables
 
-__all__ = ["ClientOutput", "ClientUpdate", "LocalState", "local_steps", "make_client_update",
-           "make_optimizer", "masked_cross_entropy", "shuffle_order"]
+__all__ = ["ClientOutput", "ClientUpdate", "LOCAL_LOOPS", "LocalState", "local_steps",
+           "make_client_update", "make_optimizer", "masked_cross_entropy", "shuffle_order"]
 
 
 class ClientOutput(NamedTuple):
@@ -107,8 +117,9 @@ class ClientUpdate:
 
   def __init__(self, model: ModelDef, optimizer: optax.GradientTransformation,
                batch_size: int, local_epochs: int, compute_dtype: Any = jnp.float32,
-               loss_fn: LossFn | None = None):
+               loss_fn: LossFn | None = None, local_loop: str = DEFAULT_LOCAL_LOOP):
     check_local_training(batch_size, local_epochs)
+    self.local_loop = check_local_loop(local_loop)
     self.model, self.optimizer = model, optimizer
     self.batch_size, self.local_epochs = int(batch_size), int(local_epochs)
     self.compute_dtype = compute_dtype
@@ -234,7 +245,8 @@ class ClientUpdate:
                                                rng, global_params, client)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     return LocalState(optax.apply_updates(state.params, updates), opt_state, model_state,
-                      state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32),
+                      (state.loss_sum + loss * jnp.sum(mask).astype(jnp.float32)).astype(
+                          state.loss_sum.dtype),
                       state.num_steps + 1)
 
   def finish(self, state: LocalState, count: jax.Array) -> ClientOutput:
@@ -248,29 +260,36 @@ class ClientUpdate:
     count = jnp.asarray(count, jnp.int32)
     batches, step_keys = self.schedule(indices, count, key)
     zero = jnp.zeros((), jnp.int32)
+    # The client's padded steps, epochs * M / B: the scanned loop's trip count.
     return self.train(variables, x, y, batches, step_keys[None], zero[None], zero, count,
-                      normalization)
+                      normalization, max_steps=self.num_steps(indices.shape[0]))
 
   def train(self, variables: Variables, x: jax.Array, y: jax.Array, batches: jax.Array,
             step_keys: jax.Array, offsets: jax.Array, client: jax.Array, count: jax.Array,
-            normalization: Any = None, context: Any = None) -> ClientOutput:
+            normalization: Any = None, context: Any = None,
+            max_steps: int | None = None) -> ClientOutput:
     """Client `client`'s local training from a laid-out round (`batches [E, T]`,
     `step_keys [K, E]`, `offsets [K]`, as `batch` reads them): exactly its own steps.
-    `context`: its `client_state.ClientContext` for a stateful objective, or None."""
-    total = self.num_steps(count)
-    zero = jnp.zeros((), jnp.int32)
+    `context`: its `client_state.ClientContext` for a stateful objective, or None.
+    `max_steps` (static): a cap on the client's steps for the scanned loop (`local_loop`);
+    default the steps of all T slots, `num_steps(T)`."""
+    bound = self.num_steps(batches.shape[1]) if max_steps is None else int(max_steps)
 
-    def body(carry):
-      t, state = carry
-      return t + 1, self.step(state, x, y,
-                              *self.batch(batches, step_keys, offsets, client, count, t),
-                              normalization, variables["params"], context)
+    def run(variables, x, y, batches, step_keys, offsets, client, count, context):
+      def step(t, state):
+        return self.step(state, x, y,
+                         *self.batch(batches, step_keys, offsets, client, count, t),
+                         normalization, variables["params"], context)
 
-    # The trip count is the client's own step count: nothing runs for padding. (Under vmap
-    # a batched trip count runs to the largest and masks; strategies.py packs lanes instead.)
-    _, state = jax.lax.while_loop(lambda carry: carry[0] < total, body,
-                                  (zero, self.init(variables)))
-    return self.finish(state, count)
+      # "while": the trip count is the client's own step count, nothing runs for padding
+      # (under vmap a batched trip count runs to the largest and masks; strategies.py packs
+      # lanes instead). "scan": the same steps, reverse-differentiable (local_loop.py).
+      state = run_steps(step, self.init(variables), self.num_steps(count), bound,
+                        self.local_loop)
+      return self.finish(state, count)
+
+    return remat_client(run, self.local_loop)(variables, x, y, batches, step_keys, offsets,
+                                              client, jnp.asarray(count, jnp.int32), context)
 
 
 def check_loss_output(out: Any, objective: Any) -> None:
@@ -309,6 +328,7 @@ def make_client_update(
     local_epochs: int,
     compute_dtype: Any = jnp.float32,
     loss_fn: LossFn | None = None,
+    local_loop: str = DEFAULT_LOCAL_LOOP,
 ) -> ClientUpdate:
   """Returns `client_update(variables, x, y, indices, count, key) -> ClientOutput`.
 
@@ -317,8 +337,11 @@ def make_client_update(
   With `compute_dtype=jnp.bfloat16` the forward and backward passes run in bfloat16 on a cast
   copy of the parameters while the optimizer updates float32 master weights (mixed precision);
   the loss is reduced in float32. See `ClientUpdate` for the arguments of the returned function.
+  `local_loop`: "scan" (reverse mode can cross local training: `jax.grad` through a round) or
+  "while" (forward only; `local_loop.LOCAL_LOOPS`); the same numbers either way.
   """
-  return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype, loss_fn)
+  return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype, loss_fn,
+                      local_loop)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

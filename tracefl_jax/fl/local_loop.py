@@ -1,0 +1,87 @@
+"""How a client's local steps are looped: reverse mode can cross a `lax.scan`, not a
+`lax.while_loop`.
+
+`run_steps(step, state, total, bound, loop)` applies `state = step(t, state)` for
+`t = 0 .. total - 1`, `total` a traced step count and `bound` a static cap on it:
+
+  "while"  a `lax.while_loop` whose trip count is `total`: nothing runs past the client's own
+           steps, but only forward mode (`jit`, `vmap`, `jvp`) can cross it;
+  "scan"   a fixed-trip `lax.scan` over the `bound` padded steps in which step `t` runs under
+           `lax.cond(t < total, step, identity)`: the same states, bit for bit, and `jax.grad`
+           and `jax.vjp` flow through it. The steps are scanned in chunks of about
+           `sqrt(bound)`, each chunk under its own `cond`, so the padded steps past `total`
+           cost one skipped chunk each and a few skipped steps, not `bound - total`
+           iterations. Under `vmap` (a batched `total`) a `cond` computes both branches and
+           selects: every lane runs `bound` steps (a batched `while_loop` runs the lanes'
+           largest `total`).
+
+`remat_client` wraps a client's whole local training in `jax.checkpoint` when it is scanned:
+the backward pass recomputes the client's steps from its inputs, so the residuals a round
+keeps for reverse mode are its inputs (the global model, the schedule), not every local
+step's state, and R rounds differentiated in one pass hold R models, not R x steps states
+(one client's steps at a time under the "scan" client strategy). Forward only, it changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LOCAL_LOOPS", "DEFAULT_LOCAL_LOOP", "check_local_loop", "run_steps",
+           "remat_client"]
+
+LOCAL_LOOPS = ("scan", "while")
+# Measured (benchmarks/bench_local_loop.py, results/local_loop_cpu.jsonl): see client.py.
+DEFAULT_LOCAL_LOOP = "scan"
+
+
+def check_local_loop(loop: Any) -> str:
+  """One clear error for a local loop that is not one of `LOCAL_LOOPS`."""
+  if loop not in LOCAL_LOOPS:
+    raise ValueError(f"local_loop={loop!r}; valid local loops: {', '.join(LOCAL_LOOPS)} "
+                     f"(\"scan\" is differentiable in reverse mode, \"while\" is not)")
+  return loop
+
+
+def chunk_length(bound: int) -> int:
+  """Steps per scanned chunk: `ceil(sqrt(bound))`, at least 1."""
+  return max(1, math.isqrt(max(bound, 1) - 1) + 1)
+
+
+def run_steps(step: Callable[[jax.Array, Any], Any], state: Any, total: jax.Array,
+              bound: int, loop: str) -> Any:
+  """`state = step(t, state)` for `t` in `range(total)` (int32 `t`); under "scan" at most
+  `bound` (static) steps run, so `total` must not exceed it."""
+  zero = jnp.zeros((), jnp.int32)
+  if loop == "while":
+    def body(carry):
+      t, s = carry
+      return t + 1, step(t, s)
+    return jax.lax.while_loop(lambda carry: carry[0] < total, body, (zero, state))[1]
+  check_local_loop(loop)
+  bound = int(bound)
+  if bound <= 0:
+    return state
+  size = chunk_length(bound)
+  chunks = -(-bound // size)
+
+  def one(s, t):
+    return jax.lax.cond(t < total, lambda s: step(t, s), lambda s: s, s), None
+
+  def chunk(s, start):
+    def run(s):
+      return jax.lax.scan(one, s, start + jnp.arange(size, dtype=jnp.int32))[0]
+    return jax.lax.cond(start < total, run, lambda s: s, s), None
+
+  starts = jnp.arange(chunks, dtype=jnp.int32) * size
+  return jax.lax.scan(chunk, state, starts)[0]
+
+
+def remat_client(fn: Callable[..., Any], loop: str) -> Callable[..., Any]:
+  """`fn` under `jax.checkpoint` when the loop is "scan" (module docstring), else `fn`."""
+  return jax.checkpoint(fn) if loop == "scan" else fn
