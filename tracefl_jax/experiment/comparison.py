@@ -57,7 +57,6 @@ import ml_collections
 import numpy as np
 
 from tracefl_jax.experiment import resume, stages
-from tracefl_jax.experiment.callbacks import protocol_settings
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.experiment.workdir import WorkdirLock, check_workdir, plan_run
@@ -107,9 +106,9 @@ def _setup(c: ml_collections.ConfigDict):
 
 
 def _settings(c, score: str, faulty) -> protocol.ProtocolSettings:
-  """The run's protocol settings (`callbacks.protocol_settings`) for one score, with the
+  """The run's protocol settings (`stages.protocol_settings`) for one score, with the
   leave-one-out truth and without FedDebug."""
-  settings = protocol_settings(c, list(faulty))
+  settings = stages.protocol_settings(c, list(faulty))
   return dataclasses.replace(settings, counterfactual=True, feddebug=False, score=score,
                              use_size_factor=settings.use_size_factor and score == "tracefl")
 

@@ -6,7 +6,11 @@
   algorithm  FedAvg / DP-FedAvg with the config's optimizer and client-axis strategy;
   start      a previous run moved aside, or the latest checkpoint restored and the JSONL
              files reconciled with it; config.json and partition.json;
-  callbacks  evaluation, provenance, privacy, storage, the recorder (rows, checkpoints);
+  callbacks  in `run_rounds`' order (`build_callbacks`): the global model's test accuracy;
+             the paper's protocol on the round (one provenance.jsonl row per traced input);
+             the DP epsilon spent so far; the round's models under WORKDIR/rounds/
+             (`provenance.store_rounds`); the recorder: the metrics.jsonl row, the history,
+             the checkpoint and the progress bar;
   loop       the library's `run_rounds`;
   summary    summary.json and the figures.
 
@@ -19,23 +23,37 @@ Writes into `workdir`:
   summary.json      the run's headline numbers (figures too, with `figures=True`);
   run.log           orbax's own messages, when it has any.
 
+Every row is flushed as soon as its round ends, so a crash loses nothing already computed.
+
 Several processes (`distributed.initialize` first): every process runs every stage; process
-0 alone decides the plan and writes files; all of them checkpoint through orbax.
+0 alone decides the plan and writes files (rows included); all of them checkpoint and store
+rounds through orbax.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
 
-from tracefl_jax.experiment import callbacks as run_callbacks
+from tracefl_jax.data.base import DIGITS_MEAN, DIGITS_STD
 from tracefl_jax.experiment import distributed, resume, stages, summary as outputs
 from tracefl_jax.experiment.checkpoints import Checkpointer, quiet_orbax
-from tracefl_jax.experiment.config import validate
+from tracefl_jax.experiment.config import typed, validate
+from tracefl_jax.experiment.io import JsonlWriter, NullWriter, ProvenanceLog
+from tracefl_jax.experiment.resume import Start
+from tracefl_jax.experiment.stages import DataStage, ModelStage, normalization_meta
+from tracefl_jax.experiment.stored import save_round
 from tracefl_jax.experiment.workdir import RunPlan, WorkdirLock, check_workdir, plan_run
-from tracefl_jax.fl.rounds import TrainingDivergedError, run_rounds
+from tracefl_jax.fl.privacy import dp_epsilon
+from tracefl_jax.fl.rounds import RoundInfo, TrainingDivergedError, run_rounds
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance.round_callback import provenance_callback
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
@@ -81,8 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
       checkpointer = Checkpointer(plan.workdir, plan.config_json, c.checkpoint.every)
       start = resume.restore(plan, checkpointer, algorithm.init(model.variables))
       distributed.on_primary(lambda: resume.write_start_files(plan, start, data))
-      cbs = run_callbacks.build_callbacks(c, plan, data, model, evaluator, checkpointer,
-                                          start, primary=primary, progress=progress)
+      cbs = build_callbacks(c, plan, data, model, evaluator, checkpointer, start,
+                            primary=primary, progress=progress)
       mem = outputs.memory_start()
       history = _loop(c, plan, algorithm, data, start, cbs)
       summary = outputs.run_summary(c, history, cbs.recorder.seconds(), algorithm.strategy,
@@ -101,7 +119,7 @@ def _plan(config: ml_collections.ConfigDict, lock: WorkdirLock) -> list[Any]:
 
 
 def _loop(c: ml_collections.ConfigDict, plan: RunPlan, algorithm, data: stages.DataStage,
-          start: resume.Start, cbs: run_callbacks.RunCallbacks) -> list[dict[str, Any]]:
+          start: Start, cbs: RunCallbacks) -> list[dict[str, Any]]:
   """The rounds after the start's, then a checkpoint of the last; returns the whole history."""
   recorder = cbs.recorder
   try:
@@ -149,3 +167,115 @@ def diverged_message(e: TrainingDivergedError, c: ml_collections.ConfigDict) -> 
     advice += ", or check the data for NaN/inf values"
   return f"{text} The fields that set its steps: {listed}; {advice}."
 
+
+# --- the callbacks ---------------------------------------------------------------------------
+
+
+def input_range_of(ds, model) -> list[float] | None:
+  """`[lo, hi]` of the test inputs of a float dataset without a
+  `Normalization` (digits, synthetic): the trace verb refuses inputs far outside it, such
+  as raw pixels given as floats. None for image datasets (their normalisation says the
+  range) and token ids."""
+  if ds.normalization is not None or not np.issubdtype(np.dtype(model.input_dtype),
+                                                       np.floating):
+    return None
+  x = np.asarray(ds.x_test)
+  if not np.issubdtype(x.dtype, np.floating) or not x.size:
+    return None
+  return [float(np.nanmin(x)), float(np.nanmax(x))]
+
+
+def feddebug_normalize(ds):
+  """The test transform's normalisation for FedDebug's random inputs (in [0, 1]): the image
+  dataset's own `Normalization` on a [0, 1] scale; digits are stored normalised (float)."""
+  if ds.normalization is not None:
+    return dataclasses.replace(ds.normalization, pixel_max=1.0)
+  if ds.name == "digits":
+    mean, std = np.asarray(DIGITS_MEAN, np.float32), np.asarray(DIGITS_STD, np.float32)
+    return lambda x: (x - mean) / std
+  return None
+
+
+class Recorder:
+  """The last callback: writes the round's metrics row, keeps the history (which checkpoints
+  carry), saves the due checkpoint and moves the progress bar."""
+
+  def __init__(self, plan: RunPlan, checkpointer: Checkpointer, start: Start, rounds: int, *,
+               primary: bool, progress: bool):
+    self.metrics = JsonlWriter(plan.workdir / "metrics.jsonl") if primary else NullWriter()
+    self.checkpointer = checkpointer
+    self.history = list(start.history)
+    self.seconds_before = start.seconds
+    self.t_start = time.perf_counter()
+    self.bar = tqdm(total=rounds, initial=int(start.state.round), desc="rounds", unit="round",
+                    disable=not (progress and primary))
+
+  def seconds(self) -> float:
+    """Wall time of the rounds over every invocation of the run (lost rounds count once)."""
+    return self.seconds_before + time.perf_counter() - self.t_start
+
+  def __call__(self, info: RoundInfo) -> None:
+    self.metrics.write(info.metrics)
+    self.history.append(info.metrics)
+    self.checkpointer.maybe_save(info.state, self.history, self.seconds())
+    self.bar.update(1)
+    prov = info.metrics.get("provenance")
+    extra = {} if not prov or prov.get("skipped") else {"trace": f"{prov['accuracy']:.3f}"}
+    self.bar.set_postfix(acc=f"{info.metrics['accuracy']:.3f}", **extra)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.metrics.close()
+
+
+class RunCallbacks:
+  """The run's callbacks (`callbacks`, in order) and what must be closed after the loop."""
+
+  def __init__(self, callbacks: list[Callable[[RoundInfo], Any]], recorder: Recorder,
+               closers: list[Callable[[], None]]):
+    self.callbacks, self.recorder, self._closers = callbacks, recorder, closers
+
+  def close(self) -> None:
+    for close in self._closers:
+      close()
+
+
+def build_callbacks(config: ml_collections.ConfigDict, plan: RunPlan, data: DataStage,
+                    model: ModelStage, evaluator: Any, checkpointer: Checkpointer,
+                    start: Start, *, primary: bool = True,
+                    progress: bool = True) -> RunCallbacks:
+  c, ds, values = config, data.dataset, typed(config)
+  callbacks: list[Callable[[RoundInfo], Any]] = [evaluator]
+  writer = JsonlWriter(plan.workdir / "provenance.jsonl") if primary else NullWriter()
+  prov_log = ProvenanceLog(writer, data.data.label_counts, top_k=c.provenance.top_k)
+  if c.provenance.enabled:
+    settings = dataclasses.replace(stages.protocol_settings(c, data.faulty), flip=data.flip)
+    multi_round = None
+    if c.provenance.multi_round:
+      if start.state.round:  # the accumulated sums are not checkpointed
+        raise ValueError(
+            f"provenance.multi_round sums every round since round 1, which a run resumed "
+            f"after round {start.state.round} cannot rebuild; rerun with --overwrite, or "
+            f"trace the stored rounds (provenance.multiround.multi_round_scores)")
+      multi_round = MultiRoundAccumulator(model.variables["params"], data.data.num_clients)
+    callbacks.append(provenance_callback(
+        model.model, evaluator, settings, rounds=list(values.provenance_rounds),
+        on_trace=prov_log.write_round, seed=c.seed, feddebug_normalize=feddebug_normalize(ds),
+        multi_round=multi_round))
+  if c.dp.enabled:
+    rate = c.clients_per_round / data.data.num_clients
+    callbacks.append(lambda info: {"dp_epsilon": dp_epsilon(c.dp.noise_multiplier, rate,
+                                                            info.round, c.dp.delta)})
+  store = values.store_rounds
+  if store:
+    meta = {"model": model.spec, "normalization": normalization_meta(ds)}
+    input_range = input_range_of(ds, model.model)
+
+    def keep_round(info: RoundInfo) -> None:
+      if info.round in store:  # with its weights and server side (the round's own removal)
+        save_round(plan.workdir, info.round, info.output, meta=meta, model=model.model,
+                   input_range=input_range)
+    callbacks.append(keep_round)
+  recorder = Recorder(plan, checkpointer, start, c.rounds, primary=primary, progress=progress)
+  return RunCallbacks([*callbacks, recorder], recorder,
+                      [recorder.close, prov_log.close, checkpointer.close])

@@ -4,8 +4,9 @@
   build_model(config, data)             -> ModelStage the model, its initial variables, spec
   build_algorithm(config, model, data)  -> FederatedAlgorithm (with `algorithm_pieces`)
   build_evaluator(config, model, data)  -> GlobalEvaluator
+  protocol_settings(config, faulty)     -> ProtocolSettings (the provenance section)
 
-(`workdir.plan` comes before them; `resume.restore`, `callbacks.build_callbacks`, the
+(`workdir.plan_run` comes before them; `resume.restore`, `runner.build_callbacks`, the
 library's `run_rounds` and `summary.run_summary` follow.)
 Each is a translation of one config section into library calls; nothing here writes files.
 """
@@ -30,6 +31,7 @@ from tracefl_jax.fl.client import make_optimizer
 from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.rounds import FederatedAlgorithm, GlobalEvaluator, federated_averaging
 from tracefl_jax.models import get_model
+from tracefl_jax.provenance.protocol import ProtocolSettings
 
 
 def import_modules(names: str) -> None:
@@ -264,6 +266,27 @@ def build_evaluator(config: ml_collections.ConfigDict, model: ModelStage,
   provenance traces."""
   return GlobalEvaluator(model.model, data.x_test, data.y_test, config.eval.batch_size,
                          normalization=data.dataset.normalization)
+
+
+def protocol_settings(c: ml_collections.ConfigDict,
+                      faulty_clients: list[int] | None = None) -> ProtocolSettings:
+  """The config's provenance section as the library's `ProtocolSettings` (`faulty_clients`:
+  the ids `faulty.clients` resolved to, needed for "largest")."""
+  p, values = c.provenance, typed(c)
+  if faulty_clients is None:
+    faulty_clients = values.faulty_clients
+    if faulty_clients is None:
+      raise ValueError("faulty.clients='largest' is resolved on the partition: pass the ids")
+  return ProtocolSettings(
+      mode=p.mode, per_label=p.per_label, max_faulty_inputs=p.max_faulty_inputs,
+      faulty_clients=tuple(faulty_clients), flip=values.flip,
+      kernel=p.kernel, decay=p.decay, use_decay=p.use_decay,
+      use_size_factor=p.use_size_factor,
+      size_unit=c.client.batch_size,  # the original counts the data-size factor in batches
+      clients_per_chunk=p.clients_per_chunk, block_mask=p.block_mask,
+      shard_clients=p.shard_clients,
+      counterfactual=p.counterfactual, feddebug=p.feddebug, score=p.score, output=p.output,
+      feddebug_inputs=p.feddebug_inputs, feddebug_threshold=p.feddebug_threshold)
 
 
 def normalization_meta(ds) -> dict[str, Any] | None:
