@@ -104,7 +104,7 @@ def test_parity_switch_changes_which_model_is_traced(trace_clean):
   data = federate(x, y, np.split(np.arange(40), 4))
   _, out = algorithm.round(algorithm.init(variables), clients=np.arange(4), data=data,
                            key=round_key(jax.random.key(1), 1))
-  assert np.all(np.asarray(out.update_norms) > 0)
+  assert np.all(np.asarray(out.metrics["dp_update_norm"]) > 0)
   clean = privacy.dp_fedavg(out.clients.variables, jnp.ones(4), variables,
                                 jax.random.key(0), clip_norm=0.5, noise_multiplier=0.0,
                                 clients_per_round=4).clean

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.data.federated import FederatedData
-# The algorithm's pieces live in their own modules; re-exported here, where they were first.
+# The algorithm and its state, importable beside the loop that runs them.
 from tracefl_jax.fl.algorithm import (FederatedAlgorithm, RoundOutput,  # noqa: F401
                                       federated_averaging, leave_one_out_variables)
 from tracefl_jax.fl.server import ServerState  # noqa: F401
-from tracefl_jax.models.base import ModelDef, Variables
+from tracefl_jax.fl.types import PyTree, Variables
+from tracefl_jax.models.base import ModelDef
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -99,28 +100,31 @@ def _check_diverged(round_idx: int, mean_loss: float, losses: np.ndarray, limit:
 class GlobalEvaluator:
   """The global model on the server's test set: a per-round callback adding `accuracy` (G's
   test accuracy; `row["provenance"]["accuracy"]` is TraceFL's localization accuracy), and
-  the predictions other callbacks need (computed once per model and round).
+  the predictions other callbacks need (computed once per round).
 
   `x` is held as the model's inputs: `normalization(x)` when given (uint8 test images), so
   that whoever takes `evaluator.x` (the provenance protocol) gets normalised floats.
   """
 
-  def __init__(self, model: ModelDef, x: Any, y: Any, batch_size: int = 512,
-               normalization: Any = None):
+  def __init__(self, model: ModelDef, x: PyTree, y: np.ndarray, batch_size: int = 512,
+               normalization: Callable[[jax.Array], jax.Array] | None = None):
     x = jnp.asarray(x)
     self.x = x if normalization is None else jax.jit(normalization)(x)
     self.y = np.asarray(y)
     self._predict = make_predict_fn(model, batch_size)
-    self._last: tuple[Any, np.ndarray] | None = None
+    self._round: tuple[int, np.ndarray] | None = None  # (round, G_t's predictions)
 
-  def predictions(self, variables: Variables) -> np.ndarray:
-    """`[M]` G's eval-mode predictions on the test set (cached for the last model asked)."""
-    if self._last is None or self._last[0] is not variables:
-      self._last = (variables, np.asarray(self._predict(variables, self.x)))
-    return self._last[1]
+  def predictions(self, variables: Variables, round_idx: int | None = None) -> np.ndarray:
+    """`[M]` the eval-mode predictions of `variables` on the test set. With `round_idx`,
+    `variables` is that round's G_t in the run this evaluator is a callback of: the
+    predictions its call of the round computed are returned (callbacks after it share them)."""
+    if round_idx is not None and self._round is not None and self._round[0] == round_idx:
+      return self._round[1]
+    return np.asarray(self._predict(variables, self.x))
 
-  def __call__(self, info: "RoundInfo") -> dict[str, Any]:
-    return {"accuracy": float(np.mean(self.predictions(info.state.variables) == self.y))}
+  def __call__(self, info: "RoundInfo") -> dict[str, float]:
+    self._round = (info.round, self.predictions(info.state.variables))
+    return {"accuracy": float(np.mean(self._round[1] == self.y))}
 
 
 class RoundInfo(NamedTuple):
@@ -157,8 +161,9 @@ def run_rounds(
   (`sample_clients(..., always=...)`). Each row holds `round`, `clients`, `client_loss`
   (example-weighted mean), `train_seconds`, `steps_executed`, `steps_needed` and `step_ratio`
   (optimizer steps computed / needed, 1.0 when no step is spent on padding; see
-  `strategies`), and `dp_update_norm_mean` under DP, then whatever the callbacks return,
-  called in order after the round.
+  `strategies`), the round's metrics (a scalar as it is, `[K]` values as their mean
+  `NAME_mean`: `dp_update_norm_mean` under DP), then whatever the callbacks return, called in
+  order after the round.
 
   `divergence_factor` (0: off) stops a run whose round's mean client loss exceeds
   `divergence_factor * ln(num_classes)`, a multiple of the cross-entropy of a uniform guess
@@ -207,8 +212,9 @@ def run_rounds(
     executed, needed = int(out.steps_executed), int(out.steps_needed)
     row.update(steps_executed=executed, steps_needed=needed,
                step_ratio=executed / needed if needed else 1.0)
-    if out.update_norms is not None:
-      row["dp_update_norm_mean"] = float(np.mean(np.asarray(out.update_norms)))
+    for name, value in (out.metrics or {}).items():  # [K] values: their mean, "name_mean"
+      value = np.asarray(value)
+      row[name if value.ndim == 0 else f"{name}_mean"] = float(np.mean(value))
     info = RoundInfo(r, state, out, data, row)
     for callback in callbacks:
       extra = callback(info)

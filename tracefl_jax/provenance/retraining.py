@@ -36,6 +36,7 @@ seed=seed)` on the same algorithm (tested), so the base federation is the run be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +56,11 @@ from tracefl_jax.provenance.federation_masks import FederationMasks
 FEDERATION_STRATEGIES = ("vmap", "map")
 
 
-def _round_step(program, lanes, normalization, strategy):
+@functools.lru_cache(maxsize=32)
+def _step_fn(program, lanes, normalization, strategy):
   """((variables, opt_state) [F], keys [F], weights [F, K], shared round data) -> the new
-  (variables, opt_state) [F]; opt_state is None without a server optimizer."""
+  (variables, opt_state) [F]; opt_state is None without a server optimizer. One jitted step
+  per (round program, lanes, normalization, strategy)."""
 
   def one(state, key, weights, x, y, indices, counts, ids):
     total = jnp.sum(weights)
@@ -74,16 +77,6 @@ def _round_step(program, lanes, normalization, strategy):
   def mapped(state, keys, weights, *shared):
     return jax.lax.map(lambda a: one(*a, *shared), (state, keys, weights))
   return jax.jit(mapped)
-
-
-_STEPS: dict[Any, Any] = {}
-
-
-def _step_fn(program, lanes, normalization, strategy):
-  key = (id(program), lanes, normalization, strategy)
-  if key not in _STEPS:
-    _STEPS[key] = (program, _round_step(program, lanes, normalization, strategy))
-  return _STEPS[key][1]
 
 
 def round_plan(data: FederatedData, *, rounds: int, clients_per_round: int, seed: int,

@@ -66,7 +66,8 @@ def provenance_callback(
     traced = trace_round(
         model, out.traced, out.clients.variables, client_ids=out.client_ids,
         client_sizes=np.asarray(out.clients.num_examples), label_counts=info.data.label_counts,
-        x_test=evaluator.x, y_test=evaluator.y, predictions=evaluator.predictions(out.traced),
+        x_test=evaluator.x, y_test=evaluator.y, predictions=evaluator.predictions(
+            out.traced, info.round if out.traces_global else None),
         settings=settings, weights=out.weights, reaggregate=reaggregate,
         aggregation=out.aggregation)
     if (settings.mode == "faulty" and settings.feddebug and not traced.summary["skipped"]
