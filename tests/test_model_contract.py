@@ -127,7 +127,7 @@ def test_standard_batchnorm_dropout_module_trains_and_traces():
          for k in ("grad", "reference")}
   _assert_scores_close(res["grad"].layer_scores, res["reference"].layer_scores)
   _assert_scores_close(res["grad"].scores, res["reference"].scores)
-  assert attribution.choose_kernel(model, 6, 3) == "grad"
+  assert attribution.choose_kernel(model) == "grad"
   # Eval mode: G's prediction uses running statistics, and an input's scores do not depend
   # on the rest of its batch (batch statistics would couple them).
   eval_logits = model.module.apply(glob, xq, train=False)
@@ -199,7 +199,7 @@ def test_shared_traced_unit_is_rejected_with_its_path():
   # Tracing the enclosing block as one unit is the sanctioned way around it.
   model = make_model("block", BlockNet(), (4,), 3, traced_layers=(("block",), ("head",)))
   assert not is_affine(model)
-  assert attribution.choose_kernel(model, 5, 2) == "reference"
+  assert attribution.choose_kernel(model) == "reference"
   with pytest.raises(ValueError, match="never ran"):
     make_model("block", BlockNet(), (4,), 3, traced_layers=(("nope",),))
 

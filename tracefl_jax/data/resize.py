@@ -4,8 +4,8 @@ MedMNIST release). The paper's normalisation (spec section 4, `(x / 255 - mean) 
 travels with the dataset as a `Normalization` and runs on the device, batch by batch.
 
 Resizing goes a chunk of images at a time into the preallocated uint8 result, so that a
-dataset's preparation peaks at about its uint8 size plus one chunk's float work (resizing all
-70,000 MNIST images in one call peaked at 3.9 GB); each image's pixels are those of the
+dataset's preparation peaks at about its uint8 size plus one chunk's float work, not the
+whole dataset's float copy; each image's pixels are those of the
 one-call resize, bit for bit (tests/test_data_cache.py).
 """
 

@@ -14,18 +14,19 @@ raise, so an invalid vector gives an all-NaN average instead of a plausible wron
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.typing import ArrayLike
+
+from tracefl_jax.fl.types import PyTree, Stacked
 
 WEIGHTINGS = ("examples", "batches", "uniform")
 
 
-def client_weights(num_examples: Any, weighting: str = "examples",
-                   batch_size: int | None = None) -> Any:
+def client_weights(num_examples: ArrayLike, weighting: str = "examples",
+                   batch_size: int | None = None) -> np.ndarray | jax.Array:
   """FedAvg weights `[C]` from example counts `[C]` (NumPy or JAX).
 
   Raises ValueError for an unknown weighting, a missing or non-positive `batch_size` with
@@ -48,7 +49,7 @@ def client_weights(num_examples: Any, weighting: str = "examples",
   raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
-def check_weights(weights: Any) -> None:
+def check_weights(weights: ArrayLike) -> None:
   """Raises a clear error for a round whose aggregation weights are unusable.
 
   Call it on host-side (concrete) weights before the jitted round; under a trace it cannot
@@ -71,7 +72,7 @@ def check_weights(weights: Any) -> None:
         "(partition fix-up).")
 
 
-def _check_shapes(stacked: Any, weights: Any) -> None:
+def _check_shapes(stacked: Stacked, weights: ArrayLike) -> None:
   """Static checks (valid under `jit`): `weights` is `[C]`, every leaf is `[C, ...]`."""
   shape = tuple(np.shape(weights))
   if len(shape) != 1:
@@ -88,7 +89,7 @@ def _check_shapes(stacked: Any, weights: Any) -> None:
           f"{shape[0]}, the number of weights")
 
 
-def _average(stacked: Any, w: jax.Array) -> Any:
+def _average(stacked: Stacked, w: jax.Array) -> PyTree:
   def mean(leaf):
     # HIGHEST: a GPU's default would round the f32 operands to TF32.
     avg = jnp.tensordot(w, leaf.astype(jnp.float32), axes=1,
@@ -100,7 +101,7 @@ def _average(stacked: Any, w: jax.Array) -> Any:
   return jax.tree.map(mean, stacked)
 
 
-def fedavg(stacked: Any, weights: jax.Array) -> Any:
+def fedavg(stacked: Stacked, weights: jax.Array) -> PyTree:
   """Weighted mean over the leading client axis of every leaf.
 
   Args:
@@ -130,7 +131,7 @@ def fedavg(stacked: Any, weights: jax.Array) -> Any:
   return _average(stacked, jnp.where(valid, w / total, jnp.nan))
 
 
-def _fedavg_with_checks(stacked: Any, weights: jax.Array) -> Any:
+def _fedavg_with_checks(stacked: Stacked, weights: jax.Array) -> PyTree:
   w = jnp.asarray(weights, jnp.float32)
   checkify.check(jnp.all(jnp.isfinite(w) & (w >= 0)),
                  "aggregation weights must be finite and >= 0, got {w}", w=w)
@@ -139,7 +140,7 @@ def _fedavg_with_checks(stacked: Any, weights: jax.Array) -> Any:
   return fedavg(stacked, weights)
 
 
-def checked_fedavg(stacked: Any, weights: jax.Array) -> tuple[checkify.Error, Any]:
+def checked_fedavg(stacked: Stacked, weights: jax.Array) -> tuple[checkify.Error, PyTree]:
   """`fedavg` with its weight-value checks made jittable: returns `(error, average)`.
 
   `err, g = jax.jit(checked_fedavg)(stacked, w); err.throw()` raises

@@ -12,9 +12,8 @@ largest possible round times the lane values: `program_bound`.
 from __future__ import annotations
 
 import heapq
-from typing import Any
-
 import numpy as np
+from numpy.typing import ArrayLike
 
 from tracefl_jax.data.federated import client_slots, ladder, ladder_ceil  # noqa: F401
 
@@ -31,7 +30,7 @@ def _lane_candidates(limit: int, per_device: int) -> list[int]:
   return sorted(out, reverse=True)
 
 
-def auto_lanes(steps: Any, devices: int = 1, efficiency: float = LANE_EFFICIENCY) -> int:
+def auto_lanes(steps: ArrayLike, devices: int = 1, efficiency: float = LANE_EFFICIENCY) -> int:
   """Lanes per device for packing clients whose step counts are `steps` `[K]` (K a multiple
   of `devices`): the most lanes (fewest loop iterations) whose schedule computes at most
   `efficiency` times the needed steps (one lane computes exactly them), among 1, 2, 3, 4, 6,
@@ -53,7 +52,7 @@ def auto_lanes(steps: Any, devices: int = 1, efficiency: float = LANE_EFFICIENCY
 PACKED = ("vmap", "chunked", "sharded")
 
 
-def round_lanes(strategy: str, steps: Any, clients_per_chunk: int = 0,
+def round_lanes(strategy: str, steps: ArrayLike, clients_per_chunk: int = 0,
                 devices: int = 1) -> int | None:
   """The lane count a round runs with: `auto_lanes` for "vmap" and "sharded" (per device),
   `clients_per_chunk` (or auto when 0) for "chunked", None for "scan" and "loop"."""
@@ -75,7 +74,7 @@ def _deal_ranks(k: int, devices: int) -> np.ndarray:
   return ranks.T.reshape(-1)
 
 
-def packed_steps(steps: Any, lanes: int, devices: int = 1) -> int:
+def packed_steps(steps: ArrayLike, lanes: int, devices: int = 1) -> int:
   """Optimizer steps a packed round computes (`lanes` per device, idle lanes included) for
   clients whose own step counts are `steps` `[K]`: the same schedule as the packed loop,
   computed from the sizes alone."""
@@ -95,7 +94,7 @@ def packed_steps(steps: Any, lanes: int, devices: int = 1) -> int:
   return executed
 
 
-def executed_steps(strategy: str, steps: Any, lanes: int | None = None,
+def executed_steps(strategy: str, steps: ArrayLike, lanes: int | None = None,
                    devices: int = 1) -> int:
   """Steps a round computes under `strategy` (resolved) with `lanes` (`round_lanes`)."""
   steps = np.asarray(steps, np.int64).reshape(-1)
@@ -104,7 +103,7 @@ def executed_steps(strategy: str, steps: Any, lanes: int | None = None,
   return packed_steps(steps, lanes or 1, devices if strategy == "sharded" else 1)
 
 
-def program_bound(sizes: Any, clients_per_round: int, batch_size: int, strategy: str,
+def program_bound(sizes: ArrayLike, clients_per_round: int, batch_size: int, strategy: str,
                   devices: int = 1) -> int:
   """At most this many round programs for a run drawing `clients_per_round` of the clients
   with `sizes [C]` (examples each): the ladder's slot lengths T between the round of the K

@@ -22,13 +22,15 @@ output). The client's reported `loss` is the mean of this value over its real ex
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-LossFn = Callable[..., tuple[jax.Array, Any]]
+from tracefl_jax.fl.types import Params, PyTree, Variables
+from tracefl_jax.models.base import ModelDef
+
+LossFn = Callable[..., tuple[jax.Array, PyTree]]
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -38,15 +40,16 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
   return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def cross_entropy(model: Any, variables: Any, x: jax.Array, y: jax.Array, mask: jax.Array,
-                  rng: jax.Array, global_params: Any = None) -> tuple[jax.Array, Any]:
+def cross_entropy(model: ModelDef, variables: Variables, x: jax.Array, y: jax.Array,
+                  mask: jax.Array, rng: jax.Array,
+                  global_params: Params | None = None) -> tuple[jax.Array, PyTree]:
   """The default objective: masked softmax cross-entropy of the train-mode logits."""
   del global_params
   logits, state = model.apply(variables, x, train=True, rng=rng, mask=mask)
   return masked_cross_entropy(logits.astype(jnp.float32), y, mask), state
 
 
-def proximal_term(params: Any, global_params: Any) -> jax.Array:
+def proximal_term(params: Params, global_params: Params) -> jax.Array:
   """||theta - G||^2 over every leaf, in float32."""
   leaves = jax.tree.leaves(jax.tree.map(
       lambda p, g: jnp.sum(jnp.square(p.astype(jnp.float32) - g.astype(jnp.float32))),

@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.fl.aggregation import _check_shapes, check_weights, fedavg
+from tracefl_jax.fl.types import PyTree, Stacked
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
 
@@ -47,10 +47,10 @@ class AggregationRule:
   any other function is applied to the updates theta_k - G (see `aggregate_models`).
   """
   name: str
-  fn: Callable[[Any, jax.Array], Any]
+  fn: Callable[[Stacked, jax.Array], PyTree]
   shift_equivariant: bool = True
 
-  def __call__(self, stacked: Any, weights: jax.Array, **client_info: Any) -> Any:
+  def __call__(self, stacked: Stacked, weights: jax.Array, **client_info: jax.Array) -> PyTree:
     _check_shapes(stacked, weights)
     check_weights(weights)
     return self.fn(stacked, jnp.asarray(weights, jnp.float32),
@@ -60,7 +60,7 @@ class AggregationRule:
 def _leafwise(stat: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
   """A rule applying `stat(sorted [K, ...], present_count, k_axis_ranks)` leaf by leaf to the
   values of the present clients sorted along the client axis (absent ones sorted last)."""
-  def rule(stacked: Any, weights: jax.Array) -> Any:
+  def rule(stacked: Stacked, weights: jax.Array) -> PyTree:
     present = weights > 0
     m = jnp.sum(present).astype(jnp.int32)
 
@@ -105,15 +105,15 @@ def trimmed_mean(beta: float = 0.2) -> AggregationRule:
   def stat(s, m, ranks):
     cut = jnp.floor(beta * m.astype(jnp.float32)).astype(jnp.int32)
     keep = (ranks >= cut) & (ranks < m - cut)
-    # A dot with ones, not a reduction over the client axis: XLA:CPU (jax 0.10) runs that
-    # 12x slower ([100, 100,000]: 205 ms against 17 ms).
+    # A dot with ones, not a reduction over the client axis, which XLA:CPU runs far slower
+    # (benchmarks/README.md, "Speed of light").
     kept = jnp.tensordot(jnp.ones(s.shape[0], s.dtype), jnp.where(keep, s, 0.0), axes=1,
                          precision=jax.lax.Precision.HIGHEST)
     return kept / (m - 2 * cut).astype(jnp.float32)
   return AggregationRule(f"trimmed_mean({beta:g})", _leafwise(stat))
 
 
-def krum_scores(stacked: Any, weights: jax.Array, num_byzantine: int) -> jax.Array:
+def krum_scores(stacked: Stacked, weights: jax.Array, num_byzantine: int) -> jax.Array:
   """`[K]` Krum scores: for each present client the sum of squared L2 distances (over every
   float leaf) to its max(1, n - f - 2) nearest present clients, n the present count; inf
   for absent clients."""
@@ -180,7 +180,8 @@ def make_rule(name: str, *, trim_beta: float = 0.2, num_byzantine: int = 0,
 CLIENT_INFO = ("num_steps", "num_examples", "losses")
 
 
-def rule_info(fn: Callable[..., Any], info: dict[str, Any] | None) -> dict[str, Any]:
+def rule_info(fn: Callable[..., PyTree],
+              info: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
   """The entries of `info` (`CLIENT_INFO`) that `fn` declares as parameters (or all, for
   `**kwargs`); {} for a plain `rule(stacked, weights)`."""
   if not info:
@@ -194,9 +195,9 @@ def rule_info(fn: Callable[..., Any], info: dict[str, Any] | None) -> dict[str, 
   return {k: v for k, v in info.items() if k in params}
 
 
-def aggregate_models(rule: Callable[[Any, jax.Array], Any] | None, stacked: Any,
-                     weights: jax.Array, previous: Any,
-                     client_info: dict[str, Any] | None = None) -> Any:
+def aggregate_models(rule: Callable[[Stacked, jax.Array], PyTree] | None, stacked: Stacked,
+                     weights: jax.Array, previous: PyTree,
+                     client_info: dict[str, jax.Array] | None = None) -> PyTree:
   """The aggregate model of one round: `rule` on the client models `[K, ...]` when it is a
   shift-equivariant `AggregationRule` (None: FedAvg, bit for bit), else
   `previous + rule(stacked - previous, weights)` on the updates.
@@ -217,7 +218,7 @@ def aggregate_models(rule: Callable[[Any, jax.Array], Any] | None, stacked: Any,
   return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), previous, update)
 
 
-def check_rule_output(rule: Any, out: Any, like: Any) -> None:
+def check_rule_output(rule: Callable[..., PyTree], out: PyTree, like: PyTree) -> None:
   """At trace time (once per compiled round): a rule's result has G's structure and shapes,
   one model, not `[K, ...]` (a rule that forgot to reduce over the client axis would
   otherwise broadcast G into K models)."""

@@ -18,14 +18,14 @@ collections (BatchNorm statistics) take the aggregate's values.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.serialization
 import jax
 import numpy as np
 import optax
 
-from tracefl_jax.models.base import Variables
+from tracefl_jax.fl.types import ClientTable, OptState, Variables
 
 SERVER_OPTIMIZERS = ("none", "sgd", "adam", "yogi", "adagrad")
 
@@ -39,8 +39,8 @@ class ServerState(NamedTuple):
   """
   variables: Variables  # the global model G_t
   round: int            # rounds completed (t)
-  opt_state: Any = None
-  client_state: Any = None  # the per-client table, leaves [C, ...] (`client_state.py`)
+  opt_state: OptState = None
+  client_state: ClientTable = None  # the per-client table, leaves [C, ...] (`client_state.py`)
 
 
 def server_optimizer(name: str, learning_rate: float = 1.0, *, momentum: float = 0.0,
@@ -75,7 +75,7 @@ def init_server(variables: Variables,
 
 
 def server_step(optimizer: optax.GradientTransformation | None, previous: Variables,
-                aggregate: Variables, opt_state: Any) -> tuple[Variables, Any]:
+                aggregate: Variables, opt_state: OptState) -> tuple[Variables, OptState]:
   """`(G_t, opt_state)` from G_{t-1} (`previous`) and the round's aggregate A_t.
 
   None: G_t = A_t, unchanged (bit for bit FedAvg). Otherwise params move by

@@ -10,17 +10,14 @@ Strategies (one API, chosen per backend by measurement; see benchmarks/bench_rou
              `shard_map`), each device packing its share into its own lanes; K must be a
              multiple of the device count (the server pads with empty, zero-weight clients).
   "auto"     "scan" on CPU for models with convolutions (XLA lowers per-client convolutions
-             under vmap to grouped convolutions, 1.2-2.8x slower there), else "vmap".
-             Measured (benchmarks/bench_round.py, LeNet, 2 CPU cores, equal client sizes):
-             scan was the fastest strategy at K = 10, 100, 1000 and 5000 (the loop 2-6% behind
-             in steady state, but its first call at K = 5000 took 200 s against scan's 56 s).
+             under vmap to grouped convolutions, slower there), else "vmap"; the measurements
+             are in benchmarks/README.md, "One federated round".
 
 Cost follows the clients' own sizes. The in-program strategies lay the round out once
 (`ClientUpdate.schedule_slots`: one sort of the round's `ClientSlots`, each client its own
 length) and every client reads its batches from it; the `[K, M]` row layout is accepted as
 slots at `offsets = k * M`. One client of 100,000 examples among 1,000 of 64 costs its own
-steps (benchmarks/bench_populations.py: 1.1-1.3x of the round without it plus its extra
-steps' time; it was 47-52 s a round, the shuffle over K rows of the largest length).
+steps, not K rows of its length (benchmarks/bench_populations.py).
 
 No work on padding. Under "scan" and "loop" a client runs `client_update`'s loop, whose
 `while_loop` runs exactly the client's own steps. Vmapped clients cannot do that (a batched
@@ -34,10 +31,8 @@ are idle lanes in the last iterations: `steps_executed = W * iterations` against
 `steps_needed = sum of the clients' own steps`, and `packed_steps` computes the same count from
 the sizes alone. W is static (one compiled program per W); `auto_lanes` picks, from the
 round's step counts, the most lanes that compute at most 1.1x the needed steps, among 1, 2, 3,
-4, 6, 8, 12, ... and K, so a run compiles a handful of programs at most. On the paper-shaped
-partition (MNIST-sized labels, Dirichlet 0.3, fix-up, batch 32, two epochs, 50 rounds) auto
-lanes compute 1.06x the needed steps at K = 10 and 100, where one vmap over all K clients
-computes 2.1x and 3.3x (and the former power-of-two padding 2.6x and 3.4x).
+4, 6, 8, 12, ... and K, so a run compiles a handful of programs at most (the step ratios on a
+paper-shaped partition: benchmarks/README.md, "Uneven clients").
 
 Every strategy computes the same numbers: each client's work is `client_update` on its own
 indices, count and key, whichever lane or device runs it; the equality is tested against a
@@ -47,18 +42,20 @@ plain Python loop.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracefl_jax.data.base import Normalization
 from tracefl_jax.data.federated import ClientSlots, bucket_length
 from tracefl_jax.fl.client import ClientOutput, ClientUpdate, ClientUpdateFn, LocalState
-# The lane plans are host-side NumPy (lanes.py); re-exported here, where they were first.
+from tracefl_jax.fl.client_state import ClientContext
+# The lane plans are host-side NumPy (lanes.py), importable beside the strategies using them.
 from tracefl_jax.fl.lanes import (LANE_EFFICIENCY, PACKED, _deal_ranks,  # noqa: F401
                                   auto_lanes, executed_steps, packed_steps, round_lanes)
-from tracefl_jax.models.base import Variables
+from tracefl_jax.fl.types import Stacked, Variables
 
 STRATEGIES = ("auto", "vmap", "chunked", "scan", "loop", "sharded")
 CLIENT_AXIS = "clients"
@@ -70,7 +67,7 @@ def client_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), (CLIENT_AXIS,))
 
 
-def _shard_clients(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+def _shard_clients(tree: Stacked, mesh: jax.sharding.Mesh) -> Stacked:
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(CLIENT_AXIS))
   return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
@@ -93,7 +90,7 @@ def resolve_strategy(strategy: str, variables: Variables, backend: str | None = 
 
 # ------------------------------------------------------------ the packed loop (in-program)
 
-def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
+def _where_lanes(pred: jax.Array, new: Stacked, old: Stacked) -> Stacked:
   """Per lane `new if pred else old`; `pred` is `[W]`, leaves `[W, ...]` (or `[1, ...]`)."""
   def pick(a, b):
     p = pred.reshape(pred.shape + (1,) * (max(a.ndim, b.ndim) - 1))
@@ -103,8 +100,8 @@ def _where_lanes(pred: jax.Array, new: Any, old: Any) -> Any:
 
 def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: jax.Array,
           schedule: tuple[jax.Array, jax.Array], offsets: jax.Array, counts: jax.Array,
-          lanes: int, normalization: Any = None,
-          contexts: Any = None) -> tuple[ClientOutput, jax.Array]:
+          lanes: int, normalization: Normalization | None = None,
+          contexts: ClientContext | None = None) -> tuple[ClientOutput, jax.Array]:
   """K clients through `lanes` vmapped lanes (module docstring), reading their batches from
   the laid-out round `schedule` (`ClientUpdate.schedule_slots`: `[E, T]`, `[K, E]`) at
   `offsets [K]`; returns the outputs `[K]` in the given order and the number of loop
@@ -135,7 +132,7 @@ def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: ja
   if w == k:
     # One lane per client (what the queue would give): lane c trains client c and then
     # stays put, so its final state is the client's result; no queue, no per-iteration
-    # write-back of results, no reset (1.3x faster at K = 1000, MLP, equal sizes).
+    # write-back of results, no reset.
     own = jnp.arange(k, dtype=jnp.int32)
 
     def body_own(carry):
@@ -182,15 +179,15 @@ def simulate_clients_with_steps(
     variables: Variables,
     x: jax.Array,
     y: jax.Array,
-    indices: Any,
+    indices: ClientSlots | jax.Array,
     counts: jax.Array,
     keys: jax.Array,
     *,
     strategy: str = "vmap",
     clients_per_chunk: int = 0,
     lanes: int | None = None,
-    normalization: Any = None,
-    contexts: Any = None,
+    normalization: Normalization | None = None,
+    contexts: ClientContext | None = None,
 ) -> tuple[ClientOutput, jax.Array]:
   """`simulate_clients`, plus the optimizer steps computed (int32 scalar): the clients' own
   steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed.
@@ -268,7 +265,7 @@ def simulate_clients_with_steps(
   return out, jnp.sum(out.num_steps)
 
 
-def _context_row(contexts: Any, c: jax.Array) -> Any:
+def _context_row(contexts: ClientContext | None, c: jax.Array) -> ClientContext | None:
   """Client row `c`'s context: its state row and id; the shared value is not stacked."""
   if contexts is None:
     return None
@@ -305,14 +302,14 @@ def simulate_clients(
     variables: Variables,
     x: jax.Array,
     y: jax.Array,
-    indices: Any,
+    indices: ClientSlots | jax.Array,
     counts: jax.Array,
     keys: jax.Array,
     *,
     strategy: str = "vmap",
     clients_per_chunk: int = 0,
     lanes: int | None = None,
-    normalization: Any = None,
+    normalization: Normalization | None = None,
 ) -> ClientOutput:
   """Trains K clients from the same `variables`; returns their outputs stacked `[K, ...]`.
 
@@ -337,7 +334,7 @@ def simulate_clients(
 
 
 @functools.lru_cache(maxsize=32)
-def _jit_one(client_update: ClientUpdateFn) -> Any:
+def _jit_one(client_update: ClientUpdateFn) -> Callable[..., ClientOutput]:
   if isinstance(client_update, ClientUpdate):
     return jax.jit(client_update, static_argnames=("normalization",))
   return jax.jit(client_update)

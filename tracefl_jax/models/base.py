@@ -403,9 +403,9 @@ def get_layer(tree: Mapping[str, Any], path: LayerPath) -> Any:
   return tree
 
 
-# XLA:CPU's default backend optimisation (level 2) spends 3-5x longer compiling the
+# XLA:CPU's default backend optimisation (level 2) spends several times longer compiling the
 # initialisers (mostly the unrolled threefry rounds of every parameter's random bits) than
-# level 1: 16 s against 3 s for resnet18_tiny, 4.5 s against 0.9 s for the FedAvg CNN. The
+# level 1 (benchmarks/README.md, "Measurements behind the library's choices"). The
 # program runs once, and level 1 gives bit-identical variables for every registered model
 # (checked by tests/test_model_contract.py), so the init program is compiled at level 1.
 _CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 1}

@@ -23,8 +23,8 @@ def _conv(impl: str):
   """The convolution module for `impl`: "xla" (the default, "auto") is `nn.Conv` with
   `canonical_conv`, whose derivatives XLA:CPU runs as fast inside the clients' step loops as
   alone; "patches" is `PatchConv` (a batched matmul under vmap over per-client kernels, where
-  XLA would emit grouped convolutions). Measured on CPU, LeNet 32x32x3, one Adam step of
-  batch 32 inside a client's loop: 6 ms with "xla", 19 ms with "patches" (benchmarks/README.md).
+  XLA would emit grouped convolutions); their speeds: benchmarks/README.md, "Convolution as
+  patches x matrix".
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown convolution implementation {impl!r}; valid: "

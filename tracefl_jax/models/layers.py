@@ -89,13 +89,6 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, geo: ConvGeometry) -> jax.Arra
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, geo: ConvGeometry) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-      x, kernel, geo.strides, geo.padding, lhs_dilation=geo.lhs_dilation,
-      rhs_dilation=geo.rhs_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _patch_conv(x: jax.Array, kernel: jax.Array, geo: ConvGeometry) -> jax.Array:
   return _matmul_conv(x, kernel, geo)
@@ -126,10 +119,10 @@ def _patch_conv_jvp(geo, primals, tangents):
 # canonical convolution) only visits the program's top level, so convolutions inside a
 # `while_loop` body (a client's local steps, `lax.map` over clients) keep the forms JAX's
 # derivative rules give them (kernel gradient `f01b_i01o->01bf`, input gradient with the
-# kernel's I/O swapped) and run through a naive loop nest: LeNet's step on 32x32x3 took 37 ms
-# in the loop against 4.5 ms jitted alone (benchmarks/README.md). `canonical_conv` writes its
-# derivatives as convolutions whose transposes (what `grad` runs) are canonical, with the
-# transposes explicit, so the same step costs the same in a loop as alone.
+# kernel's I/O swapped) and run through a naive loop nest, several times slower than the same
+# step jitted alone (benchmarks/README.md, "The step inside the round"). `canonical_conv`
+# writes its derivatives as convolutions whose transposes (what `grad` runs) are canonical,
+# with the transposes explicit, so the same step costs the same in a loop as alone.
 
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
 
@@ -207,8 +200,7 @@ def plain_convs_canonical(next_fun, args, kwargs, context):
   """An `nn.intercept_methods` interceptor giving every plain `nn.Conv` (no
   `conv_general_dilated` of its own) `canonical_conv` for the call: the same values and
   derivatives, and XLA:CPU's fast convolution inside the clients' step loops, without
-  changing the user's model (`ModelDef.apply` installs it on CPU). A plain `nn.Conv`
-  FedAvg CNN's round otherwise ran 7x slower on CPU (issue 21)."""
+  changing the user's model (`ModelDef.apply` installs it on CPU)."""
   module = context.module
   if (context.method_name == "__call__" and isinstance(module, nn.Conv)
       and module.conv_general_dilated is None and module.conv_general_dilated_cls is None):

@@ -93,23 +93,17 @@ def is_affine(model: ModelDef) -> bool:
   return all(isinstance(u.module, TRACED_UNIT_TYPES) for u in model.units())
 
 
-def choose_kernel(model: ModelDef, num_inputs: int, num_clients: int) -> str:
-  """The fastest exact kernel for the shapes.
-
-  Non-affine units need "reference". Otherwise "grad": one forward/backward of G plus a
-  2 N P K contraction, measured fastest at every K (benchmarks/README.md, "Speed of light",
-  256 inputs, 2 CPU cores: MLP 64-32-10 grad 22 ms vs jvp 60 ms at K = 1,000, 0.19 s vs
-  0.57 s at K = 10,000, both within 1.3x of each other below; FedAvg CNN grad 0.32 s vs jvp
-  2.1 s at K = 10; benchmarks/bench_provenance.py: grad 0.20 s vs reference 1.6 s at K = 1000).
-  """
-  del num_inputs, num_clients
+def choose_kernel(model: ModelDef) -> str:
+  """The fastest exact kernel for the model: "reference" when a traced unit is not affine,
+  else "grad" (one forward/backward of G plus a 2 N P K contraction), measured fastest at
+  every K (benchmarks/README.md, "Measurements behind the library's choices")."""
   return "grad" if is_affine(model) else "reference"
 
 
 def layer_sum(c: jax.Array, betas: jax.Array) -> jax.Array:
   """sum_l betas[l] * c[l] over the short leading layer axis of c [L, N, K], as L - 1
   elementwise adds: XLA:CPU (jax 0.10, its YNNPACK reduce fusion) runs it as a reduction
-  80-2,500x slower ([2, 256, 10,000]: 4.8 s against 2 ms; benchmarks/README.md). Not a dot:
+  far slower (benchmarks/README.md, "Speed of light"). Not a dot:
   a dot may round two equal columns differently, and equal clients must tie exactly."""
   return functools.reduce(operator.add, [c[l] * betas[l] for l in range(c.shape[0])])
 
@@ -361,7 +355,7 @@ def trace_clients(
   if target is not None:
     target = check_target(model, target, x.shape[0])
   if kernel == "auto":
-    kernel = choose_kernel(model, x.shape[0], num_clients)
+    kernel = choose_kernel(model)
   elif kernel in ("grad", "jvp") and not is_affine(model):
     raise ValueError(f"kernel {kernel!r} is exact only for affine traced units; this model "
                      f"has whole-block units: use kernel='reference' or 'auto'")

@@ -28,11 +28,6 @@ class LayerView(NamedTuple):
   grads: tuple[jax.Array, ...]          # g_l = d s_n / d out_l[n], shape of out_l
 
 
-def unit_modules(model: ModelDef) -> dict[LayerPath, nn.Module]:
-  """Unbound copies of the traced units, keyed by module path (`ModelDef.units`)."""
-  return {u.path: u.module for u in model.units()}
-
-
 # The explained output s_n of an input (`explained`): the paper's pre-softmax logit of the
 # target class; the margin (that logit minus the log-sum-exp of the other classes, what TRAK
 # explains: it moves only when the target gains on its rivals); the log-probability.

@@ -64,10 +64,9 @@ def _map_client_chunks(fn, client_params: Any, clients_per_chunk: int) -> jax.Ar
   return out
 
 
-# Columns per block of the grad kernel's contraction: XLA:CPU's dot runs 3-4x below peak when
-# the contracted axis (a dense kernel's 0.5 M entries) overflows the caches; a scan over
-# cache-sized blocks of it restores the rate (measured: [20, 524288] x [1000, 524288] in
-# 570 ms as one dot, 185 ms in blocks of 8192, 2 CPU cores).
+# Columns per block of the grad kernel's contraction: XLA:CPU's dot runs below peak when the
+# contracted axis (a dense kernel's 0.5 M entries) overflows the caches; a scan over
+# cache-sized blocks of it restores the rate (benchmarks/README.md, "Provenance").
 CONTRACT_BLOCK = 8192
 
 
@@ -203,10 +202,9 @@ def _unit_contraction(unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
   A Dense unit on flat inputs a_n^T W_k g_n is contracted in the order whose intermediate is
   smaller: (W_k g_n) first, `[K, I, N]`, when K <= O (K * I * N <= N * I * O; its contracted
-  axis, the unit's outputs, stays cache-sized: measured 2x faster than the outer-product form at K = 100,
-  [1024, 512] kernel, 20 inputs, 2 CPU cores); else the per-input outer products `[N, I * O]`
-  contracted with the clients' kernels (4x faster at K = 1,000, 256 inputs, a [64, 32]
-  kernel: benchmarks/bench_reference.py). Other units: per-input parameter gradients, then a
+  axis, the unit's outputs, stays cache-sized); else the per-input outer products
+  `[N, I * O]` contracted with the clients' kernels (benchmarks/README.md, "Measurements
+  behind the library's choices"). Other units: per-input parameter gradients, then a
   P-blocked contraction.
   """
   hi = jax.lax.Precision.HIGHEST
