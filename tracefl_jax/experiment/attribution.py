@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from tracefl_jax.experiment import cli_args, sweep
-from tracefl_jax.experiment.attribution_plot import plot_attribution
+from tracefl_jax.experiment.figures import plot_attribution
 from tracefl_jax.experiment.comparison import (METHODS, comparison_errors,  # noqa: F401
                                                run_comparison)
 from tracefl_jax.experiment.config import validate

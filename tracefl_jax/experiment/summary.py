@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from tracefl_jax.experiment.figures import plot_run
 from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.provenance.protocol import summarize_rounds
 
@@ -209,8 +210,7 @@ def write_outputs(workdir, summary: dict[str, Any] | None, *, figures: bool) -> 
     write_atomic(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
   if not figures:
     return []
-  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
-  return [p.name for p in results.plot_run(workdir, only_missing=True)]
+  return [p.name for p in plot_run(workdir, only_missing=True)]
 
 
 def nothing_to_do(plan, rounds: int, *, figures: bool, primary: bool) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from typing import Any
 import ml_collections
 from tqdm.auto import tqdm
 
-from tracefl_jax.experiment import configfile, summary as outputs
+from tracefl_jax.experiment import configfile, figures, report, runner, summary as outputs
 from tracefl_jax.experiment.workdir import check_workdir, finished_summary
 
 Grid = Mapping[str | tuple[str, ...], Sequence[Any]]
@@ -216,9 +216,6 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
   memory available when the run starts. `deadline` (a `time.perf_counter()` value): no run
   starts after it; the rows and tables then cover the runs done, in grid order.
   """
-  from tracefl_jax.experiment import runner as experiment  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
-
   workdir = check_workdir(workdir, allow_cwd=allow_cwd)
   cells = _cells(config, grid, workdir)
   cells = [cells[j] for j in shard_points(len(cells), shard)]
@@ -237,12 +234,12 @@ def run_sweep(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
         available = outputs.available_bytes()
         budget = None if available is None else int(outputs.BUDGET_FRACTION * available)
       run_config, plan = plan_memory(run_config, rows, budget)
-      summary = experiment.run(run_config, run_dir, progress=False)
+      summary = runner.run(run_config, run_dir, progress=False)
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": skipped,
                  "memory_plan": plan, **summary})
   if rows and shard is None:
-    results.write_sweep_results(rows, grid_fields(grid), workdir)
-    results.plot_run(workdir / rows[0]["run"])
+    report.write_sweep_results(rows, grid_fields(grid), workdir)
+    figures.plot_run(workdir / rows[0]["run"])
   return rows
 
 
@@ -250,8 +247,6 @@ def collect(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
             workdir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
   """Merges the finished runs of a sharded sweep: writes results.csv, results.md and the
   plots over them (in grid order) and returns `(rows, names of the runs not finished)`."""
-  from tracefl_jax.experiment import results  # pylint: disable=g-import-not-at-top
-
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise ValueError(f"--collect: {workdir} does not exist; run the sweep's shards first "
@@ -265,6 +260,6 @@ def collect(config: ml_collections.ConfigDict, grid: Grid | Sequence[Grid],
     rows.append({"run": run_dir.name, **overrides, "skipped_existing": True,
                  "memory_plan": _recorded_plan(run_dir, run_config), **summary})
   if rows:
-    results.write_sweep_results(rows, grid_fields(grid), workdir)
-    results.plot_run(workdir / rows[0]["run"])
+    report.write_sweep_results(rows, grid_fields(grid), workdir)
+    figures.plot_run(workdir / rows[0]["run"])
   return rows, missing
