@@ -1,6 +1,6 @@
 """`make_model`: a Flax module (linen or NNX) and the shape of one example -> a `ModelDef`.
 
-Every check runs here, once, on ONE abstract eval-mode forward pass (`base._inspect`): the
+Every check runs here, once, on ONE abstract eval-mode forward pass (`units._inspect`): the
 input shape and class count match the module, every traced unit runs once, at least one unit
 is traced, and parameterised submodules outside every traced unit are listed on the
 `ModelDef` (`untraced`) and, unless they are layers TraceFL leaves out by design (BatchNorm,
@@ -16,9 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tracefl_jax.models.base import (TRACED_UNIT_TYPES, UNTRACED_BY_DESIGN, LayerPath,
-                                     ModelDef, MissingTracedLayers, _inspect, _ModuleKey,
-                                     _reject_shared)
+from tracefl_jax.models.base import ModelDef
+from tracefl_jax.models.units import (TRACED_UNIT_TYPES, UNTRACED_BY_DESIGN, LayerPath,
+                                      MissingTracedLayers, _inspect, _ModuleKey, _reject_shared)
 
 _UNSET: Any = object()
 _TRACED_NAMES = "/".join(t.__name__ for t in TRACED_UNIT_TYPES)
