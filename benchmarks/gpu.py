@@ -448,8 +448,8 @@ def attribution_section(report: Report, cfg: dict[str, Any], budget: Budget) -> 
   """configs/attribution.py at the mode's preset (gpu: 1,000 clients): its cells in order
   while the budget lasts, one row per (cell, method), the table and figure under
   <out>/attribution/."""
-  from tracefl_jax.experiment import attribution  # pylint: disable=g-import-not-at-top
-  cells, left = attribution.run_cells(
+  from tracefl_jax.experiment import comparison  # pylint: disable=g-import-not-at-top
+  cells, left = comparison.run_cells(
       f"{ROOT / 'configs' / 'attribution.py'}:{cfg['attribution_preset']}",
       report.out / "attribution", deadline=budget.end)
   for name, s in cells:

@@ -1,5 +1,5 @@
 """configs/attribution.py: the comparison of attribution methods against retrained federations,
-its smoke preset end to end (experiment/attribution.py) and every cpu cell validated."""
+its smoke preset end to end (the compare command) and every cpu cell validated."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_gpu_script import _gpu_script
-from tracefl_jax.experiment import attribution
+from tracefl_jax.experiment import cli, comparison, comparison_methods
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.experiment.sweep import apply_overrides, expand_grid
 
@@ -56,19 +56,19 @@ def test_cpu_cells_validate_and_unknown_preset_is_named():
 def test_comparison_command_names_a_bad_argument(argv, message, capsys):
   workdir = [] if not argv else ["--workdir=unused"]
   with pytest.raises(SystemExit) as e:
-    attribution.main([f"--config={CONFIG}:smoke", *workdir, *argv])
+    cli.compare([f"--config={CONFIG}:smoke", *workdir, *argv])
   assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_smoke_preset_end_to_end(tmp_path, capsys):
   # An override reaches every cell (the preset explains 10 inputs).
-  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
-                    "--config.attribution.explain_inputs=8"])
+  cli.compare([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+               "--config.attribution.explain_inputs=8"])
   table = capsys.readouterr().out
   (cell,) = [p for p in tmp_path.iterdir() if p.is_dir()]
   s = json.loads((cell / "summary.json").read_text())
   assert s["aggregation"] == "mean" and s["counterfactual_removal"] == "closed_form"
-  assert [r["method"] for r in s["rows"]] == [*attribution.METHODS]
+  assert [r["method"] for r in s["rows"]] == [*comparison.METHODS]
   # per truth seed the base and one per client sampled in some round, then 3 subsets
   assert s["federations"] == 3 * (1 + 6 - s["clients_never_sampled"]) + 3 and s["inputs"] == 8
   assert s["output"] == "margin" and s["truth_seeds"] == 3
@@ -89,23 +89,23 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   assert rows["first_order"]["lds"] is not None and -1 <= rows["first_order"]["lds"] <= 1
   # Top-k removal of the first 3 inputs: every method (and k random participants), k = 1, 3.
   assert {(r["method"], r["k"]) for r in s["topk"]} == {
-      (m, k) for m in (*attribution.METHODS, "random") for k in (1, 3)}
+      (m, k) for m in (*comparison.METHODS, "random") for k in (1, 3)}
   assert all(0 <= r["flip_rate"] <= 1 and r["drop_low"] <= r["drop_high"] for r in s["topk"])
   assert "Top-k removal" in table
   # The base federation retrained side by side is the trained run, up to float rounding.
   assert s["base_reproduced_max_abs"] < 1e-2
-  assert table.count("| smoke | mean |") == len(attribution.METHODS)
+  assert table.count("| smoke | mean |") == len(comparison.METHODS)
   assert (tmp_path / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A finished cell of the same config is read back, not rerun; of another, refused at once
   # (one line, exit 2) and left as it was.
   before = (cell / "summary.json").stat().st_mtime_ns
-  attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
-                    "--config.attribution.explain_inputs=8"])
+  cli.compare([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+               "--config.attribution.explain_inputs=8"])
   assert (cell / "summary.json").stat().st_mtime_ns == before
   capsys.readouterr()
   with pytest.raises(SystemExit) as e:
-    attribution.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
-                      "--config.rounds=3", "--config.aggregation.rule=median"])
+    cli.compare([f"--config={CONFIG}:smoke", f"--workdir={tmp_path}",
+                 "--config.rounds=3", "--config.aggregation.rule=median"])
   err = capsys.readouterr().err
   assert e.value.code == 2 and len(err.strip().splitlines()) == 1
   assert "config differs in: aggregation.rule ('mean' -> 'median')" in err
@@ -117,11 +117,11 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
   report = gpu.Report(tmp_path / "gpu", "smoke")
   gpu.attribution_section(report, gpu.SIZES["smoke"], gpu.Budget(600))
   rows = [r for r in report.rows if r["section"] == "attribution"]
-  assert [r["method"] for r in rows] == [*attribution.METHODS]
+  assert [r["method"] for r in rows] == [*comparison.METHODS]
   assert all(r["status"] == "ok" and r["global_accuracy"] == s["global_accuracy"]
              for r in rows)
   assert (tmp_path / "gpu" / "attribution" / "table.md").read_text().count("| smoke | mean |") == len(
-      attribution.METHODS)
+      comparison.METHODS)
 
 
 
@@ -144,7 +144,6 @@ def test_bad_attribution_fields_are_named(field, value, message):
 
 
 def test_comparison_runs_the_configured_algorithm(tmp_path):
-  from tracefl_jax.experiment import comparison
   config = apply_overrides(_module().get_config("smoke"), {
       "aggregation.rule": "trimmed_mean", "aggregation.trim_beta": 0.25,
       "server.optimizer": "adam", "server.learning_rate": 0.01, "client.loss": "fedprox",
@@ -160,16 +159,15 @@ def test_comparison_runs_the_configured_algorithm(tmp_path):
   saved = json.loads((tmp_path / "cell" / "config.json").read_text())
   assert saved["aggregation"]["rule"] == "trimmed_mean" and saved["client"]["loss"] == "fedprox"
   # The compare command's table names the algorithm each cell ran.
-  assert "| cell | trimmed_mean(0.25) + server optimizer |" in attribution.table([("cell", s)])
+  assert "| cell | trimmed_mean(0.25) + server optimizer |" in comparison_methods.table([("cell", s)])
 
 
 def test_comparison_refusals_are_one_line(tmp_path, capsys):
-  from tracefl_jax.experiment import comparison
   from tracefl_jax.experiment.workdir import WorkdirBusyError, WorkdirLock, plan_run
 
   def refused(*argv):
     with pytest.raises(SystemExit) as e:
-      attribution.main([*argv])
+      cli.compare([*argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     return err

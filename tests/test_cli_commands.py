@@ -78,7 +78,7 @@ def test_run_is_the_default_command_and_a_misspelt_command_is_named(capsys, tmp_
 
 def test_the_comparison_is_its_own_command(capsys, tmp_path):
   """`run` refuses a comparison cell (it ran the comparison without saying so); `compare`
-  takes it, with the same flags as the alias `python -m tracefl_jax.experiment.attribution`."""
+  takes it, with the same flags as `run`'s."""
   err = _error(capsys, [ATTRIBUTION, f"--workdir={tmp_path / 'run'}"])
   assert "attribution.enabled=True" in err and "python -m tracefl_jax compare" in err
   assert not (tmp_path / "run").exists()

@@ -7,7 +7,7 @@
   python -m tracefl_jax compare --config=configs/attribution.py:cpu --workdir=runs/attribution
       the comparison of attribution methods against retrained federations: every cell of the
       preset's sweep, each under the run's workdir checks, lock and plan
-      (`experiment.attribution.run_cells`).
+      (`experiment.comparison.run_cells`).
   python -m tracefl_jax trace --workdir=runs/demo --inputs=x.npy [--round=R] [--out=F]
       traces new inputs against a round the run stored (`provenance.store_rounds`).
   python -m tracefl_jax config [--config=configs/demo.py:quick] [--config.a.b=value ...]
@@ -251,11 +251,29 @@ def _config_main(argv: list[str]) -> None:
   print("\n".join(describe_config(config)))
 
 
-def _compare_main(argv: list[str]) -> None:
-  """`compare`: the attribution comparison (`experiment.attribution`), parsed by the same
-  flags and config overrides as `run`."""
-  from tracefl_jax.experiment import attribution  # pylint: disable=g-import-not-at-top
-  attribution.main(argv)
+def compare(argv: list[str]) -> None:
+  """`compare --config=PATH.py:PRESET --workdir=DIR [--config.FIELD=VALUE ...]`: every cell of
+  the preset's sweep (`comparison.run_cells`), then the table (WORKDIR/table.md, also
+  printed) and its figure (WORKDIR/attribution.png); parsed by the same flags and config
+  overrides as `run`. A bad argument is one line on stderr and exit code 2."""
+  from tracefl_jax.experiment import comparison, comparison_methods as methods  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.fl.rounds import TrainingDivergedError  # pylint: disable=g-import-not-at-top
+  try:
+    args = parse_args(argv)
+    other = sorted(k for k, v in args.flags.items()
+                   if v and k not in ("config", "workdir", "quiet"))
+    if other:
+      raise ValueError(f"--{other[0]} is a flag of python -m tracefl_jax, not of the "
+                       f"comparison; it takes --config, --workdir and --config.FIELD=VALUE")
+  except ValueError as e:
+    _fail(str(e))
+  try:
+    cells, _ = comparison.run_cells(args.config_spec, args.flags["workdir"], base=args.config)
+  except (ValueError, OSError, TrainingDivergedError) as e:  # WorkdirError is a ValueError
+    _fail(str(e))
+  print(methods.table(cells))
+  if methods.topk_table(cells):
+    print(f"\nTop-k removal:\n\n{methods.topk_table(cells)}")
 
 
 def _command(argv: list[str]) -> tuple[str, list[str]]:
@@ -288,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
           f"cell of the same config is read back), then writes WORKDIR/table.md and "
           f"WORKDIR/attribution.png and prints the table")
   elif command == "compare":
-    _compare_main(args)
+    compare(args)
   elif not args or wants_help:
     _print_help()
     if not args:

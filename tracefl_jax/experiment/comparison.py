@@ -1,5 +1,4 @@
-r"""One cell of the comparison of attribution methods against retrained federations
-(configs/attribution.py).
+r"""The comparison of attribution methods against retrained federations (configs/attribution.py).
 
 One cell (`run_comparison(config, workdir)`): train the federation of `config` (the base run),
 trace its last round, accumulate multi-round provenance online, pick the inputs to explain
@@ -39,14 +38,15 @@ optimizer, DP, compute dtype), and the retrained federations run its round progr
 the comparison cannot honour is refused (`comparison_errors`). The summary names the
 algorithm (`aggregation`) and how its truths removed a client (`counterfactual_removal`).
 
-The runner (`experiment.runner.run`, for a config with `attribution.enabled`) runs one cell;
-`experiment/attribution.py` runs every cell of a sweep and writes the table and figure.
+Every cell of a preset's sweep (`run_cells`, the compare command): each cell checked before
+any runs, each a `run_comparison` in its own directory of the workdir, then the table
+(WORKDIR/table.md, `comparison_methods.table`) and its figure (WORKDIR/attribution.png).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,16 +56,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tracefl_jax.experiment import resume, stages
+from tracefl_jax.experiment import comparison_methods as methods
+from tracefl_jax.experiment import resume, sweep
 from tracefl_jax.experiment.config import validate
+from tracefl_jax.experiment.configfile import load_config
+from tracefl_jax.experiment.figures import plot_attribution
 from tracefl_jax.experiment.io import write_atomic
 from tracefl_jax.experiment.workdir import WorkdirLock, check_workdir, plan_run
-from tracefl_jax.fl.rounds import run_rounds
-from tracefl_jax.experiment import comparison_methods as methods
-from tracefl_jax.provenance import protocol, retrained, retraining, round_callback
-from tracefl_jax.provenance.multiround import MultiRoundAccumulator
+from tracefl_jax.provenance import protocol, retrained, retraining
 from tracefl_jax.provenance.removal import round_removal
-from tracefl_jax.provenance.selection import select_faulty_inputs
 
 METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "banzhaf", "datamodel",
            "largest", "random")  # banzhaf and datamodel: with >= 3 subsets
@@ -94,68 +93,65 @@ def comparison_errors(c: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
-def _setup(c: ml_collections.ConfigDict):
-  """The runner's own stages: data, model, the configured algorithm (client objective, rule,
-  server optimizer, DP, compute dtype) and the evaluator. Buffers are not donated: the
-  initial variables are trained again by the retrained federations."""
-  d = stages.load_data(c)
-  m = stages.build_model(c, d)
-  algorithm = stages.build_algorithm(c, m, d, donate=False)
-  evaluator = stages.build_evaluator(c, m, d)
-  return d.data, m.model, m.variables, algorithm, evaluator, d.faulty, d.flip
+def _cells(spec: str, base: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+  """(name, config) of every cell of the sweep of `spec`, each validated and checked for
+  fields the comparison cannot honour (`comparison_errors`) before any is run."""
+  path, _, preset = spec.partition(":")
+  cells = []
+  for overrides in sweep.expand_grid(sweep.load_sweep(path, preset)):
+    setting = overrides.get("attribution.setting")
+    # A cell is named by its setting (a full override list can exceed a file name's limit).
+    name = sweep.run_name({"attribution.setting": setting} if setting else overrides)
+    config = sweep.apply_overrides(base, overrides)
+    try:
+      validate(config)
+      errors = comparison_errors(config)
+      if errors:
+        raise ValueError(errors[0])
+    except ValueError as e:
+      raise ValueError(f"cell {name}: {e}") from None
+    cells.append((name, config))
+  return cells
 
 
-def _settings(c, score: str, faulty) -> protocol.ProtocolSettings:
-  """The run's protocol settings (`stages.protocol_settings`) for one score, with the
-  leave-one-out truth and without FedDebug."""
-  settings = stages.protocol_settings(c, list(faulty))
-  return dataclasses.replace(settings, counterfactual=True, feddebug=False, score=score,
-                             use_size_factor=settings.use_size_factor and score == "tracefl")
+def _check_finished_cells(cells, workdir: Path) -> None:
+  """Refuses, before anything runs, a sweep whose workdir holds a cell of another config
+  (`workdir.plan_run`, as `run_comparison` applies it one cell at a time)."""
+  for name, config in cells:
+    if (workdir / name).is_dir():
+      plan_run(config, workdir / name)
 
 
-def _train(c, data, model, variables, algorithm, evaluator, faulty):
-  """The base run: per-round accuracy and (optionally) both scores traced every round."""
-  acc = MultiRoundAccumulator(variables["params"], data.num_clients, c.attribution.round_decay)
-  kept: dict[str, Any] = {}
-  curve: list[dict[str, Any]] = []
-  callbacks: list[Any] = [evaluator]
-  if c.attribution.per_round:
-    for score in ("tracefl", "first_order"):
-      callbacks.append(_tagged(score, round_callback.provenance_callback(
-          model, evaluator, _settings(c, score, faulty))))
-
-  def keep(info):
-    out = info.output
-    acc.update(out.clients.variables, out.traced, out.weights, out.client_ids,
-               reaggregate=round_removal(out)[0],
-               clients_per_chunk=c.provenance.clients_per_chunk or None)
-    kept["last"] = out
-    curve.append({"round": info.round, "accuracy": info.metrics["accuracy"],
-                  **{k: v for k, v in info.metrics.items() if k.startswith("prov_")}})
-
-  state, _ = run_rounds(algorithm, algorithm.init(variables), data, rounds=c.rounds,
-                        clients_per_round=c.clients_per_round, seed=c.seed,
-                        callbacks=[*callbacks, keep],
-                        always_sampled=faulty if c.faulty.every_round else ())
-  return state.variables, kept["last"], acc, curve
-
-
-def _tagged(score: str, callback):
-  def run(info):
-    out = callback(info)
-    if not out or out["provenance"].get("skipped"):
-      return None
-    p = out["provenance"]
-    keys = ("accuracy", "counterfactual_top1", "counterfactual_accuracy")
-    return {f"prov_{score}_{k}": p.get(k) for k in keys}
-  return run
-
-
-def _explained(c, evaluator, final, flip) -> np.ndarray:
-  pred = evaluator.predictions(final)
-  if c.provenance.mode == "faulty":
-    return select_faulty_inputs(pred, evaluator.y, flip, c.attribution.explain_inputs)
-  return np.flatnonzero(pred == evaluator.y)[: c.attribution.explain_inputs]
+def run_cells(spec: str, workdir: str | Path, *, deadline: float = float("inf"),
+              base: ml_collections.ConfigDict | None = None
+              ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+  """Every cell of the sweep of `spec` (`PATH.py:PRESET`) under `workdir` (locked for the
+  sweep), each a `run_comparison` in `workdir/<cell>` (a finished cell of the same config is
+  read back; one of another config refuses the whole sweep before anything runs), then
+  WORKDIR/table.md and WORKDIR/attribution.png. A cell not started by `deadline`
+  (time.perf_counter) is left out; `base`: the preset's config with the user's overrides
+  (default: the preset's). Returns `(cells, names left out)`."""
+  base = load_config(spec) if base is None else base
+  todo = _cells(spec, base)
+  workdir = check_workdir(workdir)
+  cells, left = [], []
+  with WorkdirLock(workdir):
+    _check_finished_cells(todo, workdir)
+    for name, config in todo:
+      if time.perf_counter() > deadline:
+        left.append(config.attribution.setting or name)
+        continue
+      summary = run_comparison(config, workdir / name)
+      print(f"{name}: {summary['aggregation']}, global accuracy "
+            f"{summary['global_accuracy']:.3f}, {summary['seconds']['total']:.0f} s",
+            file=sys.stderr, flush=True)
+      cells.append((config.attribution.setting or name, summary))
+    if cells:
+      removal = methods.topk_table(cells)
+      write_atomic(workdir / "table.md", methods.table(cells) + "\n" + (
+          f"\nTop-k removal:\n\n{removal}\n" if removal else ""))
+      plot_attribution(cells, workdir / "attribution.png")
+  return cells, left
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -191,10 +187,11 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | Path, *,
 def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains, traces, retrains and scores one cell; returns its summary."""
   t0 = time.perf_counter()
-  data, model, init, algorithm, evaluator, faulty, flip = _setup(c)
-  final, last, acc, curve = _train(c, data, model, init, algorithm, evaluator, faulty)
+  data, model, init, algorithm, evaluator, faulty, flip = methods.setup(c)
+  final, last, acc, curve = methods.train_base(c, data, model, init, algorithm, evaluator,
+                                                faulty)
   t_train = time.perf_counter() - t0
-  idx = _explained(c, evaluator, final, flip)
+  idx = methods.explained(c, evaluator, final, flip)
   if len(idx) == 0:
     raise ValueError("no test input to explain (no correct prediction, or no misprediction "
                      "matching the flip in faulty mode)")
@@ -230,7 +227,7 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   base = np.asarray(retrained.explained_logits(
       model, jax.tree.map(lambda a: a[None], final), x, target, c.provenance.output))[0]
   labels = evaluator.y[idx]
-  settings = _settings(c, "tracefl", faulty)
+  settings = methods.settings(c, "tracefl", faulty)
   everyone = np.arange(num)
   rule = lambda clients: protocol.passes_rule(  # noqa: E731
       settings, clients, labels, data.label_counts, everyone)

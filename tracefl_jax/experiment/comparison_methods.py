@@ -1,22 +1,103 @@
-"""The attribution comparison's methods and their grading (one cell: `comparison.py`).
+"""Inside one cell of the attribution comparison (`comparison.py`): the base run, the methods,
+their grading and the tables.
 
-`method_scores` gives every method's additive `[N, C]` scores of the explained output;
+`train_base` trains the cell's federation, tracing every round with both scores
+(`attribution.per_round`) and accumulating multi-round provenance; `explained` picks the
+inputs to explain from its final model. `method_scores` gives every method's additive
+`[N, C]` scores of the explained output;
 `grade` scores them against the retraining truths with intervals and the paired difference to
 TraceFL (`provenance.intervals`), each method naming its top client among the clients that
 could be responsible (`candidates`); `topk` retrains without each method's top k clients
-(`provenance.topk_removal`).
+(`provenance.topk_removal`); `table` and `topk_table` are the compare command's Markdown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from tracefl_jax.provenance import intervals, retrained, retraining, topk_removal, trace_clients
+from tracefl_jax.experiment import stages
+from tracefl_jax.fl.rounds import run_rounds
+from tracefl_jax.provenance import (intervals, protocol, retrained, retraining, round_callback,
+                                    topk_removal, trace_clients)
 from tracefl_jax.provenance.counterfactual import leave_one_out
+from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.removal import round_removal
+from tracefl_jax.provenance.selection import select_faulty_inputs
+
+
+# --- the base run -----------------------------------------------------------------------
+
+
+def setup(c: ml_collections.ConfigDict):
+  """The runner's own stages: data, model, the configured algorithm (client objective, rule,
+  server optimizer, DP, compute dtype) and the evaluator. Buffers are not donated: the
+  initial variables are trained again by the retrained federations."""
+  d = stages.load_data(c)
+  m = stages.build_model(c, d)
+  algorithm = stages.build_algorithm(c, m, d, donate=False)
+  evaluator = stages.build_evaluator(c, m, d)
+  return d.data, m.model, m.variables, algorithm, evaluator, d.faulty, d.flip
+
+
+def settings(c, score: str, faulty) -> protocol.ProtocolSettings:
+  """The run's protocol settings (`stages.protocol_settings`) for one score, with the
+  leave-one-out truth and without FedDebug."""
+  settings = stages.protocol_settings(c, list(faulty))
+  return dataclasses.replace(settings, counterfactual=True, feddebug=False, score=score,
+                             use_size_factor=settings.use_size_factor and score == "tracefl")
+
+
+def train_base(c, data, model, variables, algorithm, evaluator, faulty):
+  """The base run: per-round accuracy and (optionally) both scores traced every round."""
+  acc = MultiRoundAccumulator(variables["params"], data.num_clients, c.attribution.round_decay)
+  kept: dict[str, Any] = {}
+  curve: list[dict[str, Any]] = []
+  callbacks: list[Any] = [evaluator]
+  if c.attribution.per_round:
+    for score in ("tracefl", "first_order"):
+      callbacks.append(_tagged(score, round_callback.provenance_callback(
+          model, evaluator, settings(c, score, faulty))))
+
+  def keep(info):
+    out = info.output
+    acc.update(out.clients.variables, out.traced, out.weights, out.client_ids,
+               reaggregate=round_removal(out)[0],
+               clients_per_chunk=c.provenance.clients_per_chunk or None)
+    kept["last"] = out
+    curve.append({"round": info.round, "accuracy": info.metrics["accuracy"],
+                  **{k: v for k, v in info.metrics.items() if k.startswith("prov_")}})
+
+  state, _ = run_rounds(algorithm, algorithm.init(variables), data, rounds=c.rounds,
+                        clients_per_round=c.clients_per_round, seed=c.seed,
+                        callbacks=[*callbacks, keep],
+                        always_sampled=faulty if c.faulty.every_round else ())
+  return state.variables, kept["last"], acc, curve
+
+
+def _tagged(score: str, callback):
+  def run(info):
+    out = callback(info)
+    if not out or out["provenance"].get("skipped"):
+      return None
+    p = out["provenance"]
+    keys = ("accuracy", "counterfactual_top1", "counterfactual_accuracy")
+    return {f"prov_{score}_{k}": p.get(k) for k in keys}
+  return run
+
+
+def explained(c, evaluator, final, flip) -> np.ndarray:
+  pred = evaluator.predictions(final)
+  if c.provenance.mode == "faulty":
+    return select_faulty_inputs(pred, evaluator.y, flip, c.attribution.explain_inputs)
+  return np.flatnonzero(pred == evaluator.y)[: c.attribution.explain_inputs]
+
+
+# --- the methods and their grading --------------------------------------------------------
 
 
 def _spread(values, ids, num_clients: int) -> np.ndarray:
@@ -127,3 +208,54 @@ def topk(c, algorithm, init, data, model, x, target, scores, truth, allowed,
   return topk_removal.topk_table(rows, outputs, predicted, truth.base_logit[0][:n],
                                  np.asarray(target)[:n], draws=c.attribution.bootstrap,
                                  seed=c.seed)
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def _interval(r: dict[str, Any], key: str) -> str:
+  """`0.41 [0.31, 0.51]`, and `-` when the row has no such value."""
+  if r.get(key) is None:
+    return "-"
+  if r.get(f"{key}_low") is None:
+    return f"{r[key]:.2f}"
+  return f"{r[key]:.2f} [{r[f'{key}_low']:.2f}, {r[f'{key}_high']:.2f}]"
+
+
+def _diff(r: dict[str, Any], key: str) -> str:
+  """`+0.06 (p 0.21)` against TraceFL, and `-` for TraceFL itself and the baselines."""
+  if r.get(f"{key}_diff") is None:
+    return "-"
+  return f"{r[f'{key}_diff']:+.2f} (p {r[f'{key}_diff_p']:.2f})"
+
+
+def table(cells: list[tuple[str, dict[str, Any]]]) -> str:
+  """A Markdown table: one line per (cell, method); `algorithm` is the cell's server side
+  (the rule, "+ server optimizer", or dp_fedavg), which every truth and score follows;
+  intervals in brackets, differences to TraceFL (paired) with their p-values, and the
+  truth's own agreement between seeds (its ceiling) per cell."""
+  def f(v):
+    return "-" if v is None else f"{v:.2f}"
+  lines = ["| setting | algorithm | global acc | method | paper rule | LOO last top-1 | "
+           "retrain top-1 | vs TraceFL | retrain Spearman | LDS | vs TraceFL | "
+           "ceiling top-1 / Spearman |", "|" + "---|" * 12]
+  for name, s in cells:
+    ceiling = f"{f(s.get('ceiling_top1'))} / {f(s.get('ceiling_spearman'))}"
+    for r in s["rows"]:
+      lines.append(f"| {name} | {s.get('aggregation', 'mean')} | {s['global_accuracy']:.3f} | "
+                   f"{r['method']} | {f(r['paper_rule'])} | {f(r['loo_last_top1'])} | "
+                   f"{_interval(r, 'retrain_top1')} | {_diff(r, 'retrain_top1')} | "
+                   f"{f(r['retrain_spearman'])} | {_interval(r, 'lds')} | {_diff(r, 'lds')} | "
+                   f"{ceiling} |")
+  return "\n".join(lines)
+
+
+def topk_table(cells: list[tuple[str, dict[str, Any]]]) -> str:
+  """A Markdown table of top-k removal (cells that ran it): per method and k, the mean drop
+  of the explained output with its interval and the share of predictions that flipped."""
+  lines = ["| setting | method | k | drop | predictions flipped |", "|" + "---|" * 5]
+  for name, s in cells:
+    for r in s.get("topk") or ():
+      lines.append(f"| {name} | {r['method']} | {r['k']} | "
+                   f"{_interval(r, 'drop')} | {r['flip_rate']:.2f} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
