@@ -9,7 +9,7 @@ import math
 import ml_collections
 import pytest
 
-from tracefl_jax.experiment import config_checks
+from tracefl_jax.experiment import cli_args, config_checks
 from tracefl_jax.experiment.config import FIELDS, base_config, config_fields, validate
 
 # field -> [(bad value, what the message says)]; base_config() has 10 rounds and 20 clients,
@@ -214,7 +214,7 @@ def test_wrong_types_are_named(field, value, message):
 def test_trace_arguments_are_checked_before_tracing(tmp_path):
   """`trace --top_k=-2` listed fewer clients; `--out` into a missing directory or onto a
   directory failed with a traceback after the whole trace (issue 23)."""
-  check = config_checks.trace_arg_errors
+  check = cli_args.trace_arg_errors
   assert check(3, None) == [] and check(1, str(tmp_path / "rows.jsonl")) == []
   assert check(-2, None) == ["--top_k=-2 must be >= 1 (top clients listed per input)"]
   assert check(0, None) == ["--top_k=0 must be >= 1 (top clients listed per input)"]

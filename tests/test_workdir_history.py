@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.test_faults import TINY, _cli, _config, _snapshot, _untimed
-from tracefl_jax.experiment import runner, stored, summary as outputs, trace_cli
+from tracefl_jax.experiment import cli, runner, stored, summary as outputs
 from tracefl_jax.experiment.io import WorkdirError, read_jsonl
 from tracefl_jax.experiment.workdir import LOCK_FILE, WorkdirBusyError
 from tests.xla_env import xla_flags
@@ -189,7 +189,7 @@ def _trace(argv, monkeypatch, capsys) -> str:
     raise AssertionError("traced before the check")
   monkeypatch.setattr(stored, "trace_stored_round", refuse)
   with pytest.raises(SystemExit) as info:
-    trace_cli.main(argv)
+    cli.trace(argv)
   assert info.value.code == 2
   return capsys.readouterr().err
 

@@ -36,66 +36,15 @@ import os
 import sys
 from typing import Any
 
-import ml_collections
-
-from tracefl_jax.experiment.cli_args import FLAGS, Args, join_flags, parse_args
+from tracefl_jax.experiment.cli_args import (COMMANDS, HELP, Args, describe_config, join_flags,
+                                             parse_args, print_help, trace_arg_errors,
+                                             trace_parser)
 from tracefl_jax.experiment.configfile import set_field
-
-# Each command's usage line; `run` is the command when none is named.
-COMMANDS = {
-    "run": "python -m tracefl_jax [run] --config=PATH.py[:PRESET] --workdir=DIR [flags] "
-           "[--config.FIELD=VALUE ...]\n       python -m tracefl_jax [run] --config=PATH.py"
-           "[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]",
-    "compare": "python -m tracefl_jax compare --config=PATH.py:PRESET --workdir=DIR "
-               "[--quiet] [--config.FIELD=VALUE ...]",
-    "trace": "python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  "
-             "(trace --help)",
-    "config": "python -m tracefl_jax config [--config=PATH.py[:PRESET]] "
-              "[--config.FIELD=VALUE ...]",
-}
-_USAGE = "usage: " + "\n       ".join(COMMANDS.values())
-_HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 
 def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
-
-
-def _format_value(value: Any) -> str:
-  return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
-def describe_config(config: ml_collections.ConfigDict) -> list[str]:
-  """One line per config field: `--config.FIELD=VALUE  meaning`."""
-  from tracefl_jax.experiment.config import FIELDS, config_fields  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment.config_checks import Choices  # pylint: disable=g-import-not-at-top
-  fields = config_fields(config)
-  order = [f for f in FIELDS if f in fields] + [f for f in fields if f not in FIELDS]
-  lines = []
-  for field, value in ((f, fields[f]) for f in order):
-    meaning = FIELDS[field].help if field in FIELDS else ""
-    if field in FIELDS and isinstance(FIELDS[field].rule, Choices):
-      meaning += f": {', '.join(FIELDS[field].rule.valid())}"
-    lines.append(f"  {field + '=' + _format_value(value):<42} {meaning}")
-  return lines
-
-
-def _print_help() -> None:
-  from tracefl_jax.experiment.config import base_config  # pylint: disable=g-import-not-at-top
-  print(_USAGE)
-  print("\ncommands:\n  run      one federated experiment with TraceFL provenance (the "
-        "default); rerunning the same command resumes it\n  compare  the attribution "
-        "comparison: every cell of the config's sweep, then its table and figure\n  trace    "
-        "new inputs against a round a run stored\n  config   the resolved config: every field, "
-        "its value and its meaning\n\nflags of run (compare takes --config, --workdir and "
-        "--quiet):")
-  for name, (meta, meaning) in FLAGS.items():
-    print(f"  {'--' + name + ('=' + meta if meta else ''):<42} {meaning}")
-  print("\nconfig fields, with the defaults of base_config() (a config file changes some; "
-        "`python -m tracefl_jax config --config=PATH.py[:PRESET]` shows its values); set one "
-        "with --config.FIELD=VALUE:")
-  print("\n".join(describe_config(base_config())))
 
 
 def _fail_run(message: str, workdir: str | None, code: int = 2) -> None:
@@ -230,7 +179,7 @@ def _run_main(argv: list[str]) -> None:
 
 def _config_main(argv: list[str]) -> None:
   """`python -m tracefl_jax config [--config=PATH.py[:PRESET]] [--config.FIELD=VALUE ...]`."""
-  if any(a in _HELP for a in argv):
+  if any(a in HELP for a in argv):
     print(f"usage: {COMMANDS['config']}\nprints the resolved config: every field, its value "
           "and its meaning")
     return
@@ -276,6 +225,31 @@ def compare(argv: list[str]) -> None:
     print(f"\nTop-k removal:\n\n{methods.topk_table(cells)}")
 
 
+def trace(argv: list[str]) -> None:
+  """`trace --workdir=DIR --inputs=X.npy [--round=R] [--kernel=K] [--top_k=K] [--out=F]`: new
+  inputs against a round a run stored (`stored.trace_stored_round`). Everything that can be
+  checked before tracing is: `--top_k` and the output path (`cli_args.trace_arg_errors`:
+  `--out` in a directory that exists, not itself a directory) and the inputs
+  (`data.checks.read_npy`: one .npy array, not an .npz archive)."""
+  args = trace_parser().parse_args(argv)
+  from tracefl_jax.experiment import report, stored  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.experiment.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+  from tracefl_jax.data.checks import read_npy  # pylint: disable=g-import-not-at-top
+  problems = trace_arg_errors(args.top_k, args.out)
+  if problems:
+    _fail("; ".join(problems))
+  try:
+    x = read_npy(args.inputs, "--inputs")
+    result, round_ = stored.trace_stored_round(args.workdir, x, args.round, kernel=args.kernel)
+    rows = stored.attribution_rows(result, round_.round, args.top_k)
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+  except (ValueError, OSError, CheckpointError) as e:
+    _fail(str(e))
+  report.print_attribution(rows, args.workdir, args.out)
+
+
 def _command(argv: list[str]) -> tuple[str, list[str]]:
   """(the command, its arguments); no command is `run`, and a word that is not a command is
   named with the closest one."""
@@ -295,10 +269,9 @@ def main(argv: list[str] | None = None) -> None:
   # JAX's backend probing would log "Unable to initialize backend 'tpu'" at WARNING.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
   command, args = _command(sys.argv[1:] if argv is None else list(argv))
-  wants_help = any(a in _HELP for a in args)
+  wants_help = any(a in HELP for a in args)
   if command == "trace":
-    from tracefl_jax.experiment import trace_cli  # pylint: disable=g-import-not-at-top
-    trace_cli.main(args)
+    trace(args)
   elif command == "config":
     _config_main(args)
   elif command == "compare" and wants_help:
@@ -308,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
   elif command == "compare":
     compare(args)
   elif not args or wants_help:
-    _print_help()
+    print_help()
     if not args:
       _fail("--config and --workdir are required (usage above)")
   else:

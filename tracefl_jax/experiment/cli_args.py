@@ -1,14 +1,37 @@
-"""The run's command-line flags and their parsing: `--name=value` flags and
-`--config.FIELD=VALUE` overrides of the config file's fields (cli.py runs what they ask)."""
+"""The command line's words (cli.py runs what they ask): the commands and their usage, run's
+`--name=value` flags and `--config.FIELD=VALUE` overrides of the config file's fields, their
+parsing, the multi-process flags' checks, trace's flags and their checks, and the help."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
+import numbers
+import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_collections
 
+from tracefl_jax.experiment.config import FIELDS, base_config, config_fields
+from tracefl_jax.experiment.config_checks import Choices
 from tracefl_jax.experiment.configfile import FALSE, TRUE, field_type, load_config, set_field
+
+# Each command's usage line; `run` is the command when none is named.
+COMMANDS = {
+    "run": "python -m tracefl_jax [run] --config=PATH.py[:PRESET] --workdir=DIR [flags] "
+           "[--config.FIELD=VALUE ...]\n       python -m tracefl_jax [run] --config=PATH.py"
+           "[:PRESET] --workdir=DIR --sweep [--sweep_shard=I/N | --collect]",
+    "compare": "python -m tracefl_jax compare --config=PATH.py:PRESET --workdir=DIR "
+               "[--quiet] [--config.FIELD=VALUE ...]",
+    "trace": "python -m tracefl_jax trace --workdir=DIR --inputs=X.npy [--round=R] [--out=F]  "
+             "(trace --help)",
+    "config": "python -m tracefl_jax config [--config=PATH.py[:PRESET]] "
+              "[--config.FIELD=VALUE ...]",
+}
+USAGE = "usage: " + "\n       ".join(COMMANDS.values())
+HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 # Flags of a run: name -> (metavar of its value, or "" for a bool flag; help).
 FLAGS = {
@@ -132,9 +155,9 @@ def join_flags(flags: dict[str, Any]) -> Join | None:
   Raises:
     ValueError: one line naming the flag, the value and what is valid.
   """
-  numbers = {k: _positive(k, flags[k], low=0 if k == "process_id" else 1)
-             for k in ("num_processes", "process_id", "heartbeat_timeout", "join_timeout")}
-  coordinator, n, i = flags["coordinator"], numbers["num_processes"], numbers["process_id"]
+  ints = {k: _positive(k, flags[k], low=0 if k == "process_id" else 1)
+          for k in ("num_processes", "process_id", "heartbeat_timeout", "join_timeout")}
+  coordinator, n, i = flags["coordinator"], ints["num_processes"], ints["process_id"]
   if not (flags["distributed"] or coordinator is not None or (n, i) != (None, None)):
     return None
   if coordinator is not None:
@@ -154,8 +177,7 @@ def join_flags(flags: dict[str, Any]) -> Join | None:
           f"reads (SLURM, Open MPI, ...) use --distributed instead")
   if n is not None and i is not None and i >= n:
     raise ValueError(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
-  return Join(coordinator, n, i, numbers["heartbeat_timeout"] or 60,
-              numbers["join_timeout"] or 300)
+  return Join(coordinator, n, i, ints["heartbeat_timeout"] or 60, ints["join_timeout"] or 300)
 
 
 def _positive(name: str, text: str | None, low: int) -> int | None:
@@ -176,3 +198,83 @@ def _parse_flag_bool(name: str, text: str | None) -> bool:
   if text.lower() in FALSE:
     return False
   raise ValueError(f"--{name}={text}: takes true or false")
+
+
+# --- trace's flags ------------------------------------------------------------------------
+
+
+def trace_parser() -> argparse.ArgumentParser:
+  """`python -m tracefl_jax trace`'s flags (argparse: `trace --help`)."""
+  parser = argparse.ArgumentParser(
+      prog="python -m tracefl_jax trace",
+      description="Trace new inputs against a round stored by a run (its last round by "
+                  "default, --config.provenance.store_rounds): which client is responsible "
+                  "for each prediction? The run's --config.imports are imported first.")
+  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser.add_argument("--inputs", required=True,
+                      help=".npy file of inputs [N, *input_shape] (or one example) in the "
+                           "dataset's own form: uint8 images as raw pixels (normalised as "
+                           "the run did), or already normalised floats; token ids for text. "
+                           "Inputs of another form are refused with the form expected")
+  parser.add_argument("--round", type=int, default=None, help="stored round (default: last)")
+  parser.add_argument("--kernel", default=None, help="provenance kernel (default: the run's)")
+  parser.add_argument("--top_k", type=int, default=3, help="top clients listed per input")
+  parser.add_argument("--out", default=None, help="write one JSON row per input here")
+  return parser
+
+
+def trace_arg_errors(top_k: Any, out: str | None) -> list[str]:
+  """Problems of the trace command's `--top_k` and `--out`, found before tracing: top_k must
+  be an int >= 1; out, when given, a file path whose directory exists and is writable and
+  that is not itself a directory."""
+  errors = []
+  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+    errors.append(f"--top_k={top_k} must be >= 1 (top clients listed per input)")
+  if out is not None:
+    path = Path(out).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if not str(out) or path.is_dir():
+      errors.append(f"--out={out!r} is a directory; give the path of a file to write, e.g. "
+                    f"--out={path / 'attribution.jsonl'}")
+    elif not parent.is_dir():
+      errors.append(f"--out={out!r}: the directory {parent} does not exist; create it first")
+    elif not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+      errors.append(f"--out={out!r} is not writable")
+  return errors
+
+
+# --- the help -------------------------------------------------------------------------------
+
+
+def _format_value(value: Any) -> str:
+  return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def describe_config(config: ml_collections.ConfigDict) -> list[str]:
+  """One line per config field: `--config.FIELD=VALUE  meaning`."""
+  fields = config_fields(config)
+  order = [f for f in FIELDS if f in fields] + [f for f in fields if f not in FIELDS]
+  lines = []
+  for field, value in ((f, fields[f]) for f in order):
+    meaning = FIELDS[field].help if field in FIELDS else ""
+    if field in FIELDS and isinstance(FIELDS[field].rule, Choices):
+      meaning += f": {', '.join(FIELDS[field].rule.valid())}"
+    lines.append(f"  {field + '=' + _format_value(value):<42} {meaning}")
+  return lines
+
+
+def print_help() -> None:
+  """The commands, run's flags and every config field with its default and meaning."""
+  print(USAGE)
+  print("\ncommands:\n  run      one federated experiment with TraceFL provenance (the "
+        "default); rerunning the same command resumes it\n  compare  the attribution "
+        "comparison: every cell of the config's sweep, then its table and figure\n  trace    "
+        "new inputs against a round a run stored\n  config   the resolved config: every field, "
+        "its value and its meaning\n\nflags of run (compare takes --config, --workdir and "
+        "--quiet):")
+  for name, (meta, meaning) in FLAGS.items():
+    print(f"  {'--' + name + ('=' + meta if meta else ''):<42} {meaning}")
+  print("\nconfig fields, with the defaults of base_config() (a config file changes some; "
+        "`python -m tracefl_jax config --config=PATH.py[:PRESET]` shows its values); set one "
+        "with --config.FIELD=VALUE:")
+  print("\n".join(describe_config(base_config())))

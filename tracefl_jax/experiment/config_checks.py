@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -288,23 +287,3 @@ def cross_field_errors(c: ml_collections.ConfigDict, typed: Any) -> list[str]:
                   f">= 2")
   return (errors + _attribution_errors(c) + _shape_errors(c) + _path_errors(c)
           + _parsed_errors(c, typed))
-
-
-def trace_arg_errors(top_k: Any, out: str | None) -> list[str]:
-  """Problems of the trace command's `--top_k` and `--out`, found before tracing: top_k must
-  be an int >= 1; out, when given, a file path whose directory exists and is writable and
-  that is not itself a directory."""
-  errors = []
-  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-    errors.append(f"--top_k={top_k} must be >= 1 (top clients listed per input)")
-  if out is not None:
-    path = Path(out).expanduser()
-    parent = path.parent if str(path.parent) else Path(".")
-    if not str(out) or path.is_dir():
-      errors.append(f"--out={out!r} is a directory; give the path of a file to write, e.g. "
-                    f"--out={path / 'attribution.jsonl'}")
-    elif not parent.is_dir():
-      errors.append(f"--out={out!r}: the directory {parent} does not exist; create it first")
-    elif not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-      errors.append(f"--out={out!r} is not writable")
-  return errors
