@@ -200,7 +200,7 @@ def _parse_flag_bool(name: str, text: str | None) -> bool:
   raise ValueError(f"--{name}={text}: takes true or false")
 
 
-# --- trace's flags ------------------------------------------------------------------------
+# --- trace's flags -----------------------------------------------------------------------
 
 
 def trace_parser() -> argparse.ArgumentParser:
@@ -243,7 +243,7 @@ def trace_arg_errors(top_k: Any, out: str | None) -> list[str]:
   return errors
 
 
-# --- the help -------------------------------------------------------------------------------
+# --- the help ----------------------------------------------------------------------------
 
 
 def _format_value(value: Any) -> str:

@@ -30,7 +30,7 @@ from tracefl_jax.provenance.removal import round_removal
 from tracefl_jax.provenance.selection import select_faulty_inputs
 
 
-# --- the base run -----------------------------------------------------------------------
+# --- the base run ------------------------------------------------------------------------
 
 
 def setup(c: ml_collections.ConfigDict):
@@ -97,7 +97,7 @@ def explained(c, evaluator, final, flip) -> np.ndarray:
   return np.flatnonzero(pred == evaluator.y)[: c.attribution.explain_inputs]
 
 
-# --- the methods and their grading --------------------------------------------------------
+# --- the methods and their grading -------------------------------------------------------
 
 
 def _spread(values, ids, num_clients: int) -> np.ndarray:
@@ -210,7 +210,7 @@ def topk(c, algorithm, init, data, model, x, target, scores, truth, allowed,
                                  seed=c.seed)
 
 
-# --- the tables ------------------------------------------------------------------------------
+# --- the tables --------------------------------------------------------------------------
 
 
 def _interval(r: dict[str, Any], key: str) -> str:

@@ -201,7 +201,7 @@ def host_round(algorithm):
   return algorithm._replace(round=gathered)
 
 
-# --- a lost process, named ------------------------------------------------------------------
+# --- a lost process, named ---------------------------------------------------------------
 
 
 def exit_now(message: str, code: int) -> None:

@@ -40,7 +40,7 @@ def pyplot():
   return plt
 
 
-# --- a run -------------------------------------------------------------------------------------
+# --- a run -------------------------------------------------------------------------------
 
 
 def plot_run(run_dir: str | Path, *, only_missing: bool = False) -> list[Path]:
@@ -115,7 +115,7 @@ def plot_label_distribution(run_dir: str | Path, path: str | Path | None = None,
   return path
 
 
-# --- a sweep -----------------------------------------------------------------------------------
+# --- a sweep -----------------------------------------------------------------------------
 
 
 def plot_accuracy_vs(table: Sequence[dict[str, Any]], field: str, path: Path) -> Path:
@@ -239,7 +239,7 @@ def plot_time(table: Table, path: Path) -> Path:
   return path
 
 
-# --- the attribution comparison ----------------------------------------------------------------
+# --- the attribution comparison ----------------------------------------------------------
 
 # (row key, axis label): the truths, from the lenient paper's rule to the LDS.
 TRUTHS = (("paper_rule", "paper's rule"), ("loo_last_top1", "last-round\nLOO top-1"),

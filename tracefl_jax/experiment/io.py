@@ -129,7 +129,7 @@ def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
   return rows, None
 
 
-# --- provenance.jsonl ------------------------------------------------------------------------
+# --- provenance.jsonl --------------------------------------------------------------------
 
 # Full per-client probability vectors are logged when a round has at most this many clients.
 _FULL_PROBS_MAX_CLIENTS = 64

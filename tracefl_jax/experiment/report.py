@@ -139,7 +139,7 @@ def print_attribution(rows: list[dict[str, Any]], workdir: str, out: str | None 
     console.print(f"rows written to {out}")
 
 
-# --- a sweep's tables, written --------------------------------------------------------------
+# --- a sweep's tables, written -----------------------------------------------------------
 
 # (column, summary path) pairs of the sweep table.
 _COLUMNS = (

@@ -168,7 +168,7 @@ def diverged_message(e: TrainingDivergedError, c: ml_collections.ConfigDict) -> 
   return f"{text} The fields that set its steps: {listed}; {advice}."
 
 
-# --- the callbacks ---------------------------------------------------------------------------
+# --- the callbacks -----------------------------------------------------------------------
 
 
 def input_range_of(ds, model) -> list[float] | None:

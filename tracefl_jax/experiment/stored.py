@@ -219,7 +219,7 @@ def attribution_rows(result: ProvenanceResult, round_idx: int,
   return rows
 
 
-# --- new inputs, as the round's model takes them ------------------------------------------
+# --- new inputs, as the round's model takes them -----------------------------------------
 
 
 def _is_int(dtype: np.dtype) -> bool:

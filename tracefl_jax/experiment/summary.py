@@ -43,7 +43,7 @@ _PER_INPUT = ("tracefl_seconds_per_input", "feddebug_seconds_per_input")
 BUDGET_FRACTION = 0.7
 
 
-# --- memory ----------------------------------------------------------------------------------
+# --- memory ------------------------------------------------------------------------------
 
 
 def _status_kib(field: str) -> int | None:
@@ -134,7 +134,7 @@ def plan_chunks(clients_per_round: int, per_participant: float | None,
   return max(1, int(budget // per_participant))
 
 
-# --- the summary -----------------------------------------------------------------------------
+# --- the summary -------------------------------------------------------------------------
 
 
 def memory_start() -> dict[str, Any]:

@@ -105,7 +105,7 @@ def check_workdir(workdir: str | Path | None, *, allow_cwd: bool = False) -> Pat
   return path
 
 
-# --- the lock -----------------------------------------------------------------------------
+# --- the lock ----------------------------------------------------------------------------
 
 LOCK_FILE = ".tracefl.lock"
 
@@ -180,7 +180,8 @@ class WorkdirLock:
     self.release()
 
 
-# --- what a run does there ----------------------------------------------------------------
+# --- what a run does there ---------------------------------------------------------------
+
 
 def stored_rounds(workdir: str | Path) -> list[int]:
   """The complete stored rounds of a workdir (`WORKDIR/rounds/<round>/round.json`), ascending."""
