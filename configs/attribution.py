@@ -1,5 +1,5 @@
 r"""Which client is responsible for the final model's prediction? Attribution methods against
-retrained federations (tracefl_jax/experiment/attribution.py).
+retrained federations (tracefl_jax/experiment/comparison.py).
 
   python -m tracefl_jax compare --config=configs/attribution.py:cpu \
       --workdir=runs/attribution
@@ -29,7 +29,7 @@ Presets:
   quick   the first and last cells of `cpu` (digits 20/20 for 19 rounds; the label flip),
           everything else as `cpu`: the yardstick in about 20 minutes on 2 cores.
   mnist   real MNIST from a local copy (`--config.dataset.data_dir=DIR` holding
-          mnist.pkl.gz or the IDX files; README says where to get one): its first 3,000
+          mnist.pkl.gz or the IDX files; docs/attribution.md says where to get one): its first 3,000
           training images over 10 clients (Dirichlet 0.3, no fix-up), all taking part for 10
           rounds, LeNet (patch convolutions). Not part of `cpu`, which needs nothing but the
           package:
@@ -38,7 +38,7 @@ Presets:
   algorithms  the digits 20/20 cell of `cpu` under four algorithms: FedAvg, FedAdam (server
           Adam, learning rate 0.01), the trimmed mean (beta 0.1: 2 of 20 cut from each end)
           and Krum (f = 1); every truth and score removes a client by the cell's own rule and
-          server step (README, "Provenance that knows the algorithm"). Two truth seeds.
+          server step (docs/algorithms.md, "Provenance that knows the algorithm"). Two truth seeds.
   gpu     the synthetic paper-shaped set at 1,000 clients (configs/scale.py's data and
           LeNet), 10 per round for 20 rounds, then 100 per round for 10 rounds; a client
           never sampled is not retrained (its federation is the base one). The one-command

@@ -32,7 +32,7 @@ more clients and the first 1,000 / 10,000 that survive the fix-up are kept
 
 Presets:
   (none)  the paper's grid (GPT, DBpedia).
-  cpu     the study above: 8 runs; 7 minutes on 2 CPU cores (README).
+  cpu     the study above: 8 runs; 7 minutes on 2 CPU cores (docs/scale.md).
   gpu     the same study (the one-command GPU benchmark, benchmarks/gpu.sh, runs it within
           its time budget); runtime on one H200: not measured yet.
   smoke   the same code paths at toy size (20/40 clients, 2 rounds): about 20 s on 2 cores.

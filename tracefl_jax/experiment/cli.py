@@ -17,8 +17,7 @@
   python -m tracefl_jax run ... --sweep [--sweep_shard=I/N | --collect]
       runs a sweep's grid (or one job-array shard of it), or merges the shards' results.
   python -m tracefl_jax run ... --coordinator=HOST:PORT --num_processes=N --process_id=I
-      one process of a multi-process run (`--distributed` on a cluster: README, "Running on
-      a cluster").
+      one process of a multi-process run (`--distributed` on a cluster: docs/cluster.md).
 
 The installed `tracefl-jax` command is the same (`tracefl_jax.__main__.main`). Config files
 are Python files with `get_config(preset)` (big_vision style): `path.py:preset`. Every

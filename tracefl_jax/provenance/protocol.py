@@ -231,7 +231,7 @@ def trace_round(
     summary.update(counterfactual_report(scores[ok], drops[ok], np.asarray(client_sizes)))
     # The truth judged by the mode's rule: does the exact LOO client hold the label (is it
     # a faulty client)? Where this falls with TraceFL's accuracy, the lenient rule fades,
-    # not the method (README, "the fade").
+    # not the method (docs/attribution.md, "Per round: the fade").
     summary["counterfactual_accuracy"] = float(np.mean(
         passes_rule(settings, cf_position, labels[ok], part_counts, client_ids)))
     if settings.score == "tracefl":  # the weight-aware score beside the paper's
