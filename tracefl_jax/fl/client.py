@@ -13,8 +13,11 @@ client's padded steps, each step under `lax.cond(t < count's steps)` (default "s
 mode crosses it, so `jax.grad` and `jax.vjp` flow through a round and through rounds, the
 client's training rematerialised in the backward pass), or by a `lax.while_loop` whose trip
 count is the client's steps ("while": forward only). Both compute the same states bit for
-bit. The packed strategies (`strategies.py`: "vmap", "chunked", "sharded") run their own lane
-loop over this module's `step`, a `while_loop` either way.
+bit and, where the counts are not batched, in the same time; under `vmap` over the clients'
+counts the scan runs every padded step (`local_loop.py`: choose "while"). The packed
+strategies (`strategies.py`: "vmap", "chunked", "sharded") run their own lane loop over this
+module's `step`, a `while_loop` either way: reverse mode crosses the "scan" and "loop"
+strategies.
 
 The training set may be stored as uint8 pixels with a `Normalization` (`data.base`): a step
 normalises only the batch it gathers, inside the jitted program.
