@@ -25,9 +25,16 @@ time (compile + first run) is recorded apart, and checks that both give the same
 
 Client sizes: the paper-shaped partition's (`draw_client_sizes`), adam, batch 32, 2 epochs.
 
-  python benchmarks/bench_local_loop.py --out=benchmarks/results/local_loop_cpu.jsonl
+  python benchmarks/bench_local_loop.py --clients=10,50 --repeats=5 \
+      --out=benchmarks/results/local_loop_cpu.jsonl
+  python benchmarks/bench_local_loop.py --models= --memory=1,2,4 \
+      --out=benchmarks/results/local_loop_cpu.jsonl
 
-With `--memory=1,2,4,8`, rows "reverse_memory": XLA's temporary bytes of the compiled
+The recorded rows (2 shared CPU cores, other jobs running: `load`) stop before LeNet's
+vmap_federations (minutes; the MLP row shows the cost), and LeNet's scan_strategy at K = 10
+was rerun with `--repeats=11` (the last row; its 5-repeat row read 1.13, pairs 1.25).
+
+With `--memory=1,2,4`, rows "reverse_memory": XLA's temporary bytes of the compiled
 `jax.grad` of a validation loss through R rounds (FedAvg, the "scan" strategy, MLP), with the
 client's training rematerialised (the default) and without (`remat_client` off), beside the
 model's bytes and the bytes of one round's local-step states (steps x model).
