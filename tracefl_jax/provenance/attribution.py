@@ -41,11 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracefl_jax.models.base import TRACED_UNIT_TYPES, ModelDef, Variables
-from tracefl_jax.provenance import kernels
+from tracefl_jax.provenance import kernels, sharded
 from tracefl_jax.provenance.checks import (check_client_ids, check_inputs, check_removal_weights,
                                            check_sizes, check_target, check_variables)
 from tracefl_jax.provenance.capture import OUTPUTS, target_logits
-from tracefl_jax.provenance.removal import map_models, removal_masks
 
 KERNELS = ("auto", "grad", "jvp", "reference")
 SCORES = ("tracefl", "first_order")
@@ -108,67 +107,6 @@ def layer_sum(c: jax.Array, betas: jax.Array) -> jax.Array:
   return functools.reduce(operator.add, [c[l] * betas[l] for l in range(c.shape[0])])
 
 
-def _pad_clients(tree, pad: int):
-  """Appends `pad` all-zero clients to every leaf `[K, ...]`: their columns are dropped before
-  the softmax, so they never affect an attribution."""
-  return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]),
-                      tree)
-
-
-def _score_sharded(score: kernels.Scorer, client_params, mesh: jax.sharding.Mesh) -> jax.Array:
-  """`score` over the clients dealt to the devices of a 1-D `mesh`: `[L, N, K]`.
-
-  Each device scores its `ceil(K / D)` clients (chunked within the device when the scorer
-  chunks); K is padded to a multiple of D with zero clients whose columns are dropped here.
-  G's share of the work, which `score` closes over, enters every device replicated.
-  """
-  axis = mesh.axis_names[0]
-  k = jax.tree.leaves(client_params)[0].shape[0]
-  pad = (-k) % mesh.size
-  if pad:
-    client_params = _pad_clients(client_params, pad)
-  spec = jax.sharding.PartitionSpec(axis)
-  # check_vma=False: the jvp scorer pushes device-varying client directions through G's
-  # linearisation, whose primal point is replicated; the value checker rejects that mix.
-  c = jax.shard_map(score, mesh=mesh, in_specs=(spec,),
-                    out_specs=jax.sharding.PartitionSpec(None, None, axis),
-                    check_vma=False)(client_params)
-  return c[:, :, :k]
-
-
-def _removal_scores(score: kernels.Scorer, reaggregate, weights: jax.Array,
-                    clients_per_chunk: int | None,
-                    mesh: jax.sharding.Mesh | None) -> jax.Array:
-  """`[L, N, K + 1]`: `score` of G re-computed by the round's server side (column 0) and of
-  every G_{-k} (column k + 1), built `clients_per_chunk` at a time, the models dealt to the
-  devices of `mesh` (padded with copies of G, dropped here)."""
-  masks = removal_masks(weights)
-
-  def on_masks(m):
-    out = map_models(lambda models: jnp.moveaxis(score(models["params"]), -1, 0),
-                     reaggregate, m, clients_per_chunk)  # [r, L, N]
-    return jnp.moveaxis(out, 0, -1)
-
-  if mesh is None:
-    return on_masks(masks)
-  rows, k = masks.shape
-  pad = (-rows) % mesh.size
-  masks = jnp.concatenate([masks, jnp.broadcast_to(masks[:1], (pad, k))])
-  axis = mesh.axis_names[0]
-  out = jax.shard_map(on_masks, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(axis),),
-                      out_specs=jax.sharding.PartitionSpec(None, None, axis),
-                      check_vma=False)(masks)
-  return out[:, :, :rows]
-
-
-def _replicated(tree, mesh: jax.sharding.Mesh | None):
-  """Gathers every leaf onto every device of `mesh` (every process can read the result)."""
-  if mesh is None:
-    return tree
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, rep), tree)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "kernel", "decay", "use_decay",
                                              "use_size_factor", "return_layers",
                                              "clients_per_chunk", "block_mask", "mesh",
@@ -207,19 +145,19 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
 
     def scorer(th):
       return make(model, global_vars, x, target, clients_per_chunk)[0](th)
-    c = _score_sharded(scorer, client_vars["params"], mesh)
+    c = sharded.score_clients(scorer, client_vars["params"], mesh)
   else:
     # G's forward/backward is split over the devices by input and its results gathered into
     # every device's scorer, not repeated on each device.
     x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(mesh.axis_names[0])))
     scorer, predicted = make(model, global_vars, x, target, clients_per_chunk)
-    c = _score_sharded(scorer, client_vars["params"], mesh)
+    c = sharded.score_clients(scorer, client_vars["params"], mesh)
   if by_rule:  # G re-computed and every G_{-k}, dealt to the devices with a mesh
-    c_g = _removal_scores(scorer, reaggregate, weights, clients_per_chunk, mesh)
+    c_g = sharded.removal_scores(scorer, reaggregate, weights, clients_per_chunk, mesh)
   else:  # G scored as one client, on every device
     c_g = scorer(g_params) if need_g else None
-  c, predicted, c_g = _replicated((c, predicted, c_g), mesh)
+  c, predicted, c_g = sharded.replicated((c, predicted, c_g), mesh)
   fo_scores = None
   if by_rule:  # [L, N, 1] (G re-computed) - [L, N, K] (each G_{-k}): < grad s, G - G_{-k} >
     fo = c_g[:, :, :1] - c_g[:, :, 1:]
@@ -247,9 +185,9 @@ def _trace(model, global_vars, client_vars, x, target, client_sizes, client_ids,
   # Softmax over a row holding -inf next to finite scores would look valid; poison it too.
   probs = jnp.where(attributable[:, None], probs, jnp.nan)
   traced = jnp.where(attributable, client_ids[jnp.maximum(position, 0)], -1)
-  return _replicated(ProvenanceResult(scores, probs, traced, position, client_ids, predicted,
-                                      layer_scores if return_layers else None, attributable,
-                                      fo_scores), mesh)
+  return sharded.replicated(ProvenanceResult(
+      scores, probs, traced, position, client_ids, predicted,
+      layer_scores if return_layers else None, attributable, fo_scores), mesh)
 
 
 def trace_clients(
