@@ -91,6 +91,13 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "dp.noise_multiplier": [(-1.0, "dp.noise_multiplier=-1.0 must be >= 0")],
     "dp.clip_norm": [(0.0, "dp.clip_norm=0.0 must be > 0")],
     "dp.delta": [(1.0, "dp.delta=1.0 must be in (0, 1)")],
+    "dp.target_quantile": [(1.5, "dp.target_quantile=1.5 must be in [0, 1]")],
+    "dp.clip_learning_rate": [(-0.2, "dp.clip_learning_rate=-0.2 must be >= 0")],
+    "dp.count_stddev": [(-1.0, "dp.count_stddev=-1.0 must be >= 0 (0: clients_per_round / "
+                               "20)")],
+    "algorithm": [("fedprox", "algorithm='fedprox' is not one of fedavg, scaffold, feddyn, "
+                              "fednova")],
+    "feddyn.alpha": [(0.0, "feddyn.alpha=0.0 must be > 0")],
     "checkpoint.every": [(-1, "checkpoint.every=-1 must be >= 0")],
     "client.loss": [("prox", "client.loss='prox' is not one of cross_entropy, fedprox")],
     "client.prox_mu": [(-0.1, "client.prox_mu=-0.1 must be >= 0")],

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS
-from tracefl_jax.experiment import config_checks as checks
+from tracefl_jax.experiment import algorithm_checks, config_checks as checks
+from tracefl_jax.experiment.algorithm_checks import ALGORITHMS
 from tracefl_jax.experiment.config_checks import (CROSS, FREE, LOSSES, NON_NEGATIVE, POSITIVE,
                                                   SEED_MAX, Choices, Parse, Range)
 from tracefl_jax.fl.aggregation import WEIGHTINGS
@@ -113,6 +114,15 @@ FIELDS: dict[str, Field] = {
                              "weights)", CROSS),
     "model.torchvision_weights": F(None, "a torchvision .pt/.safetensors file to start from "
                                          "(head skipped)", CROSS),
+    # --- the algorithm: FedAvg's family from the pieces below, or one with memory
+    "algorithm": F("fedavg", "federated algorithm: fedavg (its family: client.loss, "
+                             "aggregation.rule, server.optimizer, dp.*), scaffold (Karimireddy "
+                             "et al. 2020), feddyn (Acar et al. 2021) or fednova (Wang et al. "
+                             "2020); the last three train with client.optimizer=sgd and their "
+                             "papers average uniformly (aggregation.weighting=uniform)",
+                   Choices(ALGORITHMS)),
+    "feddyn.alpha": F(0.1, "feddyn: the dynamic regulariser alpha of the client objective and "
+                           "of the server's h", Range(0, low_open=True)),
     # --- client: local training and its objective
     "client.optimizer": F("adam", "local optimizer", Choices(OPTIMIZERS)),
     "client.learning_rate": F(1e-3, "local learning rate", Range(0, low_open=True)),
@@ -235,12 +245,22 @@ FIELDS: dict[str, Field] = {
     "dp.enabled": F(False, "DP-FedAvg: server-side clipping and Gaussian noise", FREE),
     "dp.noise_multiplier": F(0.0, "DP noise multiplier z (sigma = z * clip_norm / "
                                   "clients_per_round)", NON_NEGATIVE),
-    "dp.clip_norm": F(1.0, "DP clipping norm C of each client's update",
-                      Range(0, low_open=True)),
+    "dp.clip_norm": F(1.0, "DP clipping norm C of each client's update (dp.adaptive: its "
+                           "initial value C_0)", Range(0, low_open=True)),
     "dp.delta": F(1e-5, "DP delta of the reported epsilon",
                   Range(0, 1, low_open=True, high_open=True)),
     "dp.parity": F(False, "DP as the original (noise BatchNorm statistics, trace the "
                           "pre-noise aggregate)", FREE),
+    "dp.adaptive": F(False, "adaptive clipping (Andrew et al. 2021): the clip norm follows a "
+                            "quantile of the clients' update norms; dp.noise_multiplier is "
+                            "split between the update and the count", FREE),
+    "dp.target_quantile": F(0.5, "dp.adaptive: target quantile gamma of the update norms "
+                                 "kept below the clip norm", Range(0, 1)),
+    "dp.clip_learning_rate": F(0.2, "dp.adaptive: geometric step eta_C of the clip norm, "
+                                    "C <- C exp(-eta_C (b - gamma))", NON_NEGATIVE),
+    "dp.count_stddev": F(0.0, "dp.adaptive: noise sigma_b of the count below the clip norm, "
+                              "> dp.noise_multiplier / 2 (0: clients_per_round / 20, the "
+                              "paper's)", Range(0, note="0: clients_per_round / 20")),
     # --- checkpoints
     "checkpoint.every": F(5, "rounds between checkpoints (0: only at the end)",
                           Range(0, note="0: only at the end")),
@@ -343,7 +363,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   values, parse_errors = _typed(c)
   errors += parse_errors
   errors += checks.cross_field_errors(c, values)
-  errors += checks.algorithm_errors(c)  # client.loss, aggregation.rule, server.*
+  errors += algorithm_checks.algorithm_errors(c)  # algorithm, aggregation.rule, dp.adaptive
   if errors:
     _raise_invalid(errors)
 

@@ -6,7 +6,7 @@ Each field of `config.FIELDS` names one rule (its default and meaning sit beside
   Parse    a string with structure ("3,7,10", "1:0,2:0"), parsed once into a typed value
            (`config.typed`) and then checked against the fields it depends on;
   CROSS    a field whose validity depends on others or on the disk (`cross_field_errors`;
-           the algorithm's fields: `algorithm_errors`);
+           the algorithm's fields: `algorithm_checks.algorithm_errors`);
   FREE     booleans and free text: the type is the only rule;
 and every field's type is checked against its default (an int field takes an int, not a bool
 or a float; a placeholder string takes a string or None).
@@ -239,37 +239,6 @@ def _parsed_errors(c: ml_collections.ConfigDict, typed: Any) -> list[str]:
   if c.faulty.every_round and len(set(faulty)) > c.clients_per_round:
     errors.append(f"faulty.every_round: {len(set(faulty))} faulty clients exceed "
                   f"clients_per_round={c.clients_per_round}")
-  return errors
-
-
-def algorithm_errors(c: ml_collections.ConfigDict) -> list[str]:
-  """The algorithm fields' checks that involve other fields (client.loss, aggregation.rule,
-  server.*, dp.enabled), one line each; each field's own range or choices are its rule's."""
-  errors: list[str] = []
-  a, n = c.aggregation, c.clients_per_round
-  if a.rule == "krum" and a.num_selected > n:
-    errors.append(f"aggregation.num_selected={a.num_selected} exceeds clients_per_round={n}")
-  # Krum scores each client by its n - f - 2 nearest neighbours, at least 1: every f above
-  # n - 3 scores by one neighbour, i.e. runs exactly as f = n - 3 would, silently.
-  most = max(n - 3, 0)
-  if a.rule == "krum" and a.num_byzantine > most:
-    errors.append(f"aggregation.num_byzantine={a.num_byzantine} must be at most "
-                  f"clients_per_round - 3 = {most} for krum (each client is scored by its "
-                  f"n - f - 2 >= 1 nearest neighbours; a larger f runs as f={most}): lower it "
-                  f"or raise clients_per_round")
-  for field, value, default in (("num_byzantine", a.num_byzantine, 0),
-                                ("num_selected", a.num_selected, 1)):
-    if a.rule != "krum" and value != default:
-      errors.append(f"aggregation.{field}={value} is used by aggregation.rule='krum' only "
-                    f"(rule is {a.rule!r}): leave it at {default} or set rule='krum'")
-  # The trimmed mean cuts floor(beta * n) values from each end: below one it is the mean.
-  if a.rule == "trimmed_mean" and a.trim_beta > 0 and math.floor(a.trim_beta * n) < 1:
-    errors.append(f"aggregation.trim_beta={a.trim_beta:g} cuts floor({a.trim_beta:g} x "
-                  f"clients_per_round={n}) = 0 clients from each end, so the trimmed mean is "
-                  f"the plain mean: set trim_beta >= {1 / n:.3g} or use more clients per round")
-  if c.dp.enabled and a.rule != "mean":
-    errors.append(f"dp.enabled averages clipped updates: aggregation.rule must be 'mean', "
-                  f"got {a.rule!r}")
   return errors
 
 

@@ -3,7 +3,9 @@
   plan       check the workdir, lock it, decide: fresh, resume, finished, overwrite;
   data       dataset -> partition -> flipped labels -> stacked clients, server test set;
   model      the model and its initial variables;
-  algorithm  FedAvg / DP-FedAvg with the config's optimizer and client-axis strategy;
+  algorithm  the config's `algorithm` (FedAvg's family, DP-FedAvg, SCAFFOLD, FedDyn,
+             FedNova) with its optimizer and client-axis strategy; its server state (and
+             per-client state table) is what checkpoints carry;
   start      a previous run moved aside, or the latest checkpoint restored and the JSONL
              files reconciled with it; config.json and partition.json;
   callbacks  in `run_rounds`' order (`build_callbacks`): the global model's test accuracy;
@@ -97,7 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: boo
       if plan.action == "overwrite":  # as late as possible: every check above has passed
         distributed.on_primary(lambda: resume.move_previous(plan))
       checkpointer = Checkpointer(plan.workdir, plan.config_json, c.checkpoint.every)
-      start = resume.restore(plan, checkpointer, algorithm.init(model.variables))
+      initial = algorithm.init(model.variables, num_clients=data.data.num_clients)
+      start = resume.restore(plan, checkpointer, initial)
       distributed.on_primary(lambda: resume.write_start_files(plan, start, data))
       cbs = build_callbacks(c, plan, data, model, evaluator, checkpointer, start,
                             primary=primary, progress=progress)

@@ -27,9 +27,12 @@ from tracefl_jax.data.federated import FederatedData, federate, flip_labels
 from tracefl_jax.data.partition import Partition
 from tracefl_jax.experiment.config import typed
 from tracefl_jax.fl import losses, robust, server
+from tracefl_jax.fl.adaptive_clipping import AdaptiveClipping, adaptive_dp_fedavg
 from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.feddyn import feddyn
 from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.rounds import FederatedAlgorithm, GlobalEvaluator, federated_averaging
+from tracefl_jax.fl.scaffold import fednova, scaffold
 from tracefl_jax.models import get_model
 from tracefl_jax.provenance.protocol import ProtocolSettings
 
@@ -205,11 +208,23 @@ def build_model(config: ml_collections.ConfigDict, data: DataStage) -> ModelStag
 
 
 def dp_settings(c: ml_collections.ConfigDict) -> DPSettings | None:
-  if not c.dp.enabled:
+  """Fixed-clipping DP-FedAvg (`dp.enabled` without `dp.adaptive`), else None."""
+  if not c.dp.enabled or c.dp.adaptive:
     return None
   return DPSettings(clip_norm=c.dp.clip_norm, noise_multiplier=c.dp.noise_multiplier,
                     clients_per_round=c.clients_per_round, noise_batch_stats=c.dp.parity,
                     trace_clean=c.dp.parity)
+
+
+def adaptive_clipping(c: ml_collections.ConfigDict) -> AdaptiveClipping | None:
+  """`dp.adaptive`: adaptive clipping's settings (C_0 = `dp.clip_norm`), else None."""
+  d = c.dp
+  if not (d.enabled and d.adaptive):
+    return None
+  return AdaptiveClipping(d.noise_multiplier, c.clients_per_round,
+                          initial_clip_norm=d.clip_norm, target_quantile=d.target_quantile,
+                          clip_learning_rate=d.clip_learning_rate,
+                          count_stddev=d.count_stddev or None)
 
 
 def client_loss(c: ml_collections.ConfigDict) -> losses.LossFn | None:
@@ -220,8 +235,11 @@ def client_loss(c: ml_collections.ConfigDict) -> losses.LossFn | None:
 
 
 def aggregation_rule(c: ml_collections.ConfigDict) -> robust.AggregationRule | None:
-  """`aggregation.rule`: None for the mean (FedAvg), else the robust rule."""
+  """`aggregation.rule`: None for the mean (FedAvg), else the robust rule; FedNova's rule for
+  `algorithm='fednova'`."""
   a = c.aggregation
+  if c.algorithm == "fednova":
+    return fednova()
   if a.rule == "mean":
     return None
   return robust.make_rule(a.rule, trim_beta=a.trim_beta, num_byzantine=a.num_byzantine,
@@ -245,19 +263,34 @@ def algorithm_pieces(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
                     data: DataStage, *, donate: bool = True) -> FederatedAlgorithm:
-  """FedAvg (or DP-FedAvg) with the config's client optimizer and simulation strategy, and its
-  client objective, aggregation rule and server optimizer (`algorithm_pieces`).
+  """The config's `algorithm` with its client optimizer and simulation strategy: FedAvg (or
+  fixed/adaptive-clipping DP-FedAvg) with its client objective, aggregation rule and server
+  optimizer (`algorithm_pieces`), FedNova's rule, or SCAFFOLD and FedDyn (their own SGD
+  clients, objective and server step; `algorithm_checks.algorithm_errors` refuses the pieces
+  they fix). Stateful ones are initialised with `init(variables, num_clients=C)`.
   `donate`: G_{t-1}'s buffers go to the round (off where the initial variables are reused)."""
   del data  # what an algorithm may size itself by (clients, classes)
   c = config
+  common = dict(batch_size=c.client.batch_size, local_epochs=c.client.local_epochs,
+                weighting=c.aggregation.weighting, strategy=c.simulation.strategy,
+                clients_per_chunk=c.simulation.clients_per_chunk,
+                compute_dtype=jnp.dtype(c.simulation.compute_dtype))
+  if c.algorithm == "scaffold":  # server.optimizer 'sgd' (no momentum): its global step
+    step = c.server.learning_rate if c.server.optimizer == "sgd" else 1.0
+    return scaffold(model.model, c.client.learning_rate, server_learning_rate=step,
+                    donate=donate, **common)
+  if c.algorithm == "feddyn":
+    return feddyn(model.model, c.client.learning_rate, c.feddyn.alpha, donate=donate,
+                  **common)
   optimizer = make_optimizer(c.client.optimizer, c.client.learning_rate,
                              c.client.weight_decay, c.client.momentum)
-  return federated_averaging(
-      model.model, optimizer, batch_size=c.client.batch_size,
-      local_epochs=c.client.local_epochs, weighting=c.aggregation.weighting,
-      strategy=c.simulation.strategy, clients_per_chunk=c.simulation.clients_per_chunk,
-      dp=dp_settings(c), compute_dtype=jnp.dtype(c.simulation.compute_dtype), donate=donate,
-      **algorithm_pieces(c))
+  pieces = algorithm_pieces(c)
+  adaptive = adaptive_clipping(c)
+  if adaptive is not None:  # its own server side (mean rule, no server optimizer: checked)
+    return adaptive_dp_fedavg(model.model, optimizer, adaptive, loss_fn=pieces["loss_fn"],
+                              **common)
+  return federated_averaging(model.model, optimizer, dp=dp_settings(c), donate=donate,
+                             **common, **pieces)
 
 
 def build_evaluator(config: ml_collections.ConfigDict, model: ModelStage,

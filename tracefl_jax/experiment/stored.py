@@ -47,11 +47,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from tracefl_jax.data import Normalization
 from tracefl_jax.experiment.checkpoints import CheckpointError, first_line, stderr_to_log
+from tracefl_jax.experiment.config import FIELDS, base_config, config_fields
+from tracefl_jax.experiment.algorithm_checks import STATEFUL
 from tracefl_jax.experiment.io import top_clients
 from tracefl_jax.experiment.stages import (ModelStage, build_algorithm, import_modules,
                                            model_from_spec)
@@ -127,10 +128,20 @@ def load_round(workdir: str | Path, round_idx: int | None = None,
 
 def run_algorithm(config: dict[str, Any], model: ModelDef, spec: dict[str, Any]) -> Any:
   """The run's `FederatedAlgorithm` rebuilt from its config.json by the runner's own stage
-  (`stages.build_algorithm`): only its server side is used, so the client axis runs as
-  "loop" (a sharded run is traced on any machine)."""
-  c = ml_collections.ConfigDict(json.loads(json.dumps(config)))
-  c.simulation.strategy = "loop"
+  (`stages.build_algorithm`; fields a config.json of an older version lacks at their
+  defaults): only its server side is used, so the client axis runs as "loop" (a sharded run
+  is traced on any machine), or as the run's own for an algorithm with a per-client state
+  table (which the loop does not run, and which refuses "sharded")."""
+  c = base_config()
+  for name, value in config_fields(config).items():
+    if name in FIELDS:
+      *parents, leaf = name.split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  if c.algorithm not in STATEFUL:
+    c.simulation.strategy = "loop"
   return build_algorithm(c, ModelStage(model, None, spec), None)
 
 
