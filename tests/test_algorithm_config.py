@@ -1,6 +1,8 @@
 """Algorithms with memory from the config (issue 34): `algorithm` (scaffold, feddyn, fednova)
 and `dp.adaptive` build the library's pieces, bad combinations are one line each naming the
-fix, and each runs end to end from a tiny config."""
+fix, each runs end to end from a tiny config, and a SCAFFOLD, FedDyn or adaptive-DP run
+killed after round 2 resumes to the uninterrupted run's final state bit for bit (client-state
+table and server state included)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from tracefl_jax.experiment import runner, stages
+from tracefl_jax.experiment.checkpoints import Checkpointer
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.fl.adaptive_clipping import ClipState
 from tracefl_jax.fl.feddyn import FedDynState
@@ -141,3 +144,58 @@ def test_each_algorithm_runs_from_the_config(tmp_path, algorithm, fields, server
   assert all(np.isfinite(r["client_loss"]) for r in rows)
   if fields:  # adaptive clipping: the clip norm moves from dp.clip_norm
     assert rows[0]["dp_clip_norm"] == 1.0 and rows[1]["dp_clip_norm"] != 1.0
+
+
+# --- resume exactly after a kill --------------------------------------------------------------
+
+
+class _Killed(Exception):
+  pass
+
+
+def _final_state(c, workdir):
+  data = stages.load_data(c)
+  model = stages.build_model(c, data)
+  algorithm = stages.build_algorithm(c, model, data)
+  example = algorithm.init(model.variables, num_clients=data.data.num_clients)
+  ck = Checkpointer(workdir, (workdir / "config.json").read_text().strip(), 1)
+  try:
+    state, history, _ = ck.restore(example)
+  finally:
+    ck.close()
+  return state, history
+
+
+@pytest.mark.parametrize("algorithm,fields", [
+    ("scaffold", {}), ("feddyn", {}),
+    ("fedavg", dict(dp__enabled=True, dp__adaptive=True, dp__noise_multiplier=0.1))])
+def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorithm, fields):
+  """SCAFFOLD's control variates and FedDyn's memories (the client-state table), FedDyn's h
+  and adaptive clipping's clip norm (the server state) are in the checkpoint."""
+  c = _config(algorithm, rounds=4, provenance__enabled=False, **fields)
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  runner.run(c, full, progress=False)
+  record = runner.Recorder.__call__
+
+  def dies_after_round_2(self, info):
+    record(self, info)  # the row and checkpoint 2 are written, then the process dies
+    if info.round == 2:
+      raise _Killed
+  monkeypatch.setattr(runner.Recorder, "__call__", dies_after_round_2)
+  with pytest.raises(_Killed):
+    runner.run(c, killed, progress=False)
+  monkeypatch.setattr(runner.Recorder, "__call__", record)
+  checkpoints = Checkpointer(killed, "{}", 1)
+  assert checkpoints.latest_round() == 2
+  checkpoints.close()
+  runner.run(c, killed, progress=False)
+  (want, want_rows), (got, got_rows) = _final_state(c, full), _final_state(c, killed)
+  assert got.round == want.round == 4
+  if algorithm != "fedavg":
+    table = jax.tree.leaves(got.client_state)
+    assert table and table[0].shape[0] == 6 and float(jnp.abs(table[0]).max()) > 0
+  assert jax.tree.leaves(got.opt_state) or algorithm == "scaffold"
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  untimed = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+  assert untimed(got_rows) == untimed(want_rows)

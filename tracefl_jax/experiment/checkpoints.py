@@ -2,7 +2,8 @@
 
 A checkpoint holds what a round loop needs to continue exactly as an uninterrupted run: the
 whole server state pytree (`ServerState`: the global variables, the round, and whatever else
-an algorithm keeps there, e.g. a server optimizer's state), plus JSON metadata: the resolved
+an algorithm keeps there: a server optimizer's state, FedDyn's h, adaptive clipping's clip
+norm, the `[C, ...]` per-client state table of SCAFFOLD and FedDyn), plus JSON metadata: the resolved
 config (to refuse resuming under a different experiment), the per-round history rows, the
 wall time spent so far and a SHA-256 checksum of every array, verified on restore. Client
 sampling and every PRNG key are functions of (seed, round), so no sampler or key state needs
