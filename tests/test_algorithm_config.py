@@ -2,7 +2,8 @@
 and `dp.adaptive` build the library's pieces, bad combinations are one line each naming the
 fix, each runs end to end from a tiny config, and a SCAFFOLD, FedDyn or adaptive-DP run
 killed after round 2 resumes to the uninterrupted run's final state bit for bit (client-state
-table and server state included)."""
+table and server state included), and a stored FedDyn round (a client-state table and a
+server optimizer) re-aggregates and traces as the online one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from tracefl_jax.experiment import runner, stages
 from tracefl_jax.experiment.checkpoints import Checkpointer
 from tracefl_jax.experiment.config import base_config, validate
 from tracefl_jax.fl.adaptive_clipping import ClipState
+from tracefl_jax.fl.algorithm import leave_one_out_variables
 from tracefl_jax.fl.feddyn import FedDynState
+from tracefl_jax.provenance import storage
+from tracefl_jax.provenance.counterfactual import leave_one_out
 
 
 def _config(algorithm="fedavg", rounds=2, **fields):
@@ -199,3 +203,31 @@ def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorit
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   untimed = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
   assert untimed(got_rows) == untimed(want_rows)
+
+
+# --- a stored FedDyn round ------------------------------------------------------------------
+
+
+def test_a_stored_feddyn_round_reaggregates_and_traces_as_the_online_one(tmp_path):
+  c = _config("feddyn")
+  data = stages.load_data(c)
+  model = stages.build_model(c, data)
+  algorithm = stages.build_algorithm(c, model, data, donate=False)
+  state = algorithm.init(model.variables, num_clients=data.data.num_clients)
+  for r in (1, 2):  # round 2: h and the memories are no longer zero
+    state, out = algorithm.round(state, clients=[r, 3, 5], data=data.data,
+                                 key=jax.random.key(r))
+  path = storage.save_round(tmp_path / "round", out, round_idx=2, model=model.model)
+  stored = storage.load_round(path, model.model, algorithm)
+  reaggregate, kind = stored.removal()
+  assert kind == "rule" and reaggregate is not None
+  online = leave_one_out_variables(out)
+  again = jax.vmap(reaggregate)(jnp.asarray(out.weights)[None] * (1 - jnp.eye(3)))
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(online), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  x = jnp.asarray(data.x_test[:4])
+  want = leave_one_out(model.model, out.clients.variables, out.weights, x,
+                       reaggregate=out.reaggregate)
+  np.testing.assert_allclose(stored.leave_one_out(x).drops, want.drops, rtol=1e-5, atol=1e-6)
+  traced = stored.trace(x, score="first_order")
+  assert list(np.asarray(traced.client_ids)) == [2, 3, 5]

@@ -11,6 +11,8 @@ the round (its leaves; the algorithm gives their structure back) and the round's
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -131,6 +133,20 @@ class _ServerSide(NamedTuple):
     return self.server_update(previous, client_vars, weights, key, opt_state)[0]
 
 
+def _server_state_shape(algorithm: Any, previous: Any, stored: StoredRound) -> Any:
+  """`algorithm.init(previous)`'s shapes (nothing is computed). An algorithm with a per-client
+  state table needs its C to build one: any C gives the same server optimizer state, so the
+  round's largest client id + 1 is passed to an `init` that takes `num_clients`."""
+  try:
+    takes = "num_clients" in inspect.signature(algorithm.init).parameters
+  except (TypeError, ValueError):  # a callable without a signature
+    takes = False
+  num_clients = int(np.max(stored.client_ids, initial=0)) + 1
+  init = (functools.partial(algorithm.init, num_clients=num_clients) if takes
+          else algorithm.init)
+  return jax.eval_shape(init, previous)
+
+
 def rebuild_reaggregate(path: Path, stored: StoredRound, arrays: dict[str, Any],
                         info: dict[str, Any], algorithm: Any) -> Any:
   """The round's `reaggregate` from `algorithm.server_update` and the stored server state;
@@ -153,7 +169,7 @@ def rebuild_reaggregate(path: Path, stored: StoredRound, arrays: dict[str, Any],
   previous = arrays.get("previous", stored.global_vars)
   opt_state = None
   if algorithm.server_optimizer is not None:
-    wanted = jax.eval_shape(algorithm.init, previous).opt_state
+    wanted = _server_state_shape(algorithm, previous, stored).opt_state
     leaves = [arrays["opt_state"][str(i)] for i in range(info["opt_state_leaves"])]
     want = jax.tree.leaves(wanted)
     if [(tuple(np.shape(a)), np.dtype(a.dtype)) for a in leaves] != [
