@@ -14,11 +14,14 @@ from tracefl_jax.data.partition import Partition, fixup_partition, make_partitio
 # Models.
 from tracefl_jax.models import ModelDef, get_model, make_model
 from tracefl_jax.models.layers import canonical_conv
-# The algorithm: pieces (objective, rule, DP, server optimizer, client state) and assembly.
+# The algorithm: pieces (objective, rule, DP, server optimizer, client state) and assembly;
+# the algorithms with memory (SCAFFOLD, FedDyn, FedNova, adaptive-clipping DP-FedAvg).
+from tracefl_jax.fl.adaptive_clipping import AdaptiveClipping, ClipState, adaptive_dp_fedavg
 from tracefl_jax.fl.aggregation import client_weights, fedavg
 from tracefl_jax.fl.algorithm import (FederatedAlgorithm, federated_averaging,
                                       leave_one_out_variables)
 from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
+from tracefl_jax.fl.feddyn import FedDynState, feddyn, feddyn_loss, feddyn_server, feddyn_state
 from tracefl_jax.fl.host_round import RoundOutput
 from tracefl_jax.fl.hyperparameters import Hyperparameters
 from tracefl_jax.fl.losses import cross_entropy, fedprox
@@ -38,10 +41,13 @@ from tracefl_jax.provenance.round_callback import provenance_callback
 from tracefl_jax.provenance.storage import StoredRound, load_round, save_round
 
 __all__ = [
+    "AdaptiveClipping",
     "AggregationRule",
     "ClientContext",
     "ClientStatePiece",
+    "ClipState",
     "DPSettings",
+    "FedDynState",
     "FederatedAlgorithm",
     "FederatedData",
     "GlobalEvaluator",
@@ -57,11 +63,16 @@ __all__ = [
     "StoredRound",
     "TracedRound",
     "TrainingDivergedError",
+    "adaptive_dp_fedavg",
     "canonical_conv",
     "client_weights",
     "cross_entropy",
     "dp_fedavg",
     "fedavg",
+    "feddyn",
+    "feddyn_loss",
+    "feddyn_server",
+    "feddyn_state",
     "federate",
     "federated_averaging",
     "fednova",
