@@ -8,8 +8,9 @@
   make_loop_program   the same from the host, one jitted program per client ("loop").
 
 A round program is positional in the data, `(variables, x, y, indices, counts, client_ids, key,
-weights, lanes=None, normalization=None, opt_state=None, table=None) -> (G_t, clients, traced,
-metrics, steps_executed, opt_state[, table])`, so federations vmap over it.
+weights, lanes=None, normalization=None, opt_state=None, table=None, max_steps=None) -> (G_t,
+clients, traced, metrics, steps_executed, opt_state[, table])`, so federations vmap over it
+(`federation.py` scans it over rounds).
 """
 
 from __future__ import annotations
@@ -85,17 +86,18 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
                        clients_per_chunk: int, client_state: cstate.ClientStatePiece | None,
                        donate: bool) -> Callable[..., tuple]:
   """The jitted round program of an in-program strategy (module docstring); with a
-  `client_state` it takes the table and returns the new one as a seventh value."""
+  `client_state` it takes the table and returns the new one as a seventh value. `max_steps`
+  (static, "scan" only) caps each client's scanned local loop (`strategies`)."""
 
   def program(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
-              normalization=None, opt_state=None, table=None):
+              normalization=None, opt_state=None, table=None, max_steps=None):
     keys = fold_client_keys(key, client_ids)
     contexts = None if client_state is None else cstate.gather(client_state, table,
                                                                client_ids, variables)
     out, executed = simulate_clients_with_steps(
         client_update, variables, x, y, indices, counts, keys, strategy=strategy,
         clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization,
-        contexts=contexts)
+        contexts=contexts, max_steps=max_steps)
     side = aggregate(out, weights, variables, key, opt_state)
     result = side.variables, out, side.traced, side.metrics, executed, side.opt_state
     if client_state is None:
@@ -104,7 +106,7 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
                                     out.variables["params"], out.num_steps, weights))
 
   return jax.jit(program, donate_argnums=(0,) if donate else (),
-                 static_argnames=("lanes", "normalization"))
+                 static_argnames=("lanes", "normalization", "max_steps"))
 
 
 def make_loop_program(client_update: ClientUpdate, aggregate: Aggregate) -> Callable[..., tuple]:

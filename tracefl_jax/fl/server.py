@@ -48,13 +48,14 @@ def server_optimizer(name: str, learning_rate: float = 1.0, *, momentum: float =
                      eps: float = 1e-3) -> optax.GradientTransformation | None:
   """A server optimizer by name, with Reddi et al.'s defaults (beta1 0.9, beta2 0.99,
   tau 1e-3): "none" (plain FedAvg, None), "sgd" (FedAvgM with `momentum`), "adam", "yogi",
-  "adagrad"."""
+  "adagrad". `learning_rate` (and `momentum`) may be traced (a hypergradient through
+  `federation.py`); only concrete values are checked."""
   if name == "none":
     return None
-  if not float(learning_rate) > 0:
+  if _concrete(learning_rate) and not float(learning_rate) > 0:
     raise ValueError(f"server learning_rate={learning_rate} must be > 0")
   if name == "sgd":
-    if not 0 <= float(momentum) < 1:
+    if _concrete(momentum) and not 0 <= float(momentum) < 1:
       raise ValueError(f"server momentum={momentum} must be in [0, 1)")
     return optax.sgd(learning_rate, momentum=momentum or None)
   if name == "adam":
@@ -87,6 +88,11 @@ def server_step(optimizer: optax.GradientTransformation | None, previous: Variab
   pseudo_grad = jax.tree.map(lambda g, a: g - a.astype(g.dtype), params, aggregate["params"])
   updates, opt_state = optimizer.update(pseudo_grad, opt_state, params)
   return {**aggregate, "params": optax.apply_updates(params, updates)}, opt_state
+
+
+def _concrete(value) -> bool:
+  """A value whose number is known now (not a tracer under jit, grad or vmap)."""
+  return not isinstance(value, jax.core.Tracer)
 
 
 # ------------------------------------------------------------------ save / load

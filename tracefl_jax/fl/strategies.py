@@ -188,12 +188,17 @@ def simulate_clients_with_steps(
     lanes: int | None = None,
     normalization: Normalization | None = None,
     contexts: ClientContext | None = None,
+    max_steps: int | None = None,
 ) -> tuple[ClientOutput, jax.Array]:
   """`simulate_clients`, plus the optimizer steps computed (int32 scalar): the clients' own
   steps under "scan" and "loop", `lanes * iterations` (idle lanes included) when packed.
 
   `contexts`: the round's `client_state.ClientContext` (state rows `[K, ...]`, the shared
-  value, ids `[K]`) for a stateful objective, or None; "vmap", "chunked" and "scan" only."""
+  value, ids `[K]`) for a stateful objective, or None; "vmap", "chunked" and "scan" only.
+  `max_steps` (static): under "scan", a cap on any client's steps for its scanned local loop
+  (`ClientUpdate.train`; default the steps of all the round's slots). Where the counts are
+  batched (a vmap over federations) every client runs the cap, so `num_steps` of the
+  federation's largest client keeps the work at one client's (`fl/federation.py`)."""
   strategy = resolve_strategy(strategy, variables)
   if contexts is not None and (strategy in ("loop", "sharded")
                                or not isinstance(client_update, ClientUpdate)):
@@ -260,7 +265,8 @@ def simulate_clients_with_steps(
   batches, step_keys = schedule
   out = jax.lax.map(
       lambda a: client_update.train(variables, x, y, batches, step_keys, offsets, a[0], a[1],
-                                    normalization, _context_row(contexts, a[0])),
+                                    normalization, _context_row(contexts, a[0]),
+                                    max_steps=max_steps),
       (jnp.arange(k, dtype=jnp.int32), counts.astype(jnp.int32)))
   return out, jnp.sum(out.num_steps)
 
