@@ -216,3 +216,20 @@ def test_a_negative_seed_names_the_field(tmp_path):
     runner.run(_config("--config.seed=-5"), tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
 
+
+
+def test_a_run_from_before_a_field_existed_resumes_at_its_default():
+  # A config.json written before `algorithm` and `feddyn.alpha` were fields: those fields at
+  # their defaults are the same experiment; a non-default value, or any other field, is not.
+  from tracefl_jax.experiment.config import base_config
+  from tracefl_jax.experiment.workdir import config_diff
+  current = base_config()
+  old = json.loads(current.to_json())
+  del old["algorithm"], old["feddyn"]
+  assert config_diff(json.dumps(old), current.to_json()) == []
+  changed = base_config()
+  changed.unlock()
+  changed.algorithm = "scaffold"
+  assert config_diff(json.dumps(old), changed.to_json()) == ["algorithm ('fedavg' -> 'scaffold')"]
+  old["seed"] = 7
+  assert config_diff(json.dumps(old), current.to_json()) == [f"seed (7 -> {current.seed!r})"]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracefl_jax.experiment.workdir import config_diff, fingerprint
+from tracefl_jax.experiment.workdir import config_diff
 # One checksum, and one check of it, for checkpoints and stored rounds.
 from tracefl_jax.provenance.storage_files import array_checksums, checksum_mismatch
 
@@ -254,13 +254,12 @@ class Checkpointer:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = meta["meta"]
-      saved, current = fingerprint(meta["config"]), fingerprint(self._config_json)
+      diff = config_diff(meta["config"], self._config_json)
     except Exception as e:  # orbax raises many types for unreadable files
       logging.getLogger("orbax").exception("restoring %s", where)
       raise CheckpointError(f"checkpoint {where} is corrupt or unreadable ({first_line(e)}). "
                             f"It was left as it is: {REMEDY}") from e
-    if saved != current:
-      diff = config_diff(meta["config"], self._config_json)
+    if diff:
       raise CheckpointError(
           f"checkpoint {where} was written by a different experiment (config differs in: "
           f"{', '.join(diff)}). Resume with the same config, or use another --workdir.")

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from tracefl_jax.experiment.config import config_fields
+from tracefl_jax.experiment.config import FIELDS, config_fields
 from tracefl_jax.experiment.io import WorkdirError, read_jsonl
 
 # Config fields that do not change results: a run may resume with other values of these
@@ -43,8 +43,13 @@ def fingerprint(config_json: str) -> dict[str, Any]:
 
 
 def config_diff(saved_json: str, current_json: str) -> list[str]:
-  """The fields in which two configs differ in results, as `name (saved -> current)`."""
+  """The fields in which two configs differ in results, as `name (saved -> current)`. A field
+  the saved config lacks (it was written before the field existed) counts as its default: a
+  run made then resumes under a config that leaves the new field at its default."""
   saved, current = fingerprint(saved_json), fingerprint(current_json)
+  for k in set(current) - set(saved):
+    if k in FIELDS:
+      saved[k] = json.loads(json.dumps(FIELDS[k].default))
   return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
