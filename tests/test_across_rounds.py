@@ -124,3 +124,12 @@ def test_tracks_exact_retraining_without_the_client():
     # 1 / (W - w_k) at w_k); Pearson over inputs x clients: 0.9992 and 0.995.
     assert errs["loo"] < 0.08 and corr["loo"] > 0.998, (errs, corr)
     assert errs["loo"] < errs["tangent"] and corr["tangent"] > 0.99, (errs, corr)
+
+
+def test_comparison_skips_algorithms_where_weight_zero_is_not_removal():
+  from tracefl_jax.experiment import comparison_methods
+  from tracefl_jax.experiment.config import base_config
+  c = base_config()
+  c.algorithm = "scaffold"
+  scores, info = comparison_methods.across_rounds(c, None, None, None, None, None, None, ())
+  assert scores is None and "scaffold" in info["skipped"]

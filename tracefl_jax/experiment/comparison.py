@@ -15,6 +15,12 @@ the others 0):
                  FedAvg: the weight-aware score; any other rule or server optimizer: each
                  client removed by the round's own server side, `provenance/removal.py`)
   multi_round    `provenance.multiround` over all rounds (each round's own removal)
+  across_rounds  `provenance.across_rounds`: the first-order effect of removing the client
+                 from every round it took part in, carried to the final model by reverse mode
+                 through the real training (the base federation re-run as one program,
+                 `fl.federation`, checked to reproduce it; skipped, with the reason in the
+                 summary's `across_rounds`, for algorithms where a weight-0 client is not
+                 removed)
   loo_last       the exact single-round leave-one-client-out drops of the last round (its
                  own rule and server step; DP: FedAvg's closed form, `dp_closed_form`)
   banzhaf        upper bounds from the LDS's retrained subsets (with >= 3 of them): the
@@ -66,8 +72,9 @@ from tracefl_jax.experiment.workdir import WorkdirLock, check_workdir, plan_run
 from tracefl_jax.provenance import protocol, retrained, retraining
 from tracefl_jax.provenance.removal import round_removal
 
-METHODS = ("tracefl", "first_order", "multi_round", "loo_last", "banzhaf", "datamodel",
-           "largest", "random")  # banzhaf and datamodel: with >= 3 subsets
+# banzhaf and datamodel: with >= 3 subsets; across_rounds: where it runs (its docstring).
+METHODS = ("tracefl", "first_order", "multi_round", "across_rounds", "loo_last", "banzhaf",
+           "datamodel", "largest", "random")
 
 
 # Strategies whose round program cannot run the retrained federations: "loop" has none, and
@@ -203,6 +210,11 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
   t_methods = time.perf_counter() - t1
   num = data.num_clients
   always = faulty if c.faulty.every_round else ()
+  across, across_info = methods.across_rounds(c, data, model, init, final, x, target, always)
+  if across is not None:  # beside multi_round
+    items = list(scores.items())
+    at = list(scores).index("multi_round") + 1
+    scores = dict([*items[:at], ("across_rounds", across), *items[at:]])
   truth_seeds = c.attribution.truth_seeds
   masks, seed_index = retrained.seeded_truth_masks(num, c.attribution.subsets, c.seed,
                                                    truth_seeds)
@@ -253,11 +265,13 @@ def _compare(c: ml_collections.ConfigDict) -> dict[str, Any]:
       "ceiling_spearman": truth.ceiling_spearman,
       "federations_per_chunk": c.attribution.federations_per_chunk,
       "base_reproduced_max_abs": float(np.abs(base - truth.base_logit[0]).max()),
+      "across_rounds": across_info,
       "rows": methods.grade(c, scores, truth, loo_top, rule, np.asarray(last.client_ids),
                             sampled),
       "topk": topk,
       "curve": curve,
-      "seconds": {"train": t_train, "methods": t_methods, "retrain": t_retrain, "topk": t_topk,
-                  "total": time.perf_counter() - t0},
+      "seconds": {"train": t_train, "methods": t_methods,
+                  "across_rounds": across_info.get("seconds"), "retrain": t_retrain,
+                  "topk": t_topk, "total": time.perf_counter() - t0},
   }
   return summary

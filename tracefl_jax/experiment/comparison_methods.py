@@ -4,26 +4,33 @@ their grading and the tables.
 `train_base` trains the cell's federation, tracing every round with both scores
 (`attribution.per_round`) and accumulating multi-round provenance; `explained` picks the
 inputs to explain from its final model. `method_scores` gives every method's additive
-`[N, C]` scores of the explained output;
-`grade` scores them against the retraining truths with intervals and the paired difference to
-TraceFL (`provenance.intervals`), each method naming its top client among the clients that
-could be responsible (`candidates`); `topk` retrains without each method's top k clients
+`[N, C]` scores of the explained output, `across_rounds` the influence across rounds
+(`provenance.across_rounds`) of the same federation re-run as one program; `grade` scores
+them against the retraining truths with intervals and the paired difference to TraceFL
+(`provenance.intervals`), each method naming its top client among the clients that could be
+responsible (`candidates`); `topk` retrains without each method's top k clients
 (`provenance.topk_removal`); `table` and `topk_table` are the compare command's Markdown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from tracefl_jax.experiment import stages
-from tracefl_jax.fl.rounds import run_rounds
+from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.federation import federation
+from tracefl_jax.fl.rounds import federated_averaging, run_rounds
 from tracefl_jax.provenance import (intervals, protocol, retrained, retraining, round_callback,
                                     topk_removal, trace_clients)
+from tracefl_jax.provenance.across_rounds import across_rounds as _across_rounds
 from tracefl_jax.provenance.counterfactual import leave_one_out
 from tracefl_jax.provenance.multiround import MultiRoundAccumulator
 from tracefl_jax.provenance.removal import round_removal
@@ -131,6 +138,78 @@ def method_scores(c, model, final, last, acc, x, sizes) -> dict[str, np.ndarray]
           "largest": np.broadcast_to(np.asarray(sizes, np.float64), (x.shape[0], num))}
 
 
+# The base federation re-run as one program must reproduce run_rounds' final model to within
+# this (max abs over the parameters, relative to their largest magnitude): "scan" against
+# "vmap" differ by float rounding only.
+REPRODUCE_RTOL = 1e-4
+
+
+def scan_fedavg(c, model):
+  """The cell's FedAvg (`stages.build_algorithm`'s pieces) under the "scan" client strategy,
+  reverse-differentiable: Adam's `sqrt(v)` gets `eps_root` = float32's smallest normal, so its
+  derivative is finite where a gradient is exactly 0 (a dead ReLU: NaN otherwise) and its
+  updates are the same wherever v > ~1e-31 (`across_rounds` checks the re-run reproduces the
+  trained model)."""
+  tiny = float(np.finfo(np.float32).tiny)
+  cl = c.client
+  optimizer = {"adam": lambda: optax.adam(cl.learning_rate, eps_root=tiny),
+               "adamw": lambda: optax.adamw(cl.learning_rate, weight_decay=cl.weight_decay,
+                                            eps_root=tiny)}.get(
+      cl.optimizer, lambda: make_optimizer(cl.optimizer, cl.learning_rate, cl.weight_decay,
+                                           cl.momentum))()
+  return federated_averaging(
+      model, optimizer, dp=stages.dp_settings(c), donate=False, batch_size=cl.batch_size,
+      local_epochs=cl.local_epochs, weighting=c.aggregation.weighting, strategy="scan",
+      clients_per_chunk=c.simulation.clients_per_chunk,
+      compute_dtype=jnp.dtype(c.simulation.compute_dtype), **stages.algorithm_pieces(c))
+
+
+def across_rounds(c, data, model, init, final, x, target,
+                  always) -> tuple[np.ndarray | None, dict[str, Any]]:
+  """The influence across rounds `[N, C]` (`provenance.across_rounds`) of the base
+  federation, re-run as one reverse-differentiable program (`fl.federation` of `scan_fedavg`,
+  the same plan and keys as `run_rounds`), and what it recorded: its form, seconds, how
+  closely the re-run reproduced `final`, or why the method was skipped (scores None): an
+  algorithm other than FedAvg's family or adaptive clipping (a weight-0 client still moves
+  their state), a re-run that does not reproduce the trained model, or non-finite scores.
+
+  Form "loo" (each round's term the cotangent dotted with FedAvg's exact leave-one-out delta)
+  where the server side is affine in the weighted mean (FedAvg's mean, no server optimizer
+  or server SGD, DP-FedAvg's pre-noise mean); "tangent" (the weight-path derivative)
+  otherwise."""
+  info: dict[str, Any] = {}
+  if c.algorithm != "fedavg":
+    return None, {"skipped": f"algorithm={c.algorithm!r}: a weight-0 client is not removed "
+                             f"(its state or FedNova's normalisation still sees it)"}
+  if stages.adaptive_clipping(c) is not None:
+    return None, {"skipped": "adaptive clipping: its clip-norm update counts a weight-0 client"}
+  t0 = time.perf_counter()
+  fed = federation(scan_fedavg(c, model), data, rounds=c.rounds,
+                   clients_per_round=c.clients_per_round, always_sampled=always)
+  plan, key = fed.plan(c.seed), jax.random.key(c.seed)
+  state, _ = fed(init, None, plan, key)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(state.variables), jax.tree.leaves(final), strict=True))
+  scale = max(1.0, max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(final)))
+  info["reproduced_max_abs"] = diff
+  if not diff <= REPRODUCE_RTOL * scale:
+    return None, {**info, "skipped": f"the federation re-run as one program differs from the "
+                                     f"trained model by {diff:.3g} (> {REPRODUCE_RTOL:g} x "
+                                     f"{scale:.3g})"}
+  affine = c.aggregation.rule == "mean" and c.server.optimizer in ("none", "sgd")
+  form = "loo" if affine else "tangent"
+  res = _across_rounds(fed, model, init, None, plan, key, x, target,
+                       output=c.provenance.output, form=form, inputs_per_chunk=INPUTS_PER_CHUNK)
+  info.update(form=form, seconds=time.perf_counter() - t0, inputs_per_chunk=INPUTS_PER_CHUNK)
+  if not np.all(np.isfinite(res.scores)):
+    return None, {**info, "skipped": "non-finite scores (a square root at 0 in reverse mode: "
+                                     "a server optimizer's second moment?)"}
+  return np.asarray(res.scores, np.float64), info
+
+
+INPUTS_PER_CHUNK = 25  # test inputs per reverse pass through the training
+
+
 # Client values estimated from the LDS's subset federations: upper bounds that see retrained
 # federations. Their LDS would be measured on the very subsets they were fitted to, so it is
 # not reported; their top-1 and Spearman are against the separate leave-one-out federations.
@@ -157,7 +236,7 @@ def candidates(scores, participants, sampled) -> dict[str, np.ndarray]:
   and the largest client)."""
   last = np.isin(np.arange(len(sampled)), participants)
   return {name: last if name in ("tracefl", "first_order", "loo_last") else sampled
-          for name in scores}
+          for name in scores}  # across_rounds: every sampled client, as multi_round
 
 
 def grade(c, scores, truth, loo_last_top, rule, participants, sampled) -> list[dict[str, Any]]:
