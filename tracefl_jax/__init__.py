@@ -30,17 +30,21 @@ from tracefl_jax.fl.robust import AggregationRule, krum, median, trimmed_mean, w
 from tracefl_jax.fl.scaffold import fednova, scaffold, scaffold_loss, scaffold_state
 from tracefl_jax.fl.server import (ServerState, load_server_state, save_server_state,
                                    server_optimizer)
-# Running rounds.
+# Running rounds: a host loop, or R rounds as one differentiable program.
+from tracefl_jax.fl.federation import (Federation, FederationPlan, FederationTrace, federation,
+                                       stack_plans)
 from tracefl_jax.fl.rounds import (GlobalEvaluator, RoundInfo, TrainingDivergedError, round_key,
                                    run_rounds, sample_clients)
 # Provenance: tracing clients, the protocol over a round, stored rounds.
 from tracefl_jax.provenance import ProvenanceResult, trace_clients
+from tracefl_jax.provenance.across_rounds import AcrossRounds, across_rounds
 from tracefl_jax.provenance.protocol import (ProtocolSettings, TracedRound, select_inputs,
                                              summarize_rounds, trace_round)
 from tracefl_jax.provenance.round_callback import provenance_callback
 from tracefl_jax.provenance.storage import StoredRound, load_round, save_round
 
 __all__ = [
+    "AcrossRounds",
     "AdaptiveClipping",
     "AggregationRule",
     "ClientContext",
@@ -50,6 +54,9 @@ __all__ = [
     "FedDynState",
     "FederatedAlgorithm",
     "FederatedData",
+    "Federation",
+    "FederationPlan",
+    "FederationTrace",
     "GlobalEvaluator",
     "Hyperparameters",
     "ModelDef",
@@ -63,6 +70,7 @@ __all__ = [
     "StoredRound",
     "TracedRound",
     "TrainingDivergedError",
+    "across_rounds",
     "adaptive_dp_fedavg",
     "canonical_conv",
     "client_weights",
@@ -75,6 +83,7 @@ __all__ = [
     "feddyn_state",
     "federate",
     "federated_averaging",
+    "federation",
     "fednova",
     "fedprox",
     "fixup_partition",
@@ -97,6 +106,7 @@ __all__ = [
     "scaffold_state",
     "select_inputs",
     "server_optimizer",
+    "stack_plans",
     "summarize_rounds",
     "trace_clients",
     "trace_round",
