@@ -27,7 +27,7 @@ Presets:
           20 of 20: 94.2% at round 19, 89.7% at 20). At 10 rounds and noise 1.5 the synthetic
           cell ended at 21%; at noise 0.7 it reaches 48-79% over rounds 25-30.
   quick   the first and last cells of `cpu` (digits 20/20 for 19 rounds; the label flip),
-          everything else as `cpu`: the yardstick in about 20 minutes on 2 cores.
+          everything else as `cpu`: 36 minutes on 2 cores under load 4-9 (cpu: about 70).
   mnist   real MNIST from a local copy (`--config.dataset.data_dir=DIR` holding
           mnist.pkl.gz or the IDX files; docs/attribution.md says where to get one): its first 3,000
           training images over 10 clients (Dirichlet 0.3, no fix-up), all taking part for 10
