@@ -69,6 +69,10 @@ def get_config(preset: str = "smoke"):
   c.attribution.subsets = 10
   if preset in ("quick", "cpu", "mnist"):
     c.attribution.topk_inputs = 10
+    # A reverse pass through the whole training per 25 inputs: more than 22 minutes for the
+    # first quick cell on 2 idle cores (docs/differentiable.md); on with
+    # --config.attribution.across_rounds=True.
+    c.attribution.across_rounds = False
   if preset == "smoke":
     c.model.name = "mlp"
     c.num_clients, c.clients_per_round = 6, 4

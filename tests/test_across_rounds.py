@@ -133,3 +133,21 @@ def test_comparison_skips_algorithms_where_weight_zero_is_not_removal():
   c.algorithm = "scaffold"
   scores, info = comparison_methods.across_rounds(c, None, None, None, None, None, None, ())
   assert scores is None and "scaffold" in info["skipped"]
+
+
+def test_comparison_switch_leaves_the_method_out():
+  from tracefl_jax.experiment import comparison_methods
+  from tracefl_jax.experiment.config import base_config
+  c = base_config()
+  c.attribution.across_rounds = False
+  scores, info = comparison_methods.across_rounds(c, None, None, None, None, None, None, ())
+  assert scores is None and info["skipped"] == "attribution.across_rounds=False"
+  import importlib.util
+  from pathlib import Path
+  spec = importlib.util.spec_from_file_location(
+      "attribution_presets", Path(__file__).resolve().parents[1] / "configs" / "attribution.py")
+  presets = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(presets)
+  assert presets.get_config("smoke").attribution.across_rounds
+  assert not any(presets.get_config(p).attribution.across_rounds
+                 for p in ("quick", "cpu", "mnist"))

@@ -178,6 +178,8 @@ def across_rounds(c, data, model, init, final, x, target,
   or server SGD, DP-FedAvg's pre-noise mean); "tangent" (the weight-path derivative)
   otherwise."""
   info: dict[str, Any] = {}
+  if not c.attribution.across_rounds:
+    return None, {"skipped": "attribution.across_rounds=False"}
   if c.algorithm != "fedavg":
     return None, {"skipped": f"algorithm={c.algorithm!r}: a weight-0 client is not removed "
                              f"(its state or FedNova's normalisation still sees it)"}

@@ -241,6 +241,9 @@ FIELDS: dict[str, Field] = {
                                               "all)", ZERO_ALL),
     "attribution.per_round": F(True, "also trace every round (paper's and weight-aware score)",
                                FREE),
+    "attribution.across_rounds": F(True, "also score the influence across rounds (a "
+                                         "differentiable re-run of the whole training per 25 "
+                                         "inputs; off in the quick/cpu/mnist presets)", FREE),
     # --- differential privacy
     "dp.enabled": F(False, "DP-FedAvg: server-side clipping and Gaussian noise", FREE),
     "dp.noise_multiplier": F(0.0, "DP noise multiplier z (sigma = z * clip_norm / "
