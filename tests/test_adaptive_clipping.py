@@ -5,14 +5,13 @@ bit), and its settings' errors."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import tracefl_jax as tfl
+from tests.linear_federation import grad, linear_federation, stacked
 from tracefl_jax.fl.adaptive_clipping import (AdaptiveClipping, ClipState, adaptive_dp_fedavg,
                                               noise_stddevs)
 
@@ -21,45 +20,22 @@ SIZES = [6, 8, 10, 12, 7]
 SCHEDULE = [[0, 1, 2, 3], [1, 2, 3, 4], [0, 2, 3, 4]]
 
 
-class Linear(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-  rng = np.random.default_rng(1)
-  y = rng.integers(0, 3, sum(SIZES)).astype(np.int32)
-  x = (rng.normal(size=(len(y), 4)) * np.linspace(0.5, 3, len(y))[:, None]
-       + y[:, None]).astype(np.float32)  # clients' update norms spread out
-  parts = np.split(np.arange(len(y)), np.cumsum(SIZES)[:-1])
-  data = tfl.federate(x, y, parts)
-  model = tfl.make_model(Linear(), input_shape=(4,), num_classes=3)
-  return model, data, model.init(jax.random.key(0)), (x, y, parts)
-
-
-def _grad(theta, x, y):
-  w, b = theta[:4], theta[4]
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(3)[y]) / len(y)
-  return np.concatenate([x.T @ d, d.sum(0)[None]])
+  return linear_federation(SIZES, seed=1, spread=True)  # clients' update norms spread out
 
 
 def _reference(variables, raw, s):
   """Noise-free adaptive clipping, one client at a time in float64."""
   x, y, parts = raw
-  p = variables["params"]["Dense_0"]
-  g = np.concatenate([np.asarray(p["kernel"], np.float64), np.asarray(p["bias"], np.float64)[None]])
+  g = stacked(variables)
   clip, clips, fractions = s.initial_clip_norm, [], []
   for clients in SCHEDULE:
     deltas = []
     for i in clients:
       theta = g.copy()
       for _ in range(EPOCHS):  # full-batch SGD
-        theta -= LR * _grad(theta, x[parts[i]].astype(np.float64), y[parts[i]])
+        theta -= LR * grad(theta, x[parts[i]].astype(np.float64), y[parts[i]])
       deltas.append(theta - g)
     norms = np.array([np.linalg.norm(d) for d in deltas])
     g = g + np.mean([d * min(1.0, clip / n) for d, n in zip(deltas, norms)], axis=0)

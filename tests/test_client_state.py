@@ -4,7 +4,6 @@ ServerState; FedNova's rule gets the clients' step counts."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,35 +11,19 @@ import optax
 import pytest
 
 import tracefl_jax as tfl
+from tests.linear_federation import grad, linear_federation
 
 LR, EPOCHS = 0.3, 2
 
 
-class Linear(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-  rng = np.random.default_rng(0)
-  sizes = [6, 8, 10, 12]
-  y = rng.integers(0, 3, sum(sizes)).astype(np.int32)
-  x = (rng.normal(size=(len(y), 4)) + y[:, None] * (1 + np.arange(4))[None] / 4).astype(
-      np.float32)
-  parts = np.split(np.arange(len(y)), np.cumsum(sizes)[:-1])
-  data = tfl.federate(x, y, parts)
-  model = tfl.make_model(Linear(), input_shape=(4,), num_classes=3)
-  return model, data, model.init(jax.random.key(0)), (x, y, parts)
+  return linear_federation([6, 8, 10, 12], seed=0)
 
 
 def _grad(w, b, x, y):
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(3)[y]) / len(y)
-  return x.T @ d, d.sum(0)
+  g = grad(np.concatenate([w, b[None]]), x, y)
+  return g[:-1], g[-1]
 
 
 def _reference(variables, raw, schedule):

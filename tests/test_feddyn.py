@@ -4,13 +4,13 @@ round, and the state's save/load."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tracefl_jax as tfl
+from tests.linear_federation import grad, linear_federation, stacked
 from tracefl_jax.fl.feddyn import FedDynState, feddyn
 
 LR, ALPHA, EPOCHS = 0.3, 0.1, 2
@@ -18,47 +18,22 @@ SIZES = [6, 8, 10, 12]
 SCHEDULE = [[0, 1, 2], [1, 3], [0, 1, 2, 3]]  # |P| changes, so does h's share |P| / m
 
 
-class Linear(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-  rng = np.random.default_rng(0)
-  y = rng.integers(0, 3, sum(SIZES)).astype(np.int32)
-  x = (rng.normal(size=(len(y), 4)) + y[:, None] * (1 + np.arange(4))[None] / 4).astype(
-      np.float32)
-  parts = np.split(np.arange(len(y)), np.cumsum(SIZES)[:-1])
-  data = tfl.federate(x, y, parts)
-  model = tfl.make_model(Linear(), input_shape=(4,), num_classes=3)
-  return model, data, model.init(jax.random.key(0)), (x, y, parts)
-
-
-def _grad(theta, x, y):
-  """Gradient of the mean cross-entropy of `x @ W + b`, theta = (W, b) concatenated."""
-  w, b = theta[:4], theta[4]
-  logits = x @ w + b
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(3)[y]) / len(y)
-  return np.concatenate([x.T @ d, d.sum(0)[None]])
+  return linear_federation(SIZES, seed=0)
 
 
 def _train(theta0, gi, x, y):
   theta = theta0.copy()
   for _ in range(EPOCHS):  # full-batch SGD on L_i - <g_i, theta> + alpha/2 ||theta - G||^2
-    theta = theta - LR * (_grad(theta, x, y) - gi + ALPHA * (theta - theta0))
+    theta = theta - LR * (grad(theta, x, y) - gi + ALPHA * (theta - theta0))
   return theta
 
 
 def _reference(variables, raw, schedule):
   """FedDyn one client at a time in float64 (params as one [5, 3] array: kernel over bias)."""
   x, y, parts = raw
-  p = variables["params"]["Dense_0"]
-  g_model = np.concatenate([np.asarray(p["kernel"], np.float64),
-                            np.asarray(p["bias"], np.float64)[None]])
+  g_model = stacked(variables)
   m = len(parts)
   g, h = np.zeros((m, 5, 3)), np.zeros((5, 3))
   for clients in schedule:
