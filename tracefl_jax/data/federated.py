@@ -1,4 +1,5 @@
-"""Federated data: the training set on the device once, each client a list of indices into it.
+"""Federated data: the training set (on the device once, or on the host: `placement.py`), each
+client a list of indices into it.
 
 `federate(x, y, partition)` builds `FederatedData` from plain arrays and a partition (from
 `make_partition`, or a user's own list of index arrays). A round's clients are their
@@ -17,6 +18,11 @@ is: it is the same thing with `offsets = k * M`, and it costs `K * M`.
 Image data can stay uint8 on the device with a `Normalization` (`federate(...,
 normalization=...)`): the client step normalises the batch it gathers, so the device holds a
 quarter of the float32 bytes and trains on the same numbers.
+
+A training set too large for the device stays on the host (`federate(..., placement="host")`,
+or "auto" for an `np.memmap` or a set over half the device's free memory): each round gathers
+its clients' examples and the round program reads those (`FederatedData.round_inputs`);
+`placement.py` has the rule and what the device holds.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 from tracefl_jax.data.base import Normalization
 from tracefl_jax.data.partition import Partition
+from tracefl_jax.data.placement import HostFeed, feed_rounds, resolve_placement
 
 
 class RoundData(NamedTuple):
@@ -154,8 +161,9 @@ class FederatedData:
   """A federation's training data (build it with `federate`).
 
   Attributes:
-    x: `[N, ...]` training examples, on the device.
-    y: `[N]` int32 labels, on the device.
+    x: `[N, ...]` training examples, on the device (placement "device") or the host's NumPy
+      array or `np.memmap` (placement "host").
+    y: `[N]` int32 labels, beside `x`.
     partition: the clients' int64 indices into `x` and their label counts (host NumPy),
       counted on `y`.
     num_classes: number of labels.
@@ -167,6 +175,44 @@ class FederatedData:
   partition: Partition
   num_classes: int
   normalization: Normalization | None = None
+  placement: str = "device"  # resolved: "device" or "host" (`placement.py`)
+  _feed: HostFeed | None = dataclasses.field(default=None, init=False, repr=False)
+
+  def __post_init__(self):
+    if self.placement not in ("device", "host"):
+      raise ValueError(f"FederatedData.placement={self.placement!r}; valid: 'device', "
+                       f"'host' (federate(..., placement='auto') resolves to one of them)")
+    object.__setattr__(self, "_feed", HostFeed(self.x, self.y)
+                       if self.placement == "host" else None)
+
+  def round_inputs(self, indices: Any) -> tuple[Any, Any, Any]:
+    """A laid-out round's program inputs `(x, y, indices)` (`indices`: `ClientSlots` or
+    `[K, M]` rows). Placement "device": `(self.x, self.y, indices)` unchanged. "host": the
+    round's examples `x[flat] [T, ...]`, `y[flat] [T]` on the device (prefetched by
+    `prefetch`, or gathered now) and the slots remapped to `arange(T)`, same offsets."""
+    if self._feed is None:
+      return self.x, self.y, indices
+    return self._feed.inputs(indices)
+
+  def prefetch(self, indices: Any) -> None:
+    """Host placement: starts gathering the round laid out as `indices` and putting it on
+    the device in a background thread (`round_inputs` with the same slots takes it). Device
+    placement: nothing to do."""
+    if self._feed is not None:
+      self._feed.prefetch(indices)
+
+  def feed(self, indices: Sequence[Any]):
+    """Yields `round_inputs` of each laid-out round in turn, prefetching the next one's
+    while the caller runs this one (host placement). Finish a round (block on its result)
+    before taking the next, or the device holds many rounds' data."""
+    return feed_rounds(self.round_inputs, self._feed and self._feed.prefetch, list(indices))
+
+  def require_device(self, what: str) -> None:
+    """One clear error when `what` needs the whole training set on the device."""
+    if self.placement != "device":
+      raise ValueError(f"{what} needs the whole training set on the device; this data has "
+                       f"placement={self.placement!r}: build it with federate(..., "
+                       f"placement=\"device\")")
 
   @property
   def client_indices(self) -> tuple[np.ndarray, ...]:
@@ -205,18 +251,25 @@ class FederatedData:
 
 
 def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None,
-             normalization: Normalization | None = None) -> FederatedData:
+             normalization: Normalization | None = None,
+             placement: str = "auto") -> FederatedData:
   """`FederatedData` from plain arrays.
 
   Args:
-    x: `[N, ...]` examples (NumPy or JAX; float images or int token ids, or uint8 images
-      with a `normalization`), put on the device as they are.
+    x: `[N, ...]` examples (NumPy, an `np.memmap`, or JAX; float images or int token ids, or
+      uint8 images with a `normalization`), put on the device as they are, or kept on the
+      host (`placement`).
     y: `[N]` integer labels in `[0, num_classes)`.
     clients: a `Partition` (from `make_partition`) or a sequence of per-client index arrays.
     num_classes: default `max(y) + 1`.
     normalization: what turns a batch of `x` into model inputs (`Dataset.normalization`);
       required for uint8 `x`.
+    placement: "device" (the whole set on the device), "host" (`x` and `y` stay on the host;
+      each round gathers its clients' examples, `placement.py`) or "auto" ("host" for an
+      `np.memmap` or a set over `HOST_FRACTION` of the device's free memory; "device" on the
+      CPU backend otherwise). The same results either way.
   """
+  where = resolve_placement(x, placement)
   y_host = np.asarray(y)
   if y_host.ndim != 1 or not np.issubdtype(y_host.dtype, np.integer):
     raise ValueError(f"y must be a vector of integer labels, got shape {y_host.shape} and "
@@ -241,8 +294,11 @@ def federate(x: Any, y: Any, clients: Any, num_classes: int | None = None,
       raise ValueError(f"client {c} has indices outside [0, {len(y_host)})")
   # Counted on these labels (a label flip changes them), whatever partition came in.
   partition = Partition.from_indices(indices, y_host, k)
+  if where == "host":  # a memmap stays one; a device array comes to the host
+    return FederatedData(x if isinstance(x, np.ndarray) else np.asarray(x),
+                         y_host.astype(np.int32), partition, k, normalization, "host")
   return FederatedData(jnp.asarray(x), jnp.asarray(y_host, jnp.int32), partition, k,
-                       normalization)
+                       normalization, "device")
 
 
 def flip_labels(

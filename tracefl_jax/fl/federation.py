@@ -32,6 +32,10 @@ of different sizes runs each client that many steps, not the steps of all T slot
 x more; docs/differentiable.md has the measurements). The packed strategies ("vmap",
 "chunked") run forward (jit, vmap, jvp) but their lane loop is a `while_loop`: reverse mode
 needs "scan". "loop" and "sharded" are not in-program strategies of one device program.
+
+Every round reads the training set inside the one program, so the whole set is on the
+device: data kept on the host (`federate(..., placement="host")`) is refused with an error
+naming `placement="device"` (so is `across_rounds`, which takes a federation).
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ class Federation:
     self.weighting = weighting or (hp.weighting if hp is not None else "examples")
     if int(rounds) < 1:
       raise ValueError(f"rounds={rounds} must be >= 1")
+    data.require_device("federation(...) (every round inside one program)")
     self.algorithm, self.fixed, self.data = algorithm, fixed, data
     self.rounds, self.clients_per_round = int(rounds), int(clients_per_round)
     self.always_sampled = tuple(always_sampled)

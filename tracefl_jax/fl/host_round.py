@@ -131,8 +131,9 @@ def make_host_round(program: Callable[..., tuple], client_update: ClientUpdate,
     rd, k = lay_out(data, client_ids, hp, pad), len(client_ids)
     steps = client_update.num_steps(rd.counts.astype(np.int64))
     lanes = round_lanes(strategy, steps, hp.clients_per_chunk, jax.device_count())
+    x, y, indices = data.round_inputs(rd.indices)  # host placement: this round's examples
     new, out, traced, metrics, executed, opt_state, *table = program(
-        state.variables, data.x, data.y, jax.device_put(rd.indices), jnp.asarray(rd.counts),
+        state.variables, x, y, jax.device_put(indices), jnp.asarray(rd.counts),
         jnp.asarray(rd.ids), key, jnp.asarray(rd.weights), lanes=lanes,
         normalization=data.normalization, opt_state=state.opt_state,
         table=state.client_state)

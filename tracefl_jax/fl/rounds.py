@@ -177,6 +177,11 @@ def run_rounds(
   (`nonfinite_clients`), the mean loss is over the finite ones, and a non-finite global
   model still stops the run.
 
+  Data on the host (`federate(..., placement="host")`): round t+1's clients are sampled
+  (the same draw: a function of (seed, t+1)) and their examples gathered and put on the
+  device in a background thread while round t runs (`FederatedData.prefetch`); an algorithm
+  without `hyperparameters` (its batch size) gathers each round when it starts.
+
   Raises:
     TrainingDivergedError: a client's training loss is not finite (unless
       `allow_nonfinite_clients`), the mean client loss
@@ -185,9 +190,15 @@ def run_rounds(
   root = jax.random.key(seed)
   loss_limit = divergence_factor * math.log(max(data.num_classes, 2))
   history: list[dict[str, Any]] = []
+  hp = algorithm.hyperparameters
+  prefetch = data.placement == "host" and hp is not None
   for r in range(state.round + 1, rounds + 1):
     t0 = time.perf_counter()
     clients = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
+    if prefetch and r < rounds:  # queued behind this round's own gather, if any
+      data.prefetch(data.round_slots(sample_clients(
+          seed, r + 1, data.num_clients, clients_per_round, always_sampled),
+          hp.batch_size).indices)
     state, out = algorithm.round(state, clients=clients, data=data, key=round_key(root, r))
     losses = np.asarray(out.clients.loss)
     finite = np.isfinite(losses)

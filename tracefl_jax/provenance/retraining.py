@@ -10,8 +10,10 @@ another data order (the noise floor).
 
 One round of all F federations is `vmap` of the algorithm's round program over a leading
 federation axis of (variables, round key, weights); x, y and the round's client indices are
-shared. Federations are run `federations_per_chunk` at a time when memory binds, and dealt to
-the devices of a 1-D mesh (the federation axis sharded) when there are several.
+shared (data on the host, `federate(..., placement="host")`: gathered per round, the next
+round's prefetched while this one runs, the same results). Federations are run
+`federations_per_chunk` at a time when memory binds, and dealt to the devices of a 1-D mesh
+(the federation axis sharded) when there are several.
 
 Any algorithm with a round program retrains: its aggregation rule (`robust`: a robust rule
 counts a client as present or absent, so only a mask's zeros matter to it), its client
@@ -243,7 +245,8 @@ def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, 
   if mesh is not None:
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
     state = jax.device_put(state, sharded)
-  for p in plan:
+  host = data.placement == "host"
+  for p, (x, y, indices) in zip(plan, data.feed([p["indices"] for p in plan])):
     keys = jnp.stack([round_key(root, p["round"]) for root in roots])
     weights = jnp.asarray(p["weights"][None, :] * masks.columns(p["client_ids"]))
     if mesh is not None:
@@ -251,8 +254,10 @@ def _run_chunk(algorithm, variables, data, masks, data_seeds, plan, batch_size, 
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
     step = _step_fn(algorithm.program, lanes, data.normalization, federation_strategy)
-    state = step(state, keys, weights, data.x, data.y, jax.device_put(p["indices"]),
+    state = step(state, keys, weights, x, y, jax.device_put(indices),
                  jnp.asarray(p["counts"]), jnp.asarray(p["client_ids"].astype(np.int32)))
+    if host:  # the next round's data is prefetched meanwhile; no more rounds queue up
+      jax.block_until_ready(state)
   return state[0]
 
 
@@ -269,20 +274,22 @@ def retrain_sequential(algorithm: Any, variables: Variables, data: FederatedData
   mask = _check_masks(np.asarray(mask)[None], data.num_clients)[0]  # a dense row [C]
   root = jax.random.key(seed if data_seed is None else int(data_seed))
   state, opt_state = dict(variables), algorithm.init(variables).opt_state
-  for p in round_plan(data, rounds=rounds, clients_per_round=clients_per_round, seed=seed,
-                      batch_size=batch_size, weighting=weighting,
-                      always_sampled=always_sampled):
+  plan = [p for p in round_plan(data, rounds=rounds, clients_per_round=clients_per_round,
+                                seed=seed, batch_size=batch_size, weighting=weighting,
+                                always_sampled=always_sampled)
+          if (p["weights"] * mask[p["client_ids"]]).sum() > 0]
+  for p, (x, y, indices) in zip(plan, data.feed([p["indices"] for p in plan])):
     weights = p["weights"] * mask[p["client_ids"]]
-    if weights.sum() <= 0:
-      continue
     steps = local_steps(p["counts"].astype(np.int64), batch_size, local_epochs)
     lanes = round_lanes(algorithm.strategy, steps, clients_per_chunk, 1)
-    out = algorithm.program(state, data.x, data.y, jax.device_put(p["indices"]),
+    out = algorithm.program(state, x, y, jax.device_put(indices),
                             jnp.asarray(p["counts"]),
                             jnp.asarray(p["client_ids"].astype(np.int32)),
                             round_key(root, p["round"]), jnp.asarray(weights), lanes=lanes,
                             normalization=data.normalization, opt_state=opt_state)
     state, opt_state = out[0], out[5]
+    if data.placement == "host":  # as `_run_chunk`: one round at a time on the device
+      jax.block_until_ready(state)
   return state
 
 
