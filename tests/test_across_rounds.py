@@ -1,7 +1,8 @@
 """Influence across rounds (issue 35, item 3): the score is the derivative of the federation's
 explained output along the removal path (finite differences, float64); for one round it is
 the last-round first-order score up to FedAvg's factor (W - w_k) / W, and with form="loo"
-equal to it; over several rounds it tracks exact retraining without the client."""
+equal to it; over several rounds it tracks exact retraining without the client. Forward mode
+(one JVP per sampled client) equals reverse mode (one cotangent per input)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tracefl_jax.fl.federation import federation
 from tracefl_jax.fl.rounds import federated_averaging, run_rounds
 from tracefl_jax.models import get_model
 from tracefl_jax.provenance import trace_clients
-from tracefl_jax.provenance.across_rounds import across_rounds
+from tracefl_jax.provenance.across_rounds import across_rounds, choose_mode
 from tracefl_jax.provenance.capture import explained
 
 SIZES = [9, 4, 13, 6, 11, 7]
@@ -73,6 +74,46 @@ def test_score_equals_finite_difference_of_the_removal_path(output):
     assert np.abs(res.scores).max() > 1e-3
     never = np.setdiff1d(np.arange(len(SIZES)), ids)
     assert np.all(res.scores[:, never] == 0)
+
+
+@pytest.mark.parametrize("form", ["tangent", "loo"])
+def test_forward_mode_equals_reverse_mode_float64(form):
+  """Several client chunks (the last padded with zero tangents) and input chunks with a
+  remainder; float64: equal to 1e-10 of the largest score."""
+  with jax.enable_x64(True):
+    model, variables, _, fed, plan, x, target = _setup(np.float64, f64=True)
+    key = jax.random.key(0)
+    run = lambda mode: across_rounds(  # noqa: E731
+        fed, model, variables, None, plan, key, x, target, output="margin", form=form,
+        mode=mode, inputs_per_chunk=4, clients_per_chunk=2)
+    fwd, rev = run("forward"), run("reverse")
+    assert (fwd.mode, rev.mode) == ("forward", "reverse")
+    assert fwd.per_round is None and rev.per_round.shape == (6, 3, K)
+    scale = np.abs(rev.scores).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(fwd.scores, rev.scores, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(fwd.outputs, rev.outputs, rtol=1e-12)
+
+
+def test_forward_mode_equals_reverse_mode_float32():
+  """float32 FedAvg: the two modes sum the same terms in another order (1e-4 of the
+  largest score)."""
+  model, variables, _, fed, plan, x, target = _setup(np.float32)
+  key = jax.random.key(0)
+  fwd = across_rounds(fed, model, variables, None, plan, key, x, target, form="loo",
+                      mode="forward")
+  rev = across_rounds(fed, model, variables, None, plan, key, x, target, form="loo",
+                      mode="reverse")
+  np.testing.assert_allclose(fwd.scores, rev.scores, atol=1e-4 * np.abs(rev.scores).max())
+
+
+def test_auto_mode_picks_the_fewer_lanes():
+  assert choose_mode("auto", 20, 100) == "forward"
+  assert choose_mode("auto", 100, 100) == "forward"
+  assert choose_mode("auto", 101, 100) == "reverse"
+  assert choose_mode("reverse", 2, 100) == "reverse"
+  with pytest.raises(ValueError, match="mode="):
+    choose_mode("backward", 2, 100)
 
 
 def test_one_round_equals_last_round_first_order():

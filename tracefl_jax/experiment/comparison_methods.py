@@ -176,7 +176,9 @@ def across_rounds(c, data, model, init, final, x, target,
   Form "loo" (each round's term the cotangent dotted with FedAvg's exact leave-one-out delta)
   where the server side is affine in the weighted mean (FedAvg's mean, no server optimizer
   or server SGD, DP-FedAvg's pre-noise mean); "tangent" (the weight-path derivative)
-  otherwise."""
+  otherwise. Mode "auto": forward (one JVP per sampled client) when the sampled clients are
+  no more than the inputs, else reverse (one cotangent per input); `info["mode"]` says
+  which ran. `info["seconds"]` includes the re-run that checks the reproduction."""
   info: dict[str, Any] = {}
   if not c.attribution.across_rounds:
     return None, {"skipped": "attribution.across_rounds=False"}
@@ -201,8 +203,10 @@ def across_rounds(c, data, model, init, final, x, target,
   affine = c.aggregation.rule == "mean" and c.server.optimizer in ("none", "sgd")
   form = "loo" if affine else "tangent"
   res = _across_rounds(fed, model, init, None, plan, key, x, target,
-                       output=c.provenance.output, form=form, inputs_per_chunk=INPUTS_PER_CHUNK)
-  info.update(form=form, seconds=time.perf_counter() - t0, inputs_per_chunk=INPUTS_PER_CHUNK)
+                       output=c.provenance.output, form=form, mode="auto",
+                       inputs_per_chunk=INPUTS_PER_CHUNK, clients_per_chunk=CLIENTS_PER_CHUNK)
+  info.update(form=form, mode=res.mode, seconds=time.perf_counter() - t0,
+              inputs_per_chunk=INPUTS_PER_CHUNK, clients_per_chunk=CLIENTS_PER_CHUNK)
   if not np.all(np.isfinite(res.scores)):
     return None, {**info, "skipped": "non-finite scores (a square root at 0 in reverse mode: "
                                      "a server optimizer's second moment?)"}
@@ -210,6 +214,7 @@ def across_rounds(c, data, model, init, final, x, target,
 
 
 INPUTS_PER_CHUNK = 25  # test inputs per reverse pass through the training
+CLIENTS_PER_CHUNK = 32  # forward mode: client tangents per pass through the training
 
 
 # Client values estimated from the LDS's subset federations: upper bounds that see retrained
