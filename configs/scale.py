@@ -30,17 +30,37 @@ no affordable size keeps every one of 10,000 clients; instead the data is partit
 more clients and the first 1,000 / 10,000 that survive the fix-up are kept
 (`partition.max_clients`), each with at least 32 examples.
 
+A million clients (issue 36 item 5; docs/scale.md):
+
+  python -m tracefl_jax --config=configs/scale.py:million --workdir=runs/million --sweep
+
+1,000,000 clients with log-normal sizes (sigma 1.5, at least 1 example, 24 on average:
+median 8, the largest about 11,000; `partition.method=heavy_tailed`), IID labels, no fix-up
+(its 32-example floor would drop most of them), FedAvg weighted by examples (the original's
+batch weighting gives every client under one batch weight 0), 1,000 and 10,000 clients per
+round, every round traced with TraceFL, the first-order score and the exact leave-one-out
+truth. The 24 M training images are `synthetic_structured` 8x8x1 stored as uint8 (1.5 GB;
+float32 would take 6 GB) and stay on the host (`dataset.placement=host`): each round gathers
+its clients' examples for the device.
+
 Presets:
-  (none)  the paper's grid (GPT, DBpedia).
-  cpu     the study above: 8 runs; 7 minutes on 2 CPU cores (docs/scale.md).
-  gpu     the same study (the one-command GPU benchmark, benchmarks/gpu.sh, runs it within
-          its time budget); runtime on one H200: not measured yet.
-  smoke   the same code paths at toy size (20/40 clients, 2 rounds): about 20 s on 2 cores.
+  (none)         the paper's grid (GPT, DBpedia).
+  cpu            the study above: 8 runs; 7 minutes on 2 CPU cores (docs/scale.md).
+  gpu            the same study (the one-command GPU benchmark, benchmarks/gpu.sh, runs it
+                 within its time budget); runtime on one H200: not measured yet.
+  smoke          the same code paths at toy size (20/40 clients, 2 rounds): about 20 s on 2
+                 cores.
+  million        a million clients, 1,000 and 10,000 per round (ROUNDS_MILLION rounds each).
+  million_gpu    the same for one GPU (benchmarks/gpu.py's million section).
+  million_smoke  the million presets' code paths at toy size (2,000 clients, 2 rounds).
 """
 
 from tracefl_jax.experiment.config import base_config
 
 STUDY = ("cpu", "gpu", "smoke")
+MILLION = ("million", "million_gpu", "million_smoke")
+ROUNDS_MILLION = 10
+MILLION_PER_CLIENT = 24  # training examples per client, on average (heavy-tailed)
 OVERSHOOT = 1.15     # partition over this many times the clients kept after the fix-up
 PER_CLIENT = 128     # training examples per client (partitioned), on average
 FLIP = ",".join(f"{k}:0" for k in range(1, 10))  # as configs/faulty.py, on 10 labels
@@ -56,7 +76,37 @@ def _clients_axis(totals: list[int]) -> dict:
   return {("num_clients", "partition.max_clients", "dataset.synthetic_size"): values}
 
 
+def _million_clients(preset: str) -> int:
+  return 2000 if preset == "million_smoke" else 1_000_000
+
+
+def million_config(preset: str):
+  """The million-client presets (module docstring)."""
+  c = base_config()
+  c.num_clients = _million_clients(preset)
+  c.clients_per_round = 1000 if preset != "million_smoke" else 20
+  c.rounds = 2 if preset == "million_smoke" else ROUNDS_MILLION
+  c.checkpoint.every = 0
+  c.provenance.store_rounds = "none"
+  c.model.name = "lenet"
+  c.dataset.name = "synthetic_structured"
+  c.dataset.synthetic_shape = "8,8,1"
+  c.dataset.synthetic_noise = 1.5
+  c.dataset.synthetic_pixels = "uint8"
+  c.dataset.synthetic_size = c.num_clients * MILLION_PER_CLIENT
+  c.client.learning_rate = 3e-3
+  c.aggregation.weighting = "examples"
+  c.partition.method = "heavy_tailed"
+  c.partition.sizes = "lognormal"
+  c.partition.size_spread = 1.5
+  c.partition.min_partition_size = 1
+  c.partition.fixup = False
+  return c
+
+
 def get_config(preset: str = ""):
+  if preset in MILLION:
+    return million_config(preset)
   c = base_config()
   c.rounds = 15
   c.checkpoint.every = 0
@@ -77,7 +127,8 @@ def get_config(preset: str = ""):
     c.clients_per_round = 10 if preset != "smoke" else 5
     return c
   if preset:
-    raise ValueError(f"unknown preset {preset!r}; valid: cpu, gpu, smoke, or none")
+    raise ValueError(f"unknown preset {preset!r}; valid: cpu, gpu, smoke, million, "
+                     f"million_gpu, million_smoke, or none")
   c.model.name = "openai_gpt"
   c.dataset.name = "dbpedia"
   c.client.optimizer = "adamw"
@@ -88,6 +139,8 @@ def get_config(preset: str = ""):
 
 
 def get_sweep(preset: str = ""):
+  if preset in MILLION:
+    return {"clients_per_round": [20, 100] if preset == "million_smoke" else [1000, 10000]}
   if preset not in STUDY:
     return {"num_clients": [200, 400, 600, 800, 1000], "clients_per_round": [10, 20, 30, 40, 50]}
   totals = _totals(preset)

@@ -8,6 +8,7 @@ holds the input's label).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -28,20 +29,27 @@ class Partition:
   def num_clients(self) -> int:
     return len(self.client_indices)
 
-  @property
+  @functools.cached_property
   def client_sizes(self) -> np.ndarray:
-    return np.array([len(ix) for ix in self.client_indices], np.int64)
+    """`[C]` example counts (computed once: a million clients' lengths take 0.1 s)."""
+    return np.fromiter(map(len, self.client_indices), np.int64, len(self.client_indices))
 
   @classmethod
   def from_indices(cls, parts: Sequence[Sequence[int]], labels: np.ndarray,
                    num_classes: int | None = None) -> Partition:
     """A partition from per-client index lists (integers in `[0, len(labels))`), its label
-    counts taken from `labels` (`[N]` integers in `[0, num_classes)`)."""
+    counts taken from `labels` (`[N]` integers in `[0, num_classes)`).
+
+    Vectorised over clients (a million clients' index arrays in about a second): the lists
+    are laid end to end once, checked and counted there, and each client's `int64` array is
+    a view of that one buffer (a copy: the caller's arrays are not aliased)."""
     labels, k = check_labels(labels, num_classes)
-    indices = tuple(_client_indices(p, c, len(labels)) for c, p in enumerate(parts))
-    counts = (np.stack([np.bincount(labels[ix], minlength=k) for ix in indices]) if indices
-              else np.zeros((0, k), np.int64))
-    return cls(indices, counts.astype(np.int64))
+    flat, sizes = _concatenate_indices(parts, len(labels))
+    owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    counts = np.bincount(owner * k + labels[flat], minlength=len(sizes) * k)
+    ends = np.cumsum(sizes).tolist()
+    indices = tuple(flat[start:end] for start, end in zip([0, *ends[:-1]], ends))
+    return cls(indices, counts.reshape(len(sizes), k).astype(np.int64))
 
 
 def _is_int(value: Any) -> bool:
@@ -86,6 +94,25 @@ def _client_indices(part: Any, client: int, n: int) -> np.ndarray:
     raise ValueError(f"client {client}'s indices span [{ix.min()}, {ix.max()}], outside the "
                      f"{n} examples' [0, {n})")
   return ix.astype(np.int64)
+
+
+def _concatenate_indices(parts: Sequence[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+  """`(flat int64 [sum of sizes], sizes [C])`: every client's indices end to end, checked as
+  `_client_indices` checks one client (the first offending client is named)."""
+  arrays = [np.asarray(p).reshape(-1) for p in parts]
+  sizes = np.fromiter(map(len, arrays), np.int64, len(arrays))
+  nonempty = [a for a in arrays if a.size]
+  kinds = {a.dtype for a in nonempty}
+  if any(not np.issubdtype(d, np.integer) or d == np.bool_ for d in kinds):
+    for c, a in enumerate(arrays):  # name the first offending client
+      _client_indices(a, c, n)
+  flat = (np.concatenate([a.astype(np.int64, copy=False) for a in nonempty]) if nonempty
+          else np.zeros(0, np.int64))
+  if flat.size and not 0 <= flat.min() <= flat.max() < n:
+    first = int(np.argmax((flat < 0) | (flat >= n)))
+    client = int(np.searchsorted(np.cumsum(sizes), first, side="right"))
+    _client_indices(arrays[client], client, n)
+  return flat, sizes
 
 
 def _make(parts: Sequence[Sequence[int]], labels: np.ndarray,

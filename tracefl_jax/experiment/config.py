@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from tracefl_jax.data.partition import PARTITION_METHODS
+from tracefl_jax.data.partition import PARTITION_METHODS, SIZE_DISTRIBUTIONS
+from tracefl_jax.data.structured import PIXELS
 from tracefl_jax.experiment import algorithm_checks, config_checks as checks
 from tracefl_jax.experiment.algorithm_checks import ALGORITHMS
 from tracefl_jax.experiment.config_checks import (CROSS, FREE, LOSSES, NON_NEGATIVE, POSITIVE,
@@ -82,6 +83,9 @@ FIELDS: dict[str, Field] = {
     "dataset.synthetic_noise": F(1.0, "synthetic: standard deviation of the Gaussian noise "
                                       "added to the class prototypes (larger is harder)",
                                  NON_NEGATIVE),
+    "dataset.synthetic_pixels": F("float32", "synthetic_structured: pixel storage (uint8: "
+                                             "quantised, a quarter of the memory)",
+                                  Choices(PIXELS)),
     "dataset.vocab_size": F(0, "text models without a tokenizer (synthetic_text): vocabulary "
                                "size (0: from the data)", CROSS),
     # --- partition
@@ -92,7 +96,12 @@ FIELDS: dict[str, Field] = {
     "partition.self_balancing": F(True, "dirichlet: stop giving a class to clients above the "
                                         "average size (flwr-datasets)", FREE),
     "partition.min_partition_size": F(0, "dirichlet: redraw until every client has this many "
-                                         "examples", NON_NEGATIVE),
+                                         "examples; heavy_tailed: each client's minimum",
+                                      NON_NEGATIVE),
+    "partition.sizes": F("zipf", "heavy_tailed: client sizes' distribution",
+                         Choices(SIZE_DISTRIBUTIONS)),
+    "partition.size_spread": F(1.0, "heavy_tailed: zipf's exponent or lognormal's sigma",
+                               Range(0, low_open=True)),
     "partition.classes_per_client": F(2, "pathological: labels per client", POSITIVE),
     "partition.shards_per_client": F(2, "shards: label-sorted shards per client", POSITIVE),
     "partition.fixup": F(True, "the original's per-client fix-up (spec section 4: drop rare "

@@ -65,9 +65,10 @@ def dataset_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   d = c.dataset
   shape = tuple(int(v) for v in str(d.synthetic_shape).split(",") if v)
   if d.name in ("synthetic", "synthetic_structured"):
+    pixels = {"pixels": d.synthetic_pixels} if d.name == "synthetic_structured" else {}
     return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
                 image_shape=shape, num_classes=d.synthetic_classes, seed=c.seed,
-                noise=d.synthetic_noise)
+                noise=d.synthetic_noise, **pixels)
   if d.name == "synthetic_text":
     return dict(num_train=d.synthetic_size, num_test=max(d.synthetic_size // 5, 100),
                 seq_len=shape[0], vocab_size=d.vocab_size or 100,
@@ -90,6 +91,9 @@ def partition(c: ml_collections.ConfigDict, labels: np.ndarray, num_classes: int
     options = dict(classes_per_client=p.classes_per_client)
   elif p.method == "shards":
     options = dict(shards_per_client=p.shards_per_client)
+  elif p.method == "heavy_tailed":
+    options = dict(distribution=p.sizes, exponent=p.size_spread, sigma=p.size_spread,
+                   min_size=p.min_partition_size)
   part = make_partition(labels, p.method, c.num_clients, c.seed, num_classes=num_classes,
                         **options)
   if p.fixup:
