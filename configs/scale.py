@@ -93,6 +93,7 @@ def million_config(preset: str):
   c.dataset.synthetic_shape = "8,8,1"
   c.dataset.synthetic_noise = 1.5
   c.dataset.synthetic_pixels = "uint8"
+  c.dataset.placement = "host"
   c.dataset.synthetic_size = c.num_clients * MILLION_PER_CLIENT
   c.client.learning_rate = 3e-3
   c.aggregation.weighting = "examples"

@@ -28,6 +28,7 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "dataset.num_test": [(-1, "dataset.num_test=-1 must be >= 0 (0: all)")],
     "dataset.tokenizer": [("/no/such/tokenizer", "dataset.tokenizer='/no/such/tokenizer' is "
                                                  "not an existing directory")],
+    "dataset.placement": [("disk", "dataset.placement='disk' is not one of auto, device")],
     "dataset.max_length": [(0, "dataset.max_length=0 must be >= 1")],
     "dataset.synthetic_size": [(0, "dataset.synthetic_size=0 must be >= 1")],
     "dataset.synthetic_shape": [("32,x", "dataset.synthetic_shape='32,x' must be positive "

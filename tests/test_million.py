@@ -133,6 +133,15 @@ def test_heavy_tailed_sizes_come_from_the_config():
   assert not np.array_equal(np.sort(zipf), np.sort(sizes))
 
 
+def test_load_data_keeps_the_million_presets_data_on_the_host():
+  c = _scale().get_config("million_smoke")
+  data = stages.load_data(c).data
+  assert data.placement == "host" and isinstance(data.x, np.ndarray)
+  assert data.x.dtype == np.uint8 and data.num_clients == c.num_clients
+  c.dataset.placement = "device"
+  assert stages.load_data(c).data.placement == "device"
+
+
 def test_million_presets():
   scale = _scale()
   for preset in ("million", "million_gpu", "million_smoke"):
@@ -140,7 +149,7 @@ def test_million_presets():
     validate(c)
     assert (c.partition.method, c.partition.fixup, c.aggregation.weighting) == (
         "heavy_tailed", False, "examples")
-    assert c.dataset.synthetic_pixels == "uint8"
+    assert (c.dataset.synthetic_pixels, c.dataset.placement) == ("uint8", "host")
     assert c.provenance.counterfactual and c.provenance.score == "tracefl"  # + first-order
   c = scale.get_config("million")
   assert c.num_clients == 1_000_000 and c.dataset.synthetic_size == 24_000_000
@@ -158,6 +167,8 @@ def test_million_smoke_runs_through_the_sweep(tmp_path):
   assert prov["rounds_traced"] == 2 and prov["counterfactual_top1"] is not None
   assert prov["first_order_counterfactual_top1"] is not None
   assert row["memory"]["peak_rss_bytes"] > 0
+  assert json.loads((tmp_path / row["run"] / "config.json").read_text())["dataset"][
+      "placement"] == "host"
   with open(tmp_path / "results.csv", encoding="utf-8") as f:
     (line,) = list(csv.DictReader(f))
   assert line["cf_weight_aware_top1"] not in ("", None)

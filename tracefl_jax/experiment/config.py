@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from tracefl_jax.data.partition import PARTITION_METHODS, SIZE_DISTRIBUTIONS
+from tracefl_jax.data.placement import PLACEMENTS
 from tracefl_jax.data.structured import PIXELS
 from tracefl_jax.experiment import algorithm_checks, config_checks as checks
 from tracefl_jax.experiment.algorithm_checks import ALGORITHMS
@@ -70,6 +71,9 @@ FIELDS: dict[str, Field] = {
                           FREE),
     "dataset.num_train": F(0, "keep the first num_train training examples (0: all)", ZERO_ALL),
     "dataset.num_test": F(0, "keep the first num_test test examples (0: all)", ZERO_ALL),
+    "dataset.placement": F("auto", "where the training set lives: device, host (each round "
+                                   "gathers its clients' examples) or auto (federate's rule)",
+                           Choices(PLACEMENTS)),
     "dataset.tokenizer": F(None, "text datasets: a local Hugging Face tokenizer directory",
                            CROSS),
     "dataset.max_length": F(128, "text datasets: tokens per example (truncated and padded)",
