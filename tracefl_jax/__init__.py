@@ -15,17 +15,20 @@ from tracefl_jax.data.partition import Partition, fixup_partition, make_partitio
 from tracefl_jax.models import ModelDef, get_model, make_model
 from tracefl_jax.models.layers import canonical_conv
 # The algorithm: pieces (objective, rule, DP, server optimizer, client state) and assembly;
-# the algorithms with memory (SCAFFOLD, FedDyn, FedNova, adaptive-clipping DP-FedAvg).
+# the algorithms with memory (SCAFFOLD, FedDyn, FedNova, Ditto, q-FFL, adaptive-clipping
+# DP-FedAvg).
 from tracefl_jax.fl.adaptive_clipping import AdaptiveClipping, ClipState, adaptive_dp_fedavg
 from tracefl_jax.fl.aggregation import client_weights, fedavg
 from tracefl_jax.fl.algorithm import (FederatedAlgorithm, federated_averaging,
                                       leave_one_out_variables)
 from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
+from tracefl_jax.fl.ditto import ditto, ditto_state, personal_accuracy, personal_variables
 from tracefl_jax.fl.feddyn import FedDynState, feddyn, feddyn_loss, feddyn_server, feddyn_state
 from tracefl_jax.fl.host_round import RoundOutput
 from tracefl_jax.fl.hyperparameters import Hyperparameters
 from tracefl_jax.fl.losses import cross_entropy, fedprox
 from tracefl_jax.fl.privacy import DPSettings, dp_fedavg
+from tracefl_jax.fl.qffl import qffl
 from tracefl_jax.fl.robust import AggregationRule, krum, median, trimmed_mean, weighted_mean
 from tracefl_jax.fl.scaffold import fednova, scaffold, scaffold_loss, scaffold_state
 from tracefl_jax.fl.server import (ServerState, load_server_state, save_server_state,
@@ -75,6 +78,8 @@ __all__ = [
     "canonical_conv",
     "client_weights",
     "cross_entropy",
+    "ditto",
+    "ditto_state",
     "dp_fedavg",
     "fedavg",
     "feddyn",
@@ -95,7 +100,10 @@ __all__ = [
     "make_model",
     "make_partition",
     "median",
+    "personal_accuracy",
+    "personal_variables",
     "provenance_callback",
+    "qffl",
     "round_key",
     "run_rounds",
     "sample_clients",

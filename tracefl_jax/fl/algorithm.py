@@ -44,6 +44,7 @@ from tracefl_jax.fl.host_round import RoundOutput, make_host_round
 from tracefl_jax.fl.hyperparameters import Hyperparameters, learning_rate
 from tracefl_jax.fl.losses import LossFn
 from tracefl_jax.fl.privacy import DPSettings
+from tracefl_jax.fl.qffl import reads_start_loss
 from tracefl_jax.fl.robust import AggregationRule
 from tracefl_jax.fl.round_program import (make_aggregate, make_loop_program, make_round_program,
                                           make_server_update)
@@ -127,7 +128,8 @@ def federated_averaging(
       (`init(variables, num_clients=C)`); strategies vmap, chunked and scan.
 
   A rule that declares `num_steps`, `num_examples` or `losses` keyword parameters gets the
-  round's `[K]` values (FedNova, q-FFL: `robust.CLIENT_INFO`).
+  round's `[K]` values (FedNova: `robust.CLIENT_INFO`); one that declares `start_loss` gets
+  each client's objective at G_{t-1}, computed for it alone (q-FFL: `qffl.start_losses`).
   """
   check_local_training(batch_size, local_epochs)
   _check_pieces(optimizer, weighting, batch_size, dp, aggregator, server_optimizer)
@@ -145,12 +147,13 @@ def federated_averaging(
   keep_previous = server_optimizer is not None or on_updates
   aggregate = make_aggregate(aggregator, server_optimizer, dp)
   server_update = make_server_update(aggregate)
+  start_loss = reads_start_loss(aggregator)  # q-FFL: the clients' loss at G_{t-1}
   program = None if strategy == "loop" else make_round_program(
       client_update, aggregate, strategy=strategy, clients_per_chunk=clients_per_chunk,
-      client_state=client_state, donate=donate and not keep_previous)
+      client_state=client_state, donate=donate and not keep_previous, start_loss=start_loss)
   round_ = make_host_round(
-      program or make_loop_program(client_update, aggregate), client_update, server_update,
-      hp, strategy=strategy, keep_previous=keep_previous,
+      program or make_loop_program(client_update, aggregate, start_loss), client_update,
+      server_update, hp, strategy=strategy, keep_previous=keep_previous,
       needs_opt_state=server_optimizer is not None, client_state=client_state,
       description=describe_server(aggregator, server_optimizer, dp))
 

@@ -45,7 +45,10 @@ import optax
 
 from tracefl_jax.fl.local_loop import (DEFAULT_LOCAL_LOOP, LOCAL_LOOPS, check_local_loop,
                                        remat_client, run_steps)
-from tracefl_jax.fl.losses import LossFn, cross_entropy, masked_cross_entropy
+from tracefl_jax.fl.losses import (LossFn, check_loss_output, cross_entropy, declares_client,
+                                  masked_cross_entropy)
+# The local optimizer by name lives in optimizers.py; imported from here too.
+from tracefl_jax.fl.optimizers import OPTIMIZERS, make_optimizer  # noqa: F401
 from tracefl_jax.models.base import ModelDef, Variables
 
 __all__ = ["ClientOutput", "ClientUpdate", "LOCAL_LOOPS", "LocalState", "local_steps",
@@ -58,6 +61,8 @@ class ClientOutput(NamedTuple):
   loss: jax.Array            # mean training loss over its real examples and epochs
   num_examples: jax.Array    # int32, its real example count
   num_steps: jax.Array       # int32, optimizer steps actually taken
+  start_loss: jax.Array | None = None  # float32 F_k(G_{t-1}): its objective at the round's
+                                       # start model, only for rules that read it (q-FFL)
 
 
 class LocalState(NamedTuple):
@@ -128,6 +133,7 @@ class ClientUpdate:
     self.compute_dtype = compute_dtype
     self.loss_fn = cross_entropy if loss_fn is None else loss_fn
     objective = self.loss_fn
+    takes_client = declares_client(objective)
 
     def loss(params, model_state, xb, yb, mb, rng, global_params, client=None):
       if compute_dtype != jnp.float32:
@@ -136,8 +142,8 @@ class ClientUpdate:
           xb = xb.astype(compute_dtype)
       # ModelDef.apply hands `mask` on only to modules whose __call__ takes it (opt-in
       # masked batch statistics); standard modules never see it.
-      # A stateful objective (client state, `fl.client_state`) also gets `client=`.
-      extra = {} if client is None else {"client": client}
+      # An objective that declares `client` gets the client's state (`fl.client_state`).
+      extra = {"client": client} if client is not None and takes_client else {}
       out = objective(model, {"params": params, **model_state}, xb, yb, mb, rng,
                       global_params, **extra)
       check_loss_output(out, objective)
@@ -270,19 +276,21 @@ class ClientUpdate:
   def train(self, variables: Variables, x: jax.Array, y: jax.Array, batches: jax.Array,
             step_keys: jax.Array, offsets: jax.Array, client: jax.Array, count: jax.Array,
             normalization: Any = None, context: Any = None,
-            max_steps: int | None = None) -> ClientOutput:
+            max_steps: int | None = None, anchor: Any = None) -> ClientOutput:
     """Client `client`'s local training from a laid-out round (`batches [E, T]`,
     `step_keys [K, E]`, `offsets [K]`, as `batch` reads them): exactly its own steps.
     `context`: its `client_state.ClientContext` for a stateful objective, or None.
+    `anchor`: the params the objective sees as `global_params` (default `variables`'; Ditto's
+    personal model starts elsewhere than G but is anchored at G).
     `max_steps` (static): a cap on the client's steps for the scanned loop (`local_loop`);
     default the steps of all T slots, `num_steps(T)`."""
     bound = self.num_steps(batches.shape[1]) if max_steps is None else int(max_steps)
 
-    def run(variables, x, y, batches, step_keys, offsets, client, count, context):
+    def run(variables, x, y, batches, step_keys, offsets, client, count, context, anchor):
       def step(t, state):
         return self.step(state, x, y,
                          *self.batch(batches, step_keys, offsets, client, count, t),
-                         normalization, variables["params"], context)
+                         normalization, anchor, context)
 
       # "while": the trip count is the client's own step count, nothing runs for padding
       # (under vmap a batched trip count runs to the largest and masks; strategies.py packs
@@ -291,25 +299,10 @@ class ClientUpdate:
                         self.local_loop)
       return self.finish(state, count)
 
+    anchor = variables["params"] if anchor is None else anchor
     return remat_client(run, self.local_loop)(variables, x, y, batches, step_keys, offsets,
-                                              client, jnp.asarray(count, jnp.int32), context)
-
-
-def check_loss_output(out: Any, objective: Any) -> None:
-  """At trace time (once, before the round compiles): the objective returned
-  `(scalar loss, model_state)`."""
-  name = getattr(objective, "__name__", type(objective).__name__)
-  if not (isinstance(out, tuple) and len(out) == 2):
-    what = (f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape")
-            else type(out).__name__)
-    raise TypeError(
-        f"loss_fn {name} returned {what}; a client objective returns (loss, model_state): "
-        f"the scalar loss and model.apply's updated collections, e.g. `logits, state = "
-        f"model.apply(variables, x, train=True, rng=rng, mask=mask); return loss, state` "
-        f"(see tracefl_jax.fl.losses)")
-  if jnp.shape(out[0]) != ():
-    raise TypeError(f"loss_fn {name} returned a loss of shape {jnp.shape(out[0])}; the loss "
-                    f"must be a scalar (reduce over the batch with the mask)")
+                                              client, jnp.asarray(count, jnp.int32), context,
+                                              anchor)
 
 
 def _rows_as_slots(indices: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -345,18 +338,3 @@ def make_client_update(
   """
   return ClientUpdate(model, optimizer, batch_size, local_epochs, compute_dtype, loss_fn,
                       local_loop)
-
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-
-
-def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> optax.GradientTransformation:
-  """The local optimizer by name: "sgd", "adam" (CNN clients in the paper) or "adamw" (text)."""
-  if name == "sgd":
-    return optax.sgd(learning_rate, momentum=momentum or None)
-  if name == "adam":
-    return optax.adam(learning_rate)
-  if name == "adamw":
-    return optax.adamw(learning_rate, weight_decay=weight_decay)
-  raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

@@ -147,7 +147,8 @@ def make_host_round(program: Callable[..., tuple], client_update: ClientUpdate,
       # One function object for every round: a jitted consumer compiles once.
       reaggregate = jax.tree_util.Partial(reaggregate_fn, base.variables, out.variables, key,
                                           base.opt_state,
-                                          (out.loss, out.num_examples, out.num_steps))
+                                          (out.loss, out.num_examples, out.num_steps,
+                                           out.start_loss))
     return (ServerState(new, state.round + 1, opt_state,
                         table[0] if table else state.client_state),
             RoundOutput(new, out, client_ids, weights, traced, metrics,

@@ -21,7 +21,9 @@ output). The client's reported `loss` is the mean of this value over its real ex
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,3 +71,31 @@ def fedprox(mu: float, base: LossFn = cross_entropy) -> LossFn:
     value, state = base(model, variables, x, y, mask, rng, global_params)
     return value + 0.5 * mu * proximal_term(variables["params"], global_params), state
   return loss
+
+
+def declares_client(objective: Any) -> bool:
+  """Whether an objective takes `client=` (a per-client state's `ClientContext`): a parameter
+  of that name, or `**kwargs`."""
+  try:
+    params = inspect.signature(objective).parameters
+  except (TypeError, ValueError):
+    return False
+  return "client" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                   for p in params.values())
+
+
+def check_loss_output(out: Any, objective: Any) -> None:
+  """At trace time (once, before the round compiles): the objective returned
+  `(scalar loss, model_state)`."""
+  name = getattr(objective, "__name__", type(objective).__name__)
+  if not (isinstance(out, tuple) and len(out) == 2):
+    what = (f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape")
+            else type(out).__name__)
+    raise TypeError(
+        f"loss_fn {name} returned {what}; a client objective returns (loss, model_state): "
+        f"the scalar loss and model.apply's updated collections, e.g. `logits, state = "
+        f"model.apply(variables, x, train=True, rng=rng, mask=mask); return loss, state` "
+        f"(see tracefl_jax.fl.losses)")
+  if jnp.shape(out[0]) != ():
+    raise TypeError(f"loss_fn {name} returned a loss of shape {jnp.shape(out[0])}; the loss "
+                    f"must be a scalar (reduce over the batch with the mask)")

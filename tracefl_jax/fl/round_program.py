@@ -15,6 +15,7 @@ clients, traced, metrics, steps_executed, opt_state[, table])`, so federations v
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tracefl_jax.fl import client_state as cstate
-from tracefl_jax.fl import privacy
+from tracefl_jax.fl import privacy, qffl
 from tracefl_jax.fl.client import ClientOutput, ClientUpdate
 from tracefl_jax.fl.privacy import DPSettings
 from tracefl_jax.fl.robust import aggregate_models
@@ -52,6 +53,8 @@ def make_aggregate(aggregator, server_optimizer, dp: DPSettings | None) -> Aggre
     if dp is None:
       info = None if out.num_steps is None else {
           "num_steps": out.num_steps, "num_examples": out.num_examples, "losses": out.loss}
+      if info is not None and out.start_loss is not None:
+        info["start_loss"] = out.start_loss
       agg = aggregate_models(aggregator, out.variables, weights, previous, info)
       clean, metrics = agg, {}
     else:
@@ -71,7 +74,7 @@ def make_aggregate(aggregator, server_optimizer, dp: DPSettings | None) -> Aggre
 def make_server_update(aggregate: Aggregate) -> Callable[..., tuple[Variables, OptState]]:
   """Jitted `server_update(G_{t-1}, client_variables [K, ...], weights [K], key,
   opt_state=None, client_info=None) -> (G_t, opt_state)`; `client_info` is the clients'
-  `(losses, num_examples, num_steps)` `[K]`, for rules that read them."""
+  `(losses, num_examples, num_steps[, start_loss])` `[K]`, for rules that read them."""
 
   def server_update(variables, client_variables, weights, key, opt_state=None,
                     client_info=None):
@@ -84,10 +87,11 @@ def make_server_update(aggregate: Aggregate) -> Callable[..., tuple[Variables, O
 
 def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, strategy: str,
                        clients_per_chunk: int, client_state: cstate.ClientStatePiece | None,
-                       donate: bool) -> Callable[..., tuple]:
+                       donate: bool, start_loss: bool = False) -> Callable[..., tuple]:
   """The jitted round program of an in-program strategy (module docstring); with a
   `client_state` it takes the table and returns the new one as a seventh value. `max_steps`
-  (static, "scan" only) caps each client's scanned local loop (`strategies`)."""
+  (static, "scan" only) caps each client's scanned local loop (`strategies`). `start_loss`:
+  the clients' objective at G_{t-1} (`qffl.start_losses`) is computed for the rule."""
 
   def program(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
               normalization=None, opt_state=None, table=None, max_steps=None):
@@ -98,10 +102,16 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
         client_update, variables, x, y, indices, counts, keys, strategy=strategy,
         clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization,
         contexts=contexts, max_steps=max_steps)
+    if start_loss:
+      out = out._replace(start_loss=qffl.start_losses(
+          client_update, variables, x, y, indices, counts, keys, normalization=normalization,
+          one_at_a_time=strategy == "scan"))
     side = aggregate(out, weights, variables, key, opt_state)
     result = side.variables, out, side.traced, side.metrics, executed, side.opt_state
     if client_state is None:
       return result
+    contexts = cstate.run_local(client_state, client_update, variables, x, y, indices, counts,
+                                keys, contexts, normalization)
     return (*result, cstate.scatter(client_state, table, contexts, variables["params"],
                                     out.variables["params"], out.num_steps, weights))
 
@@ -109,11 +119,14 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
                  static_argnames=("lanes", "normalization", "max_steps"))
 
 
-def make_loop_program(client_update: ClientUpdate, aggregate: Aggregate) -> Callable[..., tuple]:
+def make_loop_program(client_update: ClientUpdate, aggregate: Aggregate,
+                      start_loss: bool = False) -> Callable[..., tuple]:
   """The "loop" strategy's round: clients dispatched one by one from the host (each its own
   jitted program), then the jitted server side; the round program's arguments and results."""
   aggregate_jit = jax.jit(aggregate)
   keys_fn = jax.jit(fold_client_keys)
+  losses_jit = jax.jit(functools.partial(qffl.start_losses, client_update),
+                       static_argnames="normalization")
 
   def execute(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
               normalization=None, opt_state=None, table=None):
@@ -121,6 +134,10 @@ def make_loop_program(client_update: ClientUpdate, aggregate: Aggregate) -> Call
     out, executed = simulate_clients_with_steps(
         client_update, variables, x, y, indices, counts, keys_fn(key, client_ids),
         strategy="loop", normalization=normalization)
+    if start_loss:
+      out = out._replace(start_loss=losses_jit(variables, x, y, indices, counts,
+                                               keys_fn(key, client_ids),
+                                               normalization=normalization))
     side = aggregate_jit(out, weights, variables, key, opt_state)
     return side.variables, out, side.traced, side.metrics, executed, side.opt_state
 

@@ -177,8 +177,8 @@ def _target(model: ModelDef, k: int, shapes: dict[str, Any]) -> dict[str, Any]:
     leaf = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
     if top in ("weights", "key"):
       out[top] = leaf
-    elif top == "opt_state":
-      out.setdefault("opt_state", {})[rest] = leaf
+    elif top in ("opt_state", "client_info"):
+      out.setdefault(top, {})[rest] = leaf
     elif top == "previous":
       out["previous"] = out["global"]
   return out

@@ -6,7 +6,9 @@ leave-one-client-out truth from the round's own removal of each client (`removal
 What removing a client needs beyond the client models (`RoundOutput.reaggregate`'s
 arguments): G_{t-1} where the rule reads it (a rule over updates, a server optimizer;
 otherwise it is G_t's object and is not stored twice), the server optimizer's state before
-the round (its leaves; the algorithm gives their structure back) and the round's key.
+the round (its leaves; the algorithm gives their structure back), the round's key, and the
+clients' `[K]` values a rule may read (`client_info`: losses, example and step counts, q-FFL's
+start losses).
 """
 
 from __future__ import annotations
@@ -109,8 +111,13 @@ def server_arrays(output: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   models (nothing for FedAvg's mean and for DP, whose removal is the closed form)."""
   if output.reaggregate is None or output.closed_form_exact:
     return {}, {}
-  previous, _, key, opt_state = output.reaggregate.args[:4]  # then client_info, if any
+  previous, _, key, opt_state, *rest = output.reaggregate.args
   arrays: dict[str, Any] = {}
+  # The clients' [K] values a rule may read (FedNova's steps, q-FFL's start losses).
+  info_arrays = dict(zip(CLIENT_INFO, rest[0])) if rest and rest[0] is not None else {}
+  info_arrays = {k: v for k, v in info_arrays.items() if v is not None}
+  if info_arrays:
+    arrays["client_info"] = info_arrays
   info: dict[str, Any] = {"previous": previous is not output.variables}
   if info["previous"]:
     arrays["previous"] = previous
@@ -124,13 +131,17 @@ def server_arrays(output: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   return arrays, info
 
 
+# `RoundOutput.reaggregate`'s client_info, in its order (`host_round`).
+CLIENT_INFO = ("losses", "num_examples", "num_steps", "start_loss")
+
+
 class _ServerSide(NamedTuple):
   """`reaggregate`'s function: hashable and equal for one `server_update`, so a jitted
   consumer given rounds of one algorithm compiles once."""
   server_update: Any
 
-  def __call__(self, previous, client_vars, key, opt_state, weights):
-    return self.server_update(previous, client_vars, weights, key, opt_state)[0]
+  def __call__(self, previous, client_vars, key, opt_state, client_info, weights):
+    return self.server_update(previous, client_vars, weights, key, opt_state, client_info)[0]
 
 
 def _server_state_shape(algorithm: Any, previous: Any, stored: StoredRound) -> Any:
@@ -182,8 +193,11 @@ def rebuild_reaggregate(path: Path, stored: StoredRound, arrays: dict[str, Any],
   key = arrays["key"]
   if info["key"] != "raw":
     key = jax.random.wrap_key_data(key, impl=info["key"])
+  stored_info = arrays.get("client_info") or {}
+  client_info = (tuple(None if stored_info.get(n) is None else jnp.asarray(stored_info[n])
+                       for n in CLIENT_INFO) if stored_info else None)
   reaggregate = jax.tree_util.Partial(_ServerSide(algorithm.server_update), previous,
-                                      stored.client_vars, key, opt_state)
+                                      stored.client_vars, key, opt_state, client_info)
   again = reaggregate(jnp.asarray(stored.weights))
   for (name, a), b in zip(jax.tree_util.tree_flatten_with_path(again)[0],
                           jax.tree.leaves(stored.global_vars)):
