@@ -1,6 +1,7 @@
 """The algorithm fields' checks that involve other fields (`algorithm_errors`, which
 `config.validate` runs after each field's own rule): aggregation.rule's counts, `algorithm`
-against the pieces SCAFFOLD, FedDyn and FedNova fix themselves, and adaptive-clipping DP
+against the pieces SCAFFOLD, FedDyn, FedNova, q-FFL and Ditto fix themselves, and
+adaptive-clipping DP
 (`dp.adaptive`). One problem is one line naming the fields, the values and the fix.
 """
 
@@ -12,8 +13,8 @@ import ml_collections
 
 # `algorithm` (`stages.build_algorithm`): FedAvg's family is composed of client.loss,
 # aggregation.rule, server.optimizer and dp.*; the others are algorithms of their own.
-ALGORITHMS = ("fedavg", "scaffold", "feddyn", "fednova")
-STATEFUL = ("scaffold", "feddyn")  # a per-client state table (`fl.client_state`)
+ALGORITHMS = ("fedavg", "scaffold", "feddyn", "fednova", "qffl", "ditto")
+STATEFUL = ("scaffold", "feddyn", "ditto")  # a per-client state table (`fl.client_state`)
 
 
 def algorithm_errors(c: ml_collections.ConfigDict) -> list[str]:
@@ -48,17 +49,26 @@ def algorithm_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 
 _WHAT = {"scaffold": "option II's control variates assume", "feddyn": "gradient memory assumes",
-         "fednova": "step-count normalisation assumes"}
+         "fednova": "step-count normalisation assumes",
+         "qffl": "Lipschitz estimate L = 1 / client.learning_rate assumes"}
+# Fields of one algorithm: (its algorithm, default).
+_OWN = {"feddyn.alpha": ("feddyn", 0.1), "ditto.lam": ("ditto", 0.1),
+        "qffl.q": ("qffl", 1.0), "qffl.lipschitz": ("qffl", 0.0)}
 
 
 def _memory_errors(c: ml_collections.ConfigDict) -> list[str]:
   """`algorithm` against the pieces it fixes itself (client optimizer and objective, rule,
-  server step, DP, the client-axis strategy) and `feddyn.alpha`."""
+  server step, DP, the client-axis strategy) and the fields of one algorithm (`_OWN`)."""
   alg, cl, s = c.algorithm, c.client, c.server
   errors: list[str] = []
-  if alg != "feddyn" and c.feddyn.alpha != 0.1:
-    errors.append(f"feddyn.alpha={c.feddyn.alpha:g} is used by algorithm='feddyn' only "
-                  f"(algorithm is {alg!r}): leave it at 0.1 or set algorithm='feddyn'")
+  for name, (owner, default) in _OWN.items():
+    section, field = name.split(".")
+    if alg != owner and c[section][field] != default:
+      errors.append(f"{name}={c[section][field]:g} is used by algorithm={owner!r} only "
+                    f"(algorithm is {alg!r}): leave it at {default:g} or set "
+                    f"algorithm={owner!r}")
+  if alg == "ditto":
+    return errors + _stateful_errors(c)
   if alg not in _WHAT:  # fedavg, or a name its rule has refused
     return errors
   head = f"algorithm={alg!r}"
@@ -70,7 +80,8 @@ def _memory_errors(c: ml_collections.ConfigDict) -> list[str]:
   if alg in STATEFUL and cl.weight_decay != 0:
     errors.append(f"{sgd}: set client.weight_decay=0 (got {cl.weight_decay:g})")
   if c.aggregation.rule != "mean":
-    errors.append(f"{head} aggregates by its own mean: aggregation.rule must be 'mean', got "
+    own = "rule (q-FedAvg's step)" if alg == "qffl" else "mean"
+    errors.append(f"{head} aggregates by its own {own}: aggregation.rule must be 'mean', got "
                   f"{c.aggregation.rule!r} (robust rules: algorithm='fedavg')")
   if c.dp.enabled:
     errors.append(f"{head} cannot run with dp.enabled (DP-FedAvg clips and noises FedAvg's "
@@ -87,6 +98,15 @@ def _memory_errors(c: ml_collections.ConfigDict) -> list[str]:
   if alg == "feddyn" and s.optimizer != "none":
     errors.append(f"{head} has its own server step (h, the mean of the gradient memories): "
                   f"server.optimizer must be 'none', got {s.optimizer!r}")
+  return errors + _stateful_errors(c)
+
+
+def _stateful_errors(c: ml_collections.ConfigDict) -> list[str]:
+  """A per-client state table (SCAFFOLD, FedDyn, Ditto): DP, the strategy, the compare."""
+  head, errors = f"algorithm={c.algorithm!r}", []
+  if c.algorithm == "ditto" and c.dp.enabled:
+    errors.append(f"{head} cannot run with dp.enabled (DP-FedAvg has no per-client state): "
+                  f"set dp.enabled=False")
   if c.simulation.strategy in ("loop", "sharded"):
     errors.append(f"{head} keeps a per-client state table, which runs under "
                   f"simulation.strategy auto, vmap, chunked or scan, not "

@@ -130,12 +130,18 @@ FIELDS: dict[str, Field] = {
     # --- the algorithm: FedAvg's family from the pieces below, or one with memory
     "algorithm": F("fedavg", "federated algorithm: fedavg (its family: client.loss, "
                              "aggregation.rule, server.optimizer, dp.*), scaffold (Karimireddy "
-                             "et al. 2020), feddyn (Acar et al. 2021) or fednova (Wang et al. "
-                             "2020); the last three train with client.optimizer=sgd and their "
-                             "papers average uniformly (aggregation.weighting=uniform)",
+                             "et al. 2020), feddyn (Acar et al. 2021), fednova (Wang et al. "
+                             "2020), qffl (q-FedAvg, Li et al. 2020) or ditto (personal models, "
+                             "Li et al. 2021); all but ditto train with client.optimizer=sgd "
+                             "and their papers average uniformly (aggregation.weighting=uniform)",
                    Choices(ALGORITHMS)),
     "feddyn.alpha": F(0.1, "feddyn: the dynamic regulariser alpha of the client objective and "
                            "of the server's h", Range(0, low_open=True)),
+    "ditto.lam": F(0.1, "ditto: lam, the personal models' proximal pull to the global model",
+                   NON_NEGATIVE),
+    "qffl.q": F(1.0, "qffl: the fairness exponent q (0: FedAvg's mean)", NON_NEGATIVE),
+    "qffl.lipschitz": F(0.0, "qffl: the Lipschitz estimate L (0: 1 / client.learning_rate, "
+                             "the paper's)", NON_NEGATIVE),
     # --- client: local training and its objective
     "client.optimizer": F("adam", "local optimizer", Choices(OPTIMIZERS)),
     "client.learning_rate": F(1e-3, "local learning rate", Range(0, low_open=True)),

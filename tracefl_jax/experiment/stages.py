@@ -29,8 +29,10 @@ from tracefl_jax.experiment.config import typed
 from tracefl_jax.fl import losses, robust, server
 from tracefl_jax.fl.adaptive_clipping import AdaptiveClipping, adaptive_dp_fedavg
 from tracefl_jax.fl.client import make_optimizer
+from tracefl_jax.fl.ditto import ditto
 from tracefl_jax.fl.feddyn import feddyn
 from tracefl_jax.fl.privacy import DPSettings
+from tracefl_jax.fl.qffl import qffl
 from tracefl_jax.fl.rounds import FederatedAlgorithm, GlobalEvaluator, federated_averaging
 from tracefl_jax.fl.scaffold import fednova, scaffold
 from tracefl_jax.models import get_model
@@ -263,10 +265,13 @@ def client_loss(c: ml_collections.ConfigDict) -> losses.LossFn | None:
 
 def aggregation_rule(c: ml_collections.ConfigDict) -> robust.AggregationRule | None:
   """`aggregation.rule`: None for the mean (FedAvg), else the robust rule; FedNova's rule for
-  `algorithm='fednova'`."""
+  `algorithm='fednova'`, q-FedAvg's (`qffl.q`, L = `qffl.lipschitz` or 1 / the client
+  learning rate) for `algorithm='qffl'`."""
   a = c.aggregation
   if c.algorithm == "fednova":
     return fednova()
+  if c.algorithm == "qffl":
+    return qffl(c.qffl.q, c.qffl.lipschitz or 1.0 / c.client.learning_rate)
   if a.rule == "mean":
     return None
   return robust.make_rule(a.rule, trim_beta=a.trim_beta, num_byzantine=a.num_byzantine,
@@ -292,9 +297,10 @@ def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
                     data: DataStage, *, donate: bool = True) -> FederatedAlgorithm:
   """The config's `algorithm` with its client optimizer and simulation strategy: FedAvg (or
   fixed/adaptive-clipping DP-FedAvg) with its client objective, aggregation rule and server
-  optimizer (`algorithm_pieces`), FedNova's rule, or SCAFFOLD and FedDyn (their own SGD
-  clients, objective and server step; `algorithm_checks.algorithm_errors` refuses the pieces
-  they fix). Stateful ones are initialised with `init(variables, num_clients=C)`.
+  optimizer (`algorithm_pieces`), FedNova's or q-FFL's rule, Ditto (FedAvg's family plus
+  personal models), or SCAFFOLD and FedDyn (their own SGD clients, objective and server
+  step; `algorithm_checks.algorithm_errors` refuses the pieces they fix). Stateful ones are
+  initialised with `init(variables, num_clients=C)`.
   `donate`: G_{t-1}'s buffers go to the round (off where the initial variables are reused)."""
   del data  # what an algorithm may size itself by (clients, classes)
   c = config
@@ -312,6 +318,8 @@ def build_algorithm(config: ml_collections.ConfigDict, model: ModelStage,
   optimizer = make_optimizer(c.client.optimizer, c.client.learning_rate,
                              c.client.weight_decay, c.client.momentum)
   pieces = algorithm_pieces(c)
+  if c.algorithm == "ditto":  # personal models on the client optimizer, G as FedAvg's family
+    return ditto(model.model, optimizer, c.ditto.lam, donate=donate, **common, **pieces)
   adaptive = adaptive_clipping(c)
   if adaptive is not None:  # its own server side (mean rule, no server optimizer: checked)
     return adaptive_dp_fedavg(model.model, optimizer, adaptive, loss_fn=pieces["loss_fn"],
