@@ -34,6 +34,15 @@ is skipped with a row saying so):
                results.csv, scale.md and plots under <out>/scale/; cells left are rows saying
                so, and the rest of the study resumes with the sweep command in the config.
 
+  million      (not in the default run: `--sections=million`, its own command) the
+               million-client preset (configs/scale.py:million_gpu, issue 36 item 5;
+               :million_smoke in smoke mode): 1,000,000 heavy-tailed clients with the
+               training set on the host, 1,000 and 10,000 per round, every round traced;
+               one row per cell (seconds per round, provenance seconds per round, leave-one-
+               out top-1 of TraceFL and of the first-order score, host and device peaks),
+               the table under <out>/million/. Within 10 minutes: `bash benchmarks/gpu.sh
+               --sections=million --time-limit=540`.
+
 Every row is appended to `<out>/gpu.jsonl` with the device, versions and the device's memory
 stats (`peak_bytes`: peak bytes in use so far in this process, where the backend reports it;
 None on CPU); `<out>/gpu.md` gets this run's table. Exit status 1 if any check failed or a
@@ -68,9 +77,9 @@ SIZES = {
     "gpu": dict(image=28, check_image=28, round_ks=(100, 1000), samples=64, batch=32,
                 prov_ks=(10, 100), prov_inputs=20, big=(1000, 100), torch_pairs=2000,
                 repeats=5, time_limit=450, targets=True, scale_preset="gpu", scale_cells=None,
-                attribution_preset="gpu",
+                attribution_preset="gpu", million_preset="million_gpu", million_cells=None,
                 budgets=dict(correctness=100, round=140, provenance=130, reference=120,
-                             attribution=90, scale=80),
+                             attribution=90, scale=80, million=540),
                 reference=dict(round_models=("mlp", "cnn"), round_ks=(1000,), samples=20,
                                batch=10, epochs=2, image=28, prov_models=("mlp", "cnn"),
                                prov_ks=(1000, 10000), inputs=256, kernels="auto,grad,jvp",
@@ -79,10 +88,10 @@ SIZES = {
     "smoke": dict(image=8, check_image=8, round_ks=(4,), samples=8, batch=4,
                   prov_ks=(3,), prov_inputs=4, big=(12, 5), torch_pairs=24,
                   repeats=2, time_limit=900, targets=False, scale_preset="smoke", scale_cells=1,
-                  attribution_preset="smoke",
+                  attribution_preset="smoke", million_preset="million_smoke", million_cells=1,
                   # generous: a loaded CI machine runs every row rather than skipping
                   budgets=dict(correctness=300, round=150, provenance=150, reference=120,
-                               attribution=300, scale=300),
+                               attribution=300, scale=300, million=300),
                   # tiny: one MLP trace (a round's two compilations would add 10-15 s to
                   # the smoke test; bench_reference.py checks its rounds itself)
                   reference=dict(round_models=(), round_ks=(2,), samples=4, batch=4,
@@ -415,13 +424,45 @@ def provenance_section(report: Report, cfg: dict[str, Any], budget: Budget) -> N
 
 # ------------------------------------------------------------------------------------ scale
 
-def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
-  """configs/scale.py's study at the mode's preset, cells in order until the budget."""
+def _scale_config():
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("scale_config", ROOT / "configs" / "scale.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def million_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
+  """configs/scale.py's million-client preset (million_gpu; million_smoke in smoke mode):
+  its cells in order until the budget (smoke: the first), one row per cell, the table under
+  <out>/million/."""
+  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
+  module, preset = _scale_config(), cfg["million_preset"]
+  grid = [{k: [v] for k, v in point.items()}  # smoke mode: the first cell only
+          for point in sweep.expand_grid(module.get_sweep(preset))[:cfg["million_cells"]]]
+  rows = sweep.run_sweep(module.get_config(preset), grid, report.out / "million",
+                         progress=False, deadline=budget.end)
+  for r in rows:
+    prov, mem = r.get("provenance") or {}, r["memory"]
+    gb = lambda v: None if v is None else v / 2**30  # noqa: E731
+    report.write("million", f"{r['clients']:,} clients, K={r['clients_per_round']:,}", "ok",
+                 clients=r["clients"], K=r["clients_per_round"], rounds=r["rounds"],
+                 round_s=r["round_seconds"], first_round_s=r["first_round_seconds"],
+                 provenance_round_s=r["provenance_round_seconds"], seconds=r["seconds"],
+                 cf_top1=prov.get("counterfactual_top1"),
+                 first_order_cf_top1=prov.get("first_order_counterfactual_top1"),
+                 final_accuracy=r["final_accuracy"], host_peak_gb=gb(mem["peak_rss_bytes"]),
+                 device_peak_gb=gb(mem.get("device_peak_bytes")),
+                 summary=f"{r['round_seconds']:.2f} s/round + {r['provenance_round_seconds']:.2f}"
+                         f" s provenance, host peak {gb(mem['peak_rss_bytes']):.1f} GB")
+  for overrides in sweep.expand_grid(grid)[len(rows):]:
+    report.write("million", sweep.run_name(overrides), "skipped", summary="section budget spent")
+
+
+def scale_section(report: Report, cfg: dict[str, Any], budget: Budget) -> None:
+  """configs/scale.py's study at the mode's preset, cells in order until the budget."""
+  from tracefl_jax.experiment import sweep  # pylint: disable=g-import-not-at-top
+  module = _scale_config()
   preset = cfg["scale_preset"]
   # Each cell as a grid of its own; smoke mode runs the first only (tests/test_scale.py runs
   # the whole smoke study).
@@ -517,8 +558,9 @@ def _reference_rows(report, c, args, rng, budget):
 # ------------------------------------------------------------------------------------ main
 
 SECTIONS = ("correctness", "round", "provenance", "reference", "attribution", "scale")
+EXTRA_SECTIONS = ("million",)  # run only when named in --sections
 # Sections that run the experiment layer (configs, sweeps): they need its extra packages.
-EXPERIMENT_SECTIONS = ("attribution", "scale")
+EXPERIMENT_SECTIONS = ("attribution", "scale", "million")
 
 
 def _missing_experiment_packages() -> list[str]:
@@ -537,9 +579,10 @@ def main(argv: list[str] | None = None) -> int:
                  help="seconds for the whole run (0: 450 on GPU, 900 in smoke mode); a section "
                       "that would start past it is skipped, one running finishes its item")
   args = p.parse_args(argv)
-  unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
+  unknown = [s for s in args.sections.split(",") if s not in SECTIONS + EXTRA_SECTIONS]
   if unknown:
-    p.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    p.error(f"unknown section(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(SECTIONS + EXTRA_SECTIONS)}")
   mode = "smoke" if args.smoke else "gpu"
   cfg = SIZES[mode]
   report = Report(Path(args.out), mode)
@@ -548,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
   sections = {"correctness": correctness, "round": round_section,
               "provenance": provenance_section, "reference": reference_section,
-              "attribution": attribution_section, "scale": scale_section}
+              "attribution": attribution_section, "scale": scale_section,
+              "million": million_section}
   t_start = time.perf_counter()
   deadline = t_start + (args.time_limit or cfg["time_limit"])
   for name in args.sections.split(","):

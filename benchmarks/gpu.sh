@@ -4,7 +4,9 @@
 # (configs/scale.py:gpu); at most 8 minutes on one H100/H200. Rows go to
 # benchmarks/results/gpu.jsonl (appended) and benchmarks/results/gpu.md (this run's table);
 # the exit status is non-zero if a check failed. Extra arguments go to gpu.py
-# (--smoke --out=DIR: the same script at CPU size).
+# (--smoke --out=DIR: the same script at CPU size). The million-client preset
+# (configs/scale.py:million_gpu) is its own command, within 10 minutes:
+#   bash benchmarks/gpu.sh --sections=million --time-limit=540
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_gpu_script import _gpu_script
 from tracefl_jax.data.partition import Partition, check_labels
 from tracefl_jax.data.structured import _upsample, make_structured_images
 from tracefl_jax.experiment import stages, sweep
@@ -174,3 +175,10 @@ def test_million_smoke_runs_through_the_sweep(tmp_path):
   assert line["cf_weight_aware_top1"] not in ("", None)
   part = json.loads((tmp_path / row["run"] / "partition.json").read_text())
   assert len(part["label_counts"]) == 2000
+  # The GPU benchmark's million section runs the same cell in smoke mode (compiled already).
+  gpu = _gpu_script()
+  report = gpu.Report(tmp_path / "gpu", "smoke")
+  gpu.million_section(report, gpu.SIZES["smoke"], gpu.Budget(600))
+  (cell,) = [r for r in report.rows if r["section"] == "million"]
+  assert cell["status"] == "ok" and cell["final_accuracy"] == row["final_accuracy"]
+  assert cell["host_peak_gb"] > 0 and cell["first_order_cf_top1"] is not None
