@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.test_gpu_script import _gpu_script
-from tracefl_jax.data.partition import Partition, check_labels
+from tracefl_jax.data.partition import (Partition, check_labels, fixup_partition,
+                                        make_partition)
 from tracefl_jax.data.structured import _upsample, make_structured_images
 from tracefl_jax.experiment import stages, sweep
 from tracefl_jax.experiment.config import validate
@@ -70,6 +71,33 @@ def test_vectorised_partition_names_the_first_bad_client():
     Partition.from_indices([[0, 1], [3, 25], [-1]], labels)
   with pytest.raises(ValueError, match=r"client 2's indices span \[-1, -1\]"):
     Partition.from_indices([[0, 1], [], [-1]], labels)
+
+
+def _fixup_loop(part, labels, min_label_count, max_per_client, min_client_size):
+  """`fixup_partition` as the per-client loop it was before it was vectorised."""
+  kept = []
+  for ix in part.client_indices:
+    counts = np.bincount(labels[ix], minlength=part.label_counts.shape[1])
+    ix = ix[counts[labels[ix]] >= min_label_count][:max_per_client]
+    if len(ix) >= min_client_size:
+      kept.append(ix)
+  return kept
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vectorised_fixup_equals_the_loop(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 6, 3000).astype(np.int32)
+  part = make_partition(labels, "dirichlet", 40, seed, num_classes=6, alpha=0.3)
+  for args in [(10, 2048, 32), (3, 50, 5), (0, 1, 0), (10, 2048, 10**6)]:
+    got = fixup_partition(part, labels, min_label_count=args[0], max_per_client=args[1],
+                          min_client_size=args[2])
+    want = _fixup_loop(part, labels, *args)
+    assert got.num_clients == len(want)
+    for a, b in zip(got.client_indices, want):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.label_counts, Partition.from_indices(
+        want, labels, 6).label_counts)
 
 
 def test_partition_does_not_alias_the_callers_arrays():

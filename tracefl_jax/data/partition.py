@@ -44,7 +44,12 @@ class Partition:
     are laid end to end once, checked and counted there, and each client's `int64` array is
     a view of that one buffer (a copy: the caller's arrays are not aliased)."""
     labels, k = check_labels(labels, num_classes)
-    flat, sizes = _concatenate_indices(parts, len(labels))
+    return cls._from_flat(*_concatenate_indices(parts, len(labels)), labels, k)
+
+  @classmethod
+  def _from_flat(cls, flat: np.ndarray, sizes: np.ndarray, labels: np.ndarray,
+                 k: int) -> Partition:
+    """From checked int64 `flat` indices, client after client, `sizes [C]` long each."""
     owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
     counts = np.bincount(owner * k + labels[flat], minlength=len(sizes) * k)
     ends = np.cumsum(sizes).tolist()
@@ -304,13 +309,27 @@ def fixup_partition(partition: Partition, labels: np.ndarray, *, min_label_count
                            ("min_client_size", min_client_size, 0)):
     if not _is_int(value) or value < low:
       raise ValueError(f"{name}={value!r} must be an int >= {low}")
-  kept = []
-  for ix in partition.client_indices:
-    counts = np.bincount(labels[ix], minlength=partition.label_counts.shape[1])
-    ix = ix[counts[labels[ix]] >= min_label_count][:max_per_client]
-    if len(ix) >= min_client_size:
-      kept.append(ix)
-  return _make(kept, labels, partition.label_counts.shape[1])
+  # Vectorised over clients: every example tagged with its client, filtered, ranked
+  # within its client, counted.
+  k = partition.label_counts.shape[1]
+  flat, sizes = _concatenate_indices(partition.client_indices, len(labels))
+  owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+  cell = owner * k + labels[flat]  # (client, label) of every example
+  counts = np.bincount(cell, minlength=len(sizes) * k)
+  flat, owner = _keep(flat, owner, counts[cell] >= min_label_count)
+  del cell
+  held = np.bincount(owner, minlength=len(sizes))
+  starts = np.cumsum(held) - held  # each client's first kept example
+  flat, owner = _keep(flat, owner, np.arange(len(flat)) - starts[owner] < max_per_client)
+  sizes = np.bincount(owner, minlength=len(sizes))
+  kept = sizes >= min_client_size
+  flat, _ = _keep(flat, owner, kept[owner])
+  return Partition._from_flat(flat, sizes[kept], labels, k)  # pylint: disable=protected-access
+
+
+def _keep(flat: np.ndarray, owner: np.ndarray,
+          mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  return flat[mask], owner[mask]
 
 
 def make_partition(labels: np.ndarray, method: str, num_clients: int, seed: int,
