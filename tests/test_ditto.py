@@ -1,6 +1,6 @@
 """Ditto (fl/ditto.py, issue 34): the global model and every personal model against a plain
 NumPy per-client loop (float64) over three rounds, unsampled clients keep their personal
-models, per-client accuracy against a plain loop, and a personal model traced per client with
+models, G is FedAvg's bit for bit, per-client accuracy against a plain loop, and a personal model traced per client with
 TraceFL (`trace_clients` on `personal_variables`)."""
 
 from __future__ import annotations
@@ -91,6 +91,19 @@ def test_global_and_personal_models_match_a_per_client_loop(setup, strategy):
   assert out.aggregation == "mean"
   one = tfl.personal_variables(state, 2)["params"]["Dense_0"]
   np.testing.assert_array_equal(one["kernel"], table["kernel"][2])
+
+
+def test_the_global_model_is_fedavgs_bit_for_bit(setup):
+  """The personal step reads G and writes only the table: G_t is FedAvg's, exactly."""
+  model, data, variables, _ = setup
+  alg = _ditto(model)
+  fedavg = tfl.federated_averaging(model, optax.sgd(LR), batch_size=12, local_epochs=EPOCHS,
+                                   weighting="uniform")
+  state, plain = alg.init(variables, num_clients=4), fedavg.init(variables)
+  for r, clients in enumerate(SCHEDULE, 1):
+    state, _ = alg.round(state, clients, data, jax.random.key(r))
+    plain, _ = fedavg.round(plain, clients, data, jax.random.key(r))
+  jax.tree.map(np.testing.assert_array_equal, state.variables, plain.variables)
 
 
 def test_personal_accuracy_is_each_clients_own(setup):
