@@ -57,7 +57,8 @@ Rule = AggregationRule | Callable[[Stacked, jax.Array], PyTree]
 
 
 class FederatedAlgorithm(NamedTuple):
-  """`init(variables) -> ServerState`; `round(state, clients, data, key) -> (state, output)`.
+  """`init(variables, num_clients=None, placement="auto") -> ServerState`; `round(state,
+  clients, data, key) -> (state, output)`.
 
   `strategy` is the resolved client-axis strategy; `program` the jitted round program
   `(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
@@ -65,7 +66,8 @@ class FederatedAlgorithm(NamedTuple):
   steps_executed, opt_state)` (`lanes` and `normalization` static; `strategies.round_lanes`
   gives a round's lanes, `data.normalization` its normalization), None for the host-side
   "loop" strategy. With a per-client state it takes `table=` (`[C, ...]`) and returns the
-  new table as a seventh value.
+  new table as a seventh value, or, for a host table, `rows=` (`[K, ...]`), `shared=` and
+  `num_clients=` and returns `(new rows, new shared)` (`round_program.py`).
 
   `server_update(variables, client_variables, weights, key, opt_state=None) -> (G_t,
   opt_state)` is the round's server side as a pure function of G_{t-1}, the stacked client
@@ -125,7 +127,9 @@ def federated_averaging(
       G_t = the aggregate exactly.
     client_state: a per-client state (`client_state.ClientStatePiece`, e.g. SCAFFOLD's
       control variates): its `[C, ...]` table lives in `ServerState.client_state`
-      (`init(variables, num_clients=C)`); strategies vmap, chunked and scan.
+      (`init(variables, num_clients=C, placement="auto"|"device"|"host")`: the table on the
+      device, or on the host with only the round's rows on the device, `client_state.py`);
+      strategies vmap, chunked and scan.
 
   A rule that declares `num_steps`, `num_examples` or `losses` keyword parameters gets the
   round's `[K]` values (FedNova: `robust.CLIENT_INFO`); one that declares `start_loss` gets
@@ -157,12 +161,13 @@ def federated_averaging(
       needs_opt_state=server_optimizer is not None, client_state=client_state,
       description=describe_server(aggregator, server_optimizer, dp))
 
-  def init(variables: Variables, num_clients: int | None = None) -> ServerState:
+  def init(variables: Variables, num_clients: int | None = None,
+           placement: str = "auto") -> ServerState:
     state = init_server(variables, server_optimizer)
     if client_state is None:
       return state
     return state._replace(client_state=cstate.init_table(
-        client_state, dict(variables)["params"], num_clients))
+        client_state, dict(variables)["params"], num_clients, placement, dict(variables)))
 
   return FederatedAlgorithm(init, round_, strategy, program, server_update, aggregator,
                             server_optimizer, hp, optimizer)

@@ -19,8 +19,20 @@ FedDyn's gradients, Ditto's personal models) keep it in one table beside the glo
     table   = piece.server(table, ids, new rows [K, ...], weights [K])   default: scatter
 
 Clients not sampled keep their rows; nothing is copied into the client models, so aggregation,
-provenance and the stored round see the models alone. The table lives on the device with the
-round program (a host-resident table for very large C is not implemented yet).
+provenance and the stored round see the models alone.
+
+Where the table lives (`init_table(..., placement=)`, `algorithm.init(..., placement=)`):
+  "device"  a pytree of `[C, ...]` device arrays, an argument and a result of the round
+            program (gathered and scattered inside it);
+  "host"    a `HostTable`: the rows in host NumPy arrays, updated in place. The host gathers
+            the round's K rows, the program takes and returns `[K, ...]` rows only, the host
+            writes them back. The shared value is kept beside the rows (`HostTable.shared`)
+            and moved by `piece.shared_update` from the round's old and new rows, so the
+            program never sees the whole table (SCAFFOLD: c += (sum new - sum old) / C).
+  "auto"    "host" where the table's bytes exceed `HOST_FRACTION` of the device's free
+            memory, "device" otherwise: always on the CPU backend (its device memory is host
+            memory), inside a trace (`federation.py`), and for a piece that cannot keep its
+            shared value on the host (a `shared` without `shared_update`, or a `server`).
 """
 
 from __future__ import annotations
@@ -30,6 +42,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+PLACEMENTS = ("auto", "device", "host")
+# "auto" puts the table on the host when it would take more than this share of the device's
+# free memory: the round's client models, optimizer states and activations need the rest.
+HOST_FRACTION = 0.25
 
 
 class ClientContext(NamedTuple):
@@ -49,6 +67,7 @@ class ClientStatePiece(NamedTuple):
   shared:  `(table [C, ...], variables) -> value` every client of the round sees; None: none.
   server:  `(table [C, ...], ids [K], rows [K, ...], weights [K]) -> table`, the server's
            write of the round's rows; None: scatter them (`table.at[ids].set(rows)`).
+           Device tables only.
   local:   `(client: ClientContext, variables, train) -> row`, or None: after local training
            and before `finish` (which sees its result as `client.state`), work on the
            client's own data: `train(update, start_variables) -> ClientOutput` runs the
@@ -61,16 +80,90 @@ class ClientStatePiece(NamedTuple):
   shared: Callable[[Any, Any], Any] | None = None
   server: Callable[..., Any] | None = None
   local: Callable[..., Any] | None = None
+  shared_update: Callable[..., Any] | None = None
+  # `(shared, old_rows [K, ...], new_rows [K, ...], num_clients) -> shared`: the shared value
+  # after the round's rows changed, without the table (a host table needs it with `shared`).
 
 
-def init_table(piece: ClientStatePiece, params: Any, num_clients: int) -> Any:
-  """`[C, ...]` every client's initial row."""
+class HostTable(NamedTuple):
+  """A per-client table on the host (module docstring): `rows` a pytree of NumPy arrays, every
+  leaf `[C, ...]`, written in place by each round (the state a round started from shares
+  them); `shared` the piece's shared value as of these rows (device arrays), or None."""
+  rows: Any
+  shared: Any = None
+
+
+def table_rows(table: Any) -> Any:
+  """The `[C, ...]` rows of a device table or a `HostTable`."""
+  return table.rows if isinstance(table, HostTable) else table
+
+
+def host_ready(piece: ClientStatePiece) -> str | None:
+  """Why `piece`'s table cannot live on the host, or None."""
+  if piece.server is not None:
+    return "its `server` hook reads and writes the whole table"
+  if piece.shared is not None and piece.shared_update is None:
+    return "its shared value reads the whole table (give the piece a `shared_update`)"
+  return None
+
+
+def resolve_placement(piece: ClientStatePiece, row: Any, num_clients: int,
+                      placement: str) -> str:
+  """`placement` ("auto" | "device" | "host") resolved for a table of `num_clients` rows like
+  `row` (module docstring has the rule)."""
+  if not isinstance(placement, str) or placement not in PLACEMENTS:
+    raise ValueError(f"client-state placement={placement!r}; valid: "
+                     f"{', '.join(map(repr, PLACEMENTS))}")
+  why = host_ready(piece)
+  if placement == "host" and why:
+    raise ValueError(f"this client state cannot live on the host: {why}; use "
+                     f"placement='device'")
+  if placement != "auto":
+    return placement
+  leaves = jax.tree.leaves(row)
+  if why or jax.default_backend() == "cpu" or any(isinstance(a, jax.core.Tracer)
+                                                  for a in leaves):
+    return "device"
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return "device"
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  nbytes = num_clients * sum(np.size(a) * np.dtype(a.dtype).itemsize for a in leaves)
+  return "host" if nbytes > HOST_FRACTION * free else "device"
+
+
+def init_table(piece: ClientStatePiece, params: Any, num_clients: int,
+               placement: str = "auto", variables: Any = None) -> Any:
+  """Every client's initial row: a `[C, ...]` device table, or a `HostTable` (`placement`,
+  module docstring); `variables` (G_0) for the host table's first shared value."""
   if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
     raise ValueError(f"a per-client state needs num_clients (a positive int, the "
                      f"federation's C): algorithm.init(variables, num_clients=C), got "
                      f"{num_clients!r}")
   row = piece.init(params)
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *jnp.shape(a))), row)
+  if resolve_placement(piece, row, num_clients, placement) == "device":
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *jnp.shape(a))), row)
+  rows = jax.tree.map(lambda a: np.tile(np.asarray(a)[None], (num_clients,) + (1,) * np.ndim(a)),
+                      row)
+  # Every row is the same: the shared value of the table is the piece's over one row of it.
+  shared = None if piece.shared is None else piece.shared(
+      jax.tree.map(lambda a: jnp.asarray(a)[None], row),
+      {"params": params} if variables is None else variables)
+  return HostTable(rows, shared)
+
+
+def host_rows(table: HostTable, ids: np.ndarray) -> tuple[Any, Any]:
+  """A host table's round rows `[K, ...]` of `ids [K]` on the device, and its shared value."""
+  return jax.device_put(jax.tree.map(lambda a: a[ids], table.rows)), table.shared
+
+
+def write_host_rows(table: HostTable, ids: np.ndarray, rows: Any, shared: Any) -> HostTable:
+  """`table` with the round's new rows `[K, ...]` written into its NumPy rows in place (the
+  host scatter) and the round's new shared value."""
+  def write(t, r):
+    t[ids] = np.asarray(r).astype(t.dtype, copy=False)
+  jax.tree.map(write, table.rows, rows)
+  return HostTable(table.rows, shared)
 
 
 def gather(piece: ClientStatePiece, table: Any, ids: jax.Array,
@@ -114,11 +207,30 @@ def run_local(piece: ClientStatePiece, client_update: Any, variables: Any, x: ja
   return contexts._replace(state=rows)
 
 
+def finish_rows(piece: ClientStatePiece, contexts: ClientContext, global_params: Any,
+                client_params: Any, num_steps: jax.Array) -> Any:
+  """The round's new rows `[K, ...]`: every client's `finish`."""
+  finish = jax.vmap(piece.finish, in_axes=(ClientContext(0, None, 0), None, 0, 0))
+  return finish(contexts, global_params, client_params, num_steps)
+
+
+def finish_host_rows(piece: ClientStatePiece, contexts: ClientContext, old_rows: Any,
+                     global_params: Any, client_params: Any, num_steps: jax.Array,
+                     num_clients: jax.Array) -> tuple[Any, Any]:
+  """A host table's round inside the program: `(new rows [K, ...], new shared)`, the shared
+  value moved by `piece.shared_update` from the round's rows before (`old_rows`, as gathered)
+  and after."""
+  rows = finish_rows(piece, contexts, global_params, client_params, num_steps)
+  shared = contexts.shared
+  if piece.shared_update is not None:
+    shared = piece.shared_update(shared, old_rows, rows, num_clients)
+  return rows, shared
+
+
 def scatter(piece: ClientStatePiece, table: Any, contexts: ClientContext, global_params: Any,
             client_params: Any, num_steps: jax.Array, weights: jax.Array) -> Any:
   """The table after the round: every client's `finish`, then the server's write."""
-  finish = jax.vmap(piece.finish, in_axes=(ClientContext(0, None, 0), None, 0, 0))
-  rows = finish(contexts, global_params, client_params, num_steps)
+  rows = finish_rows(piece, contexts, global_params, client_params, num_steps)
   if piece.server is not None:
     return piece.server(table, contexts.client_id, rows, weights)
   return jax.tree.map(lambda t, r: t.at[contexts.client_id].set(r.astype(t.dtype)), table,
@@ -127,5 +239,5 @@ def scatter(piece: ClientStatePiece, table: Any, contexts: ClientContext, global
 
 def table_clients(table: Any) -> int | None:
   """C of a table (its leaves' leading axis), None without one."""
-  leaves = jax.tree.leaves(table)
+  leaves = jax.tree.leaves(table_rows(table))
   return None if not leaves else int(leaves[0].shape[0])

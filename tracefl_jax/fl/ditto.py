@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from tracefl_jax.fl.client import make_client_update
-from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
+from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece, table_rows
 from tracefl_jax.fl.losses import LossFn, cross_entropy, fedprox
 from tracefl_jax.fl.server import ServerState
 
@@ -76,7 +76,7 @@ def ditto(model: Any, optimizer: optax.GradientTransformation, lam: float, *, ba
 def personal_variables(state: ServerState, client: int) -> Any:
   """Client `client`'s personal model as variables: its params from the table, the global
   model's other collections."""
-  params = jax.tree.map(lambda t: t[client], state.client_state)
+  params = jax.tree.map(lambda t: t[client], table_rows(state.client_state))
   return {**state.variables, "params": params}
 
 
@@ -85,13 +85,14 @@ def personal_accuracy(model: Any, state: ServerState, x: Any, y: Any,
   """`[C]` each client's personal-model accuracy on its own examples `x[parts[c]]` (NaN for
   a client without any): one jitted program, clients one at a time (`lax.map`)."""
   counts = np.array([len(p) for p in parts], np.int32)
-  if len(parts) != jax.tree.leaves(state.client_state)[0].shape[0]:
+  table = table_rows(state.client_state)  # a host table goes to the device for this
+  if len(parts) != jax.tree.leaves(table)[0].shape[0]:
     raise ValueError(f"personal_accuracy: {len(parts)} clients' examples for a table of "
-                     f"{jax.tree.leaves(state.client_state)[0].shape[0]} personal models")
+                     f"{jax.tree.leaves(table)[0].shape[0]} personal models")
   rows = np.zeros((len(parts), max(int(counts.max(initial=0)), 1)), np.int32)
   for c, p in enumerate(parts):
     rows[c, :len(p)] = np.asarray(p)
-  correct = _personal_correct(model, state.variables, state.client_state, jnp.asarray(x),
+  correct = _personal_correct(model, state.variables, table, jnp.asarray(x),
                               jnp.asarray(y), jnp.asarray(rows), jnp.asarray(counts))
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.asarray(correct, np.float64) / counts

@@ -132,11 +132,18 @@ def make_host_round(program: Callable[..., tuple], client_update: ClientUpdate,
     steps = client_update.num_steps(rd.counts.astype(np.int64))
     lanes = round_lanes(strategy, steps, hp.clients_per_chunk, jax.device_count())
     x, y, indices = data.round_inputs(rd.indices)  # host placement: this round's examples
+    host = isinstance(state.client_state, cstate.HostTable)
+    table_args = {"table": state.client_state}
+    if host:  # the round's rows only; the table stays on the host
+      rows, shared = cstate.host_rows(state.client_state, rd.ids)
+      table_args = {"rows": rows, "shared": shared,
+                    "num_clients": jnp.int32(data.num_clients)}
     new, out, traced, metrics, executed, opt_state, *table = program(
         state.variables, x, y, jax.device_put(indices), jnp.asarray(rd.counts),
         jnp.asarray(rd.ids), key, jnp.asarray(rd.weights), lanes=lanes,
-        normalization=data.normalization, opt_state=state.opt_state,
-        table=state.client_state)
+        normalization=data.normalization, opt_state=state.opt_state, **table_args)
+    if host:  # the host scatter: the new rows written into the table in place
+      table = [cstate.write_host_rows(state.client_state, rd.ids, *table[0])]
     traced = traced if trace_clean else new
     weights = rd.weights[:k]
     if len(rd.counts) > k:

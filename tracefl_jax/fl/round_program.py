@@ -8,9 +8,12 @@
   make_loop_program   the same from the host, one jitted program per client ("loop").
 
 A round program is positional in the data, `(variables, x, y, indices, counts, client_ids, key,
-weights, lanes=None, normalization=None, opt_state=None, table=None, max_steps=None) -> (G_t,
-clients, traced, metrics, steps_executed, opt_state[, table])`, so federations vmap over it
-(`federation.py` scans it over rounds).
+weights, lanes=None, normalization=None, opt_state=None, table=None, max_steps=None,
+rows=None, shared=None, num_clients=None) -> (G_t, clients, traced, metrics, steps_executed,
+opt_state[, table])`, so federations vmap over it (`federation.py` scans it over rounds).
+A per-client state on the device comes in as `table` (`[C, ...]`) and goes out as the new
+table; one on the host (`client_state.HostTable`) comes in as the round's `rows` (`[K, ...]`),
+its `shared` value and `num_clients` (C), and goes out as `(new rows, new shared)`.
 """
 
 from __future__ import annotations
@@ -89,15 +92,21 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
                        clients_per_chunk: int, client_state: cstate.ClientStatePiece | None,
                        donate: bool, start_loss: bool = False) -> Callable[..., tuple]:
   """The jitted round program of an in-program strategy (module docstring); with a
-  `client_state` it takes the table and returns the new one as a seventh value. `max_steps`
+  `client_state` it takes the table (or a host table's rows) and returns the new one (rows) as
+  a seventh value. `max_steps`
   (static, "scan" only) caps each client's scanned local loop (`strategies`). `start_loss`:
   the clients' objective at G_{t-1} (`qffl.start_losses`) is computed for the rule."""
 
   def program(variables, x, y, indices, counts, client_ids, key, weights, lanes=None,
-              normalization=None, opt_state=None, table=None, max_steps=None):
+              normalization=None, opt_state=None, table=None, max_steps=None, rows=None,
+              shared=None, num_clients=None):
     keys = fold_client_keys(key, client_ids)
-    contexts = None if client_state is None else cstate.gather(client_state, table,
-                                                               client_ids, variables)
+    if client_state is None:
+      contexts = None
+    elif rows is not None:  # a host table: the round's rows only
+      contexts = cstate.ClientContext(rows, shared, client_ids)
+    else:
+      contexts = cstate.gather(client_state, table, client_ids, variables)
     out, executed = simulate_clients_with_steps(
         client_update, variables, x, y, indices, counts, keys, strategy=strategy,
         clients_per_chunk=clients_per_chunk, lanes=lanes, normalization=normalization,
@@ -112,6 +121,10 @@ def make_round_program(client_update: ClientUpdate, aggregate: Aggregate, *, str
       return result
     contexts = cstate.run_local(client_state, client_update, variables, x, y, indices, counts,
                                 keys, contexts, normalization)
+    if rows is not None:
+      return (*result, cstate.finish_host_rows(client_state, contexts, rows, variables["params"],
+                                               out.variables["params"], out.num_steps,
+                                               num_clients))
     return (*result, cstate.scatter(client_state, table, contexts, variables["params"],
                                     out.variables["params"], out.num_steps, weights))
 

@@ -52,7 +52,12 @@ def scaffold_state(learning_rate: float) -> ClientStatePiece:
     # A client that took no step has no estimate: it keeps its variate.
     return jax.tree.map(lambda n, o: jnp.where(num_steps > 0, n, o), new, client.state)
 
-  return ClientStatePiece(init, finish, shared)
+  def shared_update(c, old, new, num_clients):
+    # c stays the mean of all C rows: only the round's rows changed (a host table's c).
+    n = jnp.asarray(num_clients, jnp.float32)
+    return jax.tree.map(lambda c, o, r: c + (jnp.sum(r, 0) - jnp.sum(o, 0)) / n, c, old, new)
+
+  return ClientStatePiece(init, finish, shared, shared_update=shared_update)
 
 
 def scaffold_loss(base: LossFn = cross_entropy) -> LossFn:
