@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_gpu_script import _gpu_script
 from tracefl_jax.data.partition import (Partition, check_labels, fixup_partition,
-                                        make_partition)
+                                        heavy_tailed_sizes, make_partition)
 from tracefl_jax.data.structured import _upsample, make_structured_images
 from tracefl_jax.experiment import stages, sweep
 from tracefl_jax.experiment.config import validate
@@ -98,6 +98,21 @@ def test_vectorised_fixup_equals_the_loop(seed):
       np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(got.label_counts, Partition.from_indices(
         want, labels, 6).label_counts)
+
+
+@pytest.mark.parametrize("n,clients", [(1000, 7), (500, 500), (999, 40)])
+def test_iid_and_heavy_tailed_cut_as_the_split_did(n, clients):
+  labels = np.random.default_rng(n).integers(0, 5, n).astype(np.int32)
+  perm = np.random.default_rng(3).permutation(n)
+  for method, parts in (("iid", np.array_split(perm, clients)),
+                        ("heavy_tailed", np.split(perm, np.cumsum(heavy_tailed_sizes(
+                            n, clients, 3, "lognormal", sigma=1.5))[:-1]))):
+    options = {"distribution": "lognormal", "sigma": 1.5} if method == "heavy_tailed" else {}
+    got = make_partition(labels, method, clients, 3, **options)
+    want = Partition.from_indices(parts, labels)
+    for a, b in zip(got.client_indices, want.client_indices, strict=True):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.label_counts, want.label_counts)
 
 
 def test_partition_does_not_alias_the_callers_arrays():

@@ -141,9 +141,11 @@ def _check(labels: np.ndarray, num_clients: int, seed: Any = 0,
 def partition_iid(labels: np.ndarray, num_clients: int, seed: int,
                   num_classes: int | None = None) -> Partition:
   """A seeded shuffle split into `num_clients` near-equal parts."""
-  labels, _ = _check(labels, num_clients, seed, num_classes)
+  labels, k = _check(labels, num_clients, seed, num_classes)
   perm = np.random.default_rng(seed).permutation(len(labels))
-  return _make(np.array_split(perm, num_clients), labels, num_classes)
+  sizes = np.full(num_clients, len(labels) // num_clients, np.int64)
+  sizes[:len(labels) % num_clients] += 1  # as np.array_split cuts
+  return Partition._from_flat(perm, sizes, labels, k)  # pylint: disable=protected-access
 
 
 def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, *,
@@ -291,10 +293,10 @@ def partition_heavy_tailed(labels: np.ndarray, num_clients: int, seed: int,
   options `distribution`, `exponent`, `sigma`, `min_size`): a seeded shuffle cut at
   those sizes. Real federations' sizes look like this (LEAF's FEMNIST, Shakespeare, Stack
   Overflow); the engine's cost follows each client's own steps."""
-  labels, _ = _check(labels, num_clients, seed, num_classes)
+  labels, k = _check(labels, num_clients, seed, num_classes)
   sizes = heavy_tailed_sizes(len(labels), num_clients, seed, **options)
   perm = np.random.default_rng(seed).permutation(len(labels))
-  return _make(np.split(perm, np.cumsum(sizes)[:-1]), labels, num_classes)
+  return Partition._from_flat(perm, sizes, labels, k)  # pylint: disable=protected-access
 
 
 def fixup_partition(partition: Partition, labels: np.ndarray, *, min_label_count: int = 10,
