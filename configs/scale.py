@@ -35,7 +35,7 @@ A million clients (issue 36 item 5; docs/scale.md):
   python -m tracefl_jax --config=configs/scale.py:million --workdir=runs/million --sweep
 
 1,000,000 clients with log-normal sizes (sigma 1.5, at least 1 example, 24 on average:
-median 8, the largest about 11,000; `partition.method=heavy_tailed`), IID labels, no fix-up
+median 8, the largest 20,457; `partition.method=heavy_tailed`), IID labels, no fix-up
 (its 32-example floor would drop most of them), FedAvg weighted by examples (the original's
 batch weighting gives every client under one batch weight 0), 1,000 and 10,000 clients per
 round, every round traced with TraceFL, the first-order score and the exact leave-one-out
@@ -50,8 +50,11 @@ Presets:
                  within its time budget); runtime on one H200: not measured yet.
   smoke          the same code paths at toy size (20/40 clients, 2 rounds): about 20 s on 2
                  cores.
-  million        a million clients, 1,000 and 10,000 per round (ROUNDS_MILLION rounds each).
-  million_gpu    the same for one GPU (benchmarks/gpu.py's million section).
+  million        a million clients, 1,000 and 10,000 per round (ROUNDS_MILLION rounds each):
+                 21 minutes and 5.5 GB peak on 2 CPU cores shared with other jobs (load
+                 8-14; docs/scale.md).
+  million_gpu    the same for one GPU (benchmarks/gpu.py's million section); not measured
+                 on a GPU yet.
   million_smoke  the million presets' code paths at toy size (2,000 clients, 2 rounds).
 """
 
