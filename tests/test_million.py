@@ -186,6 +186,17 @@ def test_load_data_keeps_the_million_presets_data_on_the_host():
   assert stages.load_data(c).data.placement == "device"
 
 
+def test_a_generated_dataset_is_built_once_per_options():
+  c = _scale().get_config("million_smoke")
+  first = stages.cached_dataset(c)
+  assert stages.cached_dataset(c) is first and not first.x_train.flags.writeable
+  c.seed += 1
+  assert stages.cached_dataset(c) is not first
+  c.dataset.name = "digits"
+  stages.cached_dataset(c)
+  assert not stages._last_generated  # pylint: disable=protected-access
+
+
 def test_million_presets():
   scale = _scale()
   for preset in ("million", "million_gpu", "million_smoke"):

@@ -93,6 +93,7 @@ def cached_dataset(c: ml_collections.ConfigDict):
   one this process built is that one again (its arrays made read-only)."""
   options = dataset_options(c)
   if c.dataset.name not in GENERATED:
+    _last_generated.clear()  # nothing generated is kept alive past its sweep
     return load_dataset(c.dataset.name, data_dir=c.dataset.data_dir, **options)
   key = (c.dataset.name, tuple(sorted(options.items())))
   if not (_last_generated and _last_generated[0][0] == key):
