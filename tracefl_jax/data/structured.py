@@ -69,6 +69,7 @@ def make_structured_images(num_train: int = 1000, num_test: int = 200,
   contrast = _draw(n, chunk, lambda m: rng.uniform(0.7, 1.3, size=m).astype(np.float32))
   rolled = {(dy, dx): np.roll(protos, (dy, dx), axis=(1, 2))
             for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)}
+  # uint8 steps per unit: +-(the largest contrasted prototype value + 5 noise stds) fits.
   scale = 127.0 / (1.3 * float(np.abs(protos).max()) + 5.0 * float(noise))
   x = np.empty((n, h, w, channels), np.float32 if pixels == "float32" else np.uint8)
   for start in range(0, n, chunk):
