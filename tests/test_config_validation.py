@@ -103,6 +103,9 @@ BAD_VALUES: dict[str, list[tuple[object, str]]] = {
     "algorithm": [("fedprox", "algorithm='fedprox' is not one of fedavg, scaffold, feddyn, "
                               "fednova")],
     "feddyn.alpha": [(0.0, "feddyn.alpha=0.0 must be > 0")],
+    "ditto.lam": [(-0.5, "ditto.lam=-0.5 must be >= 0")],
+    "qffl.q": [(-1.0, "qffl.q=-1.0 must be >= 0")],
+    "qffl.lipschitz": [(-2.0, "qffl.lipschitz=-2.0 must be >= 0")],
     "checkpoint.every": [(-1, "checkpoint.every=-1 must be >= 0")],
     "client.loss": [("prox", "client.loss='prox' is not one of cross_entropy, fedprox")],
     "client.prox_mu": [(-0.1, "client.prox_mu=-0.1 must be >= 0")],

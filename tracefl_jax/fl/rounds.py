@@ -191,7 +191,7 @@ def run_rounds(
   loss_limit = divergence_factor * math.log(max(data.num_classes, 2))
   history: list[dict[str, Any]] = []
   hp = algorithm.hyperparameters
-  prefetch = data.placement == "host" and hp is not None
+  prefetch = getattr(data, "placement", "device") == "host" and hp is not None
   for r in range(state.round + 1, rounds + 1):
     t0 = time.perf_counter()
     clients = sample_clients(seed, r, data.num_clients, clients_per_round, always_sampled)
