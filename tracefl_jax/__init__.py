@@ -21,7 +21,7 @@ from tracefl_jax.fl.adaptive_clipping import AdaptiveClipping, ClipState, adapti
 from tracefl_jax.fl.aggregation import client_weights, fedavg
 from tracefl_jax.fl.algorithm import (FederatedAlgorithm, federated_averaging,
                                       leave_one_out_variables)
-from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece
+from tracefl_jax.fl.client_state import ClientContext, ClientStatePiece, HostTable
 from tracefl_jax.fl.ditto import ditto, ditto_state, personal_accuracy, personal_variables
 from tracefl_jax.fl.feddyn import FedDynState, feddyn, feddyn_loss, feddyn_server, feddyn_state
 from tracefl_jax.fl.host_round import RoundOutput
@@ -61,6 +61,7 @@ __all__ = [
     "FederationPlan",
     "FederationTrace",
     "GlobalEvaluator",
+    "HostTable",
     "Hyperparameters",
     "ModelDef",
     "Normalization",
