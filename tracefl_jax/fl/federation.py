@@ -30,8 +30,10 @@ Under the "scan" strategy every client's local loop is capped at the steps of th
 federation's largest client (`max_steps`), so a vmap over plans whose rounds sample clients
 of different sizes runs each client that many steps, not the steps of all T slots (about K
 x more; docs/differentiable.md has the measurements). The packed strategies ("vmap",
-"chunked") run forward (jit, vmap, jvp) but their lane loop is a `while_loop`: reverse mode
-needs "scan". "loop" and "sharded" are not in-program strategies of one device program.
+"chunked") get the same cap as the static trip bound of their lane loop (`fl/packing.py`),
+a fixed-trip scan under the default `local_loop="scan"`: reverse mode crosses them too, and
+one federation compiles one program whatever its rounds sample. "loop" and "sharded" are not
+in-program strategies of one device program.
 
 Every round reads the training set inside the one program, so the whole set is on the
 device: data kept on the host (`federate(..., placement="host")`) is refused with an error
@@ -155,8 +157,7 @@ class Federation:
                       f"(federated_averaging(...)), got {type(alg).__name__}")
     if alg.program is None or alg.strategy == "sharded":
       raise ValueError(f"a federation runs as one device program: strategy "
-                       f"{alg.strategy!r} is not one (use \"scan\", differentiable, or "
-                       f"\"vmap\" / \"chunked\", forward only)")
+                       f"{alg.strategy!r} is not one (use \"scan\", \"vmap\" or \"chunked\")")
     hp = alg.hyperparameters
     if (hp.batch_size, hp.weighting) != (self.batch_size, self.weighting):
       raise ValueError(f"the algorithm trains with batch_size={hp.batch_size}, weighting="
@@ -165,8 +166,9 @@ class Federation:
     return alg
 
   def max_steps(self, alg: FederatedAlgorithm) -> int | None:
-    """The cap on a client's scanned local loop: the steps of the largest client."""
-    if alg.strategy != "scan":
+    """The cap on a client's scanned local loop (and on the packed lane loop's trip bound):
+    the steps of the largest client."""
+    if alg.strategy not in ("scan", "vmap", "chunked"):
       return None
     hp = alg.hyperparameters
     return int(local_steps(int(self.data.client_sizes.max(initial=1)), hp.batch_size,

@@ -19,20 +19,20 @@ length) and every client reads its batches from it; the `[K, M]` row layout is a
 slots at `offsets = k * M`. One client of 100,000 examples among 1,000 of 64 costs its own
 steps, not K rows of its length (benchmarks/bench_populations.py).
 
-No work on padding. Under "scan" and "loop" a client runs `client_update`'s loop, whose
-`while_loop` runs exactly the client's own steps. Vmapped clients cannot do that (a batched
-trip count runs every lane to the largest; a batched `cond` runs both branches), so "vmap",
-"chunked" and "sharded" pack clients into W lanes, a work queue: the round's clients are sorted
-by step count, longest first; each lane trains one client at a time, one optimizer step per
-iteration for all lanes together, and a lane whose client is done writes that client's result
-to its row and takes the next client from the queue (longest-processing-time scheduling). The
-loop ends when the queue is empty and every lane idle, so the only steps computed for nothing
-are idle lanes in the last iterations: `steps_executed = W * iterations` against
-`steps_needed = sum of the clients' own steps`, and `packed_steps` computes the same count from
-the sizes alone. W is static (one compiled program per W); `auto_lanes` picks, from the
-round's step counts, the most lanes that compute at most 1.1x the needed steps, among 1, 2, 3,
-4, 6, 8, 12, ... and K, so a run compiles a handful of programs at most (the step ratios on a
-paper-shaped partition: benchmarks/README.md, "Uneven clients").
+No work on padding. Under "scan" and "loop" a client runs `client_update`'s loop, which
+runs exactly the client's own steps. Vmapped clients cannot do that (a batched trip count runs
+every lane to the largest; a batched `cond` runs both branches), so "vmap", "chunked" and
+"sharded" pack clients into W lanes, a work queue (`fl/packing.py`): the round's clients
+sorted by step count, longest first, each lane training one client at a time and taking the
+next from the queue when its client is done (longest-processing-time scheduling). The only
+steps computed for nothing are idle lanes in the last iterations: `steps_executed = W *
+iterations` against `steps_needed = sum of the clients' own steps`, and `packed_steps`
+computes the same count from the sizes alone. The lane loop follows the client's
+`local_loop`: a fixed-trip scan ("scan", the default: reverse mode crosses it) or a while
+loop ("while"), the same numbers. W is static (one compiled program per W); `auto_lanes`
+picks, from the round's step counts, the most lanes that compute at most 1.1x the needed
+steps, among 1, 2, 3, 4, 6, 8, 12, ... and K, so a run compiles a handful of programs at most
+(the step ratios on a paper-shaped partition: benchmarks/README.md, "Uneven clients").
 
 Every strategy computes the same numbers: each client's work is `client_update` on its own
 indices, count and key, whichever lane or device runs it; the equality is tested against a
@@ -50,11 +50,12 @@ import numpy as np
 
 from tracefl_jax.data.base import Normalization
 from tracefl_jax.data.federated import ClientSlots, bucket_length
-from tracefl_jax.fl.client import ClientOutput, ClientUpdate, ClientUpdateFn, LocalState
+from tracefl_jax.fl.client import ClientOutput, ClientUpdate, ClientUpdateFn
 from tracefl_jax.fl.client_state import ClientContext
 # The lane plans are host-side NumPy (lanes.py), importable beside the strategies using them.
 from tracefl_jax.fl.lanes import (LANE_EFFICIENCY, PACKED, _deal_ranks,  # noqa: F401
                                   auto_lanes, executed_steps, packed_steps, round_lanes)
+from tracefl_jax.fl.packing import context_row, pack
 from tracefl_jax.fl.types import Stacked, Variables
 
 STRATEGIES = ("auto", "vmap", "chunked", "scan", "loop", "sharded")
@@ -88,90 +89,6 @@ def resolve_strategy(strategy: str, variables: Variables, backend: str | None = 
   return "vmap"
 
 
-# ------------------------------------------------------------ the packed loop (in-program)
-
-def _where_lanes(pred: jax.Array, new: Stacked, old: Stacked) -> Stacked:
-  """Per lane `new if pred else old`; `pred` is `[W]`, leaves `[W, ...]` (or `[1, ...]`)."""
-  def pick(a, b):
-    p = pred.reshape(pred.shape + (1,) * (max(a.ndim, b.ndim) - 1))
-    return jnp.where(p, a, b)
-  return jax.tree.map(pick, new, old)
-
-
-def _pack(client_update: ClientUpdate, variables: Variables, x: jax.Array, y: jax.Array,
-          schedule: tuple[jax.Array, jax.Array], offsets: jax.Array, counts: jax.Array,
-          lanes: int, normalization: Normalization | None = None,
-          contexts: ClientContext | None = None) -> tuple[ClientOutput, jax.Array]:
-  """K clients through `lanes` vmapped lanes (module docstring), reading their batches from
-  the laid-out round `schedule` (`ClientUpdate.schedule_slots`: `[E, T]`, `[K, E]`) at
-  `offsets [K]`; returns the outputs `[K]` in the given order and the number of loop
-  iterations (each computes `lanes` steps)."""
-  cu = client_update
-  k, w = counts.shape[0], int(lanes)
-  counts = counts.astype(jnp.int32)
-  total = cu.num_steps(counts)
-  queue = jnp.argsort(-total, stable=True).astype(jnp.int32)
-  n_work = jnp.sum(total > 0).astype(jnp.int32)
-  batches, step_keys = schedule
-  start = cu.init(variables)
-  start_1 = jax.tree.map(lambda a: a[None], start)
-  # Results, row per client; a client with no steps keeps G's variables, as it would alone.
-  kept = (start.params, start.model_state, start.loss_sum, start.num_steps)
-  results = jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), kept)
-  lane = jnp.arange(w, dtype=jnp.int32)
-  client = jnp.where(lane < n_work, queue[jnp.minimum(lane, k - 1)], k)  # k: idle lane
-  state = jax.tree.map(lambda a: jnp.broadcast_to(a, (w, *a.shape)), start)
-  zeros = jnp.zeros(w, jnp.int32)
-
-  batch = jax.vmap(functools.partial(cu.batch, batches, step_keys, offsets))
-  anchor = variables["params"]  # G's params, for objectives that need them (FedProx)
-  # Stateful objectives: each lane reads its client's `ClientContext` row (`contexts` [K]).
-  step = jax.vmap(lambda s, i, m, r, c: cu.step(s, x, y, i, m, r, normalization, anchor,
-                                               _context_row(contexts, c)))
-
-  if w == k:
-    # One lane per client (what the queue would give): lane c trains client c and then
-    # stays put, so its final state is the client's result; no queue, no per-iteration
-    # write-back of results, no reset.
-    own = jnp.arange(k, dtype=jnp.int32)
-
-    def body_own(carry):
-      state, t, iters = carry
-      active = t < total
-      state = _where_lanes(active, step(state, *batch(own, counts, t), own),
-                           state)
-      return state, t + active.astype(jnp.int32), iters + 1
-
-    state, _, iters = jax.lax.while_loop(lambda carry: jnp.any(carry[1] < total), body_own,
-                                         (state, zeros, jnp.zeros((), jnp.int32)))
-    out = jax.vmap(cu.finish)(state._replace(opt_state=None), counts)
-    return out, iters
-
-  def body(carry):
-    state, client, t, taken, results, iters = carry
-    active = client < k
-    c = jnp.minimum(client, k - 1)  # idle lanes compute a throwaway step on a valid row
-    state = _where_lanes(active, step(state, *batch(c, counts[c], t), c),
-                         state)
-    t = t + active.astype(jnp.int32)
-    done = active & (t >= total[c])
-    dest = jnp.where(done, c, k)  # out of range: dropped
-    results = jax.tree.map(lambda r, v: r.at[dest].set(v, mode="drop"), results,
-                           (state.params, state.model_state, state.loss_sum, state.num_steps))
-    slot = taken + jnp.cumsum(done.astype(jnp.int32)) - 1  # freed lanes take the queue in order
-    client = jnp.where(done, jnp.where(slot < n_work, queue[jnp.clip(slot, 0, k - 1)], k),
-                       client)
-    state = _where_lanes(done, start_1, state)
-    return (state, client, jnp.where(done, 0, t), taken + jnp.sum(done).astype(jnp.int32),
-            results, iters + 1)
-
-  carry = (state, client, zeros, jnp.minimum(n_work, w), results, jnp.zeros((), jnp.int32))
-  *_, results, iters = jax.lax.while_loop(lambda carry: jnp.any(carry[1] < k), body, carry)
-  params, model_state, loss_sum, num_steps = results
-  out = jax.vmap(cu.finish)(LocalState(params, None, model_state, loss_sum, num_steps), counts)
-  return out, iters
-
-
 # -------------------------------------------------------------------------- entry points
 
 def simulate_clients_with_steps(
@@ -195,10 +112,12 @@ def simulate_clients_with_steps(
 
   `contexts`: the round's `client_state.ClientContext` (state rows `[K, ...]`, the shared
   value, ids `[K]`) for a stateful objective, or None; "vmap", "chunked" and "scan" only.
-  `max_steps` (static): under "scan", a cap on any client's steps for its scanned local loop
-  (`ClientUpdate.train`; default the steps of all the round's slots). Where the counts are
-  batched (a vmap over federations) every client runs the cap, so `num_steps` of the
-  federation's largest client keeps the work at one client's (`fl/federation.py`)."""
+  `max_steps` (static): a cap on any client's steps for the scanned loops: each client's
+  under "scan" (`ClientUpdate.train`), the lane loop's trip bound under the packed
+  strategies (`packing.pack_trips`); default the steps of all the round's slots. Where the
+  counts are batched (a vmap over federations) every client (lane) runs to the bound, so
+  `num_steps` of the federation's largest client keeps the work at one client's
+  (`fl/federation.py`). No client may take more steps than the cap."""
   strategy = resolve_strategy(strategy, variables)
   if contexts is not None and (strategy in ("loop", "sharded")
                                or not isinstance(client_update, ClientUpdate)):
@@ -232,8 +151,8 @@ def simulate_clients_with_steps(
     if lanes is None:
       lanes = k if strategy == "vmap" else (clients_per_chunk or k)
     lanes = max(1, min(int(lanes), k))
-    out, iters = _pack(client_update, variables, x, y, schedule, offsets, counts, lanes,
-                       normalization, contexts)
+    out, iters = pack(client_update, variables, x, y, schedule, offsets, counts, lanes,
+                      normalization, contexts, max_steps)
     return out, iters * lanes
   if strategy == "sharded":
     mesh = client_mesh()
@@ -250,8 +169,8 @@ def simulate_clients_with_steps(
     rep = jax.sharding.PartitionSpec()
 
     def local(variables, x, y, batches, step_keys, offsets, counts):
-      out, iters = _pack(client_update, variables, x, y, (batches, step_keys), offsets,
-                         counts, lanes, normalization)
+      out, iters = pack(client_update, variables, x, y, (batches, step_keys), offsets,
+                        counts, lanes, normalization, max_steps=max_steps)
       return out, iters[None]
 
     batches, step_keys = schedule
@@ -265,18 +184,10 @@ def simulate_clients_with_steps(
   batches, step_keys = schedule
   out = jax.lax.map(
       lambda a: client_update.train(variables, x, y, batches, step_keys, offsets, a[0], a[1],
-                                    normalization, _context_row(contexts, a[0]),
+                                    normalization, context_row(contexts, a[0]),
                                     max_steps=max_steps),
       (jnp.arange(k, dtype=jnp.int32), counts.astype(jnp.int32)))
   return out, jnp.sum(out.num_steps)
-
-
-def _context_row(contexts: ClientContext | None, c: jax.Array) -> ClientContext | None:
-  """Client row `c`'s context: its state row and id; the shared value is not stacked."""
-  if contexts is None:
-    return None
-  return contexts._replace(state=jax.tree.map(lambda a: a[c], contexts.state),
-                           client_id=contexts.client_id[c])
 
 
 def _loop(client_update, variables, x, y, indices, counts, keys, extra):
