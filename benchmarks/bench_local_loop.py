@@ -14,8 +14,8 @@ time (compile + first run) is recorded apart, and checks that both give the same
                  federation's bucketed length (what the strategies do for a plain client
                  function): batched, a `cond` computes both branches, so every lane runs the
                  M padded steps where the batched while loop runs the round's longest client;
-  vmap_packed    the "vmap" strategy (packed lanes): it loops the clients' `step` itself, so
-                 the two must be identical (a control);
+  vmap_packed    the "vmap" strategy (packed lanes, `fl/packing.py`): its lane loop follows
+                 the client's `local_loop`, a while loop or the fixed-trip scan;
   vmap_seeds     `jax.vmap` of the "scan" strategy over 2 seeds' client keys `[2, K]`, counts
                  shared (what `provenance.retraining` does over its federations): the
                  `cond`s' predicates stay unbatched and skip;
@@ -40,8 +40,9 @@ client's training rematerialised (the default) and without (`remat_client` off),
 model's bytes and the bytes of one round's local-step states (steps x model).
 
 Row: bench, path, model, K, steps_needed, while_s / scan_s (medians), ratio (scan / while),
-pair_ratio (median of per-repetition ratios), first_call_s of each, equal (bit for bit),
-load (1-minute load average), device and versions.
+pair_ratio (median of per-repetition ratios), while_cpu_s / scan_cpu_s / cpu_ratio (process
+CPU seconds, medians: less sensitive to other jobs on the machine), first_call_s of each,
+equal (bit for bit), load (1-minute load average), device and versions.
 """
 
 from __future__ import annotations
@@ -108,16 +109,18 @@ def make_run(path, update, variables, data, clients, batch, keys):
 def interleaved(runs, repeats):
   """Per run: the first call's seconds and the steady times, the runs taking turns."""
   first, times = {}, {name: [] for name in runs}
+  cpu = {name: [] for name in runs}  # process CPU seconds: less sensitive to others' load
   for name, fn in runs.items():
     t0 = time.perf_counter()
     block(fn())
     first[name] = time.perf_counter() - t0
   for _ in range(repeats):
     for name, fn in runs.items():
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - t0)
-  return first, times
+      cpu[name].append(time.process_time() - c0)
+  return first, times, cpu
 
 
 def reverse_memory(rounds_list, model, variables, data, clients, batch, epochs, sink):
@@ -195,7 +198,7 @@ def main() -> None:
         keys = fold_client_keys(jax.random.key(1), jnp.asarray(clients))
         runs = {loop: make_run(path, updates[loop], variables, data, clients, args.batch,
                                keys) for loop in ("while", "scan")}
-        first, times = interleaved(runs, args.repeats)
+        first, times, cpu = interleaved(runs, args.repeats)
         outs = {loop: jax.tree.leaves(fn()) for loop, fn in runs.items()}
         equal = all(np.array_equal(a, b) for a, b in zip(outs["while"], outs["scan"]))
         med = {loop: statistics.median(t) for loop, t in times.items()}
@@ -207,6 +210,9 @@ def main() -> None:
                     "while_s": med["while"], "scan_s": med["scan"],
                     "ratio": med["scan"] / med["while"],
                     "pair_ratio": statistics.median(pairs),
+                    "while_cpu_s": statistics.median(cpu["while"]),
+                    "scan_cpu_s": statistics.median(cpu["scan"]),
+                    "cpu_ratio": statistics.median(cpu["scan"]) / statistics.median(cpu["while"]),
                     "while_first_call_s": first["while"], "scan_first_call_s": first["scan"],
                     "repeats": args.repeats, "equal": equal, "load": os.getloadavg()[0]})
 

@@ -22,7 +22,8 @@ lane runs all `bound` steps where a batched `while_loop` runs the lanes' largest
 5.5x the while loop; LeNet, whose steps outweigh the selects: 1.09x), and `vmap` of the
 "scan" strategy over federations' counts runs, for each client, the steps of all the round's
 T slots (about K x: 30x at K = 10, MLP). Use "while" there (forward only). The packed
-strategies ("vmap", "chunked", "sharded") loop lanes themselves and are not affected.
+strategies ("vmap", "chunked", "sharded") loop lanes themselves, in the same two forms chosen
+by the same `local_loop` (`fl/packing.py`: masked lanes, a static trip bound).
 
 Adam's `sqrt(v)` has an infinite derivative at `v = 0`: reverse mode through Adam (client or
 server) gives NaN for a parameter whose gradient is exactly 0 (behind a dead ReLU) unless

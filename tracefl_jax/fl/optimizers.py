@@ -13,7 +13,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # reverse mode through the optimizer gives NaN; with it the derivative is finite. Forward it
 # changes nothing: v + eps_root == v in float32 wherever v > ~2e-31, and below that
 # sqrt(v + eps_root) <= 5e-16 is under half a unit in the last place of eps (1e-8), so the
-# denominator sqrt(v + eps_root) + eps rounds to the same float (tests/test_packed_reverse.py).
+# denominator sqrt(v + eps_root) + eps rounds to the same float (tests/test_adam_eps_root.py).
 EPS_ROOT = 1.1754943508222875e-38
 
 
