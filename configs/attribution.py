@@ -69,9 +69,10 @@ def get_config(preset: str = "smoke"):
   c.attribution.subsets = 10
   if preset in ("quick", "cpu", "mnist"):
     c.attribution.topk_inputs = 10
-    # A reverse pass through the whole training per 25 inputs: more than 22 minutes for the
-    # first quick cell on 2 idle cores (docs/differentiable.md); on with
-    # --config.attribution.across_rounds=True.
+    # Forward mode (one JVP lane per sampled client, 2.0 trainings of the federation each):
+    # about 40 trainings for the first quick cell, an estimated 2 hours on 2 cores at load
+    # 10-12 (benchmarks/results/across_rounds_cpu.jsonl, docs/differentiable.md); off until a
+    # cell's measured time says it is small; on with --config.attribution.across_rounds=True.
     c.attribution.across_rounds = False
   if preset == "smoke":
     c.model.name = "mlp"
