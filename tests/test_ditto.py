@@ -5,49 +5,28 @@ TraceFL (`trace_clients` on `personal_variables`)."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
 import tracefl_jax as tfl
+from tests.linear_federation import grad, linear_federation, stacked
 
 LR, LAM, EPOCHS, SIZES = 0.3, 0.5, 2, [6, 8, 10, 12]
 SCHEDULE = [[0, 1, 2], [1, 3], [0, 2, 3]]
 
 
-class Linear(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-  rng = np.random.default_rng(2)
-  y = rng.integers(0, 3, sum(SIZES)).astype(np.int32)
-  x = (rng.normal(size=(len(y), 4)) + y[:, None] * (1 + np.arange(4))[None] / 4).astype(
-      np.float32)
-  parts = np.split(np.arange(len(y)), np.cumsum(SIZES)[:-1])
-  model = tfl.make_model(Linear(), input_shape=(4,), num_classes=3)
-  return model, tfl.federate(x, y, parts), model.init(jax.random.key(0)), (x, y, parts)
-
-
-def _grad(theta, x, y):
-  logits = x @ theta[:4] + theta[4]
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(3)[y]) / len(y)
-  return np.concatenate([x.T @ d, d.sum(0)[None]])
+  return linear_federation(SIZES, seed=2)
 
 
 def _reference(variables, raw, schedule):
   """Ditto one client at a time in float64, full-batch SGD (batch >= every client): theta_k
   from G on the cross-entropy, v_k from v_k on it plus LAM / 2 ||v - G||^2; G = mean theta_k."""
   x, y, parts = raw
-  p = variables["params"]["Dense_0"]
-  g = np.concatenate([np.asarray(p["kernel"], np.float64), np.asarray(p["bias"])[None]])
+  g = stacked(variables)
   v = np.repeat(g[None], len(parts), axis=0)
   for clients in schedule:
     thetas = []
@@ -55,8 +34,8 @@ def _reference(variables, raw, schedule):
       xi, yi = x[parts[i]].astype(np.float64), y[parts[i]]
       theta = g.copy()
       for _ in range(EPOCHS):
-        theta = theta - LR * _grad(theta, xi, yi)
-        v[i] = v[i] - LR * (_grad(v[i], xi, yi) + LAM * (v[i] - g))
+        theta = theta - LR * grad(theta, xi, yi)
+        v[i] = v[i] - LR * (grad(v[i], xi, yi) + LAM * (v[i] - g))
       thetas.append(theta)
     g = np.mean(thetas, axis=0)
   return g, v

@@ -5,7 +5,6 @@ rule that reads them, and a round's removal of each client (online and stored)."
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,27 +12,16 @@ import optax
 import pytest
 
 import tracefl_jax as tfl
+from tests.linear_federation import linear_federation, stacked
 from tracefl_jax.provenance import storage
 
 LR, EPOCHS, SIZES = 0.3, 2, [6, 8, 10, 12]
 SCHEDULE = [[0, 1, 2], [1, 2, 3], [0, 2, 3]]
 
 
-class Linear(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-  rng = np.random.default_rng(1)
-  y = rng.integers(0, 3, sum(SIZES)).astype(np.int32)
-  x = (rng.normal(size=(len(y), 4)) + y[:, None] * (1 + np.arange(4))[None] / 4).astype(
-      np.float32)
-  parts = np.split(np.arange(len(y)), np.cumsum(SIZES)[:-1])
-  model = tfl.make_model(Linear(), input_shape=(4,), num_classes=3)
-  return model, tfl.federate(x, y, parts), model.init(jax.random.key(0)), (x, y, parts)
+  return linear_federation(SIZES, seed=1)
 
 
 def _paper_step(w, wbars, losses, q, lip, present):
@@ -77,8 +65,7 @@ def _reference(variables, raw, schedule, q):
   """q-FedAvg one client at a time in float64: full-batch SGD (batch >= every client), F_k the
   mean cross-entropy at G before training; also the last round without each client."""
   x, y, parts = raw
-  p = variables["params"]["Dense_0"]
-  g = np.concatenate([np.asarray(p["kernel"], np.float64), np.asarray(p["bias"])[None]])
+  g = stacked(variables)
   for clients in schedule:
     thetas, losses = [], []
     for i in clients:
