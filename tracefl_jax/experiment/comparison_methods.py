@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from tracefl_jax.experiment import stages
 from tracefl_jax.fl.client import make_optimizer
@@ -146,17 +145,11 @@ REPRODUCE_RTOL = 1e-4
 
 def scan_fedavg(c, model):
   """The cell's FedAvg (`stages.build_algorithm`'s pieces) under the "scan" client strategy,
-  reverse-differentiable: Adam's `sqrt(v)` gets `eps_root` = float32's smallest normal, so its
-  derivative is finite where a gradient is exactly 0 (a dead ReLU: NaN otherwise) and its
-  updates are the same wherever v > ~1e-31 (`across_rounds` checks the re-run reproduces the
-  trained model)."""
-  tiny = float(np.finfo(np.float32).tiny)
+  reverse-differentiable (`make_optimizer`'s Adam has `eps_root`, so its derivative is finite
+  where a gradient is exactly 0; `across_rounds` checks the re-run reproduces the trained
+  model)."""
   cl = c.client
-  optimizer = {"adam": lambda: optax.adam(cl.learning_rate, eps_root=tiny),
-               "adamw": lambda: optax.adamw(cl.learning_rate, weight_decay=cl.weight_decay,
-                                            eps_root=tiny)}.get(
-      cl.optimizer, lambda: make_optimizer(cl.optimizer, cl.learning_rate, cl.weight_decay,
-                                           cl.momentum))()
+  optimizer = make_optimizer(cl.optimizer, cl.learning_rate, cl.weight_decay, cl.momentum)
   return federated_averaging(
       model, optimizer, dp=stages.dp_settings(c), donate=False, batch_size=cl.batch_size,
       local_epochs=cl.local_epochs, weighting=c.aggregation.weighting, strategy="scan",
