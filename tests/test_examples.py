@@ -90,3 +90,12 @@ def test_docs_python_blocks_run(tmp_path, monkeypatch):
       assert checks[(page, i)](scope), f"{page}'s Python block {i}"
       ran.append((page, i))
   assert ran == list(checks)
+
+
+def test_scaffold_example_traces_its_last_round():
+  out = _run("scaffold_traced", rounds=2, clients=6, per_round=3, inputs=10)
+  assert out["FedAvg"] != out["SCAFFOLD"]  # the control variates change the training
+  # The first-order score against SCAFFOLD's own leave-one-out (the round re-run without k):
+  # after two small-step rounds the expansion is close to exact.
+  assert out["first-order = leave-one-out"] >= 0.8
+  assert 0 <= out["TraceFL = leave-one-out"] <= 1
