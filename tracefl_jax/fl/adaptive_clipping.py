@@ -98,9 +98,9 @@ def adaptive_dp_fedavg(model: Any, optimizer: Any, settings: AdaptiveClipping, *
                               local_epochs=local_epochs, **{**kwargs, "donate": False})
   step = jax.jit(adaptive_clip_aggregate, static_argnames="settings")
 
-  def init(variables, num_clients=None):
+  def init(variables, num_clients=None, placement="auto"):
     clip = ClipState(jnp.float32(settings.initial_clip_norm), jnp.float32(math.nan))
-    return inner.init(variables, num_clients)._replace(opt_state=clip)
+    return inner.init(variables, num_clients, placement)._replace(opt_state=clip)
 
   def round_(state, clients, data, key):
     if not isinstance(state.opt_state, ClipState):

@@ -179,7 +179,7 @@ class Federation:
     """Rounds 1..R from `algorithm.init(variables)`: the final `ServerState` (round R) and
     the rounds' `FederationTrace`. Pure; jit, vmap and (under "scan") grad cross it."""
     alg = self.build(hparams)
-    start = alg.init(variables, num_clients=self.data.num_clients)
+    start = alg.init(variables, num_clients=self.data.num_clients, placement="device")
     cap, normalization = self.max_steps(alg), self.data.normalization
 
     def one_round(carry, xs):
