@@ -170,13 +170,10 @@ def _final_state(c, workdir):
   return state, history
 
 
-@pytest.mark.parametrize("algorithm,fields", [
-    ("scaffold", {}), ("feddyn", {}),
-    ("fedavg", dict(dp__enabled=True, dp__adaptive=True, dp__noise_multiplier=0.1))])
-def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorithm, fields):
-  """SCAFFOLD's control variates and FedDyn's memories (the client-state table), FedDyn's h
-  and adaptive clipping's clip norm (the server state) are in the checkpoint."""
-  c = _config(algorithm, rounds=4, provenance__enabled=False, **fields)
+def _uninterrupted_and_resumed(c, tmp_path, monkeypatch):
+  """`c` run to the end, and run again killed after round 2 (its row and checkpoint 2
+  written) then resumed: both final `ServerState`s, after checking that the resumed run
+  ends at the same round with the same state, bit for bit, and the same rows (but times)."""
   full, killed = tmp_path / "full", tmp_path / "killed"
   runner.run(c, full, progress=False)
   record = runner.Recorder.__call__
@@ -194,15 +191,26 @@ def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorit
   checkpoints.close()
   runner.run(c, killed, progress=False)
   (want, want_rows), (got, got_rows) = _final_state(c, full), _final_state(c, killed)
-  assert got.round == want.round == 4
-  if algorithm != "fedavg":
-    table = jax.tree.leaves(got.client_state)
-    assert table and table[0].shape[0] == 6 and float(jnp.abs(table[0]).max()) > 0
-  assert jax.tree.leaves(got.opt_state) or algorithm == "scaffold"
+  assert got.round == want.round == c.rounds
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   untimed = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
   assert untimed(got_rows) == untimed(want_rows)
+  return want, got
+
+
+@pytest.mark.parametrize("algorithm,fields", [
+    ("scaffold", {}), ("feddyn", {}),
+    ("fedavg", dict(dp__enabled=True, dp__adaptive=True, dp__noise_multiplier=0.1))])
+def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorithm, fields):
+  """SCAFFOLD's control variates and FedDyn's memories (the client-state table), FedDyn's h
+  and adaptive clipping's clip norm (the server state) are in the checkpoint."""
+  c = _config(algorithm, rounds=4, provenance__enabled=False, **fields)
+  want, got = _uninterrupted_and_resumed(c, tmp_path, monkeypatch)
+  if algorithm != "fedavg":
+    table = jax.tree.leaves(got.client_state)
+    assert table and table[0].shape[0] == 6 and float(jnp.abs(table[0]).max()) > 0
+  assert jax.tree.leaves(got.opt_state) or algorithm == "scaffold"
 
 
 # --- a stored FedDyn round ------------------------------------------------------------------

@@ -12,9 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_algorithm_config import _config, _errors, _final_state, _Killed
+from tests.test_algorithm_config import _config, _errors, _uninterrupted_and_resumed
 from tracefl_jax.experiment import runner, stages
-from tracefl_jax.experiment.checkpoints import Checkpointer
 from tracefl_jax.experiment.config import validate
 from tracefl_jax.fl.robust import AggregationRule
 
@@ -77,28 +76,7 @@ def test_each_runs_from_the_config(tmp_path, algorithm, server_side):
 @pytest.mark.parametrize("algorithm", ["ditto", "qffl"])
 def test_killed_after_round_2_resumes_bit_for_bit(tmp_path, monkeypatch, algorithm):
   c = _config(algorithm, rounds=4, provenance__enabled=False)
-  full, killed = tmp_path / "full", tmp_path / "killed"
-  runner.run(c, full, progress=False)
-  record = runner.Recorder.__call__
-
-  def dies_after_round_2(self, info):
-    record(self, info)
-    if info.round == 2:
-      raise _Killed
-  monkeypatch.setattr(runner.Recorder, "__call__", dies_after_round_2)
-  with pytest.raises(_Killed):
-    runner.run(c, killed, progress=False)
-  monkeypatch.setattr(runner.Recorder, "__call__", record)
-  checkpoints = Checkpointer(killed, "{}", 1)
-  assert checkpoints.latest_round() == 2
-  checkpoints.close()
-  runner.run(c, killed, progress=False)
-  (want, want_rows), (got, got_rows) = _final_state(c, full), _final_state(c, killed)
-  assert got.round == want.round == 4
+  _, got = _uninterrupted_and_resumed(c, tmp_path, monkeypatch)
   if algorithm == "ditto":  # the personal models moved from G_0 and were restored
     table = np.asarray(jax.tree.leaves(got.client_state)[0])
     assert table.shape[0] == 6 and np.ptp(table, axis=0).max() > 0
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  untimed = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-  assert untimed(got_rows) == untimed(want_rows)
