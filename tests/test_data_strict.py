@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tracefl_jax.data import Dataset, load_dataset, make_partition
+from tracefl_jax.data.federated import federate
 from tracefl_jax.data import datasets, image_files, medmnist, text
 from tracefl_jax.data.checks import DataFileError, read_npy
 from tracefl_jax.data.federated import bucket_length, stack_client_indices
@@ -426,6 +427,9 @@ def test_partition_from_indices_fixup_and_batching_arguments():
   with pytest.raises(ValueError) as e:
     Partition.from_indices([[0, 1], [-1, 3]], LABELS)
   _one_line(e, "client 1's indices span [-1, 3], outside the 40 examples' [0, 40)")
+  with pytest.raises(ValueError) as e:  # federate checks through the same partition
+    federate(np.zeros((40, 2), np.float32), LABELS, [[0, 1], [5, 40]])
+  _one_line(e, "client 1's indices span [5, 40], outside the 40 examples' [0, 40)")
   part = Partition.from_indices([np.arange(20), np.arange(20, 40), []], LABELS)
   assert part.client_sizes.tolist() == [20, 20, 0]
   with pytest.raises(ValueError) as e:
